@@ -1,0 +1,390 @@
+"""Typed configuration: one YAML file, environment overrides, secrets from files.
+
+Precedence (highest first): environment variables, the YAML file, defaults.
+
+* ``OUTBOX_CONFIG`` picks the file (the CLI's ``--config/-c`` wins over it).
+* Named overrides: ``OUTBOX_DB``, ``EIA_BASE_URL``, ``EIA_API_KEY``,
+  ``GRIDPULSE_BASE_URL``, ``GRIDPULSE_API_KEY``.
+* Secrets from files (systemd ``LoadCredential``): ``EIA_API_KEY_FILE``,
+  ``GRIDPULSE_API_KEY_FILE``.
+* Every other setting: ``OUTBOX__<SECTION>__<KEY>`` (double underscores separate
+  the path; the value is parsed as a YAML scalar), e.g.
+  ``OUTBOX__GRIDPULSE__BATCH_SIZE=1000`` or
+  ``OUTBOX__DATASETS__GENERATION__ENABLED=false``.
+
+The whole result is validated once; every problem is reported with its dotted path
+in a single :class:`~outbox.errors.ConfigError` (exit code 2). Secrets are
+:class:`pydantic.SecretStr`, shown as ``***`` and never written back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from outbox.errors import ConfigError
+from outbox.redact import MASK, register_secret
+
+DEFAULT_CONFIG_NAME = "config.yaml"
+DATASET_NAMES = (
+    "demand",
+    "demand_forecast",
+    "net_generation",
+    "interchange",
+    "generation",
+    "ba_interchange",
+)
+DEFAULT_BAS = {"PJM": "PJM", "CAISO": "CISO", "MISO": "MISO", "ERCOT": "ERCO", "SPP": "SWPP"}
+# Hours after which EIA usually has published an hour (eia-v2.md "Publication lag").
+DEFAULT_LAGS = {
+    "demand": 2,
+    "demand_forecast": 0,
+    "net_generation": 30,
+    "interchange": 30,
+    "generation": 30,
+    "ba_interchange": 54,
+}
+DEFAULT_LOOKBACKS = {
+    "demand": 72,
+    "demand_forecast": 72,
+    "net_generation": 72,
+    "interchange": 72,
+    "generation": 96,
+    "ba_interchange": 168,
+}
+NAMED_ENV = {
+    "OUTBOX_DB": ("database",),
+    "EIA_BASE_URL": ("eia", "base_url"),
+    "EIA_API_KEY": ("eia", "api_key"),
+    "GRIDPULSE_BASE_URL": ("gridpulse", "base_url"),
+    "GRIDPULSE_API_KEY": ("gridpulse", "api_key"),
+}
+SECRET_FILE_ENV = {
+    "EIA_API_KEY_FILE": ("eia", "api_key"),
+    "GRIDPULSE_API_KEY_FILE": ("gridpulse", "api_key"),
+}
+GENERIC_PREFIX = "OUTBOX__"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class RetryConfig(_Model):
+    """Retry budget for one kind of request: attempts include the first try."""
+
+    attempts: int = Field(5, ge=1, le=100)
+    initial_backoff_seconds: float = Field(1.0, ge=0)
+    max_backoff_seconds: float = Field(60.0, ge=0)
+    max_retry_after_seconds: float = Field(300.0, ge=0)
+
+
+class DatasetConfig(_Model):
+    """One dataset: whether to fetch it, and how far back to re-check revisions."""
+
+    enabled: bool = True
+    lookback_hours: int = Field(72, ge=0, le=24 * 366)
+    publication_lag_hours: int | None = Field(None, ge=0)
+    stale_warning_hours: float | None = Field(None, gt=0)
+    stale_critical_hours: float | None = Field(None, gt=0)
+
+
+class EIAConfig(_Model):
+    """EIA Open Data API v2 source."""
+
+    base_url: str = "https://api.eia.gov/v2"
+    api_key: SecretStr | None = None
+    history_start: datetime = datetime(2025, 1, 1, tzinfo=UTC)
+    timeout_seconds: float = Field(60.0, gt=0)
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    page_length: int = Field(5000, ge=1, le=5000)
+    max_requests_per_second: float = Field(1.0, gt=0, le=5)
+    max_requests_per_hour: int = Field(2000, ge=1, le=9000)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    verify_tls: bool = True
+    backfill_chunk_hours: int = Field(24 * 31, ge=1)
+    forecast_horizon_hours: int = Field(48, ge=0, le=24 * 14)
+    max_invalid_fraction: float = Field(0.5, ge=0, le=1)
+
+    @field_validator("history_start")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return _as_utc_hour(value)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value)
+
+
+class GridPulseConfig(_Model):
+    """GridPulse ingest API sink (paths per gridpulse-ingest-v1)."""
+
+    base_url: str = "https://gridpulse.example"
+    api_key: SecretStr | None = None
+    batch_size: int = Field(5000, ge=1, le=5000)
+    timeout_seconds: float = Field(60.0, gt=0)
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    retry: RetryConfig = Field(default_factory=lambda: RetryConfig(attempts=4))
+    retry_budget_seconds: float = Field(300.0, ge=0)
+    defer_initial_seconds: float = Field(60.0, ge=0)
+    defer_max_seconds: float = Field(1800.0, ge=0)
+    gzip: bool = True
+    send_source_data: bool = False
+    verify_tls: bool = True
+    worker_id: str = "gridpulse-outbox"
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value).rstrip("/")
+
+
+class StatusConfig(_Model):
+    """Thresholds of ``outbox status --check``."""
+
+    oldest_pending_warning_hours: float = Field(6.0, gt=0)
+    oldest_pending_critical_hours: float = Field(24.0, gt=0)
+    dead_rows_warning: int = Field(1, ge=1)
+    dead_rows_critical: int = Field(1000, ge=1)
+    failed_runs_warning: int = Field(2, ge=1)
+    failed_runs_critical: int = Field(6, ge=1)
+
+
+class HousekeepingConfig(_Model):
+    """Retention of acknowledged rows and the outbox size ceiling."""
+
+    retention_days: float = Field(90.0, gt=0)
+    max_rows: int | None = Field(None, ge=1)
+    max_bytes: int | None = Field(None, ge=1)
+
+
+class Config(_Model):
+    """The whole configuration of one outbox; see config.yaml for every key."""
+
+    database: str = "outbox.db"
+    balancing_authorities: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_BAS))
+    datasets: dict[str, DatasetConfig] = Field(default_factory=dict)
+    eia: EIAConfig = Field(default_factory=EIAConfig)
+    gridpulse: GridPulseConfig = Field(default_factory=GridPulseConfig)
+    status: StatusConfig = Field(default_factory=StatusConfig)
+    housekeeping: HousekeepingConfig = Field(default_factory=HousekeepingConfig)
+    metrics_path: str | None = None
+    log_format: Literal["logfmt", "json"] = "logfmt"
+
+    @field_validator("balancing_authorities")
+    @classmethod
+    def _bas(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("at least one balancing authority is required")
+        for code, eia in value.items():
+            if not code or not str(eia).strip() or not code.replace("-", "").isalnum():
+                raise ValueError(f"{code!r}: {eia!r} is not a GridPulse code: EIA code pair")
+        if len(set(value.values())) != len(value):
+            raise ValueError("two GridPulse codes map to the same EIA respondent")
+        return {code: str(eia).strip().upper() for code, eia in value.items()}
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _datasets(cls, value: Any) -> Any:
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            return value
+        unknown = sorted(set(value) - set(DATASET_NAMES))
+        if unknown:
+            raise ValueError(f"unknown dataset {unknown[0]!r}; known: {', '.join(DATASET_NAMES)}")
+        merged: dict[str, Any] = {}
+        for name in DATASET_NAMES:
+            given = value.get(name) or {}
+            if isinstance(given, Mapping):
+                given = {"lookback_hours": DEFAULT_LOOKBACKS[name], **given}
+            merged[name] = given
+        return merged
+
+    @model_validator(mode="after")
+    def _retention_exceeds_lookbacks(self) -> Config:
+        longest = max((d.lookback_hours for d in self.datasets.values()), default=0)
+        if self.housekeeping.retention_days * 24 <= longest:
+            raise ValueError(
+                f"housekeeping.retention_days ({self.housekeeping.retention_days:g}) must exceed "
+                f"the longest lookback ({longest} h)"
+            )
+        return self
+
+    # -- derived views -------------------------------------------------------------
+
+    @property
+    def eia_to_gridpulse(self) -> dict[str, str]:
+        """EIA respondent code -> GridPulse code."""
+        return {eia: code for code, eia in self.balancing_authorities.items()}
+
+    def enabled_datasets(self) -> list[str]:
+        """Names of the datasets to fetch, in canonical order."""
+        return [name for name in DATASET_NAMES if self.datasets[name].enabled]
+
+    def publication_lag(self, dataset: str) -> int:
+        """Expected hours before EIA publishes an hour of ``dataset``."""
+        lag = self.datasets[dataset].publication_lag_hours
+        return DEFAULT_LAGS[dataset] if lag is None else lag
+
+    def stale_thresholds(self, dataset: str) -> tuple[float, float]:
+        """(warning, critical) age in hours of the newest staged hour of ``dataset``."""
+        ds = self.datasets[dataset]
+        lag = self.publication_lag(dataset)
+        warn = ds.stale_warning_hours or float(max(lag, 1) + 6)
+        crit = ds.stale_critical_hours or float(max(lag, 1) + 24)
+        return warn, max(warn, crit)
+
+    def require_eia_key(self) -> str:
+        """The EIA key, or a ConfigError telling how to provide it."""
+        if self.eia.api_key is None or not self.eia.api_key.get_secret_value():
+            raise ConfigError("eia.api_key: missing: set EIA_API_KEY or EIA_API_KEY_FILE")
+        return self.eia.api_key.get_secret_value()
+
+    def require_gridpulse_key(self) -> str:
+        """The GridPulse key, or a ConfigError telling how to provide it."""
+        key = self.gridpulse.api_key
+        if key is None or not key.get_secret_value():
+            raise ConfigError(
+                "gridpulse.api_key: missing: set GRIDPULSE_API_KEY or GRIDPULSE_API_KEY_FILE"
+            )
+        return key.get_secret_value()
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration as plain data, secrets shown as ``***``."""
+        data = self.model_dump(mode="json")
+        for section in ("eia", "gridpulse"):
+            if data[section].get("api_key") is not None:
+                data[section]["api_key"] = MASK
+        return data
+
+
+def _as_utc_hour(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def _check_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"{value!r} is not an http(s) URL")
+    return value.rstrip("/")
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Read, merge and validate the configuration; raise ConfigError naming every problem."""
+    env = os.environ if env is None else env
+    file = Path(path) if path else _env_path(env)
+    data = _read_yaml(file) if file else {}
+    _apply_env(data, env)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, file)) from None
+    for secret in (config.eia.api_key, config.gridpulse.api_key):
+        if secret is not None:
+            register_secret(secret.get_secret_value())
+    return config
+
+
+def _env_path(env: Mapping[str, str]) -> Path | None:
+    value = env.get("OUTBOX_CONFIG")
+    return Path(value) if value else None
+
+
+def _read_yaml(file: Path) -> dict[str, Any]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read config file: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{file}:{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of keys, not a {_kind(data)}")
+    return data
+
+
+def _kind(value: object) -> str:
+    return type(value).__name__
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, value in sorted(env.items()):
+        if name.startswith(GENERIC_PREFIX) and len(name) > len(GENERIC_PREFIX):
+            path = tuple(part.lower() for part in name[len(GENERIC_PREFIX) :].split("__"))
+            _set_path(data, path, _scalar(value), name)
+    for name, path in NAMED_ENV.items():
+        if env.get(name):
+            _set_path(data, path, env[name], name)
+    for name, path in SECRET_FILE_ENV.items():
+        if env.get(name):
+            _set_path(data, path, _read_secret_file(name, env[name]), name)
+
+
+def _scalar(value: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any, source: str) -> None:
+    node = data
+    for key in path[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: cannot set {'.'.join(path)}: {key} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _read_secret_file(name: str, file: str) -> str:
+    try:
+        secret = Path(file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"{name}: cannot read secret file {file}: {reason}") from None
+    if not secret:
+        raise ConfigError(f"{name}: secret file {file} is empty")
+    return secret
+
+
+def _describe(exc: ValidationError, file: Path | None) -> str:
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in error["loc"]) or "config"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        message = message.removeprefix("Value error, ")
+        parts.append(f"{loc}: {message}")
+    where = f"{file}: " if file else "config: "
+    return where + "; ".join(parts)

@@ -1,0 +1,124 @@
+"""The one exception tree of gridpulse-outbox.
+
+Every error the package raises on purpose derives from :class:`OutboxError`. Two
+markers decide what happens next, in one place (the retry policy in ``retry.py`` and
+the CLI's exit-code mapping):
+
+* :class:`TransientError` - may heal by itself (timeouts, 5xx, 429, connection
+  errors). Retried with backoff inside the run's budget; then the run fails with
+  exit code 1 and the next run goes on.
+* :class:`TerminalError` - will not heal by retrying (bad key, bad route, a worker
+  bug). Never retried; the run stops.
+
+Tree::
+
+    OutboxError                       exit 1
+    +-- ConfigError (Terminal)        exit 2  bad config file, env or missing secret
+    +-- UsageError (Terminal)         exit 2  bad command-line input
+    +-- OutboxFullError (Terminal)    exit 4  max outbox size reached; nothing evicted
+    +-- StoreError (Terminal)                 unreadable or inconsistent outbox
+    +-- SourceError                           EIA v2 / replay source
+    |   +-- SourceTransientError (Transient)  timeouts, 5xx, 429, truncated body
+    |   +-- SourceFatalError (Terminal)       bad key, bad route/facet, bad shape
+    +-- SinkError                             GridPulse ingest API
+        +-- SinkTransientError (Transient)    5xx, timeouts, connection errors
+        |   +-- RateLimitedError              429, carries retry_after seconds
+        +-- SinkAuthError (Terminal)          401/403: stop, touch no row state
+        +-- SinkConflictError (Terminal)      409: Idempotency-Key reused (a bug)
+        +-- BatchRejectedError (Terminal)     400/422 for a whole batch: bisect
+        +-- PayloadTooLargeError (Terminal)   413: halve the batch
+"""
+
+from __future__ import annotations
+
+
+class OutboxError(Exception):
+    """Root of every error the package raises on purpose."""
+
+    exit_code: int = 1
+
+
+class TransientError(OutboxError):
+    """Marker: may succeed when retried later."""
+
+
+class TerminalError(OutboxError):
+    """Marker: retrying will not help."""
+
+
+class ConfigError(TerminalError):
+    """The configuration file, environment or a secret file is wrong."""
+
+    exit_code = 2
+
+
+class UsageError(TerminalError):
+    """The command line asks for something impossible."""
+
+    exit_code = 2
+
+
+class OutboxFullError(TerminalError):
+    """The outbox reached its configured maximum size; fetch refuses to grow it."""
+
+    exit_code = 4
+
+
+class StoreError(TerminalError):
+    """The outbox database cannot be used as it is."""
+
+
+class SourceError(OutboxError):
+    """Fetching from EIA (or a replay directory) failed."""
+
+
+class SourceTransientError(SourceError, TransientError):
+    """EIA timed out, answered 429/5xx, or sent a truncated body."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SourceFatalError(SourceError, TerminalError):
+    """EIA refused the request for a reason retrying cannot fix, or the body is malformed."""
+
+
+class SinkError(OutboxError):
+    """Delivering to the GridPulse ingest API failed."""
+
+
+class SinkTransientError(SinkError, TransientError):
+    """GridPulse is down, slow or overloaded; ``status`` is the HTTP status if one came."""
+
+    def __init__(
+        self, message: str, retry_after: float | None = None, *, status: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.status = status
+
+
+class RateLimitedError(SinkTransientError):
+    """GridPulse answered 429; ``retry_after`` holds the seconds it asked for."""
+
+
+class SinkAuthError(SinkError, TerminalError):
+    """GridPulse refused the credentials (401) or the permission (403)."""
+
+
+class SinkConflictError(SinkError, TerminalError):
+    """GridPulse saw the same Idempotency-Key with a different body (409)."""
+
+
+class BatchRejectedError(SinkError, TerminalError):
+    """GridPulse rejected a whole batch as malformed (400) or invalid (422)."""
+
+    def __init__(self, message: str, status: int, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class PayloadTooLargeError(SinkError, TerminalError):
+    """GridPulse answered 413: the batch must be smaller."""

@@ -1,0 +1,687 @@
+"""The stages: :func:`run_fetch` (EIA -> outbox) and :func:`run_send` (outbox -> GridPulse).
+
+Each stage records itself in ``runs`` and builds its retry policy once from the
+config. Clients are passed in (tests swap the transport); the CLI builds them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from outbox import eia as eia_mod
+from outbox.config import Config, RetryConfig
+from outbox.errors import (
+    BatchRejectedError,
+    OutboxError,
+    PayloadTooLargeError,
+    SinkTransientError,
+    SourceFatalError,
+)
+from outbox.gridpulse import GridPulseClient, IngestResult, batch_id_of, encode_batch
+from outbox.normalize import Normalized, normalize_page, stream_key
+from outbox.redact import redact
+from outbox.retry import RetryPolicy, call_with_retry
+from outbox.store import Claimed, Key, PageRecord, Store, WatermarkUpdate, file_lock
+from outbox.timeutil import HOUR, floor_hour, parse_ts, to_ts, utcnow
+
+log = logging.getLogger(__name__)
+
+ROUTE_DATASETS: dict[str, dict[str, str | None]] = {
+    eia_mod.ROUTE_REGION: {
+        "demand": "D",
+        "demand_forecast": "DF",
+        "net_generation": "NG",
+        "interchange": "TI",
+    },
+    eia_mod.ROUTE_FUEL: {"generation": None},
+    eia_mod.ROUTE_INTERCHANGE: {"ba_interchange": None},
+}
+# Streams of one route whose start differs by less than this share one request.
+MERGE_WINDOW = timedelta(days=7)
+UNAVAILABLE = "SINK_UNAVAILABLE"
+SERVER_ERROR = "SERVER_ERROR"
+
+
+def retry_policy(cfg: RetryConfig, deadline: float = 0.0) -> RetryPolicy:
+    """The RetryPolicy for one configured retry section."""
+    return RetryPolicy(
+        attempts=cfg.attempts,
+        initial=cfg.initial_backoff_seconds,
+        maximum=cfg.max_backoff_seconds,
+        max_wait=cfg.max_retry_after_seconds,
+        deadline=deadline,
+    )
+
+
+# ---------------------------------------------------------------------------------
+# fetch
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class FetchResult:
+    """Counts of one fetch run."""
+
+    run_id: int = 0
+    requests: int = 0
+    pages: int = 0
+    rows: int = 0
+    written: int = 0
+    duplicates: int = 0
+    invalid: Counter[str] = field(default_factory=Counter)
+    skipped: bool = False
+    holder: int | None = None
+
+    def counts(self) -> dict[str, Any]:
+        """The counts as stored in ``runs.counts``."""
+        return {
+            "requests": self.requests,
+            "pages": self.pages,
+            "rows": self.rows,
+            "written": self.written,
+            "duplicates": self.duplicates,
+            "invalid": sum(self.invalid.values()),
+            "invalid_by_reason": dict(self.invalid),
+        }
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One watermark stream: a dataset of one respondent."""
+
+    dataset: str
+    respondent: str
+    route: str
+
+    @property
+    def key(self) -> str:
+        """The watermark key, ``dataset:respondent``."""
+        return stream_key(self.dataset, self.respondent)
+
+
+@dataclass(frozen=True)
+class Window:
+    """One EIA request to make: a route, its streams and the inclusive hour range."""
+
+    route: str
+    streams: tuple[Stream, ...]
+    start: datetime
+    end: datetime
+
+    def request(self) -> eia_mod.EIARequest:
+        """The EIA request for this window."""
+        respondents = tuple(sorted({s.respondent for s in self.streams}))
+        codes = ROUTE_DATASETS[self.route]
+        facet_values = tuple(
+            sorted(
+                {c for s in self.streams if (c := codes[s.dataset]) is not None},
+                key=list(codes.values()).index,
+            )
+        )
+        return eia_mod.EIARequest(self.route, respondents, facet_values, self.start, self.end)
+
+
+def plan_streams(
+    config: Config, bas: Sequence[str] | None = None, datasets: Sequence[str] | None = None
+) -> list[Stream]:
+    """The streams to fetch: enabled datasets x configured (or chosen) balancing authorities."""
+    chosen_bas = _choose_bas(config, bas)
+    chosen = datasets or config.enabled_datasets()
+    out = []
+    for route, codes in ROUTE_DATASETS.items():
+        for dataset in codes:
+            if dataset in chosen:
+                out.extend(Stream(dataset, eia, route) for eia in chosen_bas)
+    return out
+
+
+def _choose_bas(config: Config, bas: Sequence[str] | None) -> list[str]:
+    mapping = config.balancing_authorities
+    if not bas:
+        return list(mapping.values())
+    by_eia = {v: v for v in mapping.values()}
+    out = []
+    for code in bas:
+        eia = mapping.get(code) or by_eia.get(code) or mapping.get(code.upper())
+        if eia is None:
+            from outbox.errors import UsageError
+
+            raise UsageError(f"--ba {code}: not a configured balancing authority")
+        out.append(eia)
+    return out
+
+
+def plan_incremental(
+    config: Config,
+    streams: Sequence[Stream],
+    marks: dict[str, str],
+    now: datetime,
+    initial: dict[str, datetime] | None = None,
+) -> list[Window]:
+    """Windows for an incremental run: per stream from (watermark - look-back) to now."""
+    end_now = floor_hour(now)
+    windows: list[Window] = []
+    for route in ROUTE_DATASETS:
+        starts: list[tuple[datetime, Stream]] = []
+        for s in (s for s in streams if s.route == route):
+            mark = marks.get(s.key)
+            if mark is not None:
+                lookback = timedelta(hours=config.datasets[s.dataset].lookback_hours)
+                start = parse_ts(mark) - lookback
+            else:
+                start = (initial or {}).get(s.key, config.eia.history_start)
+            starts.append((max(start, config.eia.history_start) if mark is None else start, s))
+        if not starts:
+            continue
+        end = end_now
+        if any(s.dataset == "demand_forecast" for _, s in starts):
+            end = end_now + timedelta(hours=config.eia.forecast_horizon_hours)
+        windows.extend(_group_windows(route, starts, end))
+    return _chunk(windows, config.eia.backfill_chunk_hours)
+
+
+def _group_windows(
+    route: str, starts: list[tuple[datetime, Stream]], end: datetime
+) -> list[Window]:
+    starts.sort(key=lambda x: (x[0], x[1].key))
+    groups: list[list[tuple[datetime, Stream]]] = []
+    for item in starts:
+        if groups and item[0] - groups[-1][0][0] < MERGE_WINDOW:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return [Window(route, tuple(s for _, s in g), g[0][0], end) for g in groups if g[0][0] <= end]
+
+
+def plan_backfill(
+    config: Config, streams: Sequence[Stream], start: datetime, end: datetime
+) -> list[Window]:
+    """Windows for ``fetch --start/--end``: each route over the range, in chunks."""
+    windows = []
+    for route in ROUTE_DATASETS:
+        chosen = tuple(s for s in streams if s.route == route)
+        if chosen:
+            windows.append(Window(route, chosen, start, end))
+    return _chunk(windows, config.eia.backfill_chunk_hours)
+
+
+def _chunk(windows: list[Window], hours: int) -> list[Window]:
+    step = timedelta(hours=hours)
+    out = []
+    for w in windows:
+        lo = w.start
+        while lo <= w.end:
+            hi = min(w.end, lo + step - HOUR)
+            out.append(Window(w.route, w.streams, lo, hi))
+            lo = hi + HOUR
+    return out
+
+
+class Fetcher:
+    """Stages pages into the store with their watermark advances, one transaction each."""
+
+    def __init__(self, config: Config, store: Store, run_id: int, result: FetchResult) -> None:
+        self.config = config
+        self.store = store
+        self.run_id = run_id
+        self.result = result
+        self.marks = store.watermarks()
+        self.ba_codes = config.eia_to_gridpulse
+
+    def stage_window(self, client: eia_mod.EIAClient, window: Window, *, backfill: bool) -> None:
+        """Fetch every page of one window and stage each with its watermark advance."""
+        req = window.request()
+        seen: dict[str, str] = {}
+        datasets = {s.dataset for s in window.streams}
+        for page in client.iter_pages(req):
+            self.result.requests += 1
+            norm = self._normalize(page, (window.start, window.end), req.respondents, datasets)
+            for key, ts in norm.stream_max.items():
+                if ts > seen.get(key, ""):
+                    seen[key] = ts
+            cap = None if page.last else _minus_hour(norm.page_max_ts)
+            updates = self._advances(window, seen, cap, backfill=backfill)
+            self._stage(page, norm, updates)
+
+    def stage_replay(self, directory: Path) -> None:
+        """Stage every saved EIA response under ``directory`` (the route from each body)."""
+        for page in eia_mod.iter_replay_pages(directory):
+            respondents = _param_list(page.params, ("respondent", "fromba"))
+            norm = self._normalize(page, None, respondents or None, None)
+            updates = []
+            for key, newest in norm.stream_max.items():
+                oldest = norm.stream_min.get(key, newest)
+                mark = self.marks.get(key)
+                if mark is None or parse_ts(oldest) <= parse_ts(mark) + HOUR:
+                    dataset, respondent = key.split(":", 1)
+                    updates.append(WatermarkUpdate(key, dataset, respondent, page.route, newest))
+            self._stage(page, norm, updates)
+
+    def _normalize(
+        self,
+        page: eia_mod.EIAPage,
+        window: tuple[datetime, datetime] | None,
+        respondents: Iterable[str] | None,
+        datasets: Iterable[str] | None,
+    ) -> Normalized:
+        norm = normalize_page(
+            page.route,
+            page.rows,
+            ba_codes=self.ba_codes,
+            window=window,
+            respondents=set(respondents) if respondents else None,
+            datasets=set(datasets) if datasets else set(self.config.enabled_datasets()),
+        )
+        invalid = sum(norm.invalid.values())
+        considered = invalid + norm.count + norm.duplicates
+        if considered and invalid / considered > self.config.eia.max_invalid_fraction:
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(norm.invalid.items()))
+            raise SourceFatalError(
+                f"{page.route} page {page.page_no} (offset {page.offset}): {invalid} of "
+                f"{considered} rows invalid ({reasons}); nothing from this page was staged"
+            )
+        return norm
+
+    def _advances(
+        self, window: Window, seen: dict[str, str], cap: str | None, *, backfill: bool
+    ) -> list[WatermarkUpdate]:
+        out = []
+        for s in window.streams:
+            newest = seen.get(s.key)
+            if newest is None:
+                continue
+            if cap is not None:
+                newest = min(newest, cap)
+            mark = self.marks.get(s.key)
+            contiguous = mark is None and not backfill
+            if mark is not None:
+                contiguous = window.start <= parse_ts(mark) + HOUR
+            if contiguous and (mark is None or newest > mark):
+                out.append(WatermarkUpdate(s.key, s.dataset, s.respondent, s.route, newest))
+        return out
+
+    def _stage(
+        self, page: eia_mod.EIAPage, norm: Normalized, updates: list[WatermarkUpdate]
+    ) -> None:
+        record = PageRecord(
+            route=page.route,
+            params=page.params,
+            url=page.url,
+            page_no=page.page_no,
+            offset=page.offset,
+            total=page.total,
+            row_count=len(page.rows),
+            body=page.body,
+        )
+        rows = zip(
+            norm.series_id,
+            norm.ts,
+            norm.value,
+            norm.units,
+            norm.quality_flag,
+            norm.revision,
+            norm.row,
+            strict=True,
+        )
+        series_rows = [
+            (s.series_id, s.ba, s.type, s.subtype, s.units, s.route, s.facets) for s in norm.series
+        ]
+        staged = self.store.stage(
+            rows,
+            series_rows=series_rows,
+            page=record,
+            watermark_updates=updates,
+            run_id=self.run_id,
+        )
+        for u in updates:
+            self.marks[u.stream] = u.last_ts
+        self.result.pages += 1
+        self.result.rows += norm.count
+        self.result.written += staged.written
+        self.result.duplicates += norm.duplicates
+        self.result.invalid.update(norm.invalid)
+        log.debug(
+            "page staged route=%s page=%d rows=%d written=%d invalid=%d duplicates=%d",
+            page.route,
+            page.page_no,
+            norm.count,
+            staged.written,
+            sum(norm.invalid.values()),
+            norm.duplicates,
+        )
+
+
+def _minus_hour(ts: str | None) -> str | None:
+    return to_ts(parse_ts(ts) - HOUR) if ts else ""
+
+
+def _param_list(params: dict[str, Any], names: Sequence[str]) -> list[str]:
+    facets = params.get("facets") or {}
+    for name in names:
+        values = facets.get(name) if isinstance(facets, dict) else None
+        if values:
+            return [str(v) for v in values]
+    return []
+
+
+def run_fetch(
+    config: Config,
+    store: Store,
+    *,
+    client: eia_mod.EIAClient | None = None,
+    replay: Path | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    bas: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    initial: dict[str, datetime] | None = None,
+    progress: Callable[[int, int, Window], None] | None = None,
+    now: datetime | None = None,
+) -> FetchResult:
+    """One fetch run: replay a directory, backfill a range, or fetch incrementally."""
+    result = FetchResult()
+    with file_lock(store.lock_path("fetch"), blocking=False) as got:
+        if not got:
+            from outbox.store import lock_holder
+
+            result.skipped = True
+            result.holder = lock_holder(store.lock_path("fetch"))
+            return result
+        result.run_id = store.start_run("fetch")
+        fetcher = Fetcher(config, store, result.run_id, result)
+        try:
+            if replay is not None:
+                fetcher.stage_replay(replay)
+            else:
+                assert client is not None, "a live fetch needs an EIA client"
+                streams = plan_streams(config, bas, datasets)
+                now = now or utcnow()
+                if start is not None:
+                    windows = plan_backfill(config, streams, start, end or floor_hour(now))
+                else:
+                    windows = plan_incremental(config, streams, fetcher.marks, now, initial)
+                for i, window in enumerate(windows):
+                    fetcher.stage_window(client, window, backfill=start is not None)
+                    if progress:
+                        progress(i + 1, len(windows), window)
+        except BaseException as exc:
+            store.finish_run(result.run_id, "failed", result.counts(), _describe(exc))
+            raise
+        store.finish_run(result.run_id, "ok", result.counts())
+    log.info(
+        "fetch done run=%d requests=%d pages=%d rows=%d written=%d invalid=%d duplicates=%d",
+        result.run_id,
+        result.requests,
+        result.pages,
+        result.rows,
+        result.written,
+        sum(result.invalid.values()),
+        result.duplicates,
+    )
+    return result
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    text = str(exc) or type(exc).__name__
+    return redact(text if isinstance(exc, OutboxError) else f"{type(exc).__name__}: {text}")
+
+
+# ---------------------------------------------------------------------------------
+# send
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SendResult:
+    """Counts of one send run."""
+
+    run_id: int = 0
+    batches: int = 0
+    requests: int = 0
+    sent: int = 0
+    acked: int = 0
+    rejected: int = 0
+    deferred: int = 0
+    bytes: int = 0
+    skipped: bool = False
+    holder: int | None = None
+    due: int = 0
+    error: str | None = None
+
+    def counts(self) -> dict[str, Any]:
+        """The counts as stored in ``runs.counts``."""
+        return {
+            "batches": self.batches,
+            "requests": self.requests,
+            "sent": self.sent,
+            "acked": self.acked,
+            "rejected": self.rejected,
+            "deferred": self.deferred,
+            "bytes": self.bytes,
+        }
+
+
+class SendFailed(OutboxError):
+    """GridPulse stayed unavailable through the run's retry budget (rows deferred)."""
+
+
+class Sender:
+    """Delivers claimed rows: batching, bisection, 413 halving, deferral."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        client: GridPulseClient,
+        result: SendResult,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.client = client
+        self.result = result
+        self.batch_size = config.gridpulse.batch_size
+        self.policy = retry_policy(
+            config.gridpulse.retry, deadline=config.gridpulse.retry_budget_seconds
+        )
+        self.sleep = sleep
+        self._pages: dict[int, list[dict[str, Any]]] = {}
+
+    def deliver(self, rows: Sequence[Claimed]) -> None:
+        """Deliver ``rows``; rows left untested by a bisection simply stay pending."""
+        try:
+            outcome = self._post(rows)
+        except PayloadTooLargeError as exc:
+            if len(rows) == 1:
+                self._dead(rows, "PAYLOAD_TOO_LARGE", str(exc))
+                return
+            self.batch_size = max(1, min(self.batch_size, len(rows)) // 2)
+            log.info("413 from GridPulse: batch size now %d", self.batch_size)
+            half = math.ceil(len(rows) / 2)
+            self.deliver(rows[:half])
+            self.deliver(rows[half:])
+            return
+        except BatchRejectedError as exc:
+            self._bisect(rows, exc)
+            return
+        self._settle(rows, outcome)
+
+    def _bisect(self, rows: Sequence[Claimed], exc: BatchRejectedError) -> None:
+        """Find the rows that make a batch 400/422, one request per halving.
+
+        Rows in ``suspect`` hold at least one bad row (the last request that held them
+        failed). Each step sends the first half alone: if it is accepted the bad row
+        is in the second half; if not, the second half is left pending, untested, for
+        a later batch. A single row that fails alone is dead with the server's words.
+        """
+        suspect, error, alone = list(rows), exc, len(rows) == 1
+        while len(suspect) > 1:
+            half = suspect[: math.ceil(len(suspect) / 2)]
+            try:
+                outcome = self._post(half)
+            except BatchRejectedError as again:
+                suspect, error, alone = half, again, len(half) == 1
+                continue
+            self._settle(half, outcome)
+            suspect, alone = suspect[len(half) :], False
+        code = error.code or f"HTTP_{error.status}"
+        message = str(error) if alone else f"rejected by bisection (its sibling passed): {error}"
+        self._dead(suspect, code, message)
+
+    def _post(self, rows: Sequence[Claimed]) -> IngestResult:
+        keys = [(r.series_id, r.ts, r.revision) for r in rows]
+        batch_id = batch_id_of(keys)
+        body = encode_batch(batch_id, [self._wire(r) for r in rows])
+
+        def attempt() -> IngestResult:
+            self.result.requests += 1
+            self.result.bytes += len(body)
+            return self.client.post_batch(batch_id, body)
+
+        self.result.batches += 1
+        self.result.sent += len(rows)
+        return call_with_retry(self.policy, attempt, sleep=self.sleep)
+
+    def _wire(self, r: Claimed) -> dict[str, Any]:
+        obs = {
+            "series_id": r.series_id,
+            "ba": r.ba,
+            "type": r.type,
+            "subtype": r.subtype,
+            "units": r.units,
+            "ts": r.ts,
+            "value": r.value,
+            "quality_flag": r.quality_flag,
+            "revision": r.revision,
+        }
+        if self.config.gridpulse.send_source_data and r.page_id is not None:
+            obs["source_data"] = self._source_row(r.page_id, r.page_row)
+        return obs
+
+    def _source_row(self, page_id: int, row: int | None) -> dict[str, Any] | None:
+        if page_id not in self._pages:
+            import orjson
+
+            found = self.store.page_body(page_id)
+            data = orjson.loads(found[1]) if found else {}
+            self._pages = {page_id: (data.get("response") or {}).get("data") or []}
+        data = self._pages[page_id]
+        return data[row] if row is not None and 0 <= row < len(data) else None
+
+    def _settle(self, rows: Sequence[Claimed], outcome: IngestResult) -> None:
+        bad = {}
+        for rej in outcome.rejected:
+            if 0 <= rej.index < len(rows):
+                bad[rej.index] = rej
+        acked = [Key(r.series_id, r.ts, r.revision) for i, r in enumerate(rows) if i not in bad]
+        rejected = [
+            (Key(rows[i].series_id, rows[i].ts, rows[i].revision), rej.code, rej.message)
+            for i, rej in bad.items()
+        ]
+        ok, dead = self.store.settle(acked, rejected)
+        self.result.acked += ok
+        self.result.rejected += dead
+
+    def _dead(self, rows: Sequence[Claimed], code: str, message: str) -> None:
+        keys = [(Key(r.series_id, r.ts, r.revision), code, message) for r in rows]
+        _, dead = self.store.settle([], keys)
+        self.result.rejected += dead
+
+    def defer(self, rows: Sequence[Claimed], exc: SinkTransientError) -> None:
+        """Leave ``rows`` pending with a growing, capped next attempt time."""
+        gp = self.config.gridpulse
+        attempts = max((r.attempts for r in rows), default=0)
+        delay = min(gp.defer_max_seconds, gp.defer_initial_seconds * (2**attempts))
+        when = to_ts(utcnow() + timedelta(seconds=delay))
+        # A 500 from a live server may be caused by these rows: they keep their own
+        # backoff. Anything else means GridPulse was unreachable or overloaded.
+        code = SERVER_ERROR if exc.status in (500, 501, 505) else UNAVAILABLE
+        keys = [Key(r.series_id, r.ts, r.revision) for r in rows]
+        self.result.deferred += self.store.defer(keys, when, f"{code}: {exc}", code=code)
+
+
+def run_send(
+    config: Config,
+    store: Store,
+    client: GridPulseClient,
+    *,
+    max_batches: int | None = None,
+    max_seconds: float | None = None,
+    dry_run: bool = False,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> SendResult:
+    """One send run: drain due rows oldest first until none is due or a limit is hit."""
+    result = SendResult()
+    with file_lock(store.lock_path("send"), blocking=False) as got:
+        if not got:
+            from outbox.store import lock_holder
+
+            result.skipped = True
+            result.holder = lock_holder(store.lock_path("send"))
+            return result
+        if dry_run:
+            result.due = store.count_due(to_ts(utcnow()))
+            return result
+        result.run_id = store.start_run("send")
+        sender = Sender(config, store, client, result, sleep=sleep)
+        try:
+            _drain(store, sender, max_batches, max_seconds, clock)
+        except SinkTransientError as exc:
+            result.error = f"GridPulse unavailable: {exc}"
+            store.finish_run(result.run_id, "failed", result.counts(), result.error)
+            raise SendFailed(result.error) from None
+        except BaseException as exc:
+            result.error = _describe(exc)
+            store.finish_run(result.run_id, "failed", result.counts(), result.error)
+            raise
+        store.finish_run(result.run_id, "ok", result.counts())
+    log.info(
+        "send done run=%d batches=%d requests=%d sent=%d acked=%d rejected=%d bytes=%d",
+        result.run_id,
+        result.batches,
+        result.requests,
+        result.sent,
+        result.acked,
+        result.rejected,
+        result.bytes,
+    )
+    return result
+
+
+def _drain(
+    store: Store,
+    sender: Sender,
+    max_batches: int | None,
+    max_seconds: float | None,
+    clock: Callable[[], float],
+) -> None:
+    started = clock()
+    if store.has_deferred(UNAVAILABLE) and sender.client.health():
+        # GridPulse is back: rows deferred only because it was down are due again, so
+        # the backlog drains oldest first instead of behind newer rows.
+        store.clear_deferred(UNAVAILABLE)
+    rounds = 0
+    while max_batches is None or rounds < max_batches:
+        if max_seconds is not None and clock() - started >= max_seconds:
+            break
+        rows = store.claim(sender.batch_size, to_ts(utcnow()))
+        if not rows:
+            break
+        rounds += 1
+        try:
+            sender.deliver(rows)
+        except SinkTransientError as exc:
+            sender.defer(rows, exc)
+            raise

@@ -1,0 +1,98 @@
+"""The one retry policy, built from configuration and used by every network stage.
+
+Retry decides by the error's marker (:class:`~outbox.errors.TransientError`), never
+by ad-hoc checks at call sites. A ``retry_after`` carried by the error (HTTP 429 or
+503 with ``Retry-After``) is honoured, capped by ``max_wait``. Tests build policies
+with zero waits so nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import TypeVar
+
+import tenacity
+
+from outbox.errors import TransientError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a transient failure is retried.
+
+    ``attempts`` counts the first try; ``initial``/``maximum`` bound the exponential
+    backoff (with full jitter); ``max_wait`` caps a server-requested ``Retry-After``;
+    ``deadline`` (seconds, 0 = none) bounds the whole retry loop.
+    """
+
+    attempts: int = 5
+    initial: float = 1.0
+    maximum: float = 60.0
+    max_wait: float = 300.0
+    deadline: float = 0.0
+
+    @classmethod
+    def no_wait(cls, attempts: int = 3) -> RetryPolicy:
+        """A policy for tests: same attempts, no sleeping."""
+        return cls(attempts=attempts, initial=0.0, maximum=0.0, max_wait=0.0)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _wait(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], float]:
+    def compute(state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        asked = getattr(exc, "retry_after", None)
+        if asked is not None:
+            return min(float(asked), policy.max_wait)
+        ceiling = min(policy.maximum, policy.initial * (2 ** (state.attempt_number - 1)))
+        return random.uniform(0, ceiling) if ceiling > 0 else 0.0
+
+    return compute
+
+
+def make_retrying(
+    policy: RetryPolicy,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    before_sleep: Callable[[tenacity.RetryCallState], None] | None = None,
+) -> tenacity.Retrying:
+    """A tenacity ``Retrying`` that retries only :class:`TransientError` and re-raises it."""
+    stop = tenacity.stop_after_attempt(max(1, policy.attempts))
+    if policy.deadline > 0:
+        stop = stop | tenacity.stop_after_delay(policy.deadline)
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(TransientError),
+        stop=stop,
+        wait=_wait(policy),
+        sleep=sleep,
+        reraise=True,
+        before_sleep=before_sleep,
+    )
+
+
+def call_with_retry(policy: RetryPolicy, fn: Callable[[], T], **kwargs: object) -> T:
+    """Run ``fn`` under ``policy``; the last transient error propagates when it gives up."""
+    return make_retrying(policy, **kwargs)(fn)  # type: ignore[arg-type]

@@ -1,0 +1,42 @@
+"""Plain-function factories for rows, series and pages used by store and pipeline tests."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from outbox.normalize import revision_of
+from outbox.store import PageRecord, WatermarkUpdate
+
+T0 = datetime(2025, 8, 22, 0, tzinfo=UTC)
+REGION = "electricity/rto/region-data"
+
+
+def ts(hour: int) -> str:
+    """RFC 3339 text of hour ``hour`` after T0."""
+    return (T0 + timedelta(hours=hour)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def obs(series_id: str, hour: int, value: float | None = 100.0, row: int = 0) -> tuple[Any, ...]:
+    """One staged row tuple in ROW_COLUMNS order."""
+    quality = "good" if value is not None else "missing"
+    return (series_id, ts(hour), value, "MW", quality, revision_of(value, quality, "MW"), row)
+
+
+def series_row(series_id: str) -> tuple[Any, ...]:
+    """A series tuple in SERIES_COLUMNS order for ``EIA.{BA}.{type}[.{sub}]``."""
+    parts = series_id.split(".")
+    sub = parts[3] if len(parts) > 3 else None
+    return (series_id, parts[1], parts[2], sub, "MW", REGION, "{}")
+
+
+def page(n: int = 0, rows: int = 1) -> PageRecord:
+    """A small page record (body is a tiny EIA-shaped JSON)."""
+    body = b'{"response": {"total": "%d", "data": []}}' % rows
+    return PageRecord(REGION, {"offset": 0}, "https://x/?api_key=***", n, 0, rows, rows, body)
+
+
+def mark(stream: str, hour: int) -> WatermarkUpdate:
+    """A watermark update of ``dataset:respondent`` to hour ``hour``."""
+    dataset, respondent = stream.split(":")
+    return WatermarkUpdate(stream, dataset, respondent, REGION, ts(hour))

@@ -1,0 +1,81 @@
+"""CLI: help lists every command, status on a fresh path builds the outbox."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from outbox.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_help_lists_the_stages() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0, result.output
+    for name in ("fetch", "send", "status", "requeue", "show", "runs", "db", "receiver"):
+        assert name in result.output
+
+
+def test_status_on_fresh_path_creates_outbox(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        (ROOT / "config.yaml")
+        .read_text()
+        .replace("database: outbox.db", "database: " + str(tmp_path / "fresh.db"))
+    )
+    result = runner.invoke(app, ["-c", str(cfg), "status", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["schema_version"] == 1
+    assert data["totals"] == {"series": 0, "pending": 0, "dead": 0}
+    assert data["groups"] == [] and data["outbox_schema"] == "0001"
+    con = sqlite3.connect(tmp_path / "fresh.db")
+    names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+    assert {
+        "observations",
+        "pages",
+        "series",
+        "watermarks",
+        "runs",
+        "pending",
+        "dead",
+        "series_status",
+    } <= names
+    table = runner.invoke(app, ["-c", str(cfg), "status"])
+    assert table.exit_code == 0 and "totals: 0 series, 0 pending, 0 dead" in table.output
+
+
+def test_db_commands(tmp_path: Path) -> None:
+    env = {"OUTBOX_DB": str(tmp_path / "o.db")}
+    missing = runner.invoke(app, ["db", "current"], env=env)
+    assert missing.exit_code == 2 and "no outbox there yet" in missing.output
+    up = runner.invoke(app, ["db", "upgrade"], env=env)
+    assert up.exit_code == 0 and "schema at 0001" in up.output
+    cur = runner.invoke(app, ["db", "current"], env=env)
+    assert cur.output.strip() == "0001 (head 0001, up to date)"
+
+
+def test_console_script_and_sqlite3_view(tmp_path: Path) -> None:
+    exe = shutil.which("outbox")
+    assert exe, "the console script is installed"
+    env = {"OUTBOX_DB": str(tmp_path / "o.db"), "PATH": str(Path(exe).parent)}
+    done = subprocess.run([exe, "status", "--check"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("OK - 0 series")
+
+
+def test_bad_usage_exits_2(tmp_path: Path) -> None:
+    env = {"OUTBOX_DB": str(tmp_path / "o.db")}
+    result = runner.invoke(app, ["fetch", "--start", "yesterday"], env=env)
+    assert result.exit_code == 2 and "not a date or RFC 3339 time" in result.output
+    result = runner.invoke(app, ["fetch", "--start", "2025-02-01", "--end", "2025-01-01"], env=env)
+    assert result.exit_code == 2 and "is before --start" in result.output
+    result = runner.invoke(app, ["runs", "--stage", "nope"], env=env)
+    assert result.exit_code == 2

@@ -1,0 +1,139 @@
+"""Config: defaults, env overrides, secret files, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from outbox.cli import app
+from outbox.config import load_config
+from outbox.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_example_config_is_valid_and_complete() -> None:
+    config = load_config(ROOT / "config.yaml", env={})
+    assert config.balancing_authorities == {
+        "PJM": "PJM",
+        "CAISO": "CISO",
+        "MISO": "MISO",
+        "ERCOT": "ERCO",
+        "SPP": "SWPP",
+    }
+    assert config.datasets["ba_interchange"].lookback_hours == 168
+    assert config.datasets["generation"].lookback_hours == 96
+    assert config.gridpulse.batch_size == 5000
+    assert config.eia_to_gridpulse["CISO"] == "CAISO"
+    assert config.eia.api_key is None
+
+
+def test_env_overrides_and_secret_files(tmp_path: Path) -> None:
+    key_file = tmp_path / "eia.key"
+    key_file.write_text("FILEKEY123\n")
+    env = {
+        "OUTBOX_DB": str(tmp_path / "x.db"),
+        "EIA_BASE_URL": "http://127.0.0.1:9/v2/",
+        "EIA_API_KEY_FILE": str(key_file),
+        "GRIDPULSE_BASE_URL": "http://127.0.0.1:8",
+        "GRIDPULSE_API_KEY": "GPKEY456",
+        "OUTBOX__GRIDPULSE__BATCH_SIZE": "250",
+        "OUTBOX__DATASETS__GENERATION__ENABLED": "false",
+    }
+    config = load_config(ROOT / "config.yaml", env=env)
+    assert config.database == str(tmp_path / "x.db")
+    assert config.eia.base_url == "http://127.0.0.1:9/v2"
+    assert config.require_eia_key() == "FILEKEY123"
+    assert config.require_gridpulse_key() == "GPKEY456"
+    assert config.gridpulse.batch_size == 250
+    assert "generation" not in config.enabled_datasets()
+    shown = str(config.redacted())
+    assert "FILEKEY123" not in shown and "GPKEY456" not in shown and "***" in shown
+
+
+def test_outbox_config_env_picks_the_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("database: picked.db\n")
+    assert load_config(env={"OUTBOX_CONFIG": str(cfg)}).database == "picked.db"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("databse: x.db\n", "databse: unknown key"),
+        (
+            "gridpulse:\n  batch_size: lots\n",
+            "gridpulse.batch_size: Input should be a valid integer",
+        ),
+        ("gridpulse:\n  batch_size: 9000\n", "gridpulse.batch_size: Input should be less than"),
+        ("datasets:\n  weather: {enabled: true}\n", "datasets: unknown dataset 'weather'"),
+        ("eia:\n  base_url: ftp://x\n", "eia.base_url: 'ftp://x' is not an http(s) URL"),
+        (
+            "eia:\n  history_start: yesterday\n",
+            "eia.history_start: Input should be a valid datetime",
+        ),
+        (
+            "housekeeping:\n  retention_days: 2\n",
+            "retention_days (2) must exceed the longest lookback",
+        ),
+        ("- a\n- b\n", "the top level must be a mapping"),
+        ("a: [\n", "invalid YAML"),
+    ],
+)
+def test_config_mistakes_give_one_line_and_exit_2(tmp_path: Path, text: str, expected: str) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg, env={})
+    assert expected in str(err.value)
+    result = runner.invoke(app, ["-c", str(cfg), "status"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
+
+
+def test_missing_config_file_and_unreadable_key_file(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["-c", str(tmp_path / "nope.yaml"), "status"])
+    assert result.exit_code == 2
+    assert "config file not found" in result.output
+    result = runner.invoke(app, ["status"], env={"EIA_API_KEY_FILE": str(tmp_path / "missing.key")})
+    assert result.exit_code == 2
+    assert re.search(r"EIA_API_KEY_FILE: cannot read secret file .*missing.key", result.output)
+
+
+def test_missing_secret_where_needed(tmp_path: Path) -> None:
+    env = {"OUTBOX_DB": str(tmp_path / "o.db")}
+    result = runner.invoke(app, ["send"], env=env)
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "error: gridpulse.api_key: missing: set GRIDPULSE_API_KEY or GRIDPULSE_API_KEY_FILE"
+    )
+    result = runner.invoke(app, ["fetch"], env=env)
+    assert result.exit_code == 2
+    assert "eia.api_key: missing" in result.output
+
+
+def test_secrets_absent_from_every_output(tmp_path: Path) -> None:
+    env = {
+        "OUTBOX_DB": str(tmp_path / "o.db"),
+        "EIA_API_KEY": "EIASECRET-abc123",
+        "GRIDPULSE_API_KEY": "GPSECRET-def456",
+        # Unreachable on purpose: port 9 on loopback refuses connections.
+        "GRIDPULSE_BASE_URL": "http://127.0.0.1:9",
+        "EIA_BASE_URL": "http://127.0.0.1:9/v2",
+        "OUTBOX__EIA__RETRY__ATTEMPTS": "1",
+        "OUTBOX__GRIDPULSE__RETRY__ATTEMPTS": "1",
+    }
+    outputs = []
+    for args in (["config"], ["status"], ["status", "--json"], ["fetch"], ["-v", "fetch"]):
+        result = runner.invoke(app, args, env=env)
+        outputs.append(result.output)
+    text = "\n".join(outputs)
+    assert "EIASECRET" not in text and "GPSECRET" not in text
+    assert '"api_key": "***"' in outputs[0]
+    db = (tmp_path / "o.db").read_bytes()
+    assert b"EIASECRET" not in db and b"GPSECRET" not in db

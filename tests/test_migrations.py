@@ -1,0 +1,69 @@
+"""Migrations: every command creates the schema through Alembic; up/down/up has no drift."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from outbox.migrate import downgrade, head_revision, upgrade
+from outbox.store import Store, metadata
+
+TABLES = {"observations", "pages", "series", "watermarks", "runs", "checked_gaps", "meta"}
+VIEWS = {"pending", "dead", "series_status"}
+
+
+def _objects(path: Path) -> dict[str, set[str]]:
+    con = sqlite3.connect(path)
+    rows = con.execute("SELECT type, name FROM sqlite_master").fetchall()
+    con.close()
+    out: dict[str, set[str]] = {}
+    for kind, name in rows:
+        out.setdefault(kind, set()).add(name)
+    return out
+
+
+def _drift(store: Store) -> list:
+    with store.engine.connect() as conn:
+        return compare_metadata(MigrationContext.configure(conn), metadata)
+
+
+def test_open_creates_schema_at_head(store: Store, db_path: Path) -> None:
+    assert store.schema_version() == head_revision()
+    objects = _objects(db_path)
+    assert TABLES <= objects["table"]
+    assert VIEWS <= objects["view"]
+    assert {"ix_observations_pending_due", "ix_observations_dead"} <= objects["index"]
+    assert _drift(store) == []
+
+
+def test_upgrade_downgrade_upgrade_no_drift(store: Store, db_path: Path) -> None:
+    downgrade(store, "base")
+    assert TABLES.isdisjoint(_objects(db_path).get("table", set()))
+    upgrade(store)
+    assert store.schema_version() == head_revision()
+    assert _drift(store) == []
+    assert VIEWS <= _objects(db_path)["view"]
+
+
+def test_reopen_is_idempotent(db_path: Path) -> None:
+    for _ in range(3):
+        Store.open(db_path).close()
+    assert Store.open(db_path, migrate=False).schema_version() == head_revision()
+
+
+def test_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "junk.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    try:
+        Store.open(bad)
+    except Exception as exc:  # noqa: BLE001 - asserting the type below
+        from outbox.errors import StoreError
+
+        assert isinstance(exc, StoreError)
+        assert "not a usable outbox database" in str(exc)
+    else:
+        raise AssertionError("opening junk must fail")
+    assert bad.read_bytes() == b"this is not sqlite" * 100

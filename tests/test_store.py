@@ -1,0 +1,231 @@
+"""Store semantics on real SQLite files: stage, claim, ack/reject/defer, watermarks."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+from pathlib import Path
+
+from factories import mark, obs, page, series_row, ts
+
+from outbox.store import Key, Store
+
+PJM = "EIA.PJM.demand"
+MISO = "EIA.MISO.demand"
+
+
+def _stage(store: Store, rows, marks=(), with_page=True):
+    sids = sorted({r[0] for r in rows})
+    return store.stage(
+        rows,
+        series_rows=[series_row(s) for s in sids],
+        page=page() if with_page else None,
+        watermark_updates=marks,
+    )
+
+
+def _state(store: Store, sid: str, hour: int) -> str:
+    row = store.row(sid, ts(hour))
+    assert row is not None
+    return row["state"]
+
+
+def _key(row: tuple) -> Key:
+    return Key(row[0], row[1], row[5])
+
+
+def _total_changes(store: Store) -> int:
+    with store.read() as conn:
+        return store.total_changes(conn)
+
+
+def test_restage_of_unchanged_rows_writes_nothing(store: Store, db_path: Path) -> None:
+    rows = [obs(PJM, h, 1000.0 + h) for h in range(48)]
+    first = _stage(store, rows, [mark("demand:PJM", 47)])
+    assert first.written == 48 and first.page_id == 1
+    before = _total_changes(store)
+    wal_before = Path(f"{db_path}-wal").stat().st_size
+    again = _stage(store, rows, [mark("demand:PJM", 47)])
+    assert again.written == 0
+    assert again.page_id is None  # an unchanged page is not archived again
+    assert _total_changes(store) == before
+    assert Path(f"{db_path}-wal").stat().st_size == wal_before
+    with store.read() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM pages").scalar() == 1
+
+
+def test_new_revision_goes_back_to_pending(store: Store) -> None:
+    _stage(store, [obs(PJM, 0, 10.0), obs(PJM, 1, 11.0)])
+    store.ack([_key(obs(PJM, 0, 10.0)), _key(obs(PJM, 1, 11.0))])
+    store.defer([_key(obs(PJM, 1, 11.0))], ts(5), "x")  # no-op: already acked
+    result = _stage(store, [obs(PJM, 0, 10.0), obs(PJM, 1, 12.5)])
+    assert result.written == 1
+    assert _state(store, PJM, 0) == "acked"
+    row = store.row(PJM, ts(1))
+    assert row["state"] == "pending" and row["value"] == 12.5 and row["attempts"] == 0
+    assert row["acked_revision"] == obs(PJM, 1, 11.0)[5]
+    assert [c.ts for c in store.claim(10, ts(100))] == [ts(1)]
+
+
+def test_revision_equal_to_acked_revision_is_acked(store: Store) -> None:
+    _stage(store, [obs(PJM, 0, 10.0)])
+    store.ack([_key(obs(PJM, 0, 10.0))])
+    _stage(store, [obs(PJM, 0, 99.0)])
+    assert _state(store, PJM, 0) == "pending"
+    _stage(store, [obs(PJM, 0, 10.0)])  # EIA flipped back to what GridPulse holds
+    assert _state(store, PJM, 0) == "acked"
+    assert store.claim(10, ts(100)) == []
+
+
+def test_dead_row_with_new_revision_is_pending_again(store: Store) -> None:
+    _stage(store, [obs(PJM, 0, -5.0)])
+    store.reject([(_key(obs(PJM, 0, -5.0)), "VALUE_OUT_OF_RANGE", "negative")])
+    assert _state(store, PJM, 0) == "dead"
+    _stage(store, [obs(PJM, 0, 5.0)])
+    row = store.row(PJM, ts(0))
+    assert row["state"] == "pending" and row["last_error"] is None
+
+
+def test_ack_reject_defer_ignore_stale_revision(store: Store) -> None:
+    old = obs(PJM, 0, 10.0)
+    _stage(store, [old, obs(PJM, 1, 11.0), obs(PJM, 2, 12.0)])
+    claimed = store.claim(10, ts(100))
+    assert len(claimed) == 3
+    new = obs(PJM, 0, 10.5)
+    _stage(store, [new])  # revised while the batch was in flight
+    assert store.ack([_key(old)]) == 0
+    assert store.reject([(_key(old), "X", "y")]) == 0
+    assert store.defer([_key(old)], ts(50), "boom") == 0
+    row = store.row(PJM, ts(0))
+    assert row["state"] == "pending" and row["revision"] == new[5] and row["attempts"] == 0
+    assert store.ack([_key(new)]) == 1
+    assert _state(store, PJM, 0) == "acked"
+
+
+def test_defer_hides_rows_until_due_and_counts_attempts(store: Store) -> None:
+    _stage(store, [obs(PJM, 0), obs(PJM, 1)])
+    assert store.defer([_key(obs(PJM, 0))], ts(10), "503", code="SINK_UNAVAILABLE") == 1
+    assert [c.ts for c in store.claim(10, ts(9))] == [ts(1)]
+    assert [c.ts for c in store.claim(10, ts(10))] == [ts(0), ts(1)]
+    assert store.next_retry_at() == ts(10)
+    assert store.has_deferred("SINK_UNAVAILABLE")
+    assert store.clear_deferred("SINK_UNAVAILABLE") == 1
+    assert store.row(PJM, ts(0))["attempts"] == 1
+    assert store.count_due(ts(0)) == 2
+
+
+def test_claim_orders_by_ts_then_series(store: Store) -> None:
+    _stage(store, [obs(PJM, 2), obs(MISO, 2), obs(PJM, 1), obs(MISO, 3)])
+    got = [(c.ts, c.series_id) for c in store.claim(3, ts(100))]
+    assert got == [(ts(1), PJM), (ts(2), MISO), (ts(2), PJM)]
+    first = store.claim(1, ts(100))[0]
+    assert (first.ba, first.type, first.subtype, first.units) == ("PJM", "demand", None, "MW")
+
+
+def test_watermark_never_moves_back(store: Store) -> None:
+    _stage(store, [obs(PJM, 10)], [mark("demand:PJM", 10)])
+    _stage(store, [obs(PJM, 3)], [mark("demand:PJM", 3)])
+    assert store.watermarks() == {"demand:PJM": ts(10)}
+    _stage(store, [obs(PJM, 11)], [mark("demand:PJM", 11)])
+    assert store.watermarks() == {"demand:PJM": ts(11)}
+
+
+def test_delivered_through_with_gaps_dead_rows_and_revisions(store: Store) -> None:
+    rows = [obs(PJM, h, 100.0 + h) for h in (0, 1, 2, 4, 5, 8)]  # gaps at 3, 6, 7
+    _stage(store, rows + [obs(MISO, 0)])
+    assert store.delivered_through() == {MISO: None, PJM: None}
+    store.ack([_key(r) for r in rows[:3]])
+    assert store.delivered_through()[PJM] == ts(2)
+    store.reject([(_key(rows[3]), "BAD", "bad row")])  # hour 4 dead counts as settled
+    store.ack([_key(rows[5])])  # hour 8 acked, hour 5 still pending
+    assert store.delivered_through()[PJM] == ts(4)
+    _stage(store, [obs(PJM, 1, 555.0)])  # hour 1 revised: back to pending
+    assert store.delivered_through()[PJM] == ts(0)
+    store.ack([_key(obs(PJM, 1, 555.0)), _key(rows[4])])
+    assert store.delivered_through()[PJM] == ts(8)
+    state = {s.series_id: s for s in store.series_states()}[PJM]
+    assert (state.pending, state.dead, state.newest_staged, state.newest_acked) == (
+        0,
+        1,
+        ts(8),
+        ts(8),
+    )
+    with store.read() as conn:
+        view = conn.exec_driver_sql(
+            "SELECT pending, acked, dead, delivered_through FROM series_status WHERE series_id = ?",
+            (PJM,),
+        ).one()
+    assert tuple(view) == (0, 5, 1, ts(8))
+
+
+def test_requeue_dead(store: Store) -> None:
+    _stage(store, [obs(PJM, 0), obs(MISO, 0)])
+    store.reject([(_key(obs(PJM, 0)), "A", "a"), (_key(obs(MISO, 0)), "B", "b")])
+    assert store.requeue_dead(series_glob="EIA.PJM.*") == 1
+    assert store.requeue_dead(code="nope") == 0
+    assert _state(store, PJM, 0) == "pending" and _state(store, MISO, 0) == "dead"
+    assert store.counts() == {"pending": 1, "dead": 1}
+
+
+def test_page_archive_and_row_pointer(store: Store) -> None:
+    _stage(store, [obs(PJM, 0, row=0), obs(PJM, 1, row=1)])
+    row = store.row(PJM, ts(1))
+    info, body = store.page_body(row["page_id"])
+    assert row["page_row"] == 1
+    assert info["route"] == "electricity/rto/region-data" and body.startswith(b'{"response"')
+
+
+def test_runs_are_recorded(store: Store) -> None:
+    run = store.start_run("send")
+    store.finish_run(run, "failed", {"sent": 3}, "GET https://x/?api_key=SEKRET1 failed")
+    (rec,) = store.recent_runs()
+    assert rec.status == "failed" and rec.counts == {"sent": 3}
+    assert "SEKRET1" not in rec.error and "api_key=***" in rec.error
+
+
+def _writer(path: str, n: int, errors: mp.Queue) -> None:
+    try:
+        with Store.open(path) as s:
+            for i in range(n):
+                rows = [obs(PJM, i * 10 + h, float(h)) for h in range(10)]
+                s.stage(rows, series_rows=[series_row(PJM)], page=page(i))
+                due = s.claim(5, ts(10_000))
+                s.ack([Key(c.series_id, c.ts, c.revision) for c in due])
+    except Exception as exc:  # reported to the parent
+        errors.put(repr(exc))
+
+
+def _reader(path: str, n: int, errors: mp.Queue) -> None:
+    try:
+        with Store.open(path) as s:
+            for _ in range(n):
+                s.series_states()
+                s.counts()
+                s.claim(100, ts(10_000))
+    except Exception as exc:
+        errors.put(repr(exc))
+
+
+def test_concurrent_writers_and_readers_never_see_locked(db_path: Path) -> None:
+    Store.open(db_path).close()
+    errors: mp.Queue = mp.Queue()
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(str(db_path), 60, errors)) for _ in range(2)]
+    procs += [ctx.Process(target=_reader, args=(str(db_path), 150, errors)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert errors.empty(), errors.get()
+    con = sqlite3.connect(db_path)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert con.execute("SELECT count(*) FROM observations").fetchone()[0] == 600
+
+
+def test_pragmas(store: Store) -> None:
+    with store.read() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
