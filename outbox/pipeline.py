@@ -506,11 +506,13 @@ class Sender:
             if len(rows) == 1:
                 self._dead(rows, "PAYLOAD_TOO_LARGE", str(exc))
                 return
-            self.batch_size = max(1, min(self.batch_size, len(rows)) // 2)
-            log.info("413 from GridPulse: batch size now %d", self.batch_size)
-            half = math.ceil(len(rows) / 2)
-            self.deliver(rows[:half])
-            self.deliver(rows[half:])
+            self.batch_size = max(1, math.ceil(min(self.batch_size, len(rows)) / 2))
+            log.info("batch too large for GridPulse (413) batch_size=%d", self.batch_size)
+            done = 0
+            while done < len(rows):  # the size may shrink again inside
+                chunk = rows[done : done + self.batch_size]
+                self.deliver(chunk)
+                done += len(chunk)
             return
         except BatchRejectedError as exc:
             self._bisect(rows, exc)

@@ -1,0 +1,300 @@
+"""The send stage against respx: every status path of the ingest contract."""
+
+from __future__ import annotations
+
+import gzip
+import math
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import respx
+from factories import obs, series_row, ts
+
+from outbox.config import Config
+from outbox.errors import SinkAuthError, SinkConflictError
+from outbox.gridpulse import GridPulseClient
+from outbox.pipeline import SendFailed, run_send
+from outbox.store import Store, file_lock
+
+BASE = "http://gp.test"
+INGEST = f"{BASE}/api/v1/data/observations"
+KEY = "gp-test-key-123"
+
+
+def make_config(**gridpulse: Any) -> Config:
+    """A config whose retries never sleep."""
+    gp = {
+        "base_url": BASE,
+        "api_key": KEY,
+        "batch_size": 5000,
+        "retry": {"attempts": 3, "initial_backoff_seconds": 0, "max_backoff_seconds": 0},
+        **gridpulse,
+    }
+    return Config.model_validate({"gridpulse": gp})
+
+
+def stage(store: Store, n: int, sids: tuple[str, ...] = ("EIA.PJM.demand",)) -> list[tuple]:
+    rows = [obs(sid, h, 100.0 + h) for h in range(n) for sid in sids]
+    store.stage(rows, series_rows=[series_row(s) for s in sids])
+    return rows
+
+
+def body_of(request: httpx.Request) -> dict[str, Any]:
+    raw = request.content
+    if request.headers.get("content-encoding") == "gzip":
+        raw = gzip.decompress(raw)
+    return orjson.loads(raw)
+
+
+def accept_all(request: httpx.Request) -> httpx.Response:
+    body = body_of(request)
+    return httpx.Response(
+        200,
+        json={"batch_id": body["batch_id"], "accepted": len(body["observations"]), "rejected": []},
+    )
+
+
+def states(store: Store) -> dict[str, int]:
+    with store.read() as conn:
+        rows = conn.exec_driver_sql("SELECT state, count(*) FROM observations GROUP BY state").all()
+    return {r[0]: r[1] for r in rows}
+
+
+def send(store: Store, config: Config, waits: list[float] | None = None, **kw: Any):
+    with httpx.Client() as http:
+        client = GridPulseClient(http, BASE, KEY)
+        sleep: Callable[[float], None] = waits.append if waits is not None else lambda s: None
+        return run_send(config, store, client, sleep=sleep, **kw)
+
+
+@respx.mock(assert_all_called=False)
+def test_drains_in_batches_oldest_first(store: Store, respx_mock: respx.MockRouter) -> None:
+    stage(store, 12, ("EIA.PJM.demand", "EIA.MISO.demand"))
+    route = respx_mock.post(INGEST).mock(side_effect=accept_all)
+    result = send(store, make_config(batch_size=10))
+    assert (result.batches, result.sent, result.acked, result.rejected) == (3, 24, 24, 0)
+    first = body_of(route.calls[0].request)
+    assert [o["ts"] for o in first["observations"]][:4] == [ts(0), ts(0), ts(1), ts(1)]
+    req = route.calls[0].request
+    assert req.headers["authorization"] == f"Bearer {KEY}"
+    assert req.headers["idempotency-key"] == first["batch_id"]
+    assert req.headers["content-encoding"] == "gzip"
+    obs0 = first["observations"][0]
+    assert obs0 == {
+        "series_id": "EIA.MISO.demand",
+        "ba": "MISO",
+        "type": "demand",
+        "subtype": None,
+        "units": "MW",
+        "ts": ts(0),
+        "value": 100.0,
+        "quality_flag": "good",
+        "revision": obs("EIA.MISO.demand", 0, 100.0)[5],
+    }
+    assert states(store) == {"acked": 24}
+    (run,) = store.recent_runs(stage="send")
+    assert run.status == "ok" and run.counts["acked"] == 24 and run.counts["bytes"] > 0
+    again = send(store, make_config())
+    assert again.requests == 0 and route.call_count == 3
+
+
+@respx.mock
+def test_per_row_rejections_go_dead(store: Store, respx_mock: respx.MockRouter) -> None:
+    stage(store, 5)
+
+    def reject_two(request: httpx.Request) -> httpx.Response:
+        body = body_of(request)
+        rejected = [
+            {
+                "index": i,
+                "series_id": o["series_id"],
+                "ts": o["ts"],
+                "code": "VALUE_OUT_OF_RANGE",
+                "message": f"bad {i}",
+            }
+            for i, o in enumerate(body["observations"])
+            if i in (1, 3)
+        ]
+        return httpx.Response(
+            200, json={"batch_id": body["batch_id"], "accepted": 3, "rejected": rejected}
+        )
+
+    respx_mock.post(INGEST).mock(side_effect=reject_two)
+    result = send(store, make_config())
+    assert (result.acked, result.rejected) == (3, 2)
+    dead = store.row("EIA.PJM.demand", ts(1))
+    assert dead["state"] == "dead"
+    assert (dead["last_error_code"], dead["last_error"]) == ("VALUE_OUT_OF_RANGE", "bad 1")
+
+
+@pytest.mark.parametrize("status", [400, 422])
+def test_bisection_isolates_three_bad_rows_among_5000(store: Store, status: int) -> None:
+    rows = stage(store, 1000, tuple(f"EIA.B{i}.demand" for i in range(5)))
+    bad = {(rows[i][0], rows[i][1]) for i in (17, 2500, 4999)}
+    requests: list[int] = []
+
+    def poison(request: httpx.Request) -> httpx.Response:
+        body = body_of(request)
+        requests.append(len(body["observations"]))
+        hits = [o for o in body["observations"] if (o["series_id"], o["ts"]) in bad]
+        if hits:
+            return httpx.Response(
+                status,
+                json={
+                    "error": {
+                        "code": "VALIDATION_FAILED",
+                        "message": f"value rejected for {hits[0]['series_id']} {hits[0]['ts']}",
+                        "details": {},
+                    }
+                },
+            )
+        return accept_all(request)
+
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(side_effect=poison)
+        result = send(store, make_config())
+    assert states(store) == {"acked": 4997, "dead": 3}
+    for sid, when in bad:
+        row = store.row(sid, when)
+        assert row["state"] == "dead" and row["last_error_code"] == "VALIDATION_FAILED"
+        assert row["last_error"]
+    # One halving request per level for each bad row, plus the batches the carried rows ride in.
+    assert len(requests) <= 1 + 3 * math.ceil(math.log2(5000)) + 3
+    assert result.acked == 4997 and result.rejected == 3
+
+
+def test_413_halves_and_remembers(store: Store) -> None:
+    stage(store, 3000)
+    sizes: list[int] = []
+
+    def limited(request: httpx.Request) -> httpx.Response:
+        n = len(body_of(request)["observations"])
+        sizes.append(n)
+        if n > 800:
+            return httpx.Response(
+                413,
+                json={"error": {"code": "PAYLOAD_TOO_LARGE", "message": "max 800", "details": {}}},
+            )
+        return accept_all(request)
+
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(side_effect=limited)
+        send(store, make_config())
+    assert states(store) == {"acked": 3000}
+    assert sizes[:4] == [3000, 1500, 750, 750]
+    # Once halved, later batches start at the remembered size, not at 5000 again.
+    assert max(sizes[4:]) <= 750
+
+
+@pytest.mark.parametrize(
+    ("status", "error"), [(401, SinkAuthError), (403, SinkAuthError), (409, SinkConflictError)]
+)
+def test_credentials_and_conflict_touch_no_row(store: Store, status: int, error: type) -> None:
+    stage(store, 10)
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(
+            return_value=httpx.Response(
+                status, json={"error": {"code": "X", "message": "no way", "details": {}}}
+            )
+        )
+        with pytest.raises(error) as info:
+            send(store, make_config())
+    assert KEY not in str(info.value)
+    assert states(store) == {"pending": 10}
+    assert all(c.attempts == 0 for c in store.claim(100))
+    (run,) = store.recent_runs()
+    assert run.status == "failed" and run.error
+
+
+def test_429_honours_retry_after(store: Store) -> None:
+    stage(store, 3)
+    waits: list[float] = []
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(
+            side_effect=[
+                httpx.Response(429, headers={"Retry-After": "7"}),
+                accept_all,
+            ]
+        )
+        result = send(store, make_config(), waits)
+    assert waits == [7.0] and result.acked == 3
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        httpx.Response(503),
+        httpx.Response(500),
+        httpx.ConnectError("refused"),
+        httpx.ReadTimeout("slow"),
+    ],
+)
+def test_transient_then_success(store: Store, failure: Any) -> None:
+    stage(store, 3)
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(side_effect=[failure, failure, accept_all])
+        result = send(store, make_config())
+    assert result.acked == 3 and result.requests == 3
+
+
+def test_retry_budget_exhausted_defers_and_fails(store: Store) -> None:
+    stage(store, 7)
+    cfg = make_config(batch_size=5, defer_initial_seconds=60, defer_max_seconds=600)
+    with respx.mock() as mock:
+        route = mock.post(INGEST).mock(return_value=httpx.Response(503))
+        with pytest.raises(SendFailed):
+            send(store, cfg)
+        assert route.call_count == 3  # the configured attempts, then give up
+    assert states(store) == {"pending": 7}
+    deferred = store.row("EIA.PJM.demand", ts(0))
+    assert deferred["attempts"] == 1 and deferred["next_attempt_at"] is not None
+    assert deferred["last_error_code"] == "SINK_UNAVAILABLE"
+    untouched = store.row("EIA.PJM.demand", ts(6))
+    assert untouched["attempts"] == 0 and untouched["next_attempt_at"] is None
+    (run,) = store.recent_runs()
+    assert run.status == "failed" and "GridPulse unavailable" in run.error
+
+    # GridPulse is back: the deferred (oldest) rows go first, not behind newer ones.
+    with respx.mock() as mock:
+        mock.get(f"{BASE}/api/v1/health").mock(
+            return_value=httpx.Response(200, json={"status": "ok"})
+        )
+        route = mock.post(INGEST).mock(side_effect=accept_all)
+        result = send(store, cfg)
+    assert result.acked == 7
+    assert [o["ts"] for o in body_of(route.calls[0].request)["observations"]] == [
+        ts(h) for h in range(5)
+    ]
+
+
+def test_revision_staged_meanwhile_stays_pending(store: Store) -> None:
+    stage(store, 2)
+
+    def revise_then_accept(request: httpx.Request) -> httpx.Response:
+        store.stage([obs("EIA.PJM.demand", 0, 999.0)])
+        return accept_all(request)
+
+    with respx.mock() as mock:
+        route = mock.post(INGEST).mock(side_effect=revise_then_accept)
+        send(store, make_config(), max_batches=1)
+        row = store.row("EIA.PJM.demand", ts(0))
+        assert row["state"] == "pending" and row["value"] == 999.0
+        send(store, make_config())
+        resent = body_of(route.calls[1].request)["observations"]
+    assert [(o["ts"], o["value"]) for o in resent] == [(ts(0), 999.0)]
+    assert states(store) == {"acked": 2}
+
+
+def test_dry_run_and_lock(store: Store) -> None:
+    stage(store, 4)
+    with respx.mock() as mock:  # strict: any request would fail the test
+        result = send(store, make_config(), dry_run=True)
+        assert result.due == 4 and result.requests == 0
+        with file_lock(store.lock_path("send"), blocking=False) as got:
+            assert got
+            skipped = send(store, make_config())
+        assert skipped.skipped and mock.calls.call_count == 0
+    assert states(store) == {"pending": 4}
