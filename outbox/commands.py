@@ -95,7 +95,7 @@ def fetch(
     if result.skipped:
         typer.echo(f"a fetch is already running (pid {result.holder}); nothing to do")
         return 0
-    invalid = sum(result.invalid.values())
+    invalid = result.counts()["invalid"]
     typer.echo(
         f"fetch run {result.run_id}: {result.requests} requests, {result.pages} pages, "
         f"{result.rows} rows, {result.written} written, {invalid} invalid, "

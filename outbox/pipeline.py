@@ -26,7 +26,7 @@ from outbox.errors import (
     SourceFatalError,
 )
 from outbox.gridpulse import GridPulseClient, IngestResult, batch_id_of, encode_batch
-from outbox.normalize import Normalized, normalize_page, stream_key
+from outbox.normalize import SKIP_REASONS, Normalized, normalize_page, stream_key
 from outbox.redact import redact
 from outbox.retry import RetryPolicy, call_with_retry
 from outbox.store import Claimed, Key, PageRecord, Store, WatermarkUpdate, file_lock
@@ -88,8 +88,9 @@ class FetchResult:
             "rows": self.rows,
             "written": self.written,
             "duplicates": self.duplicates,
-            "invalid": sum(self.invalid.values()),
-            "invalid_by_reason": dict(self.invalid),
+            "invalid": _invalid(self.invalid),
+            "invalid_by_reason": {k: v for k, v in self.invalid.items() if k not in SKIP_REASONS},
+            "skipped": sum(v for k, v in self.invalid.items() if k in SKIP_REASONS),
         }
 
 
@@ -280,7 +281,7 @@ class Fetcher:
             respondents=set(respondents) if respondents else None,
             datasets=set(datasets) if datasets else set(self.config.enabled_datasets()),
         )
-        invalid = sum(norm.invalid.values())
+        invalid = _invalid(norm.invalid)
         considered = invalid + norm.count + norm.duplicates
         if considered and invalid / considered > self.config.eia.max_invalid_fraction:
             reasons = ", ".join(f"{k}={v}" for k, v in sorted(norm.invalid.items()))
@@ -354,9 +355,14 @@ class Fetcher:
             page.page_no,
             norm.count,
             staged.written,
-            sum(norm.invalid.values()),
+            _invalid(norm.invalid),
             norm.duplicates,
         )
+
+
+def _invalid(counts: dict[str, int]) -> int:
+    """Rows rejected as bad data (rows merely not asked for are not counted)."""
+    return sum(v for k, v in counts.items() if k not in SKIP_REASONS)
 
 
 def _minus_hour(ts: str | None) -> str | None:
@@ -423,7 +429,7 @@ def run_fetch(
         result.pages,
         result.rows,
         result.written,
-        sum(result.invalid.values()),
+        _invalid(result.invalid),
         result.duplicates,
     )
     return result

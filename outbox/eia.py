@@ -1,0 +1,537 @@
+"""EIA Open Data API v2 source: the EIA-930 hourly routes, paged, and a replay directory.
+
+:class:`EIAClient` turns one :class:`EIARequest` (a route, the respondents, a UTC window)
+into a sequence of :class:`EIAPage` objects, following ``offset`` until the API's
+``response.total`` is reached. Each HTTP attempt is rate limited client-side and retried
+under the one :class:`~outbox.retry.RetryPolicy`; errors are classified into
+:class:`~outbox.errors.SourceTransientError` (retried) and
+:class:`~outbox.errors.SourceFatalError` (never retried):
+
+* fatal: 403 ``API_KEY_INVALID``/``API_KEY_MISSING``, 400 bad parameter, the not-found
+  envelope ``{"error": "Not found.", "code": 404}`` (served as HTTP 500 until late 2025,
+  404 since), and a 200 whose JSON has no ``response.data`` list or integer ``total``;
+* transient: 429 (``Retry-After`` honoured), other 403s, 5xx, timeouts, connection
+  errors, and bodies that are not JSON (HTML error pages, truncated responses).
+
+The ``error`` key is checked on every status, 200 included.
+
+EIA echoes the api_key in every response body, so a page's ``body`` and ``params`` are
+re-serialized with ``request.params.api_key`` removed, its ``url`` is redacted, and every
+message and log line passes through :func:`~outbox.redact.redact`.
+
+:func:`iter_replay_pages` reads saved response bodies instead of calling the API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import httpx
+import orjson
+import tenacity
+
+from outbox import USER_AGENT
+from outbox.errors import SourceFatalError, SourceTransientError
+from outbox.redact import MASK, RedactingFilter, redact, register_secret
+from outbox.retry import RetryPolicy, call_with_retry, parse_retry_after
+
+log = logging.getLogger(__name__)
+
+ROUTE_REGION = "electricity/rto/region-data"
+ROUTE_FUEL = "electricity/rto/fuel-type-data"
+ROUTE_INTERCHANGE = "electricity/rto/interchange-data"
+ROUTES = (ROUTE_REGION, ROUTE_FUEL, ROUTE_INTERCHANGE)
+
+MAX_PAGE_LENGTH = 5000
+PERIOD_FORMAT = "%Y-%m-%dT%H"
+REGION_TYPE_CODES = ("D", "DF", "NG", "TI")
+INCOMPLETE_RETURN = "incomplete return"
+
+# Facet holding the balancing authority, and facet holding the series code, per route.
+RESPONDENT_FACET = {
+    ROUTE_REGION: "respondent",
+    ROUTE_FUEL: "respondent",
+    ROUTE_INTERCHANGE: "fromba",
+}
+VALUE_FACET = {ROUTE_REGION: "type", ROUTE_FUEL: "fueltype", ROUTE_INTERCHANGE: "toba"}
+
+# api-umbrella (EIA's gateway) key errors: configuration problems, retrying cannot help.
+KEY_ERROR_CODES = frozenset(
+    {"API_KEY_INVALID", "API_KEY_MISSING", "API_KEY_DISABLED", "API_KEY_UNAUTHORIZED"}
+)
+_TRANSIENT_STATUS = frozenset({403, 408, 425, 429})
+_COMMAND = re.compile(r"^/v2/(?P<route>.+?)/data/?$")
+_SNIPPET = 160
+
+
+@dataclass(frozen=True)
+class EIARequest:
+    """One logical EIA query: a route, its respondents and an inclusive UTC hour window.
+
+    ``facet_values`` are region-data ``type`` codes (empty means D, DF, NG, TI: the CO2
+    series share that facet, so types are always sent explicitly), fuel-type-data
+    ``fueltype`` codes (empty = all) or interchange-data ``toba`` codes (empty = all).
+    """
+
+    route: str
+    respondents: tuple[str, ...]
+    facet_values: tuple[str, ...]
+    start: datetime
+    end: datetime
+
+    def __post_init__(self) -> None:
+        if self.route not in ROUTES:
+            raise ValueError(f"unknown EIA route {self.route!r}; expected one of {ROUTES}")
+        if not self.respondents:
+            raise ValueError("EIARequest needs at least one respondent")
+        for name in ("start", "end"):
+            when = getattr(self, name)
+            if when.tzinfo is None or when.utcoffset() is None:
+                raise ValueError(f"EIARequest.{name} must be timezone-aware, got {when!r}")
+            if (when.minute, when.second, when.microsecond) != (0, 0, 0):
+                raise ValueError(f"EIARequest.{name} must be a whole hour, got {when!r}")
+        if self.start > self.end:
+            raise ValueError(f"EIARequest start {self.start} is after end {self.end}")
+
+
+@dataclass(frozen=True)
+class EIAPage:
+    """One EIA response page, safe to store: no api_key in ``body``, ``params`` or ``url``."""
+
+    route: str
+    page_no: int
+    offset: int
+    total: int
+    rows: list[dict]
+    body: bytes
+    params: dict
+    url: str
+    last: bool
+
+
+class RateLimiter:
+    """Client-side limit: requests spaced by ``1/max_per_second`` and at most
+    ``max_per_hour`` in any sliding hour. ``sleep`` and ``clock`` are injectable."""
+
+    def __init__(
+        self,
+        max_per_second: float,
+        max_per_hour: int,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._interval = 1.0 / max_per_second if max_per_second > 0 else 0.0
+        self._per_hour = max_per_hour
+        self._sleep = sleep
+        self._clock = clock
+        self._recent: deque[float] = deque()
+
+    def acquire(self) -> float:
+        """Wait until one more request is allowed; return the seconds waited."""
+        now = self._clock()
+        wait = self._wait_needed(now)
+        if wait > 0:
+            self._sleep(wait)
+            # A fake sleep may not advance a fake clock: never record a time before the slot.
+            now = max(self._clock(), now + wait)
+        self._recent.append(now)
+        return wait
+
+    def _wait_needed(self, now: float) -> float:
+        while self._recent and self._recent[0] <= now - 3600.0:
+            self._recent.popleft()
+        wait = 0.0
+        if self._recent:
+            wait = self._recent[-1] + self._interval - now
+        if self._per_hour > 0 and len(self._recent) >= self._per_hour:
+            wait = max(wait, self._recent[-self._per_hour] + 3600.0 - now)
+        return wait
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One page request in flight: what error messages must name."""
+
+    req: EIARequest
+    page_no: int
+    offset: int
+    params: dict
+    where: str
+    shown: str
+
+    def say(self, cause: str) -> str:
+        """``EIA <route> page N (offset M): <cause> [<redacted url>]``."""
+        return f"{self.where}: {cause} [{self.shown}]" if cause else f"{self.where} [{self.shown}]"
+
+
+class EIAClient:
+    """Pages through the EIA v2 ``<route>/data/`` endpoint for one :class:`EIARequest`.
+
+    ``base_url`` is the v2 root (``https://api.eia.gov/v2``). The client does its own
+    retries (per page, under ``retry``) and rate limiting; ``requests_made`` counts HTTP
+    attempts.
+    """
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        base_url: str,
+        api_key: str | None,
+        *,
+        page_length: int = MAX_PAGE_LENGTH,
+        retry: RetryPolicy = RetryPolicy(),
+        max_per_second: float = 1.0,
+        max_per_hour: int = 2000,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 1 <= page_length <= MAX_PAGE_LENGTH:
+            raise ValueError(f"page_length must be 1..{MAX_PAGE_LENGTH}, got {page_length}")
+        self._http = http
+        self._base = base_url.rstrip("/")
+        self._key = api_key or None
+        register_secret(self._key)
+        guard_http_logs()
+        self._page_length = page_length
+        self._retry = retry
+        self._sleep = sleep
+        self._clock = clock
+        self._limiter = RateLimiter(max_per_second, max_per_hour, sleep=sleep, clock=clock)
+        self.requests_made = 0
+
+    def iter_pages(self, req: EIARequest) -> Iterator[EIAPage]:
+        """Yield every page of ``req`` in order; the final one has ``last=True``."""
+        offset = page_no = 0
+        seen: set[str] = set()
+        while True:
+            page = self._fetch_page(req, page_no, offset)
+            facet = RESPONDENT_FACET[req.route]
+            seen.update(row.get(facet) for row in page.rows)
+            yield page
+            if page.last:
+                break
+            offset += len(page.rows)
+            page_no += 1
+        _warn_silent_respondents(req, seen)
+
+    def _fetch_page(self, req: EIARequest, page_no: int, offset: int) -> EIAPage:
+        params = request_params(req, offset, self._page_length)
+        return call_with_retry(
+            self._retry,
+            lambda: self._attempt(req, page_no, offset, params),
+            sleep=self._sleep,
+            before_sleep=_log_retry,
+        )
+
+    def _attempt(self, req: EIARequest, page_no: int, offset: int, params: dict) -> EIAPage:
+        items = query_items(params)
+        if self._key:
+            items.insert(0, ("api_key", self._key))
+        url = httpx.URL(f"{self._base}/{req.route}/data/", params=items)
+        shown = self._redact(unquote(self._redact(str(url))))
+        call = _Call(
+            req, page_no, offset, params, f"EIA {req.route} page {page_no} (offset {offset})", shown
+        )
+        self._limiter.acquire()
+        self.requests_made += 1
+        started = self._clock()
+        response = self._get(url, call)
+        doc = _loads(response.content)
+        log.debug(
+            "eia request GET status=%d rows=%s elapsed=%.3fs page=%d offset=%d url=%s",
+            response.status_code,
+            _row_count(doc),
+            self._clock() - started,
+            page_no,
+            offset,
+            shown,
+        )
+        self._raise_for_error(response, doc, call)
+        return self._page(call, doc)
+
+    def _get(self, url: httpx.URL, call: _Call) -> httpx.Response:
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        try:
+            return self._http.get(url, headers=headers)
+        except httpx.UnsupportedProtocol as exc:
+            raise SourceFatalError(self._redact(call.say(str(exc)))) from None
+        except httpx.TimeoutException as exc:
+            raise SourceTransientError(self._redact(call.say(type(exc).__name__))) from None
+        except httpx.RequestError as exc:
+            text = call.say(f"{type(exc).__name__}: {exc}")
+            raise SourceTransientError(self._redact(text)) from None
+
+    def _raise_for_error(self, response: httpx.Response, doc: Any, call: _Call) -> None:
+        status = response.status_code
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        error = error_of(doc)
+        if error is not None:
+            code, message = error
+            label = f"HTTP {status}" if code is None else f"HTTP {status}, EIA error {code}"
+            text = self._redact(call.say(f"{label}: {message}"))
+            if is_fatal_error(status, code):
+                raise SourceFatalError(text)
+            raise SourceTransientError(text, retry_after)
+        snippet = _snippet(response.content)
+        if status >= 500 or status in _TRANSIENT_STATUS:
+            raise SourceTransientError(
+                self._redact(call.say(f"HTTP {status} {snippet}")), retry_after
+            )
+        if status >= 300:
+            raise SourceFatalError(self._redact(call.say(f"unexpected HTTP {status} {snippet}")))
+        if doc is None:
+            text = call.say(
+                f"HTTP {status} body is not JSON (truncated or an HTML page): {snippet}"
+            )
+            raise SourceTransientError(self._redact(text))
+
+    def _page(self, call: _Call, doc: Any) -> EIAPage:
+        rows, total = parse_body(doc, call.say(""))
+        _log_warnings(doc, call.where)
+        received = call.offset + len(rows)
+        if not rows and call.offset < total:
+            raise SourceFatalError(call.say(f"empty page before total {total} was reached"))
+        if received > total:
+            raise SourceFatalError(
+                call.say(f"received {received} rows in all, more than total {total}")
+            )
+        strip_api_key(doc)
+        return EIAPage(
+            route=call.req.route,
+            page_no=call.page_no,
+            offset=call.offset,
+            total=total,
+            rows=rows,
+            body=self._scrub(orjson.dumps(doc)),
+            params=call.params,
+            url=call.shown,
+            last=received >= total,
+        )
+
+    def _scrub(self, body: bytes) -> bytes:
+        """Mask the key anywhere else it might hide in a body (a belt to strip_api_key's braces)."""
+        if self._key and self._key.encode() in body:
+            return body.replace(self._key.encode(), MASK.encode())
+        return body
+
+    def _redact(self, text: str) -> str:
+        return redact(text, [self._key] if self._key else [])
+
+
+def request_params(req: EIARequest, offset: int, length: int) -> dict:
+    """The query of one page as EIA echoes it in ``request.params`` (without api_key)."""
+    respondent, value = RESPONDENT_FACET[req.route], VALUE_FACET[req.route]
+    values = req.facet_values or (REGION_TYPE_CODES if req.route == ROUTE_REGION else ())
+    facets: dict[str, list[str]] = {respondent: list(req.respondents)}
+    if values:
+        facets[value] = list(values)
+    return {
+        "frequency": "hourly",
+        "data": ["value"],
+        "facets": facets,
+        "start": format_period(req.start),
+        "end": format_period(req.end),
+        "sort": [{"column": col, "direction": "asc"} for col in ("period", respondent, value)],
+        "offset": str(offset),
+        "length": str(length),
+    }
+
+
+def query_items(params: dict) -> list[tuple[str, str]]:
+    """Flatten :func:`request_params` into EIA's bracketed query parameters, in order."""
+    items = [("frequency", params["frequency"])]
+    items += [(f"data[{i}]", col) for i, col in enumerate(params["data"])]
+    for facet, values in params["facets"].items():
+        items += [(f"facets[{facet}][]", v) for v in values]
+    items += [("start", params["start"]), ("end", params["end"])]
+    for i, sort in enumerate(params["sort"]):
+        items += [
+            (f"sort[{i}][column]", sort["column"]),
+            (f"sort[{i}][direction]", sort["direction"]),
+        ]
+    items += [("offset", params["offset"]), ("length", params["length"])]
+    return items
+
+
+def format_period(when: datetime) -> str:
+    """An aware datetime as EIA's hourly UTC period, ``YYYY-MM-DDTHH``."""
+    return when.astimezone(UTC).strftime(PERIOD_FORMAT)
+
+
+def error_of(doc: Any) -> tuple[str | int | None, str] | None:
+    """``(code, message)`` from either EIA error envelope, or None when there is no error."""
+    if not isinstance(doc, dict) or not doc.get("error"):
+        return None
+    error = doc["error"]
+    if isinstance(error, dict):
+        return error.get("code"), str(error.get("message") or error)
+    return doc.get("code"), str(error)
+
+
+def is_fatal_error(status: int, code: str | int | None) -> bool:
+    """Whether an error envelope means "stop": bad key, bad parameter, unknown route."""
+    if isinstance(code, str) and code in KEY_ERROR_CODES:
+        return True
+    number = _as_int(code)
+    if number is not None and 400 <= number < 600:
+        return 400 <= number < 500 and number not in _TRANSIENT_STATUS
+    return not (status >= 500 or status in _TRANSIENT_STATUS)
+
+
+def parse_body(doc: Any, where: str) -> tuple[list[dict], int]:
+    """``(response.data, int(response.total))`` of a 200 body; SourceFatalError if malformed."""
+    response = doc.get("response") if isinstance(doc, dict) else None
+    if not isinstance(response, dict):
+        raise SourceFatalError(f"{where}: body has no 'response' object")
+    rows = response.get("data")
+    if not isinstance(rows, list):
+        raise SourceFatalError(f"{where}: response.data is missing or not a list")
+    total = _as_int(response.get("total"))
+    if total is None or total < 0:
+        raise SourceFatalError(
+            f"{where}: response.total {response.get('total')!r} is not an integer"
+        )
+    if not all(isinstance(row, dict) for row in rows):
+        raise SourceFatalError(f"{where}: response.data holds a row that is not an object")
+    return rows, total
+
+
+def strip_api_key(doc: Any) -> dict:
+    """Remove the echoed ``request.params.api_key`` in place; return the remaining params."""
+    request = doc.get("request") if isinstance(doc, dict) else None
+    params = request.get("params") if isinstance(request, dict) else None
+    if not isinstance(params, dict):
+        return {}
+    params.pop("api_key", None)
+    return params
+
+
+def iter_replay_pages(directory: Path) -> Iterator[EIAPage]:
+    """Yield saved EIA v2 response bodies (``*.json`` under ``directory``, by sorted path).
+
+    The route comes from each body's ``request.command``; ``*.http-meta.json`` files are
+    skipped. Every file is one complete request (``last=True``); ``page_no`` is its index.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SourceFatalError(f"replay directory {directory} does not exist")
+    files = [p for p in directory.rglob("*.json") if not p.name.endswith(".http-meta.json")]
+    files.sort(key=lambda p: p.relative_to(directory).as_posix())
+    for page_no, path in enumerate(files):
+        yield read_replay_page(path, page_no)
+
+
+def read_replay_page(path: Path, page_no: int = 0) -> EIAPage:
+    """One saved response body as an :class:`EIAPage`; SourceFatalError naming the file."""
+    where = f"replay file {path}"
+    try:
+        doc = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise SourceFatalError(f"{where}: not valid JSON/UTF-8: {exc}") from None
+    except OSError as exc:
+        raise SourceFatalError(f"{where}: cannot be read: {exc}") from None
+    route = route_of_command(doc)
+    if route is None:
+        raise SourceFatalError(f"{where}: no request.command naming an EIA-930 route")
+    rows, total = parse_body(doc, where)
+    params = strip_api_key(doc)
+    return EIAPage(
+        route=route,
+        page_no=page_no,
+        offset=_as_int(params.get("offset")) or 0,
+        total=total,
+        rows=rows,
+        body=orjson.dumps(doc),
+        params=params,
+        url=path.resolve().as_uri(),
+        last=True,
+    )
+
+
+def route_of_command(doc: Any) -> str | None:
+    """The route of ``request.command`` (``/v2/<route>/data/``) if it is a known one."""
+    request = doc.get("request") if isinstance(doc, dict) else None
+    command = request.get("command") if isinstance(request, dict) else None
+    match = _COMMAND.match(command) if isinstance(command, str) else None
+    route = match.group("route") if match else None
+    return route if route in ROUTES else None
+
+
+def _loads(content: bytes) -> Any:
+    try:
+        return orjson.loads(content) if content else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _row_count(doc: Any) -> int | None:
+    response = doc.get("response") if isinstance(doc, dict) else None
+    data = response.get("data") if isinstance(response, dict) else None
+    return len(data) if isinstance(data, list) else None
+
+
+def _snippet(content: bytes) -> str:
+    text = " ".join(content[:_SNIPPET].decode("utf-8", "replace").split())
+    return repr(text + ("..." if len(content) > _SNIPPET else ""))
+
+
+def _log_warnings(doc: dict, where: str) -> None:
+    warnings = doc["response"].get("warnings") or []
+    for warning in warnings if isinstance(warnings, list) else [warnings]:
+        name = warning.get("warning") if isinstance(warning, dict) else warning
+        if name != INCOMPLETE_RETURN:
+            log.warning("eia warning where=%s warning=%s", _quoted(where), _quoted(str(warning)))
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    wait = state.next_action.sleep if state.next_action else 0.0
+    log.warning(
+        "eia retry attempt=%d wait=%.1fs error=%s", state.attempt_number, wait, _quoted(str(exc))
+    )
+
+
+def _warn_silent_respondents(req: EIARequest, seen: set[str]) -> None:
+    silent = sorted(set(req.respondents) - seen)
+    if silent:
+        log.warning(
+            "eia no rows for respondents (wrong code, or not published yet) "
+            "route=%s start=%s end=%s respondents=%s",
+            req.route,
+            format_period(req.start),
+            format_period(req.end),
+            ",".join(silent),
+        )
+
+
+def _quoted(text: str) -> str:
+    """A value for ``key=value`` log lines: JSON-quoted, secrets redacted."""
+    return json.dumps(redact(text))
+
+
+def guard_http_logs() -> None:
+    """Redact httpx's own request log lines, which carry the full URL (and so the key)."""
+    logger = logging.getLogger("httpx")
+    if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+        logger.addFilter(RedactingFilter())
