@@ -18,6 +18,7 @@ from typing import Any
 
 from outbox import eia as eia_mod
 from outbox.config import Config, RetryConfig
+from outbox.crash import crashpoint
 from outbox.errors import (
     BatchRejectedError,
     OutboxError,
@@ -243,6 +244,7 @@ class Fetcher:
         seen: dict[str, str] = {}
         datasets = {s.dataset for s in window.streams}
         for page in client.iter_pages(req):
+            crashpoint("fetch.page_fetched")
             self.result.requests += 1
             norm = self._normalize(page, (window.start, window.end), req.respondents, datasets)
             for key, ts in norm.stream_max.items():
@@ -255,6 +257,7 @@ class Fetcher:
     def stage_replay(self, directory: Path) -> None:
         """Stage every saved EIA response under ``directory`` (the route from each body)."""
         for page in eia_mod.iter_replay_pages(directory):
+            crashpoint("fetch.page_fetched")
             respondents = _param_list(page.params, ("respondent", "fromba"))
             norm = self._normalize(page, None, respondents or None, None)
             updates = []
@@ -559,7 +562,9 @@ class Sender:
 
         self.result.batches += 1
         self.result.sent += len(rows)
-        return call_with_retry(self.policy, attempt, sleep=self.sleep)
+        outcome = call_with_retry(self.policy, attempt, sleep=self.sleep)
+        crashpoint("send.after_post")
+        return outcome
 
     def _wire(self, r: Claimed) -> dict[str, Any]:
         obs = {
@@ -688,6 +693,7 @@ def _drain(
         if not rows:
             break
         rounds += 1
+        crashpoint("send.after_claim")
         try:
             sender.deliver(rows)
         except SinkTransientError as exc:

@@ -52,6 +52,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DatabaseError, OperationalError
 
+from outbox.crash import crashpoint
 from outbox.errors import StoreError
 from outbox.redact import redact
 from outbox.timeutil import now_ts
@@ -504,6 +505,7 @@ class Store:
 
             cur.executemany(_UPSERT, params())
             written = max(cur.rowcount, 0)
+            crashpoint("stage.rows_written")
             if page is not None and written:
                 cur.execute(
                     "INSERT INTO pages (id, run_id, route, params, url, page_no, page_offset,"
@@ -532,6 +534,7 @@ class Store:
                 ],
             )
             cur.close()
+            crashpoint("stage.before_commit")
         return StageResult(written=written, page_id=page_id if written else None, offered=offered)
 
     def watermarks(self) -> dict[str, str]:
@@ -589,6 +592,7 @@ class Store:
                 ((code, redact(msg), k[0], k[1], k[2]) for k, code, msg in rejected),
             )
             ok = self._executemany(conn, _ACK, ((now, k[0], k[1], k[2]) for k in acked))
+            crashpoint("settle.before_commit")
         return ok, dead
 
     def defer(

@@ -1,0 +1,33 @@
+"""Named crash points for durability tests (a test hook, inert unless asked for).
+
+With ``OUTBOX_CRASH_AT=<name>`` in the environment the process SIGKILLs itself the
+``OUTBOX_CRASH_AFTER``-th time (default 1st) it reaches :func:`crashpoint` ``name``,
+so tests can kill at exact places (after the 2xx, before the ack commit, ...)
+rather than only at random times. Points:
+
+* ``fetch.page_fetched``        a page is in memory, nothing of it staged
+* ``stage.rows_written``        rows upserted inside the open transaction
+* ``stage.before_commit``       rows, page and watermark written, not committed
+* ``send.after_claim``          a batch is claimed, nothing posted
+* ``send.after_post``           GridPulse answered 2xx, nothing recorded
+* ``settle.before_commit``      acks written inside the open transaction
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_POINT = os.environ.get("OUTBOX_CRASH_AT") or None
+_AFTER = int(os.environ.get("OUTBOX_CRASH_AFTER", "1") or 1)
+_seen = 0
+
+
+def crashpoint(name: str) -> None:
+    """SIGKILL this process if the environment asked for a crash at ``name``."""
+    global _seen
+    if _POINT != name:
+        return
+    _seen += 1
+    if _seen >= _AFTER:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,257 @@
+"""The fetch stage end to end: replay, the stand-in EIA server, revisions, kills."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+from outbox.config import Config
+from outbox.normalize import revision_of
+from outbox.pipeline import run_fetch
+from outbox.store import Key, Store
+from outbox.testing import sample_dir
+from outbox.testing.fake_eia import FakeEIA
+from outbox.testing.synth import ROUTES, make_rows, read_rows, write_pages
+
+KEY = "eia-test-key-0123456789"
+ROW_FIELDS = (
+    "series_id, ts, value, units, quality_flag, revision, page_id, page_row, state, attempts,"
+    " acked_revision"
+)
+
+
+def snapshot(db: Path) -> list[tuple]:
+    """Every observation row, minus the fetch timestamps (they are wall-clock)."""
+    con = sqlite3.connect(db)
+    rows = con.execute(f"SELECT {ROW_FIELDS} FROM observations ORDER BY series_id, ts").fetchall()
+    con.close()
+    return rows
+
+
+def tables(db: Path) -> dict[str, list[tuple]]:
+    con = sqlite3.connect(db)
+    out = {
+        "observations": con.execute("SELECT * FROM observations ORDER BY 1, 2").fetchall(),
+        "pages": con.execute("SELECT id, body FROM pages ORDER BY id").fetchall(),
+        "watermarks": con.execute("SELECT * FROM watermarks ORDER BY 1").fetchall(),
+        "series": con.execute("SELECT * FROM series ORDER BY 1").fetchall(),
+    }
+    con.close()
+    return out
+
+
+def outbox_cmd(*args: str, env: dict[str, str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "outbox", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kw,
+    )
+
+
+def test_replay_of_sample_then_again_writes_nothing(store: Store, db_path: Path) -> None:
+    config = Config()
+    first = run_fetch(config, store, replay=sample_dir())
+    expected = sum(len(v) for v in read_rows(sample_dir()).values())
+    assert first.rows == expected == 2376 and first.written == expected
+    assert first.pages == 3 and sum(first.invalid.values()) == 0
+    before = tables(db_path)
+    with store.read() as conn:
+        changes = store.total_changes(conn)
+    again = run_fetch(config, store, replay=sample_dir())
+    assert again.written == 0 and again.rows == expected
+    assert tables(db_path) == before
+    with store.read() as conn:
+        # The only writes of the second run are its own `runs` row (insert + finish).
+        assert store.total_changes(conn) - changes == 2
+    ids = {r[0] for r in before["series"]}
+    assert {
+        "EIA.PJM.demand",
+        "EIA.CAISO.demand_forecast",
+        "EIA.ERCOT.net_generation",
+        "EIA.SPP.interchange",
+        "EIA.CAISO.generation.solar",
+    } <= ids
+    assert any(i.startswith("EIA.PJM.interchange.") for i in ids)
+    marks = dict((r[0], r[4]) for r in before["watermarks"])
+    assert marks["demand:PJM"] == "2025-08-21T23:00:00Z"
+
+
+def test_revised_value_in_one_page_puts_exactly_that_row_back(store: Store, tmp_path: Path) -> None:
+    rows = make_rows(ROUTES[0], ["PJM", "CISO"], datetime(2025, 8, 21, tzinfo=UTC), 24)
+    first = tmp_path / "v1"
+    write_pages(first, ROUTES[0], rows)
+    run_fetch(Config(), store, replay=first)
+    store.ack([Key(c.series_id, c.ts, c.revision) for c in store.claim(10_000)])
+    target = next(
+        r
+        for r in rows
+        if r["respondent"] == "CISO" and r["type"] == "D" and r["period"] == "2025-08-21T13"
+    )
+    target["value"] = str(int(target["value"]) + 250)
+    second = tmp_path / "v2"
+    write_pages(second, ROUTES[0], rows)
+    result = run_fetch(Config(), store, replay=second)
+    assert result.written == 1
+    pending = store.claim(10_000)
+    assert [(c.series_id, c.ts, c.value) for c in pending] == [
+        ("EIA.CAISO.demand", "2025-08-21T13:00:00Z", float(target["value"]))
+    ]
+    assert pending[0].revision == revision_of(float(target["value"]), "good", "MW")
+
+
+def test_fetch_subprocess_against_stand_in_eia(tmp_path: Path) -> None:
+    rows = read_rows(sample_dir())
+    db = tmp_path / "live.db"
+    with FakeEIA(rows, api_key=KEY) as fake:
+        base = fake.start()
+        env = {
+            "OUTBOX_DB": str(db),
+            "EIA_BASE_URL": base,
+            "EIA_API_KEY": KEY,
+            "OUTBOX__EIA__HISTORY_START": "2025-08-20T00:00:00Z",
+            "OUTBOX__EIA__BACKFILL_CHUNK_HOURS": "20000",
+            "OUTBOX__EIA__PAGE_LENGTH": "400",
+            "OUTBOX__EIA__MAX_REQUESTS_PER_SECOND": "5",
+        }
+        done = outbox_cmd("-v", "fetch", env=env)
+        assert done.returncode == 0, done.stderr
+        requests = [unquote(r) for r in fake.requests]
+    assert KEY not in done.stdout + done.stderr
+    assert "api_key=***" in done.stderr  # URLs are logged, redacted
+    # One request sequence per route, paged by 400 rows: ceil(480/400)+ceil(984/400)+ceil(912/400)
+    assert len(requests) == 2 + 3 + 3
+    assert all(
+        "facets[respondent][]=PJM" in r or "facets[fromba][]=PJM" in r
+        for r in (requests[0], requests[2], requests[5])
+    )
+    staged = snapshot(db)
+    assert len(staged) == 2376
+    with Store.open(db) as store:
+        replayed_db = tmp_path / "replay.db"
+        with Store.open(replayed_db) as other:
+            run_fetch(Config(), other, replay=sample_dir())
+        live = {(r[0], r[1]): r[2:6] for r in staged}
+        replayed = {(r[0], r[1]): r[2:6] for r in snapshot(replayed_db)}
+        assert live == replayed
+        marks = store.watermarks()
+    assert marks["demand:PJM"] == "2025-08-21T23:00:00Z"
+    assert marks["ba_interchange:SWPP"] == "2025-08-21T23:00:00Z"
+    for part in (db, Path(f"{db}-wal")):
+        assert not part.exists() or KEY.encode() not in part.read_bytes()
+
+
+def test_watermarks_never_ahead_of_staged_rows(store: Store, db_path: Path) -> None:
+    run_fetch(Config(), store, replay=sample_dir())
+    assert watermark_violations(db_path) == []
+
+
+def watermark_violations(db: Path) -> list[str]:
+    """Streams whose watermark is ahead of the newest row staged for them."""
+    con = sqlite3.connect(db)
+    bad = []
+    for stream, dataset, respondent, last_ts in con.execute(
+        "SELECT stream, dataset, respondent, last_ts FROM watermarks"
+    ):
+        facets_like = f'%"{respondent}"%'
+        newest = con.execute(
+            "SELECT max(o.ts) FROM observations o JOIN series s USING (series_id)"
+            " WHERE s.facets LIKE ? AND s.type = ?",
+            (facets_like, _type_of(dataset)),
+        ).fetchone()[0]
+        if newest is None or newest < last_ts:
+            bad.append(f"{stream}: watermark {last_ts} > newest staged {newest}")
+    con.close()
+    return bad
+
+
+def _type_of(dataset: str) -> str:
+    return {"ba_interchange": "interchange", "generation": "generation"}.get(dataset, dataset)
+
+
+@pytest.fixture(scope="module")
+def big_replay(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 47,500 rows in 96 pages of 500: long enough to be killed mid-way."""
+    out = tmp_path_factory.mktemp("replay")
+    start = datetime(2025, 6, 1, tzinfo=UTC)
+    bas = ["PJM", "CISO", "MISO", "ERCO", "SWPP"]
+    for route in ROUTES:
+        write_pages(
+            out / route.rsplit("/", 1)[-1], route, make_rows(route, bas, start, 480), page_length=500
+        )
+    return out
+
+
+def test_sigkill_replay_at_random_points_then_rerun_equals_clean_run(
+    tmp_path: Path, big_replay: Path
+) -> None:
+    clean = tmp_path / "clean.db"
+    done = outbox_cmd("fetch", "--replay", str(big_replay), env={"OUTBOX_DB": str(clean)})
+    assert done.returncode == 0, done.stderr
+    expected = snapshot(clean)
+    assert len(expected) > 40_000
+
+    rng = random.Random(20261121)
+    trials = int(os.environ.get("OUTBOX_KILL_TRIALS", "20"))
+    kills = 0
+    for trial in range(trials):
+        db = tmp_path / f"kill{trial % 4}.db"  # four outboxes, each killed repeatedly
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "outbox", "fetch", "--replay", str(big_replay)],
+            env={**os.environ, "OUTBOX_DB": str(db)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(0.6, 3.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(30)
+        if db.exists():
+            con = sqlite3.connect(db)
+            assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            con.close()
+            assert watermark_violations(db) == []
+    assert kills >= trials // 2, "most trials must actually kill mid-run"
+    for n in range(min(trials, 4)):
+        db = tmp_path / f"kill{n}.db"
+        rerun = outbox_cmd("fetch", "--replay", str(big_replay), env={"OUTBOX_DB": str(db)})
+        assert rerun.returncode == 0, rerun.stderr
+        assert snapshot(db) == expected
+
+
+@pytest.mark.parametrize(
+    "point", ["fetch.page_fetched", "stage.rows_written", "stage.before_commit"]
+)
+def test_sigkill_at_named_points(tmp_path: Path, big_replay: Path, point: str) -> None:
+    clean = tmp_path / "clean.db"
+    assert (
+        outbox_cmd("fetch", "--replay", str(big_replay), env={"OUTBOX_DB": str(clean)}).returncode
+        == 0
+    )
+    db = tmp_path / "crash.db"
+    crashed = outbox_cmd(
+        "fetch",
+        "--replay",
+        str(big_replay),
+        env={"OUTBOX_DB": str(db), "OUTBOX_CRASH_AT": point, "OUTBOX_CRASH_AFTER": "7"},
+    )
+    assert crashed.returncode == -signal.SIGKILL
+    partial = snapshot(db)
+    assert len(partial) == 6 * 500  # exactly the six committed pages survive
+    assert watermark_violations(db) == []
+    rerun = outbox_cmd("fetch", "--replay", str(big_replay), env={"OUTBOX_DB": str(db)})
+    assert rerun.returncode == 0, rerun.stderr
+    assert snapshot(db) == snapshot(clean)

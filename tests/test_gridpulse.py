@@ -1,0 +1,472 @@
+"""GridPulseClient against respx with strict routing: every status, header and shape."""
+
+from __future__ import annotations
+
+import gzip
+import statistics
+import time
+import zlib
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from email.utils import format_datetime
+from types import MappingProxyType
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import respx
+
+from outbox import USER_AGENT
+from outbox.errors import (
+    BatchRejectedError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    SinkAuthError,
+    SinkConflictError,
+    SinkError,
+    SinkTransientError,
+    TerminalError,
+    TransientError,
+)
+from outbox.gridpulse import (
+    WIRE_FIELDS,
+    GridPulseClient,
+    IngestResult,
+    Rejection,
+    batch_id_of,
+    encode_batch,
+)
+
+BASE = "https://gridpulse.test"
+KEY = "gp-secret-key-123456"
+INGEST = "/api/v1/data/observations"
+
+
+def observation(i: int = 0, **overrides: Any) -> dict[str, Any]:
+    """A wire observation for EIA.PJM.demand at hour ``i`` after 2025-08-22T00Z."""
+    ts = (datetime(2025, 8, 22, tzinfo=UTC) + timedelta(hours=i)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    row = {
+        "series_id": "EIA.PJM.demand",
+        "ba": "PJM",
+        "type": "demand",
+        "subtype": None,
+        "units": "MW",
+        "ts": ts,
+        "value": 95000.0 + i,
+        "quality_flag": "good",
+        "revision": f"rev{i:04d}",
+    }
+    row.update(overrides)
+    return row
+
+
+def batch(n: int = 3) -> tuple[str, bytes, list[dict[str, Any]]]:
+    rows = [observation(i) for i in range(n)]
+    batch_id = batch_id_of((r["series_id"], r["ts"], r["revision"]) for r in rows)
+    return batch_id, encode_batch(batch_id, rows), rows
+
+
+def error_json(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": {}}}
+
+
+@pytest.fixture
+def router() -> Iterator[respx.MockRouter]:
+    with respx.mock(base_url=BASE, assert_all_called=True, assert_all_mocked=True) as mock:
+        yield mock
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=5.0) as client:
+        yield client
+
+
+@pytest.fixture
+def client(http: httpx.Client) -> GridPulseClient:
+    return GridPulseClient(http, BASE + "/", KEY)
+
+
+# -- batch ids and encoding ------------------------------------------------------------
+
+
+def test_batch_id_is_stable_for_the_same_keys() -> None:
+    keys = [("EIA.PJM.demand", "2025-08-22T14:00:00Z", "r1"), ("EIA.SPP.demand", "x", "r2")]
+    first = batch_id_of(keys)
+    assert first == batch_id_of(iter(list(keys)))
+    assert len(first) == 32 and int(first, 16) >= 0
+
+
+def test_batch_id_changes_with_revision_and_order() -> None:
+    keys = [("EIA.PJM.demand", "2025-08-22T14:00:00Z", "r1"), ("EIA.SPP.demand", "x", "r2")]
+    revised = [keys[0], ("EIA.SPP.demand", "x", "r3")]
+    assert batch_id_of(keys) != batch_id_of(revised)
+    assert batch_id_of(keys) != batch_id_of(reversed(keys))
+    # no ambiguity from concatenation
+    assert batch_id_of([("a.b", "c", "d")]) != batch_id_of([("a", "b.c", "d")])
+
+
+def test_encode_batch_has_the_exact_contract_shape() -> None:
+    rows = [observation(0), observation(1, source_data={"period": "2025-08-22T01"})]
+    rows[0]["internal_id"] = 7  # not a wire field: dropped
+    body = orjson.loads(encode_batch("b1", rows))
+    assert list(body) == ["batch_id", "source", "observations"]
+    assert body["batch_id"] == "b1" and body["source"] == "eia-930"
+    first, second = body["observations"]
+    assert list(first) == list(WIRE_FIELDS)
+    assert first == {k: observation(0)[k] for k in WIRE_FIELDS}
+    assert second["source_data"] == {"period": "2025-08-22T01"}
+
+
+def test_encode_batch_accepts_any_mapping_and_decimal() -> None:
+    row = MappingProxyType(observation(0, value=Decimal("12.5"), source_data=None))
+    body = orjson.loads(encode_batch("b", [row], source="replay"))
+    assert body["source"] == "replay"
+    assert body["observations"][0]["value"] == 12.5
+    assert "source_data" not in body["observations"][0]
+
+
+def test_encode_batch_refuses_a_row_without_a_wire_field() -> None:
+    row = observation(0)
+    del row["revision"]
+    with pytest.raises(ValueError, match="revision"):
+        encode_batch("b", [row])
+
+
+def test_encode_and_gzip_5000_rows_is_fast() -> None:
+    rows = [observation(i) for i in range(5000)]
+    timings = []
+    for _ in range(5):
+        started = time.perf_counter()
+        body = encode_batch("b", rows)
+        compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
+        compressor.compress(body) + compressor.flush()
+        timings.append(time.perf_counter() - started)
+    # a few ms on a 2-core machine; the bound leaves room for a noisy CI neighbour
+    assert statistics.median(timings) < 0.1
+
+
+# -- post_batch ----------------------------------------------------------------------------
+
+
+def test_post_batch_sends_gzip_json_with_headers(
+    router: respx.MockRouter, client: GridPulseClient
+) -> None:
+    batch_id, body, rows = batch(3)
+    route = router.post(INGEST).respond(
+        200, json={"batch_id": batch_id, "accepted": 3, "rejected": []}
+    )
+    result = client.post_batch(batch_id, body)
+    assert result == IngestResult(batch_id, 3, ())
+    request = route.calls.last.request
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["content-encoding"] == "gzip"
+    assert request.headers["idempotency-key"] == batch_id
+    assert request.headers["authorization"] == f"Bearer {KEY}"
+    assert request.headers["user-agent"] == USER_AGENT
+    decoded = orjson.loads(gzip.decompress(request.content))
+    assert decoded == {"batch_id": batch_id, "source": "eia-930", "observations": rows}
+    assert client.bytes_sent == len(request.content) < len(body)
+
+
+def test_post_batch_without_gzip(router: respx.MockRouter, http: httpx.Client) -> None:
+    batch_id, body, _ = batch(1)
+    route = router.post(INGEST).respond(
+        200, json={"batch_id": batch_id, "accepted": 1, "rejected": []}
+    )
+    GridPulseClient(http, BASE, KEY, gzip=False).post_batch(batch_id, body)
+    request = route.calls.last.request
+    assert "content-encoding" not in request.headers
+    assert request.content == body
+
+
+def test_post_batch_returns_rejections(router: respx.MockRouter, client: GridPulseClient) -> None:
+    batch_id, body, _ = batch(3)
+    rejected = {
+        "index": 1,
+        "series_id": "EIA.PJM.demand",
+        "ts": "2025-08-22T01:00:00Z",
+        "code": "VALUE_OUT_OF_RANGE",
+        "message": "value -5 below 0 for demand",
+    }
+    router.post(INGEST).respond(
+        200, json={"batch_id": batch_id, "accepted": 2, "rejected": [rejected]}
+    )
+    result = client.post_batch(batch_id, body)
+    assert result.accepted == 2
+    assert result.rejected == (Rejection(**rejected),)
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "marker"),
+    [
+        (400, BatchRejectedError, TerminalError),
+        (422, BatchRejectedError, TerminalError),
+        (401, SinkAuthError, TerminalError),
+        (403, SinkAuthError, TerminalError),
+        (409, SinkConflictError, TerminalError),
+        (413, PayloadTooLargeError, TerminalError),
+        (429, RateLimitedError, TransientError),
+        (500, SinkTransientError, TransientError),
+        (502, SinkTransientError, TransientError),
+        (503, SinkTransientError, TransientError),
+    ],
+)
+def test_post_batch_maps_status_to_error(
+    router: respx.MockRouter,
+    client: GridPulseClient,
+    status: int,
+    error: type[Exception],
+    marker: type[Exception],
+) -> None:
+    batch_id, body, _ = batch(2)
+    # a server that echoes the key must not make it leak into our messages
+    router.post(INGEST).respond(
+        status, json=error_json("SOME_CODE", f"told {KEY} and Bearer {KEY}")
+    )
+    with pytest.raises(error) as caught:
+        client.post_batch(batch_id, body)
+    assert isinstance(caught.value, marker)
+    assert getattr(caught.value, "status", status) == status
+    text = str(caught.value)
+    assert str(status) in text and "SOME_CODE" in text and "told" in text
+    assert KEY not in text and KEY not in repr(caught.value)
+
+
+def test_batch_rejected_error_carries_status_and_code(
+    router: respx.MockRouter, client: GridPulseClient
+) -> None:
+    batch_id, body, _ = batch(2)
+    router.post(INGEST).respond(422, json=error_json("INVALID_OBSERVATION", "row 1 lacks ts"))
+    with pytest.raises(BatchRejectedError) as caught:
+        client.post_batch(batch_id, body)
+    assert (caught.value.status, caught.value.code) == (422, "INVALID_OBSERVATION")
+    assert "row 1 lacks ts" in str(caught.value)
+
+
+def test_auth_error_has_the_server_message(
+    router: respx.MockRouter, client: GridPulseClient
+) -> None:
+    batch_id, body, _ = batch(1)
+    router.post(INGEST).respond(401, json=error_json("UNAUTHORIZED", "missing or wrong key"))
+    with pytest.raises(SinkAuthError, match="missing or wrong key"):
+        client.post_batch(batch_id, body)
+
+
+def test_429_with_retry_after_seconds(router: respx.MockRouter, client: GridPulseClient) -> None:
+    batch_id, body, _ = batch(1)
+    router.post(INGEST).respond(
+        429, headers={"Retry-After": "7"}, json=error_json("RATE_LIMITED", "slow down")
+    )
+    with pytest.raises(RateLimitedError) as caught:
+        client.post_batch(batch_id, body)
+    assert caught.value.retry_after == 7.0
+
+
+def test_429_with_retry_after_http_date(router: respx.MockRouter, client: GridPulseClient) -> None:
+    batch_id, body, _ = batch(1)
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    router.post(INGEST).respond(429, headers={"Retry-After": when}, text="slow down")
+    with pytest.raises(RateLimitedError) as caught:
+        client.post_batch(batch_id, body)
+    assert 20.0 < caught.value.retry_after <= 30.0
+
+
+def test_503_carries_retry_after(router: respx.MockRouter, client: GridPulseClient) -> None:
+    batch_id, body, _ = batch(1)
+    router.post(INGEST).respond(
+        503, headers={"Retry-After": "5"}, json=error_json("UNAVAILABLE", "down")
+    )
+    with pytest.raises(SinkTransientError) as caught:
+        client.post_batch(batch_id, body)
+    assert type(caught.value) is SinkTransientError and caught.value.retry_after == 5.0
+
+
+def test_500_without_envelope_is_transient(
+    router: respx.MockRouter, client: GridPulseClient
+) -> None:
+    batch_id, body, _ = batch(1)
+    router.post(INGEST).respond(500, text="<html>Internal Server Error</html>")
+    with pytest.raises(SinkTransientError, match="500") as caught:
+        client.post_batch(batch_id, body)
+    assert caught.value.retry_after is None
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        httpx.ReadTimeout("timed out"),
+        httpx.ConnectTimeout("timed out"),
+        httpx.ConnectError(f"refused; Authorization: Bearer {KEY}"),
+        httpx.RemoteProtocolError(f"peer closed connection ({KEY})"),
+    ],
+)
+def test_transport_failures_are_transient(
+    router: respx.MockRouter, client: GridPulseClient, failure: Exception
+) -> None:
+    batch_id, body, _ = batch(1)
+    router.post(INGEST).mock(side_effect=failure)
+    with pytest.raises(SinkTransientError) as caught:
+        client.post_batch(batch_id, body)
+    assert caught.value.status is None
+    assert KEY not in str(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_timeout_message_names_the_request(
+    router: respx.MockRouter, client: GridPulseClient
+) -> None:
+    batch_id, body, _ = batch(1)
+    router.post(INGEST).mock(side_effect=httpx.ReadTimeout("timed out"))
+    with pytest.raises(SinkTransientError, match="timed out on POST /api/v1/data/observations"):
+        client.post_batch(batch_id, body)
+
+
+def test_non_json_200_is_transient(router: respx.MockRouter, client: GridPulseClient) -> None:
+    batch_id, body, _ = batch(1)
+    router.post(INGEST).respond(200, text="<html>captive portal</html>")
+    with pytest.raises(SinkTransientError, match="not JSON") as caught:
+        client.post_batch(batch_id, body)
+    assert caught.value.status == 200
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        [],
+        {"batch_id": "x", "accepted": 1},
+        {"batch_id": "x", "accepted": -1, "rejected": []},
+        {"batch_id": "x", "accepted": True, "rejected": []},
+        {"batch_id": "x", "accepted": 1, "rejected": [{"index": 0}]},
+    ],
+)
+def test_200_with_wrong_shape_is_transient(
+    router: respx.MockRouter, client: GridPulseClient, payload: Any
+) -> None:
+    router.post(INGEST).respond(200, json=payload)
+    with pytest.raises(SinkTransientError):
+        client.post_batch("x", encode_batch("x", [observation(0)]))
+
+
+def test_200_for_another_batch_is_transient(
+    router: respx.MockRouter, client: GridPulseClient
+) -> None:
+    batch_id, body, _ = batch(1)
+    router.post(INGEST).respond(200, json={"batch_id": "other", "accepted": 1, "rejected": []})
+    with pytest.raises(SinkTransientError, match="other"):
+        client.post_batch(batch_id, body)
+
+
+def test_unexpected_status_is_an_unmarked_sink_error(
+    router: respx.MockRouter, client: GridPulseClient
+) -> None:
+    batch_id, body, _ = batch(1)
+    router.post(INGEST).respond(404, json=error_json("NOT_FOUND", "no such route"))
+    with pytest.raises(SinkError) as caught:
+        client.post_batch(batch_id, body)
+    assert not isinstance(caught.value, TransientError | TerminalError)
+
+
+def test_bytes_sent_counts_failed_attempts(
+    router: respx.MockRouter, client: GridPulseClient
+) -> None:
+    batch_id, body, _ = batch(2)
+    router.post(INGEST).mock(
+        side_effect=[
+            httpx.Response(503, json=error_json("UNAVAILABLE", "down")),
+            httpx.Response(200, json={"batch_id": batch_id, "accepted": 2, "rejected": []}),
+        ]
+    )
+    with pytest.raises(SinkTransientError):
+        client.post_batch(batch_id, body)
+    client.post_batch(batch_id, body)
+    assert client.bytes_sent == 2 * len(gzip.compress(body, 1, mtime=0))
+
+
+# -- read endpoints ------------------------------------------------------------------------
+
+
+def test_auth_worker(router: respx.MockRouter, client: GridPulseClient) -> None:
+    answer = {"worker_id": "w1", "authenticated": True, "server_time": "2025-08-22T14:00:01Z"}
+    route = router.post("/api/v1/auth/worker").respond(200, json=answer)
+    assert client.auth_worker("w1") == answer
+    request = route.calls.last.request
+    assert orjson.loads(request.content) == {"worker_id": "w1"}
+    assert request.headers["authorization"] == f"Bearer {KEY}"
+
+
+def test_auth_worker_refused(router: respx.MockRouter, client: GridPulseClient) -> None:
+    router.post("/api/v1/auth/worker").respond(401, json=error_json("UNAUTHORIZED", "bad key"))
+    with pytest.raises(SinkAuthError, match="bad key"):
+        client.auth_worker("w1")
+
+
+def test_latest(router: respx.MockRouter, client: GridPulseClient) -> None:
+    router.get("/api/v1/data/series/EIA.PJM.demand/latest").respond(
+        200,
+        json={"series_id": "EIA.PJM.demand", "latest_ts": "2025-08-22T14:00:00Z", "revision": "r"},
+    )
+    router.get("/api/v1/data/series/EIA.SPP.demand/latest").respond(
+        200, json={"series_id": "EIA.SPP.demand", "latest_ts": None, "revision": None}
+    )
+    router.get("/api/v1/data/series/EIA.X.demand/latest").respond(
+        404, json=error_json("UNKNOWN_SERIES", "unknown")
+    )
+    assert client.latest("EIA.PJM.demand") == ("2025-08-22T14:00:00Z", "r")
+    assert client.latest("EIA.SPP.demand") == (None, None)
+    assert client.latest("EIA.X.demand") is None
+
+
+def test_latest_transient(router: respx.MockRouter, client: GridPulseClient) -> None:
+    router.get("/api/v1/data/series/EIA.PJM.demand/latest").respond(503)
+    with pytest.raises(SinkTransientError):
+        client.latest("EIA.PJM.demand")
+
+
+def test_list_series(router: respx.MockRouter, client: GridPulseClient) -> None:
+    series = [{"series_id": "EIA.PJM.demand", "count": 2, "latest_ts": "2025-08-22T01:00:00Z"}]
+    router.get("/api/v1/data/series").respond(200, json={"series": series})
+    assert client.list_series() == series
+
+
+def test_observations_follow_next(router: respx.MockRouter, client: GridPulseClient) -> None:
+    path = "/api/v1/data/series/EIA.PJM.demand/observations"
+    first = {"ts": "2025-08-22T00:00:00Z", "value": 1.0, "quality_flag": "good", "revision": "a"}
+    second = {**first, "ts": "2025-08-22T01:00:00Z"}
+    route = router.get(path).mock(
+        side_effect=[
+            httpx.Response(
+                200,
+                json={
+                    "series_id": "EIA.PJM.demand",
+                    "observations": [first],
+                    "next": second["ts"],
+                },
+            ),
+            httpx.Response(
+                200, json={"series_id": "EIA.PJM.demand", "observations": [second], "next": None}
+            ),
+        ]
+    )
+    rows = list(
+        client.observations("EIA.PJM.demand", "2025-08-22T00:00:00Z", "2025-08-23T00:00:00Z")
+    )
+    assert rows == [first, second]
+    starts = [call.request.url.params["start"] for call in route.calls]
+    assert starts == ["2025-08-22T00:00:00Z", "2025-08-22T01:00:00Z"]
+    assert {call.request.url.params["end"] for call in route.calls} == {"2025-08-23T00:00:00Z"}
+
+
+def test_health(router: respx.MockRouter, client: GridPulseClient) -> None:
+    route = router.get("/api/v1/health").mock(
+        side_effect=[
+            httpx.Response(200, json={"status": "ok"}),
+            httpx.Response(503),
+            httpx.Response(200, text="ok"),
+            httpx.ConnectError("refused"),
+        ]
+    )
+    assert [client.health() for _ in range(4)] == [True, False, False, False]
+    assert "authorization" not in route.calls[0].request.headers

@@ -1,0 +1,88 @@
+"""The receiver as a subprocess: start, ingest, read back, SIGKILL, restart, stop."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+from receiver_proc import receiver_batches, receiver_rows, running_receiver
+
+from outbox.errors import SinkTransientError
+from outbox.gridpulse import GridPulseClient, batch_id_of, encode_batch
+
+
+def observation(i: int, series_id: str = "EIA.PJM.demand", value: float = 1.0) -> dict:
+    ba, kind = series_id.split(".")[1:3]
+    return {
+        "series_id": series_id,
+        "ba": ba,
+        "type": kind,
+        "subtype": None,
+        "units": "MW",
+        "ts": f"2025-08-22T{i:02d}:00:00Z",
+        "value": value,
+        "quality_flag": "good",
+        "revision": f"r{i}-{value}",
+    }
+
+
+def send(client: GridPulseClient, rows: list[dict]):
+    batch_id = batch_id_of((r["series_id"], r["ts"], r["revision"]) for r in rows)
+    return client.post_batch(batch_id, encode_batch(batch_id, rows))
+
+
+def test_running_receiver_survives_kill_and_restart(tmp_path: Path) -> None:
+    with (
+        running_receiver(tmp_path, api_key="proc-key") as receiver,
+        httpx.Client(timeout=10.0) as http,
+    ):
+        assert receiver.base_url.startswith("http://127.0.0.1:") and receiver.port > 0
+        assert receiver.db_path == tmp_path / "receiver.db"
+        client = GridPulseClient(http, receiver.base_url, "proc-key")
+        assert client.health()
+        assert send(client, [observation(0), observation(1, "EIA.SPP.demand")]).accepted == 2
+
+        port, pid = receiver.port, receiver.pid
+        receiver.kill()
+        assert not receiver.running and receiver.proc.returncode == -signal.SIGKILL
+        with pytest.raises(SinkTransientError):
+            send(client, [observation(2)])
+
+        receiver.restart()
+        assert receiver.running and receiver.pid != pid
+        assert receiver.port == port  # the port was free again
+        assert send(client, [observation(2), observation(0, value=9.0)]).accepted == 2
+
+        assert receiver_rows(receiver.base_url, "proc-key") == {
+            ("EIA.PJM.demand", "2025-08-22T00:00:00Z"): (9.0, "good", "r0-9.0"),
+            ("EIA.PJM.demand", "2025-08-22T02:00:00Z"): (1.0, "good", "r2-1.0"),
+            ("EIA.SPP.demand", "2025-08-22T01:00:00Z"): (1.0, "good", "r1-1.0"),
+        }
+        batches = receiver_batches(receiver.db_path)
+        assert len(batches) == 2
+        assert all(b["times_seen"] == 1 and b["rows"] == 2 for b in batches.values())
+        assert "POST /api/v1/data/observations 200 rows=2" in receiver.output()
+        assert "proc-key" not in receiver.output()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it
+    assert not receiver.running and receiver.proc.returncode in (0, -signal.SIGTERM)
+
+
+def test_running_receiver_passes_faults_and_catalogue(tmp_path: Path) -> None:
+    with (
+        running_receiver(
+            tmp_path,
+            faults=["reject:ts=*T01:00:00Z:STALE"],
+            catalog="fixed",
+            seed_series=["EIA.PJM.demand"],
+        ) as receiver,
+        httpx.Client(timeout=10.0) as http,
+    ):
+        client = GridPulseClient(http, receiver.base_url, receiver.api_key)
+        result = send(client, [observation(0), observation(1), observation(2, "EIA.SPP.demand")])
+        assert result.accepted == 1
+        assert [(r.index, r.code) for r in result.rejected] == [(1, "STALE"), (2, "UNKNOWN_SERIES")]
+        assert list(receiver_rows(receiver.base_url, "test-key")) == [
+            ("EIA.PJM.demand", "2025-08-22T00:00:00Z")
+        ]
