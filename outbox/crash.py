@@ -26,7 +26,7 @@ _seen = 0
 def crashpoint(name: str) -> None:
     """SIGKILL this process if the environment asked for a crash at ``name``."""
     global _seen
-    if _POINT != name:
+    if name != _POINT:
         return
     _seen += 1
     if _seen >= _AFTER:

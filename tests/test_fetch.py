@@ -189,7 +189,10 @@ def big_replay(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bas = ["PJM", "CISO", "MISO", "ERCO", "SWPP"]
     for route in ROUTES:
         write_pages(
-            out / route.rsplit("/", 1)[-1], route, make_rows(route, bas, start, 480), page_length=500
+            out / route.rsplit("/", 1)[-1],
+            route,
+            make_rows(route, bas, start, 480),
+            page_length=500,
         )
     return out
 

@@ -132,7 +132,7 @@ def test_watermark_never_moves_back(store: Store) -> None:
 
 def test_delivered_through_with_gaps_dead_rows_and_revisions(store: Store) -> None:
     rows = [obs(PJM, h, 100.0 + h) for h in (0, 1, 2, 4, 5, 8)]  # gaps at 3, 6, 7
-    _stage(store, rows + [obs(MISO, 0)])
+    _stage(store, [*rows, obs(MISO, 0)])
     assert store.delivered_through() == {MISO: None, PJM: None}
     store.ack([_key(r) for r in rows[:3]])
     assert store.delivered_through()[PJM] == ts(2)
