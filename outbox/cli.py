@@ -362,6 +362,19 @@ def receiver(
         serve(db, host=host, port=port, api_key=key, catalog=catalog, faults=fault or ())
 
 
+@app.command()
+def demo(
+    keep: Annotated[
+        Path | None, typer.Option(help="Keep the demo's files in DIR (default: a temp dir).")
+    ] = None,
+) -> None:
+    """Run the whole job offline: bundled sample -> outbox -> reference receiver -> status."""
+    from outbox import commands
+
+    with _errors():
+        raise typer.Exit(commands.demo(keep))
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

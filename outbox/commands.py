@@ -312,3 +312,27 @@ def _duration(r: Any) -> str:
     if not r.finished_at:
         return "-"
     return f"{(parse_ts(r.finished_at) - parse_ts(r.started_at)).total_seconds():.0f}"
+
+
+def demo(keep: Path | None) -> int:
+    """``outbox demo``: fetch the sample, send it to a local receiver, show status."""
+    from rich.console import Console
+
+    from outbox import status as status_mod
+    from outbox.demo import run_demo
+
+    result = run_demo(keep, say=typer.echo)
+    Console(soft_wrap=True).print(status_mod.render_table(result.status))
+    typer.echo(
+        f"ok: the receiver holds all {result.received} observations; "
+        f"{result.acked} acknowledged in the outbox, 0 pending"
+    )
+    if not result.kept:
+        typer.echo("run `outbox demo --keep DIR` to keep the files and look inside with sqlite3")
+        return 0
+    db = result.workdir / "outbox.db"
+    typer.echo("look inside:")
+    typer.echo(f"  sqlite3 -header -column {db} 'select * from series_status limit 10'")
+    typer.echo(f"  sqlite3 {db} 'select count(*) from pending'")
+    typer.echo(f"  OUTBOX_DB={db} outbox show EIA.PJM.demand 2025-08-21T14:00:00Z")
+    return 0

@@ -764,6 +764,16 @@ class Store:
             cur.close()
         return {"pending": int(pending or 0), "dead": int(dead or 0)}
 
+    def count_state(self, state: str) -> int:
+        """Rows in ``state`` (a full count: for tests, the demo and small outboxes)."""
+        with self.read() as conn:
+            return int(
+                conn.exec_driver_sql(
+                    "SELECT count(*) FROM observations WHERE state = ?", (state,)
+                ).scalar()
+                or 0
+            )
+
     def row(self, series_id: str, ts: str) -> dict[str, Any] | None:
         """One observation with its states, or None."""
         with self.read() as conn:

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
-from receiver_proc import receiver_batches
+from outbox.testing.receiver_proc import receiver_batches
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.schema import CreateTable

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from receiver_proc import receiver_batches, receiver_rows, running_receiver
+from outbox.testing.receiver_proc import receiver_batches, receiver_rows, running_receiver
 
 from outbox.errors import SinkTransientError
 from outbox.gridpulse import GridPulseClient, batch_id_of, encode_batch
