@@ -1,0 +1,225 @@
+"""End to end with the reference receiver as a real subprocess on 127.0.0.1.
+
+fetch (replay) -> outbox -> send -> receiver, checked through the receiver's read
+endpoints against what the outbox acknowledged; outages; SIGKILLed senders; overlap.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from outbox.config import Config
+from outbox.pipeline import run_fetch
+from outbox.store import Store
+from outbox.testing import sample_dir
+from outbox.testing.receiver_proc import (
+    Receiver,
+    receiver_batches,
+    receiver_rows,
+    running_receiver,
+)
+from outbox.testing.synth import ROUTES, make_rows, write_pages
+
+KEY = "e2e-gridpulse-key-42"
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    with running_receiver(tmp_path, api_key=KEY) as r:
+        yield r
+
+
+def env_for(db: Path, receiver: Receiver, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "OUTBOX_DB": str(db),
+        "GRIDPULSE_BASE_URL": receiver.base_url,
+        "GRIDPULSE_API_KEY": KEY,
+        "OUTBOX__GRIDPULSE__RETRY__ATTEMPTS": "2",
+        "OUTBOX__GRIDPULSE__RETRY__INITIAL_BACKOFF_SECONDS": "0",
+        "OUTBOX__GRIDPULSE__RETRY__MAX_BACKOFF_SECONDS": "0",
+        **extra,
+    }
+
+
+def outbox(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "outbox", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def acked_rows(db: Path) -> dict[tuple[str, str], tuple]:
+    con = sqlite3.connect(db)
+    rows = con.execute(
+        "SELECT series_id, ts, value, quality_flag, revision, state, acked_revision"
+        " FROM observations"
+    ).fetchall()
+    con.close()
+    assert all(r[5] == "acked" and r[6] == r[4] for r in rows), "every row acked at its revision"
+    return {(r[0], r[1]): (r[2], r[3], r[4]) for r in rows}
+
+
+def test_fetch_send_receiver_equals_outbox_then_nothing_then_one_revision(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    db = tmp_path / "outbox.db"
+    env = env_for(db, receiver)
+    assert outbox("fetch", "--replay", str(sample_dir()), env=env).returncode == 0
+    sent = outbox("send", env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert "2376 rows in 1 batches, 2376 acked, 0 dead" in sent.stdout
+    assert receiver_rows(receiver.base_url, KEY) == acked_rows(db)
+    batches = receiver_batches(receiver.db_path)
+    assert len(batches) == 1
+
+    again = outbox("send", env=env)
+    assert again.returncode == 0 and "0 rows in 0 batches" in again.stdout
+    assert receiver_batches(receiver.db_path) == batches  # not one request reached it
+
+    # EIA revises one hour of CAISO demand: exactly that row travels again.
+    revised = tmp_path / "revised"
+    rows = make_rows(
+        ROUTES[0], ["PJM", "CISO", "MISO", "ERCO", "SWPP"], datetime(2025, 8, 21, tzinfo=UTC), 24
+    )
+    hit = next(
+        r
+        for r in rows
+        if (r["respondent"], r["type"], r["period"]) == ("CISO", "D", "2025-08-21T13")
+    )
+    hit["value"] = str(int(hit["value"]) + 321)
+    write_pages(revised, ROUTES[0], rows)
+    fetched = outbox("fetch", "--replay", str(revised), env=env)
+    assert "1 written" in fetched.stdout, fetched.stdout
+    resent = outbox("send", env=env)
+    assert "1 rows in 1 batches, 1 acked" in resent.stdout, resent.stdout
+    new_batches = {k: v for k, v in receiver_batches(receiver.db_path).items() if k not in batches}
+    assert [b["rows"] for b in new_batches.values()] == [1]
+    held = receiver_rows(receiver.base_url, KEY)
+    assert held == acked_rows(db)
+    assert held[("EIA.CAISO.demand", "2025-08-21T13:00:00Z")][0] == float(hit["value"])
+
+
+def test_outage_three_failed_sends_then_one_drains_in_order(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    db = tmp_path / "outbox.db"
+    env = env_for(db, receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="500")
+    with Store.open(db) as store:
+        run_fetch(Config(), store, replay=sample_dir())
+    receiver.stop()
+    for _ in range(3):
+        failed = outbox("send", env=env)
+        assert failed.returncode == 1
+        assert "GridPulse unavailable" in failed.stderr and "rows stay pending" in failed.stderr
+    with Store.open(db) as store:
+        assert store.count_state("pending") == 2376
+        runs = store.recent_runs(stage="send")
+        assert [r.status for r in runs] == ["failed"] * 3
+        assert all("GridPulse unavailable" in (r.error or "") for r in runs)
+        assert KEY not in " ".join(r.error or "" for r in runs)
+    receiver.start()
+    drained = outbox("send", env=env)
+    assert drained.returncode == 0, drained.stderr
+    assert "2376 acked" in drained.stdout
+    assert receiver_rows(receiver.base_url, KEY) == acked_rows(db)
+    # Oldest first: within each series, arrival order follows ts.
+    con = sqlite3.connect(receiver.db_path)
+    order = con.execute(
+        "SELECT s.eia_series_id, o.ts, o.received_at FROM observations o"
+        " JOIN series s ON s.id = o.series_id ORDER BY s.eia_series_id, o.ts"
+    ).fetchall()
+    con.close()
+    by_series: dict[str, list[str]] = {}
+    for sid, _ts, received in order:
+        by_series.setdefault(sid, []).append(received)
+    assert all(times == sorted(times) for times in by_series.values())
+
+
+def big_replay(directory: Path, bump: int = 0, every: int = 0, hours: int = 480) -> Path:
+    """~99 rows an hour; with ``every``, each ``every``-th row revised by ``bump``."""
+    start = datetime(2025, 6, 1, tzinfo=UTC)
+    for route in ROUTES:
+        rows = make_rows(route, ["PJM", "CISO", "MISO", "ERCO", "SWPP"], start, hours)
+        if every:
+            for i, row in enumerate(rows):
+                if i % every == bump % every and row["value"] not in (None, ""):
+                    row["value"] = str(float(row["value"]) + bump)
+        write_pages(directory / route.rsplit("/", 1)[-1], route, rows)
+    return directory
+
+
+def test_sigkilled_sender_converges_exactly(tmp_path: Path, receiver: Receiver) -> None:
+    db = tmp_path / "outbox.db"
+    env = env_for(db, receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="200")
+    rng = random.Random(7)
+    trials = int(os.environ.get("OUTBOX_SEND_KILL_TRIALS", "30"))
+    points = ["send.after_claim", "send.after_post", "settle.before_commit"]
+    kills = 0
+    for trial in range(trials):
+        # EIA revises every row between kills, so each send has ~60 batches to do.
+        with Store.open(db) as store:
+            pages = big_replay(tmp_path / f"r{trial}", trial + 1, 1, hours=120)
+            run_fetch(Config(), store, replay=pages)
+        extra = {}
+        if trial % 3 == 0:
+            extra = {
+                "OUTBOX_CRASH_AT": points[trial % len(points)],
+                "OUTBOX_CRASH_AFTER": str(rng.randint(1, 20)),
+            }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "outbox", "send"],
+            env={**env, **extra},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if not extra:
+            time.sleep(rng.uniform(1.0, 2.2))
+            proc.send_signal(signal.SIGKILL)
+        code = proc.wait(60)
+        kills += code == -signal.SIGKILL
+    assert kills >= trials * 2 // 3, f"only {kills} of {trials} sends were killed mid-run"
+    final = outbox("send", env=env)
+    assert final.returncode == 0, final.stderr
+    with Store.open(db) as store:
+        assert store.count_state("pending") == 0 and store.count_state("dead") == 0
+    assert receiver_rows(receiver.base_url, KEY) == acked_rows(db)
+
+
+def test_two_senders_started_together(tmp_path: Path, receiver: Receiver) -> None:
+    db = tmp_path / "outbox.db"
+    with Store.open(db) as store:
+        run_fetch(Config(), store, replay=big_replay(tmp_path / "r"))
+    env = env_for(db, receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="1000")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "outbox", "send"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    said = [o[0] for o in outs]
+    assert sum("a send is already running" in s for s in said) == 1, said
+    assert sum("acked" in s for s in said) == 1, said
+    batches = receiver_batches(receiver.db_path)
+    assert all(b["times_seen"] == 1 for b in batches.values())
+    assert receiver_rows(receiver.base_url, KEY) == acked_rows(db)
