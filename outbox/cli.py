@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -22,9 +24,8 @@ import typer
 
 from outbox import USER_AGENT, __version__
 from outbox.config import Config, load_config
-from outbox.errors import ConfigError, OutboxError, UsageError
-from outbox.logsetup import setup_logging
-from outbox.redact import redact
+from outbox.errors import ConfigError, Interrupted, OutboxError, UsageError
+from outbox.logsetup import print_error, setup_logging
 from outbox.store import Store
 from outbox.timeutil import parse_bound, parse_ts, to_ts
 
@@ -39,6 +40,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Inspect or migrate the outbox schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+timers_app = typer.Typer(
+    help="systemd units and a crontab that run the stages on a schedule.", no_args_is_help=True
+)
+app.add_typer(timers_app, name="timers")
 
 
 class State:
@@ -85,7 +90,7 @@ def main_options(
 
 
 def _fail(exc: OutboxError) -> None:
-    typer.echo(f"error: {redact(str(exc))}", err=True)
+    print_error(str(exc))
     raise typer.Exit(exc.exit_code)
 
 
@@ -96,9 +101,10 @@ def _errors() -> Iterator[None]:
     except OutboxError as exc:
         log.debug("command failed", exc_info=True)
         _fail(exc)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        typer.echo(f"{exc or 'interrupted'}: stopped; every row keeps its last state", err=True)
+        raise typer.Exit(128 + signum) from None
 
 
 def _config() -> Config:
@@ -152,6 +158,12 @@ def fetch(
     fill_gaps: Annotated[
         bool, typer.Option("--fill-gaps", help="Re-request exactly the missing hours.")
     ] = False,
+    lookback: Annotated[
+        int | None,
+        typer.Option(
+            min=1, metavar="HOURS", help="Re-check at least this many hours back (deep re-check)."
+        ),
+    ] = None,
 ) -> None:
     """Pull new and revised hourly observations from EIA into the outbox."""
     from outbox import commands
@@ -159,8 +171,10 @@ def fetch(
     with _errors():
         config = _config()
         bounds = _bounds(start, end)
-        if replay is not None and (bounds[0] or fill_gaps):
-            raise UsageError("--replay cannot be combined with --start/--end or --fill-gaps")
+        if replay is not None and (bounds[0] or fill_gaps or lookback):
+            raise UsageError(
+                "--replay cannot be combined with --start/--end, --fill-gaps or --lookback"
+            )
         if dataset:
             _check_datasets(dataset)
         code = commands.fetch(
@@ -171,6 +185,7 @@ def fetch(
             bas=ba,
             datasets=dataset,
             fill_gaps=fill_gaps,
+            lookback=lookback,
         )
     raise typer.Exit(code)
 
@@ -232,10 +247,19 @@ def status(
         typer.Option("--check", help="Monitoring probe: exit 0 OK, 1 WARN, 2 CRIT, 3 UNKNOWN."),
     ] = False,
     metrics: Annotated[
-        Path | None, typer.Option(help="Write Prometheus text metrics to PATH (atomically).")
+        Path | None,
+        typer.Option(
+            "--metrics",
+            metavar="PATH",
+            help="Write Prometheus text metrics to PATH atomically (prints nothing else "
+            "unless --json or --remote).",
+        ),
     ] = None,
     remote: Annotated[
-        bool, typer.Option("--remote", help="Compare delivered-through with GridPulse's latest.")
+        bool,
+        typer.Option(
+            "--remote", help="Compare each series with GridPulse's latest; exit 1 if unreachable."
+        ),
     ] = False,
 ) -> None:
     """Backlog, freshness, watermarks, dead letters and recent runs at a glance."""
@@ -299,6 +323,65 @@ def runs(
 
 
 # ---------------------------------------------------------------------------------
+# gaps / prune / timers
+# ---------------------------------------------------------------------------------
+
+
+@app.command()
+def gaps(
+    since: Annotated[
+        str | None, typer.Option(help="Only hours at or after this date or RFC 3339 time.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """List hours missing inside each series (fill them with fetch --fill-gaps)."""
+    from outbox import commands
+
+    with _errors():
+        try:
+            lo = parse_bound(since) if since else None
+        except ValueError:
+            raise UsageError(f"--since {since!r}: not a date or RFC 3339 time") from None
+        raise typer.Exit(commands.gaps(_config(), since=lo, as_json=as_json))
+
+
+@app.command()
+def prune() -> None:
+    """Remove acknowledged rows past retention and unused raw pages; shrink the file."""
+    from outbox import commands
+
+    with _errors():
+        raise typer.Exit(commands.prune(_config()))
+
+
+@timers_app.command("print")
+def timers_print(
+    prefix: Annotated[
+        Path | None,
+        typer.Option(help="Install prefix of outbox (PREFIX/bin/outbox); default: this one."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="Config file the units use (default /etc/gridpulse-outbox/...)."
+        ),
+    ] = None,
+    user: Annotated[
+        str | None, typer.Option(help="Run as this existing user instead of DynamicUser=yes.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the files into DIR instead of printing them.")
+    ] = None,
+) -> None:
+    """Render the systemd units, timers and crontab for this installation."""
+    from outbox import commands
+
+    with _errors():
+        code = commands.timers_print(prefix=prefix, config_path=config, user=user, out=out)
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------------
 # db / config / receiver
 # ---------------------------------------------------------------------------------
 
@@ -332,6 +415,23 @@ def show_config() -> None:
     """Print the effective configuration (secrets as ***)."""
     with _errors():
         _echo_json(_config().redacted())
+
+
+@app.command()
+def doctor(
+    reset: Annotated[
+        bool,
+        typer.Option(
+            "--reset",
+            help="Set an unreadable database aside (renamed, never deleted) and start fresh.",
+        ),
+    ] = False,
+) -> None:
+    """Check config, database, schema, locks, GridPulse, clock and EIA: OK / FAIL / SKIP."""
+    from outbox import commands
+
+    with _errors():
+        raise typer.Exit(commands.doctor(STATE.config_path, reset=reset))
 
 
 @app.command()
@@ -375,8 +475,18 @@ def demo(
         raise typer.Exit(commands.demo(keep))
 
 
+def _on_sigterm(signum: int, _frame: object) -> None:
+    # Only the first SIGTERM interrupts: the run must be able to record itself as failed.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
 def main() -> None:
     """Console-script entry point."""
+    # systemd stops a service with SIGTERM: turn it into an exception, so the stage
+    # rolls back its open transaction and records the run as failed (exit 143).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
     except BrokenPipeError:  # `outbox status | head`

@@ -6,11 +6,12 @@ mapped to exit codes by the CLI.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,18 +20,40 @@ import typer
 
 from outbox.config import Config
 from outbox.errors import OutboxError
+from outbox.logsetup import log_scope, print_error
 from outbox.pipeline import SendFailed, Window, retry_policy, run_fetch, run_send
 from outbox.redact import redact
 from outbox.store import Store
 from outbox.timeutil import to_ts
 
 log = logging.getLogger(__name__)
+DOCTOR_TIMEOUT_SECONDS = 20.0
 
 
 def _http(timeout: float, connect: float, verify: bool):
     from outbox.cli import http_client
 
     return http_client(timeout, connect, verify)
+
+
+def observed(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Wrap a stage command: its log lines carry ``stage`` (and the run id the pipeline
+    binds), and ``metrics_path`` is refreshed after it, whether it succeeded or not."""
+
+    def wrap(command: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(command)
+        def run(config: Config, *args: Any, **kwargs: Any) -> int:
+            with log_scope(stage=stage):
+                try:
+                    return command(config, *args, **kwargs)
+                finally:
+                    from outbox.status import write_run_metrics
+
+                    write_run_metrics(config)
+
+        return run
+
+    return wrap
 
 
 def eia_client(config: Config, http: Any) -> Any:
@@ -57,6 +80,7 @@ def gridpulse_client(config: Config, http: Any) -> Any:
     return GridPulseClient(http, g.base_url, config.require_gridpulse_key(), gzip=g.gzip)
 
 
+@observed("fetch")
 def fetch(
     config: Config,
     *,
@@ -66,11 +90,20 @@ def fetch(
     bas: Sequence[str] | None = None,
     datasets: Sequence[str] | None = None,
     fill_gaps: bool = False,
+    lookback: int | None = None,
 ) -> int:
-    """``outbox fetch``: replay, backfill or incremental."""
+    """``outbox fetch``: replay, backfill, incremental (``--lookback``) or ``--fill-gaps``."""
+    from outbox.housekeeping import guard_size
+
+    _check_fetch_mode(
+        start=start, bas=bas, datasets=datasets, fill_gaps=fill_gaps, lookback=lookback
+    )
+    if lookback is not None:
+        config = with_lookback(config, lookback)
     if fill_gaps:
-        raise OutboxError("fetch --fill-gaps: not available yet")
+        return fill_gaps_fetch(config)
     with Store.open(config.database) as store:
+        guard_size(config, store)
         if replay is not None:
             result = run_fetch(config, store, replay=replay)
         else:
@@ -101,6 +134,119 @@ def fetch(
         f"{result.rows} rows, {result.written} written, {invalid} invalid, "
         f"{result.duplicates} duplicates"
     )
+    return 0
+
+
+def _check_fetch_mode(
+    *,
+    start: datetime | None,
+    bas: Sequence[str] | None,
+    datasets: Sequence[str] | None,
+    fill_gaps: bool,
+    lookback: int | None,
+) -> None:
+    from outbox.errors import UsageError
+
+    if fill_gaps and (start is not None or bas or datasets or lookback is not None):
+        raise UsageError(
+            "--fill-gaps re-requests every listed gap: no --start/--ba/--dataset/--lookback"
+        )
+    if lookback is not None and start is not None:
+        raise UsageError("--lookback is for incremental fetches; a backfill has --start/--end")
+
+
+def with_lookback(config: Config, hours: int) -> Config:
+    """``config`` with every dataset's look-back at least ``hours`` (``fetch --lookback``).
+
+    The look-back must stay shorter than the retention, or prune and re-check would fight
+    over the same rows.
+    """
+    from outbox.errors import UsageError
+
+    kept = config.housekeeping.retention_days * 24
+    if hours >= kept:
+        raise UsageError(
+            f"--lookback {hours}: must be shorter than housekeeping.retention_days "
+            f"({config.housekeeping.retention_days:g} days = {kept:g} h)"
+        )
+    datasets = {
+        name: ds.model_copy(update={"lookback_hours": max(ds.lookback_hours, hours)})
+        for name, ds in config.datasets.items()
+    }
+    return config.model_copy(update={"datasets": datasets})
+
+
+def fill_gaps_fetch(config: Config) -> int:
+    """``outbox fetch --fill-gaps``: ask EIA for exactly the missing hours, record the rest."""
+    from outbox.gaps import run_fill_gaps
+    from outbox.housekeeping import guard_size
+
+    e = config.eia
+    with (
+        Store.open(config.database) as store,
+        _http(e.timeout_seconds, e.connect_timeout_seconds, e.verify_tls) as http,
+    ):
+        guard_size(config, store)
+        result = run_fill_gaps(config, store, eia_client(config, http))
+    if result.fetch.skipped:
+        typer.echo(f"a fetch is already running (pid {result.fetch.holder}); nothing to do")
+        return 0
+    typer.echo(
+        f"fill-gaps run {result.fetch.run_id}: {result.gap_hours} missing hours, "
+        f"{result.windows} requests, {result.filled} filled, "
+        f"{result.checked} not at EIA (recorded as checked)"
+    )
+    return 0
+
+
+def gaps(config: Config, *, since: datetime | None, as_json: bool) -> int:
+    """``outbox gaps``: missing hours per series, as ranges."""
+    from outbox import gaps as gaps_mod
+
+    with Store.open(config.database) as store:
+        found = gaps_mod.find_gaps(config, store, since=since)
+    if as_json:
+        data = {"gaps": [g.to_dict() for g in found], "hours": sum(g.hours for g in found)}
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        typer.echo(gaps_mod.render(found))
+    return 0
+
+
+def prune(config: Config) -> int:
+    """``outbox prune``: retention, every orphaned page, and the file handed back."""
+    from outbox import housekeeping
+
+    with Store.open(config.database) as store:
+        result = housekeeping.prune(config, store, full=True)
+    typer.echo(result.summary())
+    return 0
+
+
+def _housekeep(config: Config, store: Store) -> None:
+    """The cheap prune at the end of a send; its failure never fails the send."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from outbox import housekeeping
+
+    try:
+        housekeeping.prune(config, store)
+    except (OutboxError, SQLAlchemyError) as exc:
+        log.warning("prune after send failed error=%s", redact(str(exc)))
+
+
+def timers_print(
+    *, prefix: Path | None, config_path: Path | None, user: str | None, out: Path | None
+) -> int:
+    """``outbox timers print``: the systemd units and crontab for this installation."""
+    from outbox import timers
+
+    files = timers.render_all(timers.settings(prefix=prefix, config=config_path, user=user))
+    if out is None:
+        typer.echo(timers.concatenate(files), nl=False)
+        return 0
+    for path in timers.write(files, out):
+        typer.echo(str(path))
     return 0
 
 
@@ -181,6 +327,7 @@ def _label(window: Window) -> str:
     return f"{window.route.rsplit('/', 1)[-1]} {to_ts(window.start)[:13]}..{to_ts(window.end)[:13]}"
 
 
+@observed("send")
 def send(
     config: Config,
     *,
@@ -206,8 +353,10 @@ def send(
                 dry_run=dry_run,
             )
         except SendFailed as exc:
-            typer.echo(f"error: {redact(str(exc))}; rows stay pending", err=True)
+            print_error(f"{exc}; rows stay pending")
             return 1
+        if not (result.skipped or dry_run):
+            _housekeep(config, store)
     if result.skipped:
         typer.echo(f"a send is already running (pid {result.holder}); exiting")
         return 0
@@ -223,21 +372,32 @@ def send(
 
 
 def status(config: Config, *, as_json: bool, metrics: Path | None, remote: bool) -> int:
-    """``outbox status`` (table or JSON)."""
-    from outbox import status as status_mod
+    """``outbox status``: table, ``--json``, ``--metrics PATH`` and/or ``--remote``.
 
-    if remote:
-        raise OutboxError("status --remote: not available yet")
-    with Store.open(config.database) as store:
-        model = status_mod.collect(config, store)
+    ``--metrics`` alone prints nothing (for cron and node_exporter); ``--remote`` exits 1
+    when GridPulse cannot be asked.
+    """
+    from outbox import status as status_mod
+    from outbox.errors import SinkError
+
+    model = status_mod.read(config)
     if metrics is not None:
-        raise OutboxError("status --metrics: not available yet")
+        status_mod.write_metrics(model, metrics)
+    if remote:
+        g = config.gridpulse
+        with _http(g.timeout_seconds, g.connect_timeout_seconds, g.verify_tls) as http:
+            client = gridpulse_client(config, http)
+            try:
+                model.remote = status_mod.compare_remote(model, client, g.base_url)
+            except SinkError as exc:
+                print_error(f"cannot compare with GridPulse at {g.base_url}: {exc}")
+                return 1
     if as_json:
         typer.echo(json.dumps(model.to_dict(), indent=2))
-        return 0
-    from rich.console import Console
+    elif metrics is None or remote:
+        from rich.console import Console
 
-    Console(soft_wrap=True).print(status_mod.render_table(model))
+        Console().print(status_mod.render_table(model))
     return 0
 
 
@@ -248,13 +408,25 @@ def status_check(config_path: Path | None) -> int:
 
     try:
         config = load_config(config_path)
-        with Store.open(config.database) as store:
-            model = status_mod.collect(config, store)
+        model = status_mod.read(config)
         code, line = status_mod.evaluate(config, model)
     except Exception as exc:  # a probe reports, it does not crash
         code, line = status_mod.UNKNOWN, f"UNKNOWN - {redact(str(exc))}"
     typer.echo(line)
     return code
+
+
+def doctor(config_path: Path | None, *, reset: bool) -> int:
+    """``outbox doctor [--reset]``: one line per check; exit 1 when any check FAILs."""
+    from outbox import doctor as doctor_mod
+
+    def http(verify: bool) -> Any:
+        return _http(DOCTOR_TIMEOUT_SECONDS, DOCTOR_TIMEOUT_SECONDS / 2, verify)
+
+    findings = doctor_mod.run(config_path, reset=reset, http=http)
+    for finding in findings:
+        typer.echo(finding.line())
+    return doctor_mod.exit_code(findings)
 
 
 def show(config: Config, series_id: str, ts: str) -> int:
@@ -284,34 +456,17 @@ def show(config: Config, series_id: str, ts: str) -> int:
 
 
 def runs(config: Config, *, limit: int, stage: str | None, failed: bool, as_json: bool) -> None:
-    """``outbox runs``."""
-    from dataclasses import asdict
+    """``outbox runs``: newest first, with durations, counts and (redacted) errors."""
+    from outbox import status as status_mod
 
-    with Store.open(config.database) as store:
+    with status_mod.open_store(config) as store:
         records = store.recent_runs(limit=limit, stage=stage, failed=failed)
     if as_json:
-        typer.echo(json.dumps([asdict(r) for r in records], indent=2))
+        typer.echo(json.dumps([status_mod.run_dict(r) for r in records], indent=2))
         return
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table()
-    for col in ("id", "stage", "started", "seconds", "status", "counts / error"):
-        table.add_column(col)
-    for r in records:
-        detail = r.error or " ".join(
-            f"{k}={v}" for k, v in r.counts.items() if not isinstance(v, dict)
-        )
-        table.add_row(str(r.id), r.stage, r.started_at, _duration(r), r.status, detail)
-    Console(soft_wrap=True).print(table)
-
-
-def _duration(r: Any) -> str:
-    from outbox.timeutil import parse_ts
-
-    if not r.finished_at:
-        return "-"
-    return f"{(parse_ts(r.finished_at) - parse_ts(r.started_at)).total_seconds():.0f}"
+    Console().print(status_mod.render_runs(records))
 
 
 def demo(keep: Path | None) -> int:

@@ -6,18 +6,21 @@ config. Clients are passed in (tests swap the transport); the CLI builds them.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from queue import Full, Queue
+from typing import Any, NamedTuple, TypeVar
 
 from outbox import eia as eia_mod
-from outbox.config import Config, RetryConfig
+from outbox.config import DATASET_NAMES, Config, RetryConfig
 from outbox.crash import crashpoint
 from outbox.errors import (
     BatchRejectedError,
@@ -27,14 +30,27 @@ from outbox.errors import (
     SourceFatalError,
 )
 from outbox.gridpulse import GridPulseClient, IngestResult, batch_id_of, encode_batch
+from outbox.logsetup import bind, quote, scoped
 from outbox.normalize import SKIP_REASONS, Normalized, normalize_page, stream_key
 from outbox.redact import redact
 from outbox.retry import RetryPolicy, call_with_retry
-from outbox.store import Claimed, Key, PageRecord, Store, WatermarkUpdate, file_lock
+from outbox.store import (
+    Claimed,
+    Key,
+    PageRecord,
+    RowBatch,
+    Store,
+    WatermarkUpdate,
+    file_lock,
+)
 from outbox.timeutil import HOUR, floor_hour, parse_ts, to_ts, utcnow
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_U = TypeVar("_U")
 
+# Pages a replay reads and normalizes ahead of the one being staged (bounds memory).
+READ_AHEAD = 2
 ROUTE_DATASETS: dict[str, dict[str, str | None]] = {
     eia_mod.ROUTE_REGION: {
         "demand": "D",
@@ -174,13 +190,15 @@ def plan_incremental(
     for route in ROUTE_DATASETS:
         starts: list[tuple[datetime, Stream]] = []
         for s in (s for s in streams if s.route == route):
+            lookback = timedelta(hours=config.datasets[s.dataset].lookback_hours)
             mark = marks.get(s.key)
             if mark is not None:
-                lookback = timedelta(hours=config.datasets[s.dataset].lookback_hours)
                 start = parse_ts(mark) - lookback
+            elif initial and s.key in initial:  # GridPulse's latest acts as the watermark
+                start = max(initial[s.key] - lookback, config.eia.history_start)
             else:
-                start = (initial or {}).get(s.key, config.eia.history_start)
-            starts.append((max(start, config.eia.history_start) if mark is None else start, s))
+                start = config.eia.history_start
+            starts.append((start, s))
         if not starts:
             continue
         end = end_now
@@ -227,19 +245,54 @@ def _chunk(windows: list[Window], hours: int) -> list[Window]:
     return out
 
 
+def latest_hours(config: Config, now: datetime) -> dict[str, datetime]:
+    """The newest hour a row of each dataset may have at ``now``; a later row is refused.
+
+    An hour-ending ``ts`` after the current hour is a future period (one hour of clock
+    skew allowed), except for the day-ahead forecast, which reaches the forecast horizon.
+    A row from the future would carry its stream's watermark past every real hour.
+    """
+    current = floor_hour(now) + HOUR
+    horizon = current + timedelta(hours=config.eia.forecast_horizon_hours)
+    return {name: horizon if name == "demand_forecast" else current for name in DATASET_NAMES}
+
+
+class _Prepared(NamedTuple):
+    """A page read ahead: its rows normalized, its record and rows ready to stage."""
+
+    page: eia_mod.EIAPage
+    norm: Normalized
+    record: PageRecord
+    rows: RowBatch
+
+
 class Fetcher:
     """Stages pages into the store with their watermark advances, one transaction each."""
 
-    def __init__(self, config: Config, store: Store, run_id: int, result: FetchResult) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        run_id: int,
+        result: FetchResult,
+        now: datetime | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.run_id = run_id
         self.result = result
         self.marks = store.watermarks()
         self.ba_codes = config.eia_to_gridpulse
+        self.latest = latest_hours(config, now or utcnow())
+        self._writing = True  # whether the last staged page wrote rows
 
-    def stage_window(self, client: eia_mod.EIAClient, window: Window, *, backfill: bool) -> None:
-        """Fetch every page of one window and stage each with its watermark advance."""
+    def stage_window(
+        self, client: eia_mod.EIAClient, window: Window, *, backfill: bool, advance: bool = True
+    ) -> None:
+        """Fetch every page of one window and stage each with its watermark advance.
+
+        ``advance=False`` (gap fills) stages the rows and never moves a watermark.
+        """
         req = window.request()
         seen: dict[str, str] = {}
         datasets = {s.dataset for s in window.streams}
@@ -250,24 +303,51 @@ class Fetcher:
             for key, ts in norm.stream_max.items():
                 if ts > seen.get(key, ""):
                     seen[key] = ts
+            # Rows come sorted by period: once a page ends at hour H, every row before H has
+            # been seen; only the last page completes the window.
             cap = None if page.last else _minus_hour(norm.page_max_ts)
-            updates = self._advances(window, seen, cap, backfill=backfill)
+            updates: list[WatermarkUpdate] = []
+            if advance and cap != "":
+                updates = self._advances(window, seen, cap, backfill=backfill)
             self._stage(page, norm, updates)
 
     def stage_replay(self, directory: Path) -> None:
-        """Stage every saved EIA response under ``directory`` (the route from each body)."""
-        for page in eia_mod.iter_replay_pages(directory):
+        """Stage every saved EIA response under ``directory`` (the route from each body).
+
+        A stream's watermark advances when a page continues it (its oldest row is at most
+        an hour after the watermark, or after what the previous page of the same request
+        reached). A page that is not the last of its request stops one hour short of its
+        newest period: the other rows of that hour may be on the next page.
+        """
+        carry: tuple[eia_mod.EIAPage, dict[str, str]] | None = None
+        pages = eia_mod.iter_replay_pages(directory)
+        for page, norm, record, rows in _read_ahead(pages, self._prepare_replay):
             crashpoint("fetch.page_fetched")
-            respondents = _param_list(page.params, ("respondent", "fromba"))
-            norm = self._normalize(page, None, respondents or None, None)
-            updates = []
+            reach = dict(self.marks)
+            if carry is not None and _continues(carry[0], page):
+                for key, ts in carry[1].items():
+                    reach[key] = max(reach.get(key, ts), ts)
+            cap = None if page.last else _minus_hour(norm.page_max_ts)
+            reached, updates = {}, []
             for key, newest in norm.stream_max.items():
                 oldest = norm.stream_min.get(key, newest)
+                edge = reach.get(key)
+                if edge is not None and parse_ts(oldest) > parse_ts(edge) + HOUR:
+                    continue
+                reached[key] = newest
+                last_ts = newest if cap is None else min(newest, cap)
                 mark = self.marks.get(key)
-                if mark is None or parse_ts(oldest) <= parse_ts(mark) + HOUR:
+                if last_ts and (mark is None or last_ts > mark):
                     dataset, respondent = key.split(":", 1)
-                    updates.append(WatermarkUpdate(key, dataset, respondent, page.route, newest))
-            self._stage(page, norm, updates)
+                    updates.append(WatermarkUpdate(key, dataset, respondent, page.route, last_ts))
+            self._stage(page, norm, updates, (record, rows))
+            carry = None if page.last else (page, reached)
+
+    def _prepare_replay(self, page: eia_mod.EIAPage) -> _Prepared:
+        """Normalize and encode one replayed page (runs on the read-ahead thread)."""
+        respondents = _param_list(page.params, ("respondent", "fromba"))
+        norm = self._normalize(page, None, respondents or None, None)
+        return _Prepared(page, norm, *self._prepare(page, norm, precompress=self._writing))
 
     def _normalize(
         self,
@@ -283,6 +363,7 @@ class Fetcher:
             window=window,
             respondents=set(respondents) if respondents else None,
             datasets=set(datasets) if datasets else set(self.config.enabled_datasets()),
+            latest=self.latest,
         )
         invalid = _invalid(norm.invalid)
         considered = invalid + norm.count + norm.duplicates
@@ -312,9 +393,11 @@ class Fetcher:
                 out.append(WatermarkUpdate(s.key, s.dataset, s.respondent, s.route, newest))
         return out
 
-    def _stage(
-        self, page: eia_mod.EIAPage, norm: Normalized, updates: list[WatermarkUpdate]
-    ) -> None:
+    @staticmethod
+    def _prepare(
+        page: eia_mod.EIAPage, norm: Normalized, *, precompress: bool = False
+    ) -> tuple[PageRecord, RowBatch]:
+        """The page record and the encoded rows of one page (no database access)."""
         record = PageRecord(
             route=page.route,
             params=page.params,
@@ -335,6 +418,16 @@ class Fetcher:
             norm.row,
             strict=True,
         )
+        return (record.precompress() if precompress else record), RowBatch.of(rows)
+
+    def _stage(
+        self,
+        page: eia_mod.EIAPage,
+        norm: Normalized,
+        updates: list[WatermarkUpdate],
+        prepared: tuple[PageRecord, RowBatch] | None = None,
+    ) -> None:
+        record, rows = prepared or self._prepare(page, norm)
         series_rows = [
             (s.series_id, s.ba, s.type, s.subtype, s.units, s.route, s.facets) for s in norm.series
         ]
@@ -345,6 +438,9 @@ class Fetcher:
             watermark_updates=updates,
             run_id=self.run_id,
         )
+        # Pages staged ahead are compressed ahead too while pages keep bringing new rows
+        # (a backfill); while they bring nothing new (a re-run) the page is never stored.
+        self._writing = staged.written > 0
         for u in updates:
             self.marks[u.stream] = u.last_ts
         self.result.pages += 1
@@ -363,6 +459,55 @@ class Fetcher:
         )
 
 
+def _read_ahead(
+    source: Iterator[_T], prepare: Callable[[_T], _U], depth: int = READ_AHEAD
+) -> Iterator[_U]:
+    """``prepare(item)`` for each item of ``source``, in order, computed up to ``depth``
+    items ahead by a worker thread.
+
+    While the caller stages one page (SQLite works with the GIL released), the worker
+    reads and normalizes the next ones. An exception from ``source`` or ``prepare`` is
+    raised here at its place in the order, after every item before it; closing the
+    generator stops the worker. Nothing is written by the worker.
+    """
+    queue: Queue[tuple[bool, Any]] = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(item: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.05)
+                return True
+            except Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in source:
+                if not offer((True, prepare(item))):
+                    return
+        except BaseException as exc:  # handed over in order, raised by the consumer
+            offer((False, exc))
+            return
+        offer((False, None))
+
+    worker = threading.Thread(target=work, name="outbox-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            ok, value = queue.get()
+            if ok:
+                yield value
+            elif value is None:
+                return
+            else:
+                raise value
+    finally:
+        stop.set()
+        worker.join()
+
+
 def _invalid(counts: dict[str, int]) -> int:
     """Rows rejected as bad data (rows merely not asked for are not counted)."""
     return sum(v for k, v in counts.items() if k not in SKIP_REASONS)
@@ -370,6 +515,15 @@ def _invalid(counts: dict[str, int]) -> int:
 
 def _minus_hour(ts: str | None) -> str | None:
     return to_ts(parse_ts(ts) - HOUR) if ts else ""
+
+
+def _continues(before: eia_mod.EIAPage, page: eia_mod.EIAPage) -> bool:
+    """Whether ``page`` is the next page of the request ``before`` belongs to."""
+    ignore = ("offset", "length")
+    same = {k: v for k, v in before.params.items() if k not in ignore} == {
+        k: v for k, v in page.params.items() if k not in ignore
+    }
+    return same and page.route == before.route and page.offset == before.offset + len(before.rows)
 
 
 def _param_list(params: dict[str, Any], names: Sequence[str]) -> list[str]:
@@ -381,6 +535,7 @@ def _param_list(params: dict[str, Any], names: Sequence[str]) -> list[str]:
     return []
 
 
+@scoped
 def run_fetch(
     config: Config,
     store: Store,
@@ -405,7 +560,9 @@ def run_fetch(
             result.holder = lock_holder(store.lock_path("fetch"))
             return result
         result.run_id = store.start_run("fetch")
-        fetcher = Fetcher(config, store, result.run_id, result)
+        bind(stage="fetch", run=result.run_id)
+        started = time.monotonic()
+        fetcher = Fetcher(config, store, result.run_id, result, now=now)
         try:
             if replay is not None:
                 fetcher.stage_replay(replay)
@@ -414,20 +571,25 @@ def run_fetch(
                 streams = plan_streams(config, bas, datasets)
                 now = now or utcnow()
                 if start is not None:
-                    windows = plan_backfill(config, streams, start, end or floor_hour(now))
+                    hi = end or floor_hour(now)
+                    windows = plan_backfill(config, streams, start, hi)
+                    _backfill(store, fetcher, client, windows, (start, hi), progress)
                 else:
                     windows = plan_incremental(config, streams, fetcher.marks, now, initial)
-                for i, window in enumerate(windows):
-                    fetcher.stage_window(client, window, backfill=start is not None)
-                    if progress:
-                        progress(i + 1, len(windows), window)
+                    for i, window in enumerate(windows):
+                        fetcher.stage_window(client, window, backfill=False)
+                        if progress:
+                            progress(i + 1, len(windows), window)
         except BaseException as exc:
             store.finish_run(result.run_id, "failed", result.counts(), _describe(exc))
+            _log_failed("fetch", result.run_id, started, result.counts(), _describe(exc))
             raise
         store.finish_run(result.run_id, "ok", result.counts())
     log.info(
-        "fetch done run=%d requests=%d pages=%d rows=%d written=%d invalid=%d duplicates=%d",
+        "fetch done run=%d seconds=%.3f requests=%d pages=%d rows=%d written=%d invalid=%d"
+        " duplicates=%d",
         result.run_id,
+        time.monotonic() - started,
         result.requests,
         result.pages,
         result.rows,
@@ -438,9 +600,50 @@ def run_fetch(
     return result
 
 
+def _backfill(
+    store: Store,
+    fetcher: Fetcher,
+    client: eia_mod.EIAClient,
+    windows: list[Window],
+    bounds: tuple[datetime, datetime],
+    progress: Callable[[int, int, Window], None] | None,
+) -> None:
+    """Walk backfill chunks; a rerun of the same backfill resumes after the last done chunk."""
+    for i, window in enumerate(windows):
+        key = _backfill_key(window, bounds)
+        done = store.meta_get(key)
+        if done is None or parse_ts(done) < window.end:
+            fetcher.stage_window(client, window, backfill=True)
+            store.meta_set(key, to_ts(window.end))
+        else:
+            log.info("backfill chunk already done route=%s end=%s", window.route, done)
+        if progress:
+            progress(i + 1, len(windows), window)
+
+
+def _backfill_key(window: Window, bounds: tuple[datetime, datetime]) -> str:
+    streams = ",".join(sorted(s.key for s in window.streams))
+    return f"backfill:{window.route}:{to_ts(bounds[0])}:{to_ts(bounds[1])}:{streams}"
+
+
+def _log_failed(
+    stage: str, run_id: int, started: float, counts: dict[str, Any], error: str
+) -> None:
+    """The one log line of a failed run: run id, duration, counts so far, the error."""
+    numbers = " ".join(f"{k}={v}" for k, v in counts.items() if isinstance(v, int))
+    log.error(
+        "%s failed run=%d seconds=%.3f %s error=%s",
+        stage,
+        run_id,
+        time.monotonic() - started,
+        numbers,
+        quote(error),
+    )
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
+        return str(exc) or "interrupted"
     text = str(exc) or type(exc).__name__
     return redact(text if isinstance(exc, OutboxError) else f"{type(exc).__name__}: {text}")
 
@@ -484,6 +687,15 @@ class SendFailed(OutboxError):
     """GridPulse stayed unavailable through the run's retry budget (rows deferred)."""
 
 
+class Batch(NamedTuple):
+    """Claimed rows encoded for one POST: the batch id, the JSON body, the body as sent."""
+
+    rows: list[Claimed]
+    batch_id: str
+    body: bytes
+    packed: bytes | None
+
+
 class Sender:
     """Delivers claimed rows: batching, bisection, 413 halving, deferral."""
 
@@ -506,15 +718,36 @@ class Sender:
         )
         self.sleep = sleep
         self._pages: dict[int, list[dict[str, Any]]] = {}
+        # Compress ahead when the client can take a body compressed ahead (test doubles
+        # that only implement post_batch(batch_id, body) get the plain body).
+        self._pack: Callable[[bytes], bytes] | None = None
+        if "packed" in inspect.signature(client.post_batch).parameters:
+            self._pack = getattr(client, "pack", None)
 
-    def deliver(self, rows: Sequence[Claimed]) -> None:
-        """Deliver ``rows``; rows left untested by a bisection simply stay pending."""
+    def prepare(self, rows: Sequence[Claimed]) -> Batch:
+        """The batch id and request body of ``rows`` (reads pages only for source_data).
+
+        Safe on another thread than :meth:`deliver`'s: the send pipeline encodes the
+        next batch while this one is in flight.
+        """
+        batch_id = batch_id_of([(r.series_id, r.ts, r.revision) for r in rows])
+        body = encode_batch(batch_id, [self._wire(r) for r in rows])
+        packed = self._pack(body) if self._pack is not None else None
+        return Batch(list(rows), batch_id, body, packed)
+
+    def deliver(self, rows: Sequence[Claimed], batch: Batch | None = None) -> bool:
+        """Deliver ``rows`` (``batch``: as :meth:`prepare` encoded them, if it did).
+
+        Rows left untested by a bisection simply stay pending. Returns True when the
+        rows went in one accepted request; False after a 413 or a bisection, when the
+        caller must claim afresh (rows may be left pending, the batch size may be smaller).
+        """
         try:
-            outcome = self._post(rows)
+            outcome = self._post(rows, batch)
         except PayloadTooLargeError as exc:
             if len(rows) == 1:
                 self._dead(rows, "PAYLOAD_TOO_LARGE", str(exc))
-                return
+                return False
             self.batch_size = max(1, math.ceil(min(self.batch_size, len(rows)) / 2))
             log.info("batch too large for GridPulse (413) batch_size=%d", self.batch_size)
             done = 0
@@ -522,11 +755,12 @@ class Sender:
                 chunk = rows[done : done + self.batch_size]
                 self.deliver(chunk)
                 done += len(chunk)
-            return
+            return False
         except BatchRejectedError as exc:
             self._bisect(rows, exc)
-            return
+            return False
         self._settle(rows, outcome)
+        return True
 
     def _bisect(self, rows: Sequence[Claimed], exc: BatchRejectedError) -> None:
         """Find the rows that make a batch 400/422, one request per halving.
@@ -550,18 +784,20 @@ class Sender:
         message = str(error) if alone else f"rejected by bisection (its sibling passed): {error}"
         self._dead(suspect, code, message)
 
-    def _post(self, rows: Sequence[Claimed]) -> IngestResult:
-        keys = [(r.series_id, r.ts, r.revision) for r in rows]
-        batch_id = batch_id_of(keys)
-        body = encode_batch(batch_id, [self._wire(r) for r in rows])
+    def _post(self, rows: Sequence[Claimed], batch: Batch | None = None) -> IngestResult:
+        batch = batch or self.prepare(rows)
+        batch_id, body, packed = batch.batch_id, batch.body, batch.packed
 
         def attempt() -> IngestResult:
             self.result.requests += 1
             self.result.bytes += len(body)
-            return self.client.post_batch(batch_id, body)
+            if packed is None:
+                return self.client.post_batch(batch_id, body)
+            return self.client.post_batch(batch_id, body, packed=packed)  # type: ignore[call-arg]
 
         self.result.batches += 1
         self.result.sent += len(rows)
+        crashpoint("send.before_post")
         outcome = call_with_retry(self.policy, attempt, sleep=self.sleep)
         crashpoint("send.after_post")
         return outcome
@@ -597,7 +833,8 @@ class Sender:
         for rej in outcome.rejected:
             if 0 <= rej.index < len(rows):
                 bad[rej.index] = rej
-        acked = [Key(r.series_id, r.ts, r.revision) for i, r in enumerate(rows) if i not in bad]
+        # Plain (series_id, ts, revision) tuples: what a Key holds, built at half the cost.
+        acked = [(r.series_id, r.ts, r.revision) for i, r in enumerate(rows) if i not in bad]
         rejected = [
             (Key(rows[i].series_id, rows[i].ts, rows[i].revision), rej.code, rej.message)
             for i, rej in bad.items()
@@ -624,6 +861,7 @@ class Sender:
         self.result.deferred += self.store.defer(keys, when, f"{code}: {exc}", code=code)
 
 
+@scoped
 def run_send(
     config: Config,
     store: Store,
@@ -648,21 +886,27 @@ def run_send(
             result.due = store.count_due(to_ts(utcnow()))
             return result
         result.run_id = store.start_run("send")
+        bind(stage="send", run=result.run_id)
+        started = time.monotonic()
         sender = Sender(config, store, client, result, sleep=sleep)
         try:
             _drain(store, sender, max_batches, max_seconds, clock)
         except SinkTransientError as exc:
             result.error = f"GridPulse unavailable: {exc}"
             store.finish_run(result.run_id, "failed", result.counts(), result.error)
+            _log_failed("send", result.run_id, started, result.counts(), result.error)
             raise SendFailed(result.error) from None
         except BaseException as exc:
             result.error = _describe(exc)
             store.finish_run(result.run_id, "failed", result.counts(), result.error)
+            _log_failed("send", result.run_id, started, result.counts(), result.error)
             raise
         store.finish_run(result.run_id, "ok", result.counts())
     log.info(
-        "send done run=%d batches=%d requests=%d sent=%d acked=%d rejected=%d bytes=%d",
+        "send done run=%d seconds=%.3f batches=%d requests=%d sent=%d acked=%d rejected=%d"
+        " bytes=%d",
         result.run_id,
+        time.monotonic() - started,
         result.batches,
         result.requests,
         result.sent,
@@ -686,16 +930,39 @@ def _drain(
         # the backlog drains oldest first instead of behind newer rows.
         store.clear_deferred(UNAVAILABLE)
     rounds = 0
-    while max_batches is None or rounds < max_batches:
-        if max_seconds is not None and clock() - started >= max_seconds:
-            break
-        rows = store.claim(sender.batch_size, to_ts(utcnow()))
-        if not rows:
-            break
-        rounds += 1
-        crashpoint("send.after_claim")
+    # A worker thread claims and encodes the next batch while this one is posted and its
+    # outcome recorded; it claims behind the batch in flight, which stays pending until
+    # its outcome commits. Still one batch at a time: the next POST starts only after the
+    # previous outcome committed. A pass ends when nothing more is due behind the last
+    # batch, or after a 413 or a bisection; a pass that found nothing ends the run.
+    while True:
+        found = False
+        batches = _read_ahead(_claims(store, sender), sender.prepare, depth=1)
         try:
-            sender.deliver(rows)
-        except SinkTransientError as exc:
-            sender.defer(rows, exc)
-            raise
+            for batch in batches:
+                if max_batches is not None and rounds >= max_batches:
+                    return
+                if max_seconds is not None and clock() - started >= max_seconds:
+                    return
+                found = True
+                rounds += 1
+                crashpoint("send.after_claim")
+                try:
+                    whole = sender.deliver(batch.rows, batch)
+                except SinkTransientError as exc:
+                    sender.defer(batch.rows, exc)
+                    raise
+                if not whole:
+                    break
+        finally:
+            batches.close()
+        if not found:
+            return
+
+
+def _claims(store: Store, sender: Sender) -> Iterator[list[Claimed]]:
+    """Successive batches of due rows, oldest first, each claimed behind the one before."""
+    after: tuple[str, str] | None = None
+    while rows := store.claim(sender.batch_size, to_ts(utcnow()), after=after):
+        yield rows
+        after = (rows[-1].ts, rows[-1].series_id)

@@ -5,8 +5,10 @@ Semantics (the contract every stage relies on):
 * ``observations`` is keyed by ``(series_id, ts)``. :meth:`Store.stage` upserts rows;
   a row whose revision equals the stored one is not written at all (no timestamp
   moves, ``total_changes()`` does not move). A new revision goes back to ``pending``
-  with ``attempts = 0`` - unless it equals ``acked_revision`` (EIA flipped a value and
-  flipped it back), which makes it ``acked`` again.
+  with ``attempts = 0`` - even one equal to ``acked_revision`` (EIA flipped a value and
+  flipped it back): the revision in between may have reached GridPulse without its ack
+  being recorded (a crash after the 2xx), so only sending again makes GridPulse's copy
+  certain.
 * Watermarks advance in the same transaction as the rows they cover, and never move
   backwards, so a kill at any instant leaves rows and watermarks consistent.
 * :meth:`Store.ack`, :meth:`Store.reject` and :meth:`Store.defer` only touch a row whose
@@ -24,15 +26,18 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import sqlite3
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import orjson
 from sqlalchemy import (
     CheckConstraint,
     Column,
@@ -51,14 +56,21 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.pool import QueuePool
 
 from outbox.crash import crashpoint
-from outbox.errors import StoreError
+from outbox.errors import OutboxFullError, StoreError
 from outbox.redact import redact
 from outbox.timeutil import now_ts
 
 BUSY_TIMEOUT_MS = 60_000
+# datetimes, dataclasses and the like must not reach SQLite as orjson spells them.
+_JSON_STRICT = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+# Readers never wait on writers in WAL mode; this only covers WAL recovery by another process.
+READ_BUSY_TIMEOUT_MS = 5_000
+READ_MMAP_BYTES = 1 << 32  # address space, not memory: only pages read are resident
 PAGE_ENCODING = "zlib"
+PAGE_LEVEL = 1  # zlib level of stored pages (see docs/performance.md)
 STATES = ("pending", "acked", "dead")
 QUALITY_FLAGS = ("good", "estimated", "missing")
 
@@ -144,6 +156,22 @@ Index(
     sqlite_where=text("state = 'dead'"),
 )
 
+# The CHECK constraints of observations that _pass_checks mirrors in Python. When the rows
+# of a page pass them there, SQLite is told to skip them (PRAGMA ignore_check_constraints)
+# for the page's upsert: evaluating them costs SQLite about a fifth of a staged row. A
+# CHECK added to the table but not mirrored here turns that off.
+_MIRRORED_CHECKS = frozenset(
+    {
+        "state IN ('pending', 'acked', 'dead')",
+        "quality_flag IN ('good', 'estimated', 'missing')",
+        "value IS NOT NULL OR quality_flag = 'missing'",
+    }
+)
+_CHECKS_MIRRORED = {
+    str(c.sqltext) for c in observations.constraints if isinstance(c, CheckConstraint)
+} == set(_MIRRORED_CHECKS)
+_QUALITY_FLAG_SET = frozenset(QUALITY_FLAGS)
+
 watermarks = Table(
     "watermarks",
     metadata,
@@ -187,19 +215,19 @@ meta = Table(
     Column("value", Text, nullable=False),
 )
 
-_UPSERT = """
-INSERT INTO observations (series_id, ts, value, units, quality_flag, revision, page_row,
-                          page_id, fetched_at, state, attempts)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0)
+_ROW_CONFLICT = """
 ON CONFLICT (series_id, ts) DO UPDATE SET
     value = excluded.value, units = excluded.units, quality_flag = excluded.quality_flag,
     revision = excluded.revision, page_row = excluded.page_row, page_id = excluded.page_id,
-    fetched_at = excluded.fetched_at,
-    state = CASE WHEN excluded.revision = observations.acked_revision
-                 THEN 'acked' ELSE 'pending' END,
+    fetched_at = excluded.fetched_at, state = 'pending',
     attempts = 0, next_attempt_at = NULL, last_error = NULL, last_error_code = NULL
 WHERE observations.revision <> excluded.revision
 """
+_UPSERT = f"""
+INSERT INTO observations (series_id, ts, value, units, quality_flag, revision, page_row,
+                          page_id, fetched_at, state, attempts)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0)
+{_ROW_CONFLICT}"""
 _SERIES_INSERT = """
 INSERT OR IGNORE INTO series (series_id, ba, type, subtype, units, route, facets, first_seen)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -211,6 +239,52 @@ ON CONFLICT (stream) DO UPDATE SET
     last_ts = excluded.last_ts, updated_at = excluded.updated_at, run_id = excluded.run_id
 WHERE excluded.last_ts > watermarks.last_ts
 """
+# Bulk forms of the three statements above, used by Store.stage: one statement over a JSON
+# array of row arrays (json_each) instead of an executemany. SQLite then does a page in one
+# step, without a Python round trip per row, and the GIL stays released for the whole page
+# (the fetch pipeline normalizes the next page meanwhile). Same statements, same order of
+# rows, so the same outcome row by row. Units and quality flag that are the same on every
+# row come as ?4/?5 (NULL otherwise), and ?6 says "page_row is the row's position".
+_UPSERT_JSON = f"""
+INSERT INTO observations (series_id, ts, value, units, quality_flag, revision, page_row,
+                          page_id, fetched_at, state, attempts)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+       coalesce(?4, json_extract(value, '$[3]')), coalesce(?5, json_extract(value, '$[4]')),
+       json_extract(value, '$[5]'), CASE WHEN ?6 THEN key ELSE json_extract(value, '$[6]') END,
+       ?1, ?2, 'pending', 0
+FROM json_each(?3) WHERE true
+{_ROW_CONFLICT}"""
+# Whether an upsert of these rows would write anything: a key not staged yet, or staged
+# with another revision (exactly the rows _ROW_CONFLICT does not skip).
+_ANY_CHANGE_JSON = """
+SELECT 1 FROM json_each(?) AS j
+WHERE NOT EXISTS (SELECT 1 FROM observations AS o
+                  WHERE o.series_id = json_extract(j.value, '$[0]')
+                    AND o.ts = json_extract(j.value, '$[1]')
+                    AND o.revision = json_extract(j.value, '$[5]'))
+LIMIT 1
+"""
+_SERIES_INSERT_JSON = """
+INSERT OR IGNORE INTO series (series_id, ba, type, subtype, units, route, facets, first_seen)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+       json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'),
+       json_extract(value, '$[6]'), ?1
+FROM json_each(?2)
+"""
+_WATERMARK_UPSERT_JSON = """
+INSERT INTO watermarks (stream, dataset, respondent, route, last_ts, updated_at, run_id)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+       json_extract(value, '$[3]'), json_extract(value, '$[4]'), ?1, ?2
+FROM json_each(?3) WHERE true
+ON CONFLICT (stream) DO UPDATE SET
+    last_ts = excluded.last_ts, updated_at = excluded.updated_at, run_id = excluded.run_id
+WHERE excluded.last_ts > watermarks.last_ts
+"""
+_INSERT_PAGE = """
+INSERT INTO pages (id, run_id, route, params, url, page_no, page_offset, total, row_count,
+                   fetched_at, encoding, body)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
 _CLAIM = """
 SELECT o.series_id, o.ts, o.value, o.units, o.quality_flag, o.revision, o.attempts,
        s.ba, s.type, s.subtype, o.page_id, o.page_row
@@ -220,10 +294,33 @@ WHERE o.state = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <=
 ORDER BY o.ts, o.series_id
 LIMIT ?
 """
+# The same, behind a (ts, series_id) key: a sender with a batch in flight claims the next
+# one from where that batch ends (a range seek on the pending index, not a re-scan).
+_CLAIM_AFTER = """
+SELECT o.series_id, o.ts, o.value, o.units, o.quality_flag, o.revision, o.attempts,
+       s.ba, s.type, s.subtype, o.page_id, o.page_row
+FROM observations o INDEXED BY ix_observations_pending_due
+JOIN series s ON s.series_id = o.series_id
+WHERE o.state = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)
+  AND (o.ts, o.series_id) > (?, ?)
+ORDER BY o.ts, o.series_id
+LIMIT ?
+"""
 _ACK = """
 UPDATE observations SET state = 'acked', acked_revision = revision, acked_at = ?,
        last_error = NULL, last_error_code = NULL, next_attempt_at = NULL
 WHERE series_id = ? AND ts = ? AND revision = ? AND state = 'pending'
+"""
+# _ACK over a JSON array of [series_id, ts, revision] keys, in one statement (see
+# _UPSERT_JSON): each key updates its row at most once, as one _ACK per key would.
+_ACK_JSON = """
+UPDATE observations SET state = 'acked', acked_revision = revision, acked_at = ?1,
+       last_error = NULL, last_error_code = NULL, next_attempt_at = NULL
+FROM (SELECT json_extract(value, '$[0]') AS key_series, json_extract(value, '$[1]') AS key_ts,
+             json_extract(value, '$[2]') AS key_revision
+      FROM json_each(?2)) AS k
+WHERE observations.series_id = k.key_series AND observations.ts = k.key_ts
+  AND observations.revision = k.key_revision AND observations.state = 'pending'
 """
 _REJECT = """
 UPDATE observations SET state = 'dead', last_error_code = ?, last_error = ?,
@@ -235,6 +332,64 @@ UPDATE observations SET attempts = attempts + 1, next_attempt_at = ?, last_error
        last_error_code = ?
 WHERE series_id = ? AND ts = ? AND revision = ? AND state = 'pending'
 """
+
+_TS_FMT = "'%Y-%m-%dT%H:%M:%SZ'"
+# Missing hours per series, in one statement:
+# * bounds: each series is read from its newest row before :lo on (a primary-key seek);
+# * spans: rows per series against the hours its first..last span holds; a series whose
+#   shortfall is explained by checked hours has no gap and is not read again;
+# * holes: LAG over the primary-key order of the remaining series finds each hole between
+#   two staged hours; the recursive CTE spells out the hours inside; checked hours drop out.
+_MISSING_HOURS = f"""
+WITH RECURSIVE bounds AS MATERIALIZED (
+    SELECT s.series_id,
+           coalesce((SELECT max(p.ts) FROM observations p
+                     WHERE p.series_id = s.series_id AND p.ts < :lo), :lo) AS lo
+    FROM series s
+),
+spans AS (
+    SELECT b.series_id, b.lo, min(o.ts) AS first, max(o.ts) AS last, count(*) AS n
+    FROM bounds b CROSS JOIN observations o ON o.series_id = b.series_id AND o.ts >= b.lo
+    GROUP BY b.series_id
+),
+suspects AS (
+    SELECT p.series_id, p.lo FROM spans p
+    WHERE (strftime('%s', p.last) - strftime('%s', p.first)) / 3600 + 1 > p.n
+          + (SELECT count(*) FROM checked_gaps c
+             WHERE c.series_id = p.series_id AND c.ts > p.first AND c.ts < p.last)
+),
+holes AS (
+    SELECT series_id, prev, ts FROM (
+        SELECT o.series_id, o.ts,
+               LAG(o.ts) OVER (PARTITION BY o.series_id ORDER BY o.ts) AS prev
+        FROM suspects b CROSS JOIN observations o
+          ON o.series_id = b.series_id AND o.ts >= b.lo
+    )
+    WHERE prev IS NOT NULL AND ts > strftime({_TS_FMT}, prev, '+1 hour')
+),
+hours (series_id, ts, last) AS (
+    SELECT series_id, strftime({_TS_FMT}, prev, '+1 hour'), strftime({_TS_FMT}, ts, '-1 hour')
+    FROM holes
+    UNION ALL
+    SELECT series_id, strftime({_TS_FMT}, ts, '+1 hour'), last FROM hours WHERE ts < last
+)
+SELECT h.series_id, h.ts FROM hours h
+WHERE h.ts >= :lo AND h.ts <= :hi
+  AND NOT EXISTS (SELECT 1 FROM checked_gaps c WHERE c.series_id = h.series_id AND c.ts = h.ts)
+ORDER BY h.series_id, h.ts
+"""
+_MARK_CHECKED = """
+INSERT OR IGNORE INTO checked_gaps (series_id, ts, checked_at)
+SELECT ?1, ?2, ?3 WHERE NOT EXISTS (SELECT 1 FROM observations WHERE series_id = ?1 AND ts = ?2)
+"""
+_COUNT_NEW_KEYS = """
+SELECT count(*) FROM json_each(?) AS k
+WHERE NOT EXISTS (SELECT 1 FROM observations o
+                  WHERE o.series_id = json_extract(k.value, '$[0]')
+                    AND o.ts = json_extract(k.value, '$[1]'))
+"""
+_PRUNE_ACKED = "DELETE FROM observations WHERE series_id = ? AND ts < ? AND state = 'acked'"
+AUTO_VACUUM_MODES = {0: "none", 1: "full", 2: "incremental"}
 
 ROW_COLUMNS = ("series_id", "ts", "value", "units", "quality_flag", "revision", "page_row")
 SERIES_COLUMNS = ("series_id", "ba", "type", "subtype", "units", "route", "facets")
@@ -252,6 +407,50 @@ class PageRecord:
     total: int
     row_count: int
     body: bytes
+    compressed: bytes | None = field(default=None, repr=False, compare=False)
+    """``body`` as stored (zlib), when :meth:`precompress` made it ahead of the stage."""
+
+    def precompress(self) -> PageRecord:
+        """This record with its stored form computed now (zlib releases the GIL), so that
+        :meth:`Store.stage` does not compress inside its transaction."""
+        return replace(self, compressed=zlib.compress(self.body, PAGE_LEVEL))
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """Observation rows made ready for :meth:`Store.stage` ahead of its transaction.
+
+    :meth:`of` does the per-row Python work of a stage (the JSON array SQLite reads the
+    rows from, the checks that let SQLite skip the CHECK constraints), so that a caller
+    can do it on another thread while the previous page is being staged. Staging a
+    RowBatch has exactly the outcome of staging its ``rows``.
+    """
+
+    rows: list[Sequence[Any]]
+    json: bytes | None
+    """The rows as one JSON array; None when a row does not travel as JSON exactly."""
+    units: str | None
+    """The units of every row when they all have the same, else None."""
+    quality_flag: str | None
+    """The quality flag of every row when they all have the same, else None."""
+    row_is_position: bool
+    """Whether every row's ``page_row`` is its position in ``rows``."""
+    checked: bool
+    """Whether every row passes the CHECK constraints of ``observations`` (checked here)."""
+
+    @classmethod
+    def of(cls, rows: Iterable[Sequence[Any]]) -> RowBatch:
+        """Encode ``rows`` (tuples in :data:`ROW_COLUMNS` order)."""
+        rows = rows if isinstance(rows, list) else list(rows)
+        encoded = _json_rows(rows, value_at=2)
+        return cls(
+            rows=rows,
+            json=encoded,
+            units=_same(rows, 3),
+            quality_flag=_same(rows, 4),
+            row_is_position=list(map(itemgetter(6), rows)) == list(range(len(rows))),
+            checked=encoded is not None and _pass_checks(rows),
+        )
 
 
 @dataclass(frozen=True)
@@ -313,6 +512,7 @@ class SeriesState:
     newest_acked: str | None
     delivered_through: str | None
     oldest_pending: str | None
+    next_attempt_at: str | None = None  # earliest retry time of a deferred pending row
 
 
 @dataclass(frozen=True)
@@ -329,6 +529,50 @@ class RunRecord:
     pid: int | None = None
 
 
+@dataclass(frozen=True)
+class RunSummary:
+    """The recent history of one stage, for status: read newest first, stops at an ok run."""
+
+    last: RunRecord | None
+    last_finished: RunRecord | None
+    last_ok: RunRecord | None
+    consecutive_failures: int
+
+
+@dataclass
+class SizeLimit:
+    """The ceiling :meth:`Store.stage` enforces (``housekeeping.max_rows``/``max_bytes``).
+
+    ``rows`` is counted once when the limit is set and then grows by what each stage
+    call writes (a revised row counts as growth: an upper bound, so the limit errs on
+    the side of refusing). A page that would pass a limit is rolled back whole.
+    """
+
+    max_rows: int | None = None
+    max_bytes: int | None = None
+    rows: int = 0
+
+
+@dataclass(frozen=True)
+class FileStats:
+    """Size of the outbox file in SQLite pages (the WAL file is not included)."""
+
+    page_size: int
+    page_count: int
+    freelist_count: int
+    auto_vacuum: str
+
+    @property
+    def bytes(self) -> int:
+        """The main database file's size."""
+        return self.page_size * self.page_count
+
+    @property
+    def free_bytes(self) -> int:
+        """Bytes in free pages: reused by new rows, or handed back by a vacuum."""
+        return self.page_size * self.freelist_count
+
+
 def sqlite_url(path: str | os.PathLike[str]) -> str:
     """SQLAlchemy URL of an outbox file."""
     return f"sqlite:///{Path(path)}"
@@ -339,6 +583,9 @@ def _on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    # Takes effect on a new file (before the first table) and at the next VACUUM of an old
+    # one; housekeeping then hands freed pages back with incremental_vacuum.
+    cursor.execute("PRAGMA auto_vacuum = INCREMENTAL")
     mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()
     if mode and str(mode[0]).lower() != "wal":
         raise StoreError(f"cannot switch the outbox to WAL mode (got {mode[0]!r})")
@@ -358,6 +605,39 @@ def make_engine(path: str | os.PathLike[str]) -> Engine:
     """An engine for the outbox file with our pragmas and explicit BEGIN handling."""
     engine = create_engine(sqlite_url(path), connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
     event.listen(engine, "connect", _on_connect)
+    event.listen(engine, "begin", _on_begin)
+    return engine
+
+
+def _on_connect_readonly(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+    # No journal_mode/synchronous pragmas: they are settings a writer owns.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {READ_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA query_only = ON")
+    cursor.execute("PRAGMA cache_size = -65536")
+    # Status reads one row per pending row (the partial index does not cover `state` for
+    # SQLite < 3.4x): mapped pages save a read() per page, ~2x on a 10M-row outbox.
+    cursor.execute(f"PRAGMA mmap_size = {READ_MMAP_BYTES}")
+    cursor.execute("PRAGMA temp_store = MEMORY")
+    cursor.close()
+
+
+def make_readonly_engine(path: str | os.PathLike[str]) -> Engine:
+    """An engine that opens the file with ``mode=ro``: it can never write the database.
+
+    A read-write connection that closes last checkpoints the WAL into the main file;
+    a ``mode=ro`` one does not, so ``status`` leaves ``outbox.db`` byte-for-byte as it was.
+    """
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+
+    def connect() -> sqlite3.Connection:
+        return sqlite3.connect(
+            uri, uri=True, timeout=READ_BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+        )
+
+    engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool)
+    event.listen(engine, "connect", _on_connect_readonly)
     event.listen(engine, "begin", _on_begin)
     return engine
 
@@ -382,6 +662,12 @@ def file_lock(path: str | os.PathLike[str], *, blocking: bool) -> Iterator[bool]
         os.close(fd)
 
 
+def lock_file(database: str | os.PathLike[str], name: str) -> Path:
+    """The lock file of one stage (``send``, ``fetch``) beside the database file."""
+    path = Path(database)
+    return path.with_name(f"{path.name}.{name}.lock")
+
+
 def lock_holder(path: str | os.PathLike[str]) -> int | None:
     """The pid holding the lock file ``path``, or None when nobody holds it."""
     if not Path(path).exists():
@@ -401,6 +687,7 @@ class Store:
     def __init__(self, path: Path, engine: Engine) -> None:
         self.path = path
         self.engine = engine
+        self.size_limit: SizeLimit | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -425,6 +712,23 @@ class Store:
         except BaseException:
             engine.dispose()
             raise
+        return store
+
+    @classmethod
+    def open_readonly(cls, path: str | os.PathLike[str]) -> Store:
+        """Open an existing outbox for reading only: no migration, no write, no checkpoint.
+
+        Raises StoreError when the file is missing or is not a SQLite database.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise StoreError(f"{path}: no outbox there")
+        store = cls(path, make_readonly_engine(path))
+        try:
+            store.schema_version()
+        except (DatabaseError, sqlite3.DatabaseError) as exc:
+            store.close()
+            raise StoreError(f"{path}: not a usable outbox database: {_short(exc)}") from None
         return store
 
     def close(self) -> None:
@@ -459,7 +763,7 @@ class Store:
 
     def lock_path(self, name: str) -> Path:
         """The lock file of one stage (``send``, ``fetch``) beside the database."""
-        return self.path.with_name(f"{self.path.name}.{name}.lock")
+        return lock_file(self.path, name)
 
     def schema_version(self) -> str | None:
         """The Alembic revision stamped in the file, or None when unstamped."""
@@ -474,7 +778,7 @@ class Store:
 
     def stage(
         self,
-        rows: Iterable[Sequence[Any]],
+        rows: Iterable[Sequence[Any]] | RowBatch,
         *,
         series_rows: Iterable[Sequence[Any]] = (),
         page: PageRecord | None = None,
@@ -484,58 +788,57 @@ class Store:
     ) -> StageResult:
         """Upsert observation rows, the page they came from and watermarks atomically.
 
-        ``rows`` are tuples in :data:`ROW_COLUMNS` order; ``series_rows`` in
-        :data:`SERIES_COLUMNS` order. The page is stored only when at least one row
-        was written (an unchanged re-fetch writes nothing at all).
+        ``rows`` are tuples in :data:`ROW_COLUMNS` order (or a :class:`RowBatch` of
+        them); ``series_rows`` in :data:`SERIES_COLUMNS` order. The page is stored only
+        when at least one row was written (an unchanged re-fetch writes nothing at all).
+        Under a :meth:`limit_size` ceiling, a page that would pass it raises
+        OutboxFullError and nothing of it is written.
         """
         now = now or now_ts()
+        limit = self.size_limit
+        prepared = rows if isinstance(rows, RowBatch) else RowBatch.of(rows)
+        rows, batch = prepared.rows, prepared.json
         with self.write() as conn:
             cur = self.cursor(conn)
+            growth = self._check_rows(cur, limit, rows) if limit is not None else None
+            pages_before = _one(cur, "PRAGMA page_count") if limit and limit.max_bytes else 0
             page_id = None
             if page is not None:
                 page_id = cur.execute("SELECT coalesce(max(id), 0) + 1 FROM pages").fetchone()[0]
-            cur.executemany(_SERIES_INSERT, ((*tuple(s), now) for s in series_rows))
-            offered = 0
-
-            def params() -> Iterator[tuple[Any, ...]]:
-                nonlocal offered
-                for row in rows:
-                    offered += 1
-                    yield (*row, page_id, now)
-
-            cur.executemany(_UPSERT, params())
-            written = max(cur.rowcount, 0)
-            crashpoint("stage.rows_written")
-            if page is not None and written:
-                cur.execute(
-                    "INSERT INTO pages (id, run_id, route, params, url, page_no, page_offset,"
-                    " total, row_count, fetched_at, encoding, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        page_id,
-                        run_id,
-                        page.route,
-                        json.dumps(page.params, sort_keys=True, default=str),
-                        redact(page.url),
-                        page.page_no,
-                        page.offset,
-                        page.total,
-                        page.row_count,
-                        now,
-                        PAGE_ENCODING,
-                        zlib.compress(page.body, 1),
-                    ),
-                )
-            cur.executemany(
-                _WATERMARK_UPSERT,
-                [
-                    (w.stream, w.dataset, w.respondent, w.route, w.last_ts, now, run_id)
-                    for w in watermark_updates
-                ],
-            )
+            _insert_series(cur, [tuple(s) for s in series_rows], now)
+            if batch is None:
+                written = self._upsert_rows(cur, rows, page_id, now)
+                crashpoint("stage.rows_written")
+                if page is not None and written:
+                    _insert_page(cur, page_id, run_id, page, now)
+            elif page is None or cur.execute(_ANY_CHANGE_JSON, (batch,)).fetchone():
+                # The page goes in before its rows: inserted after them, SQLite would scan
+                # all of observations (no index on page_id) to settle the deferred key.
+                if page is not None:
+                    _insert_page(cur, page_id, run_id, page, now)
+                written = _upsert_json(cur, prepared, page_id, now)
+                if page is not None and not written:  # cannot happen: the check saw a change
+                    cur.execute("DELETE FROM pages WHERE id = ?", (page_id,))
+                crashpoint("stage.rows_written")
+            else:
+                written = 0  # every row is staged with this revision: nothing to write
+                crashpoint("stage.rows_written")
+            _upsert_watermarks(cur, [_mark_row(w) for w in watermark_updates], now, run_id)
+            if limit is not None and written:
+                self._check_bytes(cur, limit, pages_before)
             cur.close()
             crashpoint("stage.before_commit")
-        return StageResult(written=written, page_id=page_id if written else None, offered=offered)
+        if limit is not None:
+            limit.rows += written if growth is None else growth
+        return StageResult(written=written, page_id=page_id if written else None, offered=len(rows))
+
+    @staticmethod
+    def _upsert_rows(
+        cur: sqlite3.Cursor, rows: Sequence[Sequence[Any]], page_id: int | None, now: str
+    ) -> int:
+        """The row-by-row upsert, for rows that do not encode as JSON."""
+        cur.executemany(_UPSERT, ((*row, page_id, now) for row in rows))
+        return max(cur.rowcount, 0)
 
     def watermarks(self) -> dict[str, str]:
         """stream -> last fully staged ts."""
@@ -551,12 +854,20 @@ class Store:
 
     # -- send side -----------------------------------------------------------------
 
-    def claim(self, limit: int, now: str | None = None) -> list[Claimed]:
-        """Up to ``limit`` pending rows due at ``now``, oldest ts first, then series_id."""
+    def claim(
+        self, limit: int, now: str | None = None, after: tuple[str, str] | None = None
+    ) -> list[Claimed]:
+        """Up to ``limit`` pending rows due at ``now``, oldest ts first, then series_id.
+
+        With ``after`` (a ``(ts, series_id)`` key), only rows ordered after that key.
+        """
         now = now or now_ts()
         with self.read() as conn:
             cur = self.cursor(conn)
-            rows = cur.execute(_CLAIM, (now, limit)).fetchall()
+            if after is None:
+                rows = cur.execute(_CLAIM, (now, limit)).fetchall()
+            else:
+                rows = cur.execute(_CLAIM_AFTER, (now, after[0], after[1], limit)).fetchall()
             cur.close()
         return [Claimed._make(r) for r in rows]
 
@@ -564,7 +875,7 @@ class Store:
         """Mark sent rows ``acked``; rows whose revision changed meanwhile stay pending."""
         now = now or now_ts()
         with self.write() as conn:
-            return self._executemany(conn, _ACK, ((now, k[0], k[1], k[2]) for k in keys))
+            return _ack(self.cursor(conn), keys, now)
 
     def reject(
         self, items: Iterable[tuple[Sequence[str], str, str]], now: str | None = None
@@ -591,7 +902,7 @@ class Store:
                 _REJECT,
                 ((code, redact(msg), k[0], k[1], k[2]) for k, code, msg in rejected),
             )
-            ok = self._executemany(conn, _ACK, ((now, k[0], k[1], k[2]) for k in acked))
+            ok = _ack(self.cursor(conn), acked, now)
             crashpoint("settle.before_commit")
         return ok, dead
 
@@ -687,13 +998,17 @@ class Store:
     # -- reading -------------------------------------------------------------------
 
     def series_states(self) -> list[SeriesState]:
-        """Per-series pending/dead counts, newest staged/acked and delivered-through."""
+        """Per-series pending/dead counts, newest staged/acked and delivered-through.
+
+        The pending index is scanned once (counts, oldest ts and earliest retry time
+        together); everything else is a primary-key seek per series.
+        """
         with self.read() as conn:
             cur = self.cursor(conn)
             pend = {
-                r[0]: (r[1], r[2])
+                r[0]: (r[1], r[2], r[3])
                 for r in cur.execute(
-                    "SELECT series_id, count(*), min(ts) FROM observations"
+                    "SELECT series_id, count(*), min(ts), min(next_attempt_at) FROM observations"
                     " INDEXED BY ix_observations_pending_due WHERE state = 'pending'"
                     " GROUP BY series_id"
                 )
@@ -708,7 +1023,7 @@ class Store:
             for sid, ba, typ, sub in cur.execute(
                 "SELECT series_id, ba, type, subtype FROM series ORDER BY series_id"
             ).fetchall():
-                n_pending, oldest = pend.get(sid, (0, None))
+                n_pending, oldest, retry = pend.get(sid, (0, None, None))
                 out.append(
                     SeriesState(
                         series_id=sid,
@@ -728,6 +1043,7 @@ class Store:
                         ),
                         delivered_through=self._delivered_through(cur, sid, oldest),
                         oldest_pending=oldest,
+                        next_attempt_at=retry,
                     )
                 )
             cur.close()
@@ -798,6 +1114,25 @@ class Store:
         """SQLite's total_changes() of ``conn`` (for tests of no-write re-stage)."""
         return int(conn.exec_driver_sql("SELECT total_changes()").scalar() or 0)
 
+    # -- meta ----------------------------------------------------------------------
+
+    def meta_get(self, key: str) -> str | None:
+        """A value from the ``meta`` key/value table (progress markers and the like)."""
+        with self.read() as conn:
+            return conn.exec_driver_sql("SELECT value FROM meta WHERE key = ?", (key,)).scalar()
+
+    def meta_set(self, key: str, value: str | None) -> None:
+        """Set (or, with None, delete) a ``meta`` value."""
+        with self.write() as conn:
+            if value is None:
+                conn.exec_driver_sql("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                conn.exec_driver_sql(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+
     # -- runs ----------------------------------------------------------------------
 
     def start_run(self, stage: str, now: str | None = None) -> int:
@@ -852,6 +1187,382 @@ class Store:
             RunRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5] or "{}"), r[6], r[7])
             for r in rows
         ]
+
+    # -- status and doctor ---------------------------------------------------------
+
+    def run_summary(self, stage: str) -> RunSummary:
+        """Newest run, newest finished run, newest ok run, and failed runs since that one.
+
+        Walks ``runs`` newest first (by rowid, ``+stage`` keeps the planner off the
+        stage index) and stops at the first ok run, so it reads a handful of rows.
+        """
+        last = finished = ok = None
+        failures = 0
+        with self.read() as conn:
+            cur = self.cursor(conn)
+            cur.execute(
+                "SELECT id, stage, started_at, finished_at, status, counts, error, pid"
+                " FROM runs WHERE +stage = ? ORDER BY id DESC",
+                (stage,),
+            )
+            for r in cur:
+                record = RunRecord(
+                    r[0], r[1], r[2], r[3], r[4], json.loads(r[5] or "{}"), r[6], r[7]
+                )
+                last = last or record
+                if record.status != "running":
+                    finished = finished or record
+                if record.status == "failed":
+                    failures += 1
+                elif record.status == "ok":
+                    ok = record
+                    break
+            cur.close()
+        return RunSummary(last, finished, ok, failures)
+
+    def queue_head(self) -> tuple[str, str, str] | None:
+        """``(series_id, ts, fetched_at)`` of the oldest pending row (the send queue's head)."""
+        with self.read() as conn:
+            row = conn.exec_driver_sql(
+                "SELECT series_id, ts, fetched_at FROM observations"
+                " INDEXED BY ix_observations_pending_due WHERE state = 'pending'"
+                " ORDER BY ts, series_id LIMIT 1"
+            ).first()
+        return (row[0], row[1], row[2]) if row else None
+
+    def newest_before(self, series_ids: Iterable[str], before: str) -> str | None:
+        """The newest ts earlier than ``before`` in any of ``series_ids`` (primary-key seeks)."""
+        newest = None
+        with self.read() as conn:
+            cur = self.cursor(conn)
+            for sid in series_ids:
+                found = _one(
+                    cur,
+                    "SELECT ts FROM observations WHERE series_id = ? AND ts < ?"
+                    " ORDER BY ts DESC LIMIT 1",
+                    (sid, before),
+                )
+                if found is not None and (newest is None or found > newest):
+                    newest = found
+            cur.close()
+        return newest
+
+    def quick_check(self) -> list[str]:
+        """``PRAGMA quick_check`` lines (``["ok"]`` for a sound file); StoreError if unreadable."""
+        try:
+            with self.read() as conn:
+                return [str(r[0]) for r in conn.exec_driver_sql("PRAGMA quick_check").all()]
+        except (DatabaseError, sqlite3.DatabaseError) as exc:
+            raise StoreError(f"{self.path}: not a usable outbox database: {_short(exc)}") from None
+
+    # -- size limit (housekeeping.max_rows / max_bytes) ----------------------------
+
+    def limit_size(self, max_rows: int | None, max_bytes: int | None) -> SizeLimit | None:
+        """Make :meth:`stage` refuse, with OutboxFullError, a page that would pass a ceiling.
+
+        Rows are counted once here (only when ``max_rows`` is set); no limit clears it.
+        """
+        if max_rows is None and max_bytes is None:
+            self.size_limit = None
+        else:
+            rows = self.count_rows() if max_rows is not None else 0
+            self.size_limit = SizeLimit(max_rows, max_bytes, rows)
+        return self.size_limit
+
+    def count_rows(self) -> int:
+        """Every observation row (one pass over the primary key)."""
+        with self.read() as conn:
+            return int(conn.exec_driver_sql("SELECT count(*) FROM observations").scalar() or 0)
+
+    @staticmethod
+    def _check_rows(
+        cur: sqlite3.Cursor, limit: SizeLimit, rows: Sequence[Sequence[Any]]
+    ) -> int | None:
+        """The rows a page adds when it could pass ``max_rows`` (None: it cannot)."""
+        if limit.max_rows is None or limit.rows + len(rows) <= limit.max_rows:
+            return None
+        keys = json.dumps([[r[0], r[1]] for r in rows])
+        new = int(_one(cur, _COUNT_NEW_KEYS, (keys,)) or 0)
+        if limit.rows + new > limit.max_rows:
+            raise OutboxFullError(
+                f"outbox full: {limit.rows} rows staged and this page would add {new} "
+                f"(housekeeping.max_rows = {limit.max_rows}); nothing was staged and nothing "
+                "evicted: let `outbox send` deliver, `outbox prune` remove acknowledged rows, "
+                "or raise the limit"
+            )
+        return new
+
+    def _check_bytes(self, cur: sqlite3.Cursor, limit: SizeLimit, pages_before: int) -> None:
+        """Refuse a page that grew the file past ``max_bytes`` (its transaction rolls back)."""
+        if limit.max_bytes is None:
+            return
+        pages = int(_one(cur, "PRAGMA page_count") or 0)
+        size = pages * int(_one(cur, "PRAGMA page_size") or 0)
+        if pages > pages_before and size > limit.max_bytes:
+            raise OutboxFullError(
+                f"outbox full: staging this page would grow {self.path.name} to {size} bytes "
+                f"(housekeeping.max_bytes = {limit.max_bytes}); nothing was staged and nothing "
+                "evicted: let `outbox send` deliver, `outbox prune` remove acknowledged rows, "
+                "or raise the limit"
+            )
+
+    # -- gaps ----------------------------------------------------------------------
+
+    def missing_hours(self, since: str = "", until: str = "9999") -> list[tuple[str, str]]:
+        """``(series_id, ts)`` of every unchecked hour absent between two staged hours.
+
+        Only hours in ``[since, until]`` are returned, ordered by series and ts.
+        """
+        with self.read() as conn:
+            cur = self.cursor(conn)
+            found = cur.execute(_MISSING_HOURS, {"lo": since, "hi": until}).fetchall()
+            cur.close()
+        return [(r[0], r[1]) for r in found]
+
+    def series_sources(self) -> dict[str, tuple[str, dict[str, str]]]:
+        """series_id -> (EIA route, EIA facets of the series) for every known series."""
+        with self.read() as conn:
+            found = conn.exec_driver_sql("SELECT series_id, route, facets FROM series").all()
+        return {r[0]: (r[1], json.loads(r[2] or "{}")) for r in found}
+
+    def mark_checked(self, hours: Iterable[tuple[str, str]], now: str | None = None) -> int:
+        """Record the requested hours that are still absent as checked; returns how many."""
+        now = now or now_ts()
+        with self.write() as conn:
+            return self._executemany(conn, _MARK_CHECKED, ((s, t, now) for s, t in hours))
+
+    # -- housekeeping --------------------------------------------------------------
+
+    def prune_before(self, before: str, batch: int = 256) -> tuple[int, int, int]:
+        """Delete acknowledged rows, checked gap hours and finished runs older than ``before``.
+
+        Rows are matched on ``ts`` (pending and dead rows stay), one primary-key range per
+        series, so only old rows are read; runs on ``started_at``. Returns (rows, checked
+        gap hours, runs). Each transaction covers ``batch`` series, which keeps the WAL
+        small when a first prune removes a lot.
+        """
+        with self.write() as conn:
+            cur = self.cursor(conn)
+            sids = [r[0] for r in cur.execute("SELECT series_id FROM series")]
+            checked = cur.execute("DELETE FROM checked_gaps WHERE ts < ?", (before,)).rowcount
+            runs = cur.execute(
+                "DELETE FROM runs WHERE started_at < ? AND status <> 'running'", (before,)
+            ).rowcount
+            cur.close()
+            rows = self._executemany(conn, _PRUNE_ACKED, ((sid, before) for sid in sids[:batch]))
+        for i in range(batch, len(sids), batch):
+            with self.write() as conn:
+                rows += self._executemany(
+                    conn, _PRUNE_ACKED, ((sid, before) for sid in sids[i : i + batch])
+                )
+        return rows, max(checked, 0), max(runs, 0)
+
+    def sweep_pages(self, fetched_before: str | None = None, rows_before: str | None = None) -> int:
+        """Delete raw pages that no observation points to; returns how many.
+
+        Without bounds every page is checked against every row (one full scan). With
+        both, only pages fetched before ``fetched_before`` are candidates and only rows
+        with ts before ``rows_before`` are read (primary-key ranges): the caller picks
+        bounds such that no newer row can come from an older page. Foreign-key checks are
+        off for this one transaction: without an index on ``observations.page_id`` each
+        deleted page would cost SQLite a full scan to verify it, and the references were
+        just read under the same write lock.
+        """
+        with self._write_unchecked() as conn:
+            cur = self.cursor(conn)
+            if fetched_before is None or rows_before is None:
+                cur.execute(
+                    "DELETE FROM pages WHERE id NOT IN"
+                    " (SELECT page_id FROM observations WHERE page_id IS NOT NULL)"
+                )
+                deleted = max(cur.rowcount, 0)
+            else:
+                deleted = self._sweep_old_pages(cur, fetched_before, rows_before)
+            cur.close()
+        return deleted
+
+    @staticmethod
+    def _sweep_old_pages(cur: sqlite3.Cursor, fetched_before: str, rows_before: str) -> int:
+        found = cur.execute("SELECT id FROM pages WHERE fetched_at < ?", (fetched_before,))
+        candidates = [r[0] for r in found]
+        if not candidates:
+            return 0
+        referenced = {
+            r[0]
+            for r in cur.execute(
+                "SELECT DISTINCT o.page_id FROM series s JOIN observations o"
+                " ON o.series_id = s.series_id AND o.ts < ? WHERE o.page_id IS NOT NULL",
+                (rows_before,),
+            )
+        }
+        cur.executemany(
+            "DELETE FROM pages WHERE id = ?", ((i,) for i in candidates if i not in referenced)
+        )
+        return max(cur.rowcount, 0)
+
+    @contextmanager
+    def _write_unchecked(self) -> Iterator[Connection]:
+        """A write transaction with foreign-key enforcement off (restored afterwards)."""
+        with self.engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            raw.execute("PRAGMA foreign_keys = OFF")  # type: ignore[union-attr]
+            try:
+                conn.execution_options(outbox_write=True)
+                with conn.begin():
+                    yield conn
+            finally:
+                raw.execute("PRAGMA foreign_keys = ON")  # type: ignore[union-attr]
+
+    def file_stats(self) -> FileStats:
+        """Page size, page count, free pages and auto_vacuum mode of the main file."""
+        with self.read() as conn:
+            cur = self.cursor(conn)
+            size, count, free, mode = (
+                int(_one(cur, f"PRAGMA {name}") or 0)
+                for name in ("page_size", "page_count", "freelist_count", "auto_vacuum")
+            )
+            cur.close()
+        return FileStats(size, count, free, AUTO_VACUUM_MODES.get(mode, str(mode)))
+
+    def incremental_vacuum(self, pages: int = 0) -> None:
+        """Hand up to ``pages`` free pages (0: all) back to the filesystem.
+
+        Works when auto_vacuum is incremental; a no-op otherwise (see :meth:`vacuum`).
+        """
+        # Run to completion by sqlite3_exec (executescript, its own transaction): a
+        # cursor's execute steps the pragma once, and each step frees a single page.
+        with self.engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            raw.executescript(f"PRAGMA incremental_vacuum({int(pages)});")  # type: ignore[union-attr]
+
+    def vacuum(self) -> None:
+        """Rebuild the file (VACUUM): it shrinks, and an old file becomes auto_vacuum=incremental.
+
+        Holds the write lock for the whole rebuild and needs free disk space about the
+        size of the file.
+        """
+        with self.engine.connect() as conn:
+            conn.connection.driver_connection.execute("VACUUM")  # type: ignore[union-attr]
+
+    def checkpoint(self, mode: str = "TRUNCATE") -> None:
+        """Copy the WAL into the main file (``TRUNCATE`` also empties the -wal file)."""
+        if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+            raise ValueError(f"unknown checkpoint mode {mode!r}")
+        with self.engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            raw.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()  # type: ignore[union-attr]
+
+
+def _json_rows(rows: Sequence[Sequence[Any]], value_at: int | None = None) -> bytes | None:
+    """``rows`` as one JSON array for the ``json_each`` statements, or None when a row
+    holds something JSON would not carry exactly as the DB-API binds it (the caller then
+    falls back to executemany): a non-finite float at ``value_at`` (JSON has no inf/NaN),
+    or a type orjson refuses.
+    """
+    if value_at is not None:
+        try:
+            if not math.isfinite(sum(v for r in rows if (v := r[value_at]) is not None)):
+                return None
+        except (TypeError, OverflowError):
+            return None
+    try:
+        return orjson.dumps(rows, option=_JSON_STRICT)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return None
+
+
+def _same(rows: Sequence[Sequence[Any]], at: int) -> Any:
+    """The value every row holds at ``at`` if they all hold the same string, else None."""
+    values = set(map(itemgetter(at), rows))
+    if len(values) == 1:
+        value = values.pop()
+        return value if type(value) is str else None
+    return None
+
+
+def _upsert_json(cur: sqlite3.Cursor, batch: RowBatch, page_id: int | None, now: str) -> int:
+    params = (page_id, now, batch.json, batch.units, batch.quality_flag, batch.row_is_position)
+    if batch.checked:  # compiles the upsert without its CHECK code; OFF again right after
+        cur.execute("PRAGMA ignore_check_constraints = ON")
+    try:
+        return max(cur.execute(_UPSERT_JSON, params).rowcount, 0)
+    finally:
+        if batch.checked:
+            cur.execute("PRAGMA ignore_check_constraints = OFF")
+
+
+def _pass_checks(rows: Sequence[Sequence[Any]]) -> bool:
+    """Whether every row passes the CHECK constraints of ``observations`` (checked here).
+
+    ``state`` always does: the upsert writes 'pending' or 'acked'. Rows that fail are left
+    to SQLite, which raises its IntegrityError as it always did.
+    """
+    if not _CHECKS_MIRRORED or not set(map(itemgetter(4), rows)) <= _QUALITY_FLAG_SET:
+        return False
+    return all(r[4] == "missing" for r in rows if r[2] is None)
+
+
+def _ack(cur: sqlite3.Cursor, keys: Iterable[Sequence[str]], now: str) -> int:
+    keys = [(k[0], k[1], k[2]) for k in keys]
+    batch = _json_rows(keys) if keys else None
+    if batch is None:
+        cur.executemany(_ACK, [(now, *k) for k in keys])
+    else:
+        cur.execute(_ACK_JSON, (now, batch))
+    count = max(cur.rowcount, 0)
+    cur.close()
+    return count
+
+
+def _mark_row(w: WatermarkUpdate) -> tuple[str, str, str, str, str]:
+    return (w.stream, w.dataset, w.respondent, w.route, w.last_ts)
+
+
+def _insert_series(cur: sqlite3.Cursor, rows: list[tuple[Any, ...]], now: str) -> None:
+    if not rows:
+        return
+    batch = _json_rows(rows)
+    if batch is None:
+        cur.executemany(_SERIES_INSERT, [(*r, now) for r in rows])
+    else:
+        cur.execute(_SERIES_INSERT_JSON, (now, batch))
+
+
+def _upsert_watermarks(
+    cur: sqlite3.Cursor, rows: list[tuple[str, ...]], now: str, run_id: int | None
+) -> None:
+    if not rows:
+        return
+    batch = _json_rows(rows)
+    if batch is None:
+        cur.executemany(_WATERMARK_UPSERT, [(*r, now, run_id) for r in rows])
+    else:
+        cur.execute(_WATERMARK_UPSERT_JSON, (now, run_id, batch))
+
+
+def _insert_page(
+    cur: sqlite3.Cursor, page_id: int | None, run_id: int | None, page: PageRecord, now: str
+) -> None:
+    stored = page.compressed
+    if stored is None:
+        stored = zlib.compress(page.body, PAGE_LEVEL)
+    cur.execute(
+        _INSERT_PAGE,
+        (
+            page_id,
+            run_id,
+            page.route,
+            json.dumps(page.params, sort_keys=True, default=str),
+            redact(page.url),
+            page.page_no,
+            page.offset,
+            page.total,
+            page.row_count,
+            now,
+            PAGE_ENCODING,
+            stored,
+        ),
+    )
 
 
 def _one(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> Any:
