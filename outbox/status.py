@@ -1,27 +1,46 @@
-"""One status model behind the table, ``--json``, ``--check`` and metrics outputs.
+"""One status model behind the table, ``--json``, ``--check``, ``--metrics`` and ``--remote``.
 
-:func:`collect` only reads (one snapshot per query, WAL readers never block
-writers); the renderers never touch the database.
+:func:`read` opens an existing outbox read-only (``mode=ro``: no migration, no write, no
+WAL checkpoint; as a WAL reader it never waits on a running fetch or send) and
+:func:`collect` builds the :class:`Status` from index-driven queries only. The renderers
+(:func:`render_table`, :func:`render_metrics`, :func:`evaluate`) never touch the database.
+
+The JSON shape is documented field by field in ``docs/status.md``; bump
+:data:`SCHEMA_VERSION` on any incompatible change.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
+import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
+from outbox import __version__
 from outbox.config import DATASET_NAMES, Config
-from outbox.store import SeriesState, Store
+from outbox.errors import StoreError
+from outbox.redact import redact
+from outbox.store import RunRecord, RunSummary, SeriesState, Store
 from outbox.timeutil import parse_ts, to_ts, utcnow
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
+STAGES = ("fetch", "send")
 TYPE_TO_DATASET = {
     "demand": "demand",
     "demand_forecast": "demand_forecast",
     "net_generation": "net_generation",
 }
+# Freshness states of a dataset x BA group.
+FRESH_OK, FRESH_WARNING, FRESH_CRITICAL = "ok", "warning", "critical"
+FRESH_DISABLED, FRESH_NO_DATA = "disabled", "no_data"
 
 
 def dataset_of_series(s: SeriesState) -> str:
@@ -33,12 +52,28 @@ def dataset_of_series(s: SeriesState) -> str:
     return TYPE_TO_DATASET.get(s.type, s.type)
 
 
+@dataclass(frozen=True)
+class SeriesStatus:
+    """Delivery state of one series (``--json`` ``series[]``, metrics, ``--remote``)."""
+
+    series_id: str
+    dataset: str
+    ba: str
+    pending: int
+    dead: int
+    newest_staged: str | None
+    newest_acked: str | None
+    delivered_through: str | None
+    oldest_pending: str | None
+
+
 @dataclass
 class Group:
     """One dataset x BA line of the status table."""
 
     dataset: str
     ba: str
+    enabled: bool
     series: int = 0
     pending: int = 0
     dead: int = 0
@@ -46,112 +81,244 @@ class Group:
     newest_acked: str | None = None
     delivered_through: str | None = None
     oldest_pending: str | None = None
-    freshness_hours: float | None = None
-    stale: str = "ok"
+    freshness_seconds: int | None = None
+    stale_warning_seconds: int | None = None
+    stale_critical_seconds: int | None = None
+    freshness_state: str = FRESH_OK
+
+
+@dataclass(frozen=True)
+class Check:
+    """The ``--check`` verdict: exit code, its label and the one summary line."""
+
+    code: int
+    label: str
+    summary: str
 
 
 @dataclass
 class Status:
-    """Everything ``outbox status`` reports."""
+    """Everything ``outbox status`` reports (see docs/status.md for each field)."""
 
     schema_version: int
     generated_at: str
     database: str
     database_bytes: int
     outbox_schema: str | None
+    schema_head: str
     totals: dict[str, int]
-    oldest_pending: str | None
-    oldest_pending_age_hours: float | None
-    next_retry_at: str | None
+    oldest_pending: str | None = None
+    oldest_pending_series: str | None = None
+    oldest_pending_since: str | None = None
+    oldest_pending_age_seconds: int | None = None
+    next_retry_at: str | None = None
     groups: list[Group] = field(default_factory=list)
+    missing: list[dict[str, str]] = field(default_factory=list)
+    series: list[SeriesStatus] = field(default_factory=list)
     watermarks: list[dict[str, Any]] = field(default_factory=list)
     last_runs: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    last_success: dict[str, str | None] = field(default_factory=dict)
     consecutive_failures: dict[str, int] = field(default_factory=dict)
     invalid_last_fetch: int = 0
     warnings: list[str] = field(default_factory=list)
+    check: Check | None = None
+    remote: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for ``--json`` (stable keys, documented in docs/status.md)."""
         return asdict(self)
 
 
-def _age_hours(ts: str | None, now: datetime) -> float | None:
-    if not ts:
-        return None
-    return round((now - parse_ts(ts)).total_seconds() / 3600, 2)
+# -- reading -------------------------------------------------------------------------
 
 
-def _max(a: str | None, b: str | None) -> str | None:
-    return b if a is None else a if b is None else max(a, b)
+def open_store(config: Config) -> Store:
+    """The outbox for status: read-only when it exists; a missing path is created first."""
+    if Path(config.database).exists():
+        return Store.open_readonly(config.database)
+    return Store.open(config.database)
 
 
-def _min(a: str | None, b: str | None) -> str | None:
-    return b if a is None else a if b is None else min(a, b)
+def read(config: Config, now: datetime | None = None) -> Status:
+    """Open the configured outbox, collect its status and close it again."""
+    from sqlalchemy.exc import DatabaseError
+
+    with open_store(config) as store:
+        if store.schema_version() is None:
+            raise StoreError(f"{store.path}: not an outbox (no schema): run `outbox db upgrade`")
+        try:
+            return collect(config, store, now)
+        except DatabaseError as exc:
+            raise StoreError(f"{store.path}: cannot read the outbox: {exc.orig}") from None
 
 
 def collect(config: Config, store: Store, now: datetime | None = None) -> Status:
-    """Read the outbox and build the status model."""
+    """Read the outbox and build the status model (reads only)."""
+    from outbox.migrate import head_revision
+
     now = now or utcnow()
     states = store.series_states()
-    groups: dict[tuple[str, str], Group] = {}
-    for s in states:
-        dataset = dataset_of_series(s)
-        g = groups.setdefault((dataset, s.ba), Group(dataset, s.ba))
-        g.series += 1
-        g.pending += s.pending
-        g.dead += s.dead
-        g.newest_staged = _max(g.newest_staged, s.newest_staged)
-        g.newest_acked = _max(g.newest_acked, s.newest_acked)
-        g.delivered_through = (
-            s.delivered_through if g.series == 1 else _min(g.delivered_through, s.delivered_through)
-        )
-        g.oldest_pending = _min(g.oldest_pending, s.oldest_pending)
-    for g in groups.values():
-        g.freshness_hours = _age_hours(g.newest_staged, now)
-        if g.dataset in DATASET_NAMES and g.freshness_hours is not None:
-            warn, crit = config.stale_thresholds(g.dataset)
-            g.stale = (
-                "critical"
-                if g.freshness_hours > crit
-                else "warning"
-                if g.freshness_hours > warn
-                else "ok"
-            )
-    counts = store.counts()
-    oldest = min((s.oldest_pending for s in states if s.oldest_pending), default=None)
-    runs = store.recent_runs(limit=50)
-    last_runs: dict[str, dict[str, Any] | None] = {"fetch": None, "send": None}
-    failures = {"fetch": 0, "send": 0}
-    done = {"fetch": False, "send": False}
-    for r in runs:
-        if r.stage not in last_runs:
-            continue
-        if last_runs[r.stage] is None:
-            last_runs[r.stage] = asdict(r)
-        if not done[r.stage] and r.status == "failed":
-            failures[r.stage] += 1
-        elif r.status == "ok":
-            done[r.stage] = True
-    last_fetch = last_runs["fetch"]
+    series = [_series_status(s) for s in states]
+    runs = {stage: store.run_summary(stage) for stage in STAGES}
     status = Status(
         schema_version=SCHEMA_VERSION,
         generated_at=to_ts(now),
         database=str(store.path),
         database_bytes=_size(store.path),
         outbox_schema=store.schema_version(),
-        totals={"series": len(states), **counts},
-        oldest_pending=oldest,
-        oldest_pending_age_hours=_age_hours(oldest, now),
-        next_retry_at=store.next_retry_at(),
-        groups=sorted(groups.values(), key=lambda g: (_order(g.dataset), g.ba)),
+        schema_head=head_revision(),
+        totals={
+            "series": len(series),
+            "pending": sum(s.pending for s in series),
+            "dead": sum(s.dead for s in series),
+        },
+        next_retry_at=min((s.next_attempt_at for s in states if s.next_attempt_at), default=None),
+        groups=_groups(config, store, series, now),
+        series=series,
         watermarks=store.watermark_rows(),
-        last_runs=last_runs,
-        consecutive_failures=failures,
-        invalid_last_fetch=int((last_fetch or {}).get("counts", {}).get("invalid", 0)),
+        last_runs={stage: run_dict(runs[stage].last) for stage in STAGES},
+        last_success={stage: _finished(runs[stage].last_ok) for stage in STAGES},
+        consecutive_failures={stage: runs[stage].consecutive_failures for stage in STAGES},
+        invalid_last_fetch=_invalid(runs["fetch"]),
     )
+    _add_queue_head(status, store, now)
+    status.missing = _missing(config, status.groups, runs["fetch"])
     if not config.eia.verify_tls or not config.gridpulse.verify_tls:
         status.warnings.append("TLS verification is turned off in the config")
+    code, line = evaluate(config, status)
+    status.check = Check(code, LABELS[code], line)
     return status
+
+
+def _series_status(s: SeriesState) -> SeriesStatus:
+    return SeriesStatus(
+        series_id=s.series_id,
+        dataset=dataset_of_series(s),
+        ba=s.ba,
+        pending=s.pending,
+        dead=s.dead,
+        newest_staged=s.newest_staged,
+        newest_acked=s.newest_acked,
+        delivered_through=s.delivered_through,
+        oldest_pending=s.oldest_pending,
+    )
+
+
+def _groups(
+    config: Config, store: Store, series: Sequence[SeriesStatus], now: datetime
+) -> list[Group]:
+    members: dict[tuple[str, str], list[SeriesStatus]] = {}
+    for s in series:
+        members.setdefault((s.dataset, s.ba), []).append(s)
+    groups = [_group(config, store, key, rows, now) for key, rows in members.items()]
+    return sorted(groups, key=lambda g: (_order(g.dataset), g.ba))
+
+
+def _group(
+    config: Config,
+    store: Store,
+    key: tuple[str, str],
+    rows: Sequence[SeriesStatus],
+    now: datetime,
+) -> Group:
+    dataset, ba = key
+    g = Group(dataset, ba, enabled=_enabled(config, dataset, ba), series=len(rows))
+    g.pending = sum(s.pending for s in rows)
+    g.dead = sum(s.dead for s in rows)
+    g.newest_staged = _newest(s.newest_staged for s in rows)
+    g.newest_acked = _newest(s.newest_acked for s in rows)
+    g.oldest_pending = min((s.oldest_pending for s in rows if s.oldest_pending), default=None)
+    g.delivered_through = _group_delivered(store, rows, g)
+    g.freshness_seconds = _age(g.newest_staged, now)
+    if dataset in config.datasets:
+        warn, crit = config.stale_thresholds(dataset)
+        g.stale_warning_seconds, g.stale_critical_seconds = round(warn * 3600), round(crit * 3600)
+    g.freshness_state = _freshness_state(g)
+    return g
+
+
+def _group_delivered(store: Store, rows: Sequence[SeriesStatus], g: Group) -> str | None:
+    """Newest ts such that every staged row of the group at or before it is delivered."""
+    if g.oldest_pending is None:
+        return g.newest_staged
+    if len(rows) == 1:
+        return rows[0].delivered_through
+    return store.newest_before([s.series_id for s in rows], g.oldest_pending)
+
+
+def _freshness_state(g: Group) -> str:
+    if not g.enabled:
+        return FRESH_DISABLED
+    if g.freshness_seconds is None:
+        return FRESH_NO_DATA
+    if g.stale_critical_seconds is not None and g.freshness_seconds > g.stale_critical_seconds:
+        return FRESH_CRITICAL
+    if g.stale_warning_seconds is not None and g.freshness_seconds > g.stale_warning_seconds:
+        return FRESH_WARNING
+    return FRESH_OK
+
+
+def _enabled(config: Config, dataset: str, ba: str) -> bool:
+    ds = config.datasets.get(dataset)
+    return ds is not None and ds.enabled and ba in config.balancing_authorities
+
+
+def _missing(config: Config, groups: Sequence[Group], fetch: RunSummary) -> list[dict[str, str]]:
+    """Enabled dataset x BA pairs without a single row, once a fetch has succeeded."""
+    if fetch.last_ok is None:
+        return []
+    have = {(g.dataset, g.ba) for g in groups}
+    return [
+        {"dataset": dataset, "ba": ba}
+        for dataset in config.enabled_datasets()
+        for ba in config.balancing_authorities
+        if (dataset, ba) not in have
+    ]
+
+
+def _add_queue_head(status: Status, store: Store, now: datetime) -> None:
+    head = store.queue_head()
+    if head is None:
+        return
+    status.oldest_pending_series, status.oldest_pending, status.oldest_pending_since = head
+    status.oldest_pending_age_seconds = max(0, _age(head[2], now) or 0)
+
+
+def run_dict(run: RunRecord | None) -> dict[str, Any] | None:
+    """A run as plain data: the ``runs`` row plus ``seconds``, its error redacted."""
+    if run is None:
+        return None
+    out = asdict(run)
+    out["seconds"] = run_seconds(run)
+    out["error"] = redact(run.error) if run.error else None
+    return out
+
+
+def run_seconds(run: RunRecord) -> float | None:
+    """How long a finished run took (None while it runs)."""
+    if not run.finished_at:
+        return None
+    return round((parse_ts(run.finished_at) - parse_ts(run.started_at)).total_seconds(), 3)
+
+
+def _finished(run: RunRecord | None) -> str | None:
+    return run.finished_at if run else None
+
+
+def _invalid(fetch: RunSummary) -> int:
+    counts = fetch.last_finished.counts if fetch.last_finished else {}
+    value = counts.get("invalid", 0)
+    return int(value) if isinstance(value, int | float) else 0
+
+
+def _newest(values: Iterable[str | None]) -> str | None:
+    return max((v for v in values if v), default=None)
+
+
+def _age(ts: str | None, now: datetime) -> int | None:
+    if not ts:
+        return None
+    return round((now - parse_ts(ts)).total_seconds())
 
 
 def _order(dataset: str) -> int:
@@ -173,93 +340,549 @@ LABELS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"
 
 
 def evaluate(config: Config, status: Status) -> tuple[int, str]:
-    """The monitoring verdict: (exit code, one summary line naming what is wrong)."""
-    problems: list[tuple[int, str]] = []
+    """The monitoring verdict: (exit code, one summary line naming what is wrong).
+
+    Problems, each WARNING or CRITICAL by its thresholds: a stale dataset x BA (per
+    dataset: ``datasets.<name>.stale_*_hours`` or publication lag + 6 h / + 24 h), the
+    send queue's head waiting too long, dead rows, consecutive failed runs per stage,
+    and config warnings. Disabled datasets and BAs no longer configured are never
+    stale; an empty outbox is OK.
+    """
     th = config.status
-    for g in status.groups:
-        if g.stale != "ok":
-            level = CRITICAL if g.stale == "critical" else WARNING
-            problems.append((level, f"{g.dataset} {g.ba} stale {g.freshness_hours:g}h"))
-    age = status.oldest_pending_age_hours
-    if age is not None and age > th.oldest_pending_warning_hours:
-        level = CRITICAL if age > th.oldest_pending_critical_hours else WARNING
-        problems.append((level, f"oldest pending {age:g}h"))
+    problems = _stale_problems(status.groups)
+    age = status.oldest_pending_age_seconds
+    if age is not None and age > th.oldest_pending_warning_hours * 3600:
+        crit = age > th.oldest_pending_critical_hours * 3600
+        limit = th.oldest_pending_critical_hours if crit else th.oldest_pending_warning_hours
+        problems.append(
+            (
+                CRITICAL if crit else WARNING,
+                f"oldest pending row waiting {age_text(age)} "
+                f"({'crit' if crit else 'warn'} > {_limit(limit * 3600)})",
+            )
+        )
     dead = status.totals.get("dead", 0)
     if dead >= th.dead_rows_warning:
-        level = CRITICAL if dead >= th.dead_rows_critical else WARNING
-        problems.append((level, f"{dead} dead rows"))
+        crit = dead >= th.dead_rows_critical
+        limit = th.dead_rows_critical if crit else th.dead_rows_warning
+        rows = "row" if dead == 1 else "rows"
+        problems.append((CRITICAL if crit else WARNING, f"{dead} dead {rows} ({_at(crit, limit)})"))
     for stage, n in status.consecutive_failures.items():
         if n >= th.failed_runs_warning:
-            level = CRITICAL if n >= th.failed_runs_critical else WARNING
-            problems.append((level, f"{n} failed {stage} runs in a row"))
-    for warning in status.warnings:
-        problems.append((WARNING, warning))
+            crit = n >= th.failed_runs_critical
+            limit = th.failed_runs_critical if crit else th.failed_runs_warning
+            problems.append(
+                (
+                    CRITICAL if crit else WARNING,
+                    f"{stage} failed {n} runs in a row ({_at(crit, limit)})",
+                )
+            )
+    problems.extend((WARNING, w) for w in status.warnings)
     if not problems:
-        pending = status.totals.get("pending", 0)
-        return OK, f"OK - {status.totals.get('series', 0)} series, {pending} pending, 0 dead"
+        t = status.totals
+        return OK, (
+            f"OK - {t.get('series', 0)} series, {t.get('pending', 0)} pending, "
+            f"{t.get('dead', 0)} dead"
+        )
     code = max(level for level, _ in problems)
     problems.sort(key=lambda p: -p[0])
     return code, f"{LABELS[code]} - " + "; ".join(text for _, text in problems)
 
 
+def _at(crit: bool, limit: int) -> str:
+    return f"{'crit' if crit else 'warn'} at {limit}"
+
+
+def _stale_problems(groups: Sequence[Group]) -> list[tuple[int, str]]:
+    by_dataset: dict[str, list[Group]] = {}
+    enabled: dict[str, int] = {}
+    for g in groups:
+        enabled[g.dataset] = enabled.get(g.dataset, 0) + int(g.enabled)
+        if g.freshness_state in (FRESH_WARNING, FRESH_CRITICAL):
+            by_dataset.setdefault(g.dataset, []).append(g)
+    problems = []
+    for dataset, stale in by_dataset.items():
+        critical = [g for g in stale if g.freshness_state == FRESH_CRITICAL]
+        level = CRITICAL if critical else WARNING
+        oldest = max(g.freshness_seconds or 0 for g in stale)
+        if len(stale) == enabled[dataset] > 1:
+            where = f"all {len(stale)} BAs"
+        else:
+            where = ", ".join(g.ba for g in stale)
+        limit = (
+            f"crit > {_limit(stale[0].stale_critical_seconds)}"
+            if critical
+            else f"warn > {_limit(stale[0].stale_warning_seconds)}"
+        )
+        problems.append((level, f"{dataset} stale {age_text(oldest)} ({where}; {limit})"))
+    return problems
+
+
+def _limit(seconds: float | None) -> str:
+    return f"{(seconds or 0) / 3600:g}h"
+
+
+def age_text(seconds: float) -> str:
+    """A short age: ``45m``, ``2.5h``, ``31h``, ``12d``."""
+    if abs(seconds) < 3600:
+        return f"{seconds / 60:.0f}m"
+    hours = seconds / 3600
+    if abs(hours) < 10:
+        return f"{hours:.1f}".rstrip("0").rstrip(".") + "h"
+    if abs(hours) < 72:
+        return f"{hours:.0f}h"
+    return f"{hours / 24:.0f}d"
+
+
+# -- remote -------------------------------------------------------------------------
+
+
+class LatestSource(Protocol):
+    """What ``--remote`` needs from GridPulse (a :class:`~outbox.gridpulse.GridPulseClient`)."""
+
+    def latest(self, series_id: str) -> tuple[str | None, str | None] | None:
+        """``(latest_ts, revision)`` or None when GridPulse does not know the series."""
+        ...
+
+
+def compare_remote(status: Status, client: LatestSource, base_url: str) -> dict[str, Any]:
+    """Each series' acknowledged rows against GridPulse's latest ts for it.
+
+    Verdicts: ``ok`` (GridPulse's latest equals our newest acknowledged ts, or both are
+    empty), ``behind`` (GridPulse lacks rows it acknowledged: its latest is older, or it
+    does not know the series), ``ahead`` (GridPulse holds newer rows than this outbox ever
+    delivered: another writer, or a reset outbox that has not caught up). Raises the
+    client's SinkError when GridPulse cannot be asked.
+    """
+    rows = []
+    for s in status.series:
+        answer = client.latest(s.series_id)
+        latest, revision = answer if answer is not None else (None, None)
+        rows.append(
+            {
+                "series_id": s.series_id,
+                "delivered_through": s.delivered_through,
+                "newest_acked": s.newest_acked,
+                "gridpulse_known": answer is not None,
+                "gridpulse_latest": latest,
+                "gridpulse_revision": revision,
+                "verdict": _verdict(s.newest_acked, latest),
+            }
+        )
+    disagree = sum(1 for r in rows if r["verdict"] != "ok")
+    return {
+        "base_url": base_url,
+        "checked": len(rows),
+        "agree": len(rows) - disagree,
+        "disagree": disagree,
+        "series": rows,
+    }
+
+
+def _verdict(acked: str | None, latest: str | None) -> str:
+    if acked is not None and (latest is None or parse_ts(latest) < parse_ts(acked)):
+        return "behind"
+    if latest is not None and (acked is None or parse_ts(latest) > parse_ts(acked)):
+        return "ahead"
+    return "ok"
+
+
+# -- metrics ------------------------------------------------------------------------
+
+_METRICS: dict[str, str] = {
+    "outbox_info": "Version and schema of the outbox (always 1).",
+    "outbox_status_timestamp_seconds": "When this status was collected.",
+    "outbox_check_status": "Verdict of `outbox status --check`: 0 OK, 1 WARNING, 2 CRITICAL.",
+    "outbox_database_bytes": "Size of the outbox database file plus its WAL.",
+    "outbox_series": "Series in the outbox.",
+    "outbox_pending_rows": "Rows waiting to be delivered.",
+    "outbox_dead_rows": "Rows GridPulse rejected permanently (dead letters).",
+    "outbox_oldest_pending_age_seconds": (
+        "How long the oldest pending row has waited since it was staged (0 when none)."
+    ),
+    "outbox_next_retry_timestamp_seconds": "Earliest next attempt of a deferred row.",
+    "outbox_last_fetch_invalid_rows": "Invalid EIA rows in the last finished fetch run.",
+    "outbox_series_pending_rows": "Pending rows per series.",
+    "outbox_series_dead_rows": "Dead rows per series.",
+    "outbox_series_newest_staged_timestamp_seconds": "Newest hour staged per series.",
+    "outbox_series_newest_acked_timestamp_seconds": "Newest hour acknowledged per series.",
+    "outbox_series_delivered_through_timestamp_seconds": (
+        "Per series, the newest hour such that every staged hour up to it is delivered."
+    ),
+    "outbox_freshness_seconds": "Age of the newest staged hour per dataset and BA.",
+    "outbox_freshness_level": (
+        "Freshness per enabled dataset and BA: 0 ok, 1 warning, 2 critical, 3 no data."
+    ),
+    "outbox_freshness_warning_seconds": "Freshness warning threshold per dataset.",
+    "outbox_freshness_critical_seconds": "Freshness critical threshold per dataset.",
+    "outbox_last_run_timestamp_seconds": "Start of the last finished run per stage.",
+    "outbox_last_run_duration_seconds": "Duration of the last finished run per stage.",
+    "outbox_last_run_success": "Whether the last finished run per stage succeeded (1) or not.",
+    "outbox_last_success_timestamp_seconds": "End of the last successful run per stage.",
+    "outbox_consecutive_failed_runs": "Failed runs since the last successful one, per stage.",
+}
+_LEVELS = {FRESH_OK: 0, FRESH_WARNING: 1, FRESH_CRITICAL: 2, FRESH_NO_DATA: 3}
+
+Sample = tuple[dict[str, str], float]
+
+
+def render_metrics(status: Status) -> str:
+    """Prometheus text exposition (format 0.0.4) of the status."""
+    samples: dict[str, list[Sample]] = {name: [] for name in _METRICS}
+    _add_global(samples, status)
+    for s in status.series:
+        labels = {"dataset": s.dataset, "ba": s.ba, "series": s.series_id}
+        samples["outbox_series_pending_rows"].append((labels, s.pending))
+        samples["outbox_series_dead_rows"].append((labels, s.dead))
+        _add_ts(samples["outbox_series_newest_staged_timestamp_seconds"], labels, s.newest_staged)
+        _add_ts(samples["outbox_series_newest_acked_timestamp_seconds"], labels, s.newest_acked)
+        _add_ts(
+            samples["outbox_series_delivered_through_timestamp_seconds"],
+            labels,
+            s.delivered_through,
+        )
+    _add_groups(samples, status.groups)
+    _add_runs(samples, status)
+    lines = []
+    for name, rows in samples.items():
+        if not rows:
+            continue
+        lines.append(f"# HELP {name} {_METRICS[name]}")
+        lines.append(f"# TYPE {name} gauge")
+        lines.extend(f"{name}{_labels(labels)} {_number(value)}" for labels, value in rows)
+    return "\n".join(lines) + "\n"
+
+
+def _add_global(samples: dict[str, list[Sample]], status: Status) -> None:
+    info = {
+        "version": __version__,
+        "schema": status.outbox_schema or "",
+        "schema_head": status.schema_head,
+    }
+    samples["outbox_info"].append((info, 1))
+    _add_ts(samples["outbox_status_timestamp_seconds"], {}, status.generated_at)
+    if status.check is not None:
+        samples["outbox_check_status"].append(({}, status.check.code))
+    samples["outbox_database_bytes"].append(({}, status.database_bytes))
+    samples["outbox_series"].append(({}, status.totals.get("series", 0)))
+    samples["outbox_pending_rows"].append(({}, status.totals.get("pending", 0)))
+    samples["outbox_dead_rows"].append(({}, status.totals.get("dead", 0)))
+    samples["outbox_oldest_pending_age_seconds"].append(
+        ({}, status.oldest_pending_age_seconds or 0)
+    )
+    _add_ts(samples["outbox_next_retry_timestamp_seconds"], {}, status.next_retry_at)
+    samples["outbox_last_fetch_invalid_rows"].append(({}, status.invalid_last_fetch))
+
+
+def _add_groups(samples: dict[str, list[Sample]], groups: Sequence[Group]) -> None:
+    thresholds: dict[str, Group] = {}
+    for g in groups:
+        labels = {"dataset": g.dataset, "ba": g.ba}
+        if g.freshness_seconds is not None:
+            samples["outbox_freshness_seconds"].append((labels, g.freshness_seconds))
+        if g.freshness_state in _LEVELS:
+            samples["outbox_freshness_level"].append((labels, _LEVELS[g.freshness_state]))
+        if g.stale_warning_seconds is not None:
+            thresholds.setdefault(g.dataset, g)
+    for dataset, g in thresholds.items():
+        labels = {"dataset": dataset}
+        samples["outbox_freshness_warning_seconds"].append((labels, g.stale_warning_seconds or 0))
+        samples["outbox_freshness_critical_seconds"].append((labels, g.stale_critical_seconds or 0))
+
+
+def _add_runs(samples: dict[str, list[Sample]], status: Status) -> None:
+    for stage in STAGES:
+        labels = {"stage": stage}
+        run = status.last_runs.get(stage)
+        if run is not None and run.get("finished_at"):
+            _add_ts(samples["outbox_last_run_timestamp_seconds"], labels, run["started_at"])
+            samples["outbox_last_run_duration_seconds"].append((labels, run["seconds"] or 0))
+            samples["outbox_last_run_success"].append((labels, int(run["status"] == "ok")))
+        _add_ts(
+            samples["outbox_last_success_timestamp_seconds"],
+            labels,
+            status.last_success.get(stage),
+        )
+        samples["outbox_consecutive_failed_runs"].append(
+            (labels, status.consecutive_failures.get(stage, 0))
+        )
+
+
+def _add_ts(rows: list[Sample], labels: dict[str, str], ts: str | None) -> None:
+    if ts:
+        rows.append((labels, parse_ts(ts).timestamp()))
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
+    return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+def write_metrics(status: Status, path: str | os.PathLike[str]) -> Path:
+    """Write :func:`render_metrics` to ``path`` atomically (temp file beside it + rename).
+
+    node_exporter's textfile collector reads only ``*.prom`` files, so the temporary
+    ``.outbox-metrics-*.tmp`` file is never collected half-written.
+    """
+    target = Path(path)
+    text = render_metrics(status)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".outbox-metrics-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def write_run_metrics(config: Config) -> None:
+    """After a fetch or send run: refresh ``metrics_path`` if configured; never raises."""
+    if not config.metrics_path:
+        return
+    try:
+        write_metrics(read(config), config.metrics_path)
+    except Exception as exc:  # metrics must never fail the run they describe
+        log.warning("metrics not written path=%s error=%s", config.metrics_path, _q(str(exc)))
+
+
+def _q(text: str) -> str:
+    import json
+
+    return json.dumps(redact(text))
+
+
 # -- table ---------------------------------------------------------------------------
+
+_STATE_STYLE = {FRESH_WARNING: "yellow", FRESH_CRITICAL: "bold red", FRESH_NO_DATA: "yellow"}
+_STATE_WORD = {FRESH_WARNING: " warn", FRESH_CRITICAL: " CRIT", FRESH_NO_DATA: ""}
 
 
 def render_table(status: Status) -> Any:
-    """A rich renderable of the status (tables of groups, runs and totals)."""
+    """A rich renderable: the dataset x BA table, then runs, queue, database and remote."""
     from rich.console import Group as RichGroup
+    from rich.text import Text
+
+    now = parse_ts(status.generated_at)
+    parts: list[Any] = [
+        Text(f"gridpulse-outbox status at {status.generated_at}", style="bold"),
+        _group_table(status, now),
+    ]
+    parts.extend(_summary_lines(status, now))
+    if status.remote is not None:
+        parts.extend(_remote_parts(status.remote, now))
+    return RichGroup(*parts)
+
+
+def _group_table(status: Status, now: datetime) -> Any:
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="gridpulse-outbox", title_justify="left")
-    for col in (
-        "dataset",
-        "ba",
-        "newest staged",
-        "newest acked",
-        "delivered through",
-        "pending",
-        "dead",
-        "age h",
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 0),
+        show_edge=False,
+    )
+    for name, justify in (
+        ("dataset", "left"),
+        ("ba", "left"),
+        ("newest\nstaged", "left"),
+        ("newest\nacked", "left"),
+        ("delivered\nthrough", "left"),
+        ("pending", "right"),
+        ("dead", "right"),
+        ("age", "right"),
     ):
-        table.add_column(col, justify="right" if col in ("pending", "dead", "age h") else "left")
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for g in status.groups:
-        age = "-" if g.freshness_hours is None else f"{g.freshness_hours:g}"
-        if g.stale != "ok":
-            age = f"[{'red' if g.stale == 'critical' else 'yellow'}]{age}[/]"
         table.add_row(
             g.dataset,
             g.ba,
-            _short(g.newest_staged),
-            _short(g.newest_acked),
-            _short(g.delivered_through),
-            str(g.pending),
-            str(g.dead),
-            age,
+            compact_ts(g.newest_staged, now),
+            compact_ts(g.newest_acked, now),
+            compact_ts(g.delivered_through, now),
+            f"{g.pending:,}",
+            f"{g.dead:,}",
+            _freshness_cell(g),
         )
-    runs = Table(title="last runs", title_justify="left")
-    for col in ("stage", "run", "started", "status", "counts / error"):
-        runs.add_column(col)
-    for stage, run in status.last_runs.items():
-        if run is None:
-            runs.add_row(stage, "-", "-", "never", "")
-            continue
-        detail = run.get("error") or " ".join(
-            f"{k}={v}" for k, v in run.get("counts", {}).items() if not isinstance(v, dict)
-        )
-        runs.add_row(stage, str(run["id"]), run["started_at"], run["status"], detail)
+    return table
+
+
+def _freshness_cell(g: Group) -> Any:
+    from rich.text import Text
+
+    if g.freshness_state == FRESH_DISABLED:
+        return Text("off", style="dim")
+    if g.freshness_seconds is None:
+        return Text("no data", style="yellow")
+    text = age_text(g.freshness_seconds) + _STATE_WORD.get(g.freshness_state, "")
+    return Text(text, style=_STATE_STYLE.get(g.freshness_state, ""))
+
+
+def _summary_lines(status: Status, now: datetime) -> list[Any]:
+    from rich.text import Text
+
     t = status.totals
     lines = [
-        f"totals: {t.get('series', 0)} series, {t.get('pending', 0)} pending, "
-        f"{t.get('dead', 0)} dead",
-        f"oldest pending: {_short(status.oldest_pending)}"
-        + (f" ({status.oldest_pending_age_hours:g} h)" if status.oldest_pending else ""),
-        f"next retry: {_short(status.next_retry_at)}",
-        f"database: {status.database} ({status.database_bytes / 1e6:.1f} MB, schema "
-        f"{status.outbox_schema})",
+        Text(
+            f"totals: {t.get('series', 0)} series, {t.get('pending', 0):,} pending, "
+            f"{t.get('dead', 0):,} dead"
+        )
     ]
-    lines.extend(f"[yellow]warning: {w}[/]" for w in status.warnings)
-    return RichGroup(table, runs, *lines)
+    if status.missing:
+        names = ", ".join(f"{m['dataset']} {m['ba']}" for m in status.missing)
+        lines.append(Text(f"no data yet: {names}", style="yellow"))
+    lines.append(Text(_queue_line(status, now)))
+    for stage in STAGES:
+        lines.append(_run_line(status, stage, now))
+    schema = status.outbox_schema or "none"
+    head = "" if schema == status.schema_head else f", head {status.schema_head}"
+    lines.append(
+        Text(
+            f"database: {status.database} ({_megabytes(status.database_bytes)}, "
+            f"schema {schema}{head})"
+        )
+    )
+    lines.extend(Text(f"warning: {w}", style="yellow") for w in status.warnings)
+    if status.check is not None:
+        style = {OK: "green", WARNING: "yellow", CRITICAL: "bold red"}.get(status.check.code, "")
+        lines.append(Text(f"check: {status.check.summary}", style=style))
+    return lines
 
 
-def _short(ts: str | None) -> str:
-    return ts if ts else "-"
+def _queue_line(status: Status, now: datetime) -> str:
+    if status.oldest_pending is None:
+        line = "queue: empty"
+    else:
+        waited = age_text(status.oldest_pending_age_seconds or 0)
+        line = (
+            f"queue: oldest pending {status.oldest_pending_series} "
+            f"{compact_ts(status.oldest_pending, now)}, waiting {waited}"
+        )
+    if status.next_retry_at:
+        line += f"; next retry {compact_ts(status.next_retry_at, now)}"
+    return line
+
+
+def _run_line(status: Status, stage: str, now: datetime) -> Any:
+    from rich.text import Text
+
+    run = status.last_runs.get(stage)
+    label = f"last {stage}: ".ljust(12)
+    if run is None:
+        return Text(label + "never")
+    took = "" if run["seconds"] is None else f", {duration_text(run['seconds'])}"
+    text = f"{label}run {run['id']} {run['status']} at {compact_ts(run['started_at'], now)}{took}"
+    if run.get("error"):
+        text += f": {run['error']}"
+    else:
+        counts = counts_text(stage, run.get("counts") or {})
+        text += f" ({counts})" if counts else ""
+    failures = status.consecutive_failures.get(stage, 0)
+    if failures > 1:
+        text += f" [{failures} failed in a row]"
+    style = "red" if run["status"] == "failed" else ""
+    return Text(text, style=style)
+
+
+def counts_text(stage: str, counts: dict[str, Any]) -> str:
+    """``pages 3, rows 2,376, invalid 0``: the non-zero counts (a fetch always shows invalid)."""
+    return ", ".join(
+        f"{k} {v:,}"
+        for k, v in counts.items()
+        if isinstance(v, int) and (v or (stage == "fetch" and k == "invalid"))
+    )
+
+
+def duration_text(seconds: float) -> str:
+    """``0.4s``, ``12.3s``, ``5m 02s``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m {rest:02d}s"
+
+
+def render_runs(records: Sequence[RunRecord], now: datetime | None = None) -> Any:
+    """The ``outbox runs`` table: id, stage, start, duration, status, counts or error."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    now = now or utcnow()
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0), show_edge=False)
+    for name in ("run", "stage", "started", "took", "status"):
+        table.add_column(name, no_wrap=True, justify="right" if name in ("run", "took") else "left")
+    table.add_column("counts / error", overflow="fold")
+    for r in records:
+        seconds = run_seconds(r)
+        detail = redact(r.error) if r.error else counts_text(r.stage, r.counts)
+        table.add_row(
+            str(r.id),
+            r.stage,
+            compact_ts(r.started_at, now),
+            "-" if seconds is None else duration_text(seconds),
+            Text(r.status, style="red" if r.status == "failed" else ""),
+            Text(detail),
+        )
+    return table
+
+
+def _remote_parts(remote: dict[str, Any], now: datetime) -> list[Any]:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    head = Text(
+        f"remote: {remote['agree']} of {remote['checked']} series agree with {remote['base_url']}",
+        style="green" if not remote["disagree"] else "yellow",
+    )
+    rows = [r for r in remote["series"] if r["verdict"] != "ok"]
+    if not rows:
+        return [head]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0), show_edge=False)
+    for name in ("series", "delivered\nthrough", "newest\nacked", "GridPulse\nlatest", "verdict"):
+        table.add_column(name, no_wrap=name != "series")
+    for r in rows:
+        latest = compact_ts(r["gridpulse_latest"], now) if r["gridpulse_known"] else "unknown"
+        table.add_row(
+            r["series_id"],
+            compact_ts(r["delivered_through"], now),
+            compact_ts(r["newest_acked"], now),
+            latest,
+            r["verdict"],
+        )
+    return [head, table]
+
+
+def compact_ts(ts: str | None, now: datetime | None = None) -> str:
+    """``08-21 23:00`` for the table (``2024-08-21`` when not in ``now``'s year)."""
+    if not ts:
+        return "-"
+    when = parse_ts(ts)
+    if now is not None and when.year != now.year:
+        return when.strftime("%Y-%m-%d")
+    return when.strftime("%m-%d %H:%M")
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.0f} kB"
