@@ -477,6 +477,7 @@ def demo(keep: Path | None) -> int:
     from outbox.demo import run_demo
 
     result = run_demo(keep, say=typer.echo)
+    typer.echo(f"status as of {result.status.generated_at} (the hours after the sample day):")
     Console(soft_wrap=True).print(status_mod.render_table(result.status))
     typer.echo(
         f"ok: the receiver holds all {result.received} observations; "

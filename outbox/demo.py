@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from outbox.config import Config
@@ -20,7 +21,11 @@ from outbox.pipeline import FetchResult, SendResult, run_fetch, run_send
 from outbox.status import Status, collect
 from outbox.store import Store
 from outbox.testing import sample_dir
+from outbox.testing.synth import SAMPLE_HOURS, SAMPLE_START
 from outbox.testing.receiver_proc import receiver_rows, running_receiver
+
+
+SAMPLE_NOW = SAMPLE_START + timedelta(hours=SAMPLE_HOURS + 2)
 
 
 @dataclass(frozen=True)
@@ -92,5 +97,6 @@ def _run(
             sent = run_send(cfg, store, client)
         say(f"send: {sent.sent} rows in {sent.batches} batches, {sent.acked} acknowledged")
         acked = store.count_state("acked")
-        status = collect(cfg, store)
+        # The sample is a past day: show status as of the hour after it, not as of today.
+        status = collect(cfg, store, now=SAMPLE_NOW)
     return fetched, sent, acked, status
