@@ -21,9 +21,8 @@ from outbox.pipeline import FetchResult, SendResult, run_fetch, run_send
 from outbox.status import Status, collect
 from outbox.store import Store
 from outbox.testing import sample_dir
-from outbox.testing.synth import SAMPLE_HOURS, SAMPLE_START
 from outbox.testing.receiver_proc import receiver_rows, running_receiver
-
+from outbox.testing.synth import SAMPLE_HOURS, SAMPLE_START
 
 SAMPLE_NOW = SAMPLE_START + timedelta(hours=SAMPLE_HOURS + 2)
 
