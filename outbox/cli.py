@@ -1,7 +1,8 @@
 """The ``outbox`` command line: parse, call one library function, print, map errors to exits.
 
 Exit codes: 0 ok; 1 the run failed (EIA or GridPulse unreachable, rows deferred);
-2 usage or configuration error; 4 the outbox is full (fetch refuses to grow it).
+2 usage or configuration error; 4 the outbox is full (fetch refuses to grow it);
+143 stopped by SIGTERM (130: SIGINT), the run recorded as failed.
 ``status --check`` uses the monitoring convention instead: 0 OK, 1 WARNING,
 2 CRITICAL, 3 UNKNOWN.
 """

@@ -3,12 +3,16 @@
 With ``OUTBOX_CRASH_AT=<name>`` in the environment the process SIGKILLs itself the
 ``OUTBOX_CRASH_AFTER``-th time (default 1st) it reaches :func:`crashpoint` ``name``,
 so tests can kill at exact places (after the 2xx, before the ack commit, ...)
-rather than only at random times. Points:
+rather than only at random times. With ``OUTBOX_CRASH_DELAY=<seconds>`` the kill comes
+that long after the point is reached, from a timer thread, while the process goes on:
+``send.before_post`` plus a delay shorter than the receiver's latency kills mid-request.
+Points:
 
 * ``fetch.page_fetched``        a page is in memory, nothing of it staged
 * ``stage.rows_written``        rows upserted inside the open transaction
 * ``stage.before_commit``       rows, page and watermark written, not committed
 * ``send.after_claim``          a batch is claimed, nothing posted
+* ``send.before_post``          a batch is encoded and about to be posted
 * ``send.after_post``           GridPulse answered 2xx, nothing recorded
 * ``settle.before_commit``      acks written inside the open transaction
 """
@@ -17,9 +21,11 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 _POINT = os.environ.get("OUTBOX_CRASH_AT") or None
 _AFTER = int(os.environ.get("OUTBOX_CRASH_AFTER", "1") or 1)
+_DELAY = float(os.environ.get("OUTBOX_CRASH_DELAY", "0") or 0)
 _seen = 0
 
 
@@ -29,5 +35,11 @@ def crashpoint(name: str) -> None:
     if name != _POINT:
         return
     _seen += 1
-    if _seen >= _AFTER:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _seen != _AFTER:
+        return
+    if _DELAY > 0:
+        timer = threading.Timer(_DELAY, os.kill, (os.getpid(), signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
+        return
+    os.kill(os.getpid(), signal.SIGKILL)

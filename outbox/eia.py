@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -53,6 +54,8 @@ ROUTE_INTERCHANGE = "electricity/rto/interchange-data"
 ROUTES = (ROUTE_REGION, ROUTE_FUEL, ROUTE_INTERCHANGE)
 
 MAX_PAGE_LENGTH = 5000
+# A full EIA page (5,000 rows) is about 1.5 MB; a body far beyond that is not a page.
+MAX_PAGE_BYTES = 16 * 1024 * 1024
 PERIOD_FORMAT = "%Y-%m-%dT%H"
 REGION_TYPE_CODES = ("D", "DF", "NG", "TI")
 INCOMPLETE_RETURN = "incomplete return"
@@ -72,6 +75,7 @@ KEY_ERROR_CODES = frozenset(
 _TRANSIENT_STATUS = frozenset({403, 408, 425, 429})
 _COMMAND = re.compile(r"^/v2/(?P<route>.+?)/data/?$")
 _SNIPPET = 160
+NOT_JSON = object()
 
 
 @dataclass(frozen=True)
@@ -247,6 +251,7 @@ class EIAClient:
         self.requests_made += 1
         started = self._clock()
         response = self._get(url, call)
+        _check_size(len(response.content), call.say)
         doc = _loads(response.content)
         log.debug(
             "eia request GET status=%d rows=%s elapsed=%.3fs page=%d offset=%d url=%s",
@@ -290,7 +295,7 @@ class EIAClient:
             )
         if status >= 300:
             raise SourceFatalError(self._redact(call.say(f"unexpected HTTP {status} {snippet}")))
-        if doc is None:
+        if doc is NOT_JSON:
             text = call.say(
                 f"HTTP {status} body is not JSON (truncated or an HTML page): {snippet}"
             )
@@ -299,6 +304,9 @@ class EIAClient:
     def _page(self, call: _Call, doc: Any) -> EIAPage:
         rows, total = parse_body(doc, call.say(""))
         _log_warnings(doc, call.where)
+        length = _as_int(call.params.get("length")) or MAX_PAGE_LENGTH
+        if len(rows) > length:
+            raise SourceFatalError(call.say(f"{len(rows)} rows on a page of at most {length}"))
         received = call.offset + len(rows)
         if not rows and call.offset < total:
             raise SourceFatalError(call.say(f"empty page before total {total} was reached"))
@@ -402,7 +410,7 @@ def parse_body(doc: Any, where: str) -> tuple[list[dict], int]:
         raise SourceFatalError(
             f"{where}: response.total {response.get('total')!r} is not an integer"
         )
-    if not all(isinstance(row, dict) for row in rows):
+    if not all(map(isinstance, rows, repeat(dict))):  # map: no Python frame per row
         raise SourceFatalError(f"{where}: response.data holds a row that is not an object")
     return rows, total
 
@@ -421,7 +429,8 @@ def iter_replay_pages(directory: Path) -> Iterator[EIAPage]:
     """Yield saved EIA v2 response bodies (``*.json`` under ``directory``, by sorted path).
 
     The route comes from each body's ``request.command``; ``*.http-meta.json`` files are
-    skipped. Every file is one complete request (``last=True``); ``page_no`` is its index.
+    skipped. ``page_no`` is the file's index; a page is ``last`` when its offset plus its
+    rows reach its ``total`` (a whole saved request is one such file).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -436,6 +445,7 @@ def read_replay_page(path: Path, page_no: int = 0) -> EIAPage:
     """One saved response body as an :class:`EIAPage`; SourceFatalError naming the file."""
     where = f"replay file {path}"
     try:
+        _check_size(path.stat().st_size, lambda cause: f"{where}: {cause}")
         doc = orjson.loads(path.read_bytes())
     except orjson.JSONDecodeError as exc:
         raise SourceFatalError(f"{where}: not valid JSON/UTF-8: {exc}") from None
@@ -444,19 +454,39 @@ def read_replay_page(path: Path, page_no: int = 0) -> EIAPage:
     route = route_of_command(doc)
     if route is None:
         raise SourceFatalError(f"{where}: no request.command naming an EIA-930 route")
+    error = error_of(doc)
+    if error is not None:
+        label = "" if error[0] is None else f" {error[0]}"
+        raise SourceFatalError(redact(f"{where}: a saved EIA error{label}, not data: {error[1]}"))
     rows, total = parse_body(doc, where)
     params = strip_api_key(doc)
+    offset = _as_int(params.get("offset")) or 0
+    if len(rows) > MAX_PAGE_LENGTH:
+        raise SourceFatalError(
+            f"{where}: {len(rows)} rows on one page, more than EIA's {MAX_PAGE_LENGTH}"
+        )
+    if offset + len(rows) > total:
+        raise SourceFatalError(
+            f"{where}: offset {offset} + {len(rows)} rows is more than response.total {total}"
+        )
     return EIAPage(
         route=route,
         page_no=page_no,
-        offset=_as_int(params.get("offset")) or 0,
+        offset=offset,
         total=total,
         rows=rows,
         body=orjson.dumps(doc),
         params=params,
         url=path.resolve().as_uri(),
-        last=True,
+        last=offset + len(rows) >= total,
     )
+
+
+def _check_size(size: int, say: Callable[[str], str]) -> None:
+    if size > MAX_PAGE_BYTES:
+        raise SourceFatalError(
+            say(f"body of {size} bytes is larger than the {MAX_PAGE_BYTES}-byte page limit")
+        )
 
 
 def route_of_command(doc: Any) -> str | None:
@@ -469,10 +499,11 @@ def route_of_command(doc: Any) -> str | None:
 
 
 def _loads(content: bytes) -> Any:
+    """The parsed body, or :data:`NOT_JSON` (a JSON ``null`` is JSON, just not a page)."""
     try:
-        return orjson.loads(content) if content else None
+        return orjson.loads(content) if content else NOT_JSON
     except orjson.JSONDecodeError:
-        return None
+        return NOT_JSON
 
 
 def _as_int(value: Any) -> int | None:

@@ -27,9 +27,18 @@ Tree::
         +-- SinkConflictError (Terminal)      409: Idempotency-Key reused (a bug)
         +-- BatchRejectedError (Terminal)     400/422 for a whole batch: bisect
         +-- PayloadTooLargeError (Terminal)   413: halve the batch
+
+    KeyboardInterrupt
+    +-- Interrupted                   exit 128 + signal  SIGTERM (systemd stop) or SIGINT
+
+:class:`Interrupted` is deliberately not an OutboxError: no ``except Exception`` may
+swallow it. A run it stops records itself as failed; the transaction it lands in rolls
+back, so every row keeps the state of the last commit.
 """
 
 from __future__ import annotations
+
+import signal
 
 
 class OutboxError(Exception):
@@ -122,3 +131,11 @@ class BatchRejectedError(SinkError, TerminalError):
 
 class PayloadTooLargeError(SinkError, TerminalError):
     """GridPulse answered 413: the batch must be smaller."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal asked the process to stop; ``signum`` is the signal (exit 128 + signum)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum

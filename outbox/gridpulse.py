@@ -170,16 +170,26 @@ class GridPulseClient:
         self._gzip_level = gzip_level
         self.bytes_sent = 0
 
-    def post_batch(self, batch_id: str, body: bytes) -> IngestResult:
+    def pack(self, body: bytes) -> bytes:
+        """``body`` as :meth:`post_batch` sends it (gzip-compressed when enabled).
+
+        Lets a caller compress a batch ahead, e.g. on another thread (zlib releases the GIL).
+        """
+        return self._compress(body) if self._gzip else body
+
+    def post_batch(
+        self, batch_id: str, body: bytes, *, packed: bytes | None = None
+    ) -> IngestResult:
         """Send one encoded batch (from :func:`encode_batch`) and return GridPulse's result.
 
-        Raises the error of the module's status table; never retries.
+        ``packed`` is ``pack(body)`` when the caller computed it ahead. Raises the error of
+        the module's status table; never retries.
         """
         headers = self._headers()
         headers["Content-Type"] = "application/json"
         headers["Idempotency-Key"] = batch_id
         if self._gzip:
-            body = self._compress(body)
+            body = packed if packed is not None else self._compress(body)
             headers["Content-Encoding"] = "gzip"
         self.bytes_sent += len(body)
         response = self._send("POST", INGEST_PATH, content=body, headers=headers)

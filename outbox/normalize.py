@@ -12,6 +12,7 @@ pairs, units) are factorized and decided once per distinct value, values are par
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from collections.abc import Collection, Mapping, Sequence
@@ -20,11 +21,31 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from hashlib import blake2b
 from operator import itemgetter
-
-import numpy as np
-import pandas as pd
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 log = logging.getLogger(__name__)
+
+
+class _OnFirstUse:
+    """A module imported when first used. Every command imports this module (through the
+    pipeline), but only fetch normalizes: ``outbox status`` would otherwise spend about
+    half a second importing numpy and pandas."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        module: ModuleType = importlib.import_module(self._name)
+        return getattr(module, attr)
+
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+else:
+    np = _OnFirstUse("numpy")
+    pd = _OnFirstUse("pandas")
 
 ROUTE_REGION = "electricity/rto/region-data"
 ROUTE_FUEL = "electricity/rto/fuel-type-data"
@@ -75,6 +96,7 @@ REASONS = (
     "non_finite_value",
     "negative_demand",
     "out_of_range",
+    "future_period",
 )
 SKIP_REASONS = frozenset({"dataset_not_requested"})
 """Reasons in ``Normalized.invalid`` that are a deliberate skip, not bad data."""
@@ -88,7 +110,8 @@ _ROUTE_COLUMNS = {
 _PERIOD_PATTERN = r"\d{4}-\d{2}-\d{2}T\d{2}"
 _NAN_WORDS = frozenset({"nan", "+nan", "-nan"})
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_NO_HOUR = np.int64(-1)
+_NO_HOUR = -1
+_NO_LIMIT = 2**63 - 1  # numpy.iinfo(numpy.int64).max
 _warned_fuel_codes: set[str] = set()
 
 
@@ -185,12 +208,15 @@ def normalize_page(
     window: tuple[datetime, datetime] | None = None,
     respondents: Collection[str] | None = None,
     datasets: Collection[str] | None = None,
+    latest: Mapping[str, datetime] | None = None,
 ) -> Normalized:
     """Turn one page of EIA rows into observations.
 
     ``ba_codes`` maps EIA codes to GridPulse codes (unmapped codes are kept);
     ``window`` (inclusive, aware), ``respondents`` and ``datasets`` restrict what is
-    accepted. Within the page, the last row for a ``(series_id, ts)`` wins.
+    accepted; ``latest`` maps a dataset to the newest hour a row of it may have (a later
+    one is a ``future_period``). Within the page, the last row for a ``(series_id, ts)``
+    wins.
     """
     if route not in _ROUTE_COLUMNS:
         raise ValueError(f"unknown EIA route {route!r}")
@@ -198,7 +224,7 @@ def normalize_page(
         return _empty()
     frame = _Frame(route, rows)
     allowed = None if respondents is None else frozenset(respondents)
-    keys = _series_keys(route, frame, ba_codes, datasets, allowed)
+    keys = _series_keys(route, frame, ba_codes, datasets, allowed, latest or {})
     periods = _periods(frame.period)
     reason = _reasons(frame, keys, periods, window)
     return _build(keys, periods, reason)
@@ -248,6 +274,7 @@ class _Keys:
     non_negative: np.ndarray
     info: list[SeriesInfo]
     stream: list[str]
+    latest_hour: np.ndarray
 
 
 @dataclass
@@ -292,12 +319,14 @@ def _series_keys(
     ba_codes: Mapping[str, str],
     datasets: Collection[str] | None,
     respondents: Collection[str] | None,
+    latest: Mapping[str, datetime],
 ) -> _Keys:
     """Decide series, dataset, stream and filters once per distinct (respondent, code) pair."""
     n = len(frame.pairs)
     info: list[SeriesInfo | None] = [None] * n
     stream = [""] * n
     flags = np.zeros((5, n), bool)  # missing, unknown type, skipped, unexpected, non-negative
+    limit = np.full(n, _NO_LIMIT, dtype=np.int64)
     for i, pair in enumerate(frame.pairs):
         if pair is None:
             flags[0, i] = True
@@ -312,6 +341,8 @@ def _series_keys(
         flags[4, i] = dataset in NON_NEGATIVE
         stream[i] = stream_key(dataset, resp)
         info[i] = _series_info(route, resp, code, dataset, ba_codes)
+        if dataset in latest:
+            limit[i] = int(latest[dataset].timestamp()) // 3600
     missing, unknown, skipped, unexpected, non_negative = flags[:, frame.pair]
     return _Keys(
         series=np.where(missing | unknown, -1, frame.pair),
@@ -322,6 +353,7 @@ def _series_keys(
         non_negative=non_negative,
         info=info,  # type: ignore[arg-type]
         stream=stream,
+        latest_hour=limit[frame.pair],
     )
 
 
@@ -329,6 +361,15 @@ def _series_info(
     route: str, resp: str, code: str, dataset: str, ba_codes: Mapping[str, str]
 ) -> SeriesInfo:
     ba = ba_codes.get(resp, resp)
+    peer = ba_codes.get(code, code) if route == ROUTE_INTERCHANGE else code
+    return _series_info_of(route, resp, code, dataset, ba, peer)
+
+
+@lru_cache(maxsize=4096)
+def _series_info_of(
+    route: str, resp: str, code: str, dataset: str, ba: str, peer: str
+) -> SeriesInfo:
+    # Cached: every page repeats the same few hundred series (SeriesInfo is immutable).
     if route == ROUTE_REGION:
         kind, subtype, facets = dataset, None, {"respondent": resp, "type": code}
     elif route == ROUTE_FUEL:
@@ -338,11 +379,7 @@ def _series_info(
             {"respondent": resp, "fueltype": code},
         )
     else:
-        kind, subtype, facets = (
-            "interchange",
-            ba_codes.get(code, code),
-            {"fromba": resp, "toba": code},
-        )
+        kind, subtype, facets = "interchange", peer, {"fromba": resp, "toba": code}
     series_id = f"EIA.{ba}.{kind}" if subtype is None else f"EIA.{ba}.{kind}.{subtype}"
     return SeriesInfo(
         series_id=series_id,
@@ -389,8 +426,14 @@ class _Values:
 
 
 def _values(raw: np.ndarray) -> _Values:
-    """Numbers from strings or numbers; None/""/blank is missing, "0" is a real zero."""
+    """Numbers from strings or numbers; None/""/blank is missing, "0" is a real zero.
+
+    JSON ``true``/``false`` are not numbers (pandas would read them as 1 and 0).
+    """
     number = pd.to_numeric(raw, errors="coerce").astype(np.float64) + 0.0  # -0.0 -> 0.0
+    if bool in set(map(type, raw)):  # rare: look at each row only when there is one
+        truth = np.fromiter((v is True or v is False for v in raw), bool, len(raw))
+        number[truth] = np.nan
     failed = np.isnan(number)
     missing = np.zeros(len(raw), bool)
     nan_word = np.zeros(len(raw), bool)
@@ -422,6 +465,7 @@ def _reasons(
         ("bad_period", periods.hour < 0),
         ("unexpected_respondent", keys.unexpected),
         ("outside_window", _outside(periods.hour, window)),
+        ("future_period", periods.hour > keys.latest_hour),
         ("unknown_units", ~units_ok),
         ("non_numeric_value", values.non_numeric),
         ("non_finite_value", values.non_finite),
@@ -480,7 +524,7 @@ def _observations(
         value=value,
         units=[UNITS] * len(keep),
         quality_flag=quality,
-        revision=[_MISSING_REVISION if v is None else _number_revision(v) for v in value],
+        revision=_revisions(value),
         row=keep.tolist(),
         series=[keys.info[s] for s in pd.unique(series)],  # type: ignore[misc]
         stream_max=stream_max,
@@ -489,6 +533,12 @@ def _observations(
         duplicates=duplicates,
         stream_min=stream_min,
     )
+
+
+def _revisions(values: list[float | None]) -> list[str]:
+    if None in values:
+        return [_MISSING_REVISION if v is None else _number_revision(v) for v in values]
+    return list(map(_number_revision, values))  # no missing value: the loop stays in C
 
 
 def _stream_bounds(

@@ -465,10 +465,10 @@ def _read_ahead(
     """``prepare(item)`` for each item of ``source``, in order, computed up to ``depth``
     items ahead by a worker thread.
 
-    While the caller stages one page (SQLite works with the GIL released), the worker
-    reads and normalizes the next ones. An exception from ``source`` or ``prepare`` is
-    raised here at its place in the order, after every item before it; closing the
-    generator stops the worker. Nothing is written by the worker.
+    While the caller works on one item (a page staged, a batch posted: SQLite and the
+    socket release the GIL), the worker reads and prepares the next ones; it writes
+    nothing. An exception from ``source`` or ``prepare`` is raised here at its place in
+    the order, after every item before it; closing the generator stops the worker.
     """
     queue: Queue[tuple[bool, Any]] = Queue(maxsize=depth)
     stop = threading.Event()

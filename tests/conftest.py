@@ -28,3 +28,58 @@ def store(db_path: Path) -> Iterator[Store]:
     s = Store.open(db_path)
     yield s
     s.close()
+
+
+# -- durability suites: reduced counts in CI, full counts with `pytest -m soak` ----------
+
+# A full-count variant runs for minutes: it gets its own timeout, not the suite's 300 s.
+SOAK_TIMEOUT = 3 * 3600
+SCALES = [
+    pytest.param("ci", id="ci"),
+    pytest.param("soak", id="soak", marks=[pytest.mark.soak, pytest.mark.timeout(SOAK_TIMEOUT)]),
+]
+_FIGURES = pytest.StashKey[list[dict[str, object]]]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without ``-m``, the full-count (soak) variants are deselected: CI runs the ci ones."""
+    if config.option.markexpr:
+        return
+    keep = [item for item in items if item.get_closest_marker("soak") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+
+
+@pytest.fixture(params=SCALES)
+def scale(request: pytest.FixtureRequest) -> str:
+    """``ci`` (reduced counts, the default run) or ``soak`` (full counts, ``-m soak``)."""
+    return request.param
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest):
+    """Record a suite's figures (trials, kills, rows, lost, duplicates) for the summary."""
+    found = request.config.stash.setdefault(_FIGURES, [])
+
+    def record(**values: object) -> None:
+        found.append({"test": request.node.name, **values})
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Print the durability figures; with $DURABILITY_FIGURES also append them as JSON lines."""
+    found = config.stash.get(_FIGURES, [])
+    if not found:
+        return
+    terminalreporter.section("durability figures")
+    for row in found:
+        terminalreporter.write_line(" ".join(f"{k}={v}" for k, v in row.items()))
+    target = os.environ.get("DURABILITY_FIGURES")
+    if target:
+        import json
+
+        with open(target, "a", encoding="utf-8") as out:
+            for row in found:
+                out.write(json.dumps(row) + "\n")

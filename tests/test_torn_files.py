@@ -1,0 +1,239 @@
+"""Torn files: copies of ``outbox.db`` + ``-wal`` taken at random moments of concurrent
+fetch and send processes, as a crash or power loss would leave them.
+
+Each snapshot freezes every running worker (SIGSTOP, waits until stopped), copies the
+database, its WAL and shared-memory index, and resumes them: the files as they stood at
+one instant. A second copy of each snapshot has its WAL cut at a random offset after the
+last frame a checkpoint may already have copied into the database (frames a checkpoint
+has started on were synced before it began, so a power loss cannot take them back; any
+later byte may be lost). Every copy must open, pass ``integrity_check``, and converge to
+the full set with one fetch and one send.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import struct
+import threading
+import time
+from pathlib import Path
+
+from durability import (
+    KEY_GP,
+    OBS_COLUMNS,
+    RecordingClient,
+    connect,
+    integrity,
+    outbox,
+    outbox_env,
+    receiver_held,
+    route_rows,
+    rows,
+    spawn,
+    states,
+    write_replay,
+)
+
+from outbox.config import Config
+from outbox.pipeline import run_fetch, run_send
+from outbox.store import Store
+from outbox.testing.receiver_proc import running_receiver
+
+HOURS = 48
+CHUNKS = {"ci": 3, "soak": 12}
+SNAPSHOTS = {"ci": 4, "soak": 60}
+WAL_HEADER = 32
+FRAME_HEADER = 24
+SHM_BACKFILL = 96
+SHM_BACKFILL_ATTEMPTED = 128
+SUFFIXES = ("", "-wal", "-shm")
+
+
+def write_chunks(root: Path, chunks: int) -> list[Path]:
+    """The 48 hours as ``chunks`` replay directories, oldest first (hourly fetches)."""
+    data = route_rows(HOURS)
+    out = []
+    per = HOURS // chunks
+    for i in range(chunks):
+        lo, hi = i * per, (i + 1) * per
+        part = {
+            route: [r for r in rows_ if _hour(r["period"]) in range(lo, hi)]
+            for route, rows_ in data.items()
+        }
+        out.append(write_replay(root / f"chunk{i:02d}", part))
+    return out
+
+
+def _hour(period: str) -> int:
+    day, hour = int(period[8:10]), int(period[11:13])
+    return (day - 1) * 24 + hour
+
+
+class Workers:
+    """Runs fetch and send concurrently, chunk after chunk, in a background thread."""
+
+    def __init__(self, db: Path, chunks: list[Path], env: dict[str, str]) -> None:
+        self.db, self.chunks, self.env = db, chunks, env
+        self.running: list = []
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.failures: list[str] = []
+
+    def _run(self) -> None:
+        for chunk in self.chunks:
+            procs = [
+                spawn("fetch", "--replay", str(chunk), env=self.env),
+                spawn("send", env=self.env),
+            ]
+            with self.lock:
+                self.running = procs
+            codes = [p.wait(120) for p in procs]
+            with self.lock:
+                self.running = []
+            if any(codes):
+                self.failures.append(f"{chunk.name}: exit codes {codes}")
+
+    def snapshot(self, target: Path) -> bool:
+        """Freeze the workers, copy the three files, resume; False if nothing ran."""
+        with self.lock:
+            procs = [p for p in self.running if p.poll() is None]
+            if not procs or not self.db.exists():
+                return False
+            stopped = [p for p in procs if _signal(p, signal.SIGSTOP)]
+            try:
+                for p in stopped:
+                    _await_stopped(p.pid)
+                target.mkdir(parents=True)
+                for suffix in SUFFIXES:
+                    source = Path(f"{self.db}{suffix}")
+                    if source.exists():
+                        shutil.copyfile(source, target / f"outbox.db{suffix}")
+            finally:
+                for p in stopped:
+                    _signal(p, signal.SIGCONT)
+        return True
+
+
+def _signal(proc, sig: int) -> bool:
+    try:
+        proc.send_signal(sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _await_stopped(pid: int) -> None:
+    """Until the kernel reports the process stopped (or gone): no write is in flight."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state in ("T", "t", "Z", "X"):
+            return
+        time.sleep(0.001)
+
+
+def truncate_wal(snapshot: Path, target: Path, rng: random.Random) -> int | None:
+    """A copy of ``snapshot`` whose WAL loses a random tail; the offset, or None."""
+    wal = snapshot / "outbox.db-wal"
+    if not wal.exists() or wal.stat().st_size <= WAL_HEADER:
+        return None
+    data = wal.read_bytes()
+    page_size = struct.unpack(">I", data[8:12])[0] or 65536
+    safe = WAL_HEADER + _backfilled(snapshot / "outbox.db-shm") * (FRAME_HEADER + page_size)
+    if safe >= len(data):
+        return None
+    cut = rng.randint(safe, len(data) - 1)
+    target.mkdir(parents=True)
+    shutil.copyfile(snapshot / "outbox.db", target / "outbox.db")
+    (target / "outbox.db-wal").write_bytes(data[:cut])
+    return cut
+
+
+def _backfilled(shm: Path) -> int:
+    """Frames a checkpoint copied, or began copying, into the database (the WAL index)."""
+    if not shm.exists() or shm.stat().st_size < SHM_BACKFILL_ATTEMPTED + 4:
+        return 0
+    raw = shm.read_bytes()
+    done = struct.unpack("=I", raw[SHM_BACKFILL : SHM_BACKFILL + 4])[0]
+    tried = struct.unpack("=I", raw[SHM_BACKFILL_ATTEMPTED : SHM_BACKFILL_ATTEMPTED + 4])[0]
+    return max(done, tried)
+
+
+def recover(copy: Path, data: Path, held: dict, reference: list[tuple]) -> int:
+    """Open the copy, check it, fetch + send from it; returns rows it had acked already."""
+    db = copy / "outbox.db"
+    (copy / "outbox.db-shm").unlink(missing_ok=True)  # an index is rebuilt from the WAL
+    if not db.exists():
+        return 0
+    assert integrity(db) == "ok", copy
+    with connect(db) as con:
+        try:
+            acked = con.execute(
+                "SELECT series_id, ts, revision FROM observations WHERE state = 'acked'"
+            ).fetchall()
+        except Exception:  # the snapshot came before the schema existed
+            acked = []
+    assert [r for r in acked if held.get((r[0], r[1])) != r[2]] == [], "acked but not held"
+    recorder = RecordingClient()
+    config = Config.model_validate({"housekeeping": {"retention_days": 36500}})
+    with Store.open(db) as store:
+        assert store.quick_check() == ["ok"]
+        run_fetch(config, store, replay=data)
+        run_send(config, store, recorder, sleep=lambda s: None)  # type: ignore[arg-type]
+    assert rows(db, OBS_COLUMNS[:6]) == reference
+    assert states(db) == {"acked": len(reference)}
+    delivered = {**{(r[0], r[1]): r[2] for r in acked}, **recorder.held}
+    assert delivered == {(r[0], r[1]): r[5] for r in reference}, "the full set, once in effect"
+    return len(acked)
+
+
+def test_torn_copies_open_pass_integrity_and_converge(tmp_path: Path, scale: str, figures) -> None:
+    rng = random.Random(f"torn-{scale}")
+    chunks = write_chunks(tmp_path / "eia", CHUNKS[scale])
+    reference_db = tmp_path / "reference.db"
+    with Store.open(reference_db) as store:
+        run_fetch(Config(), store, replay=tmp_path / "eia")
+    reference = rows(reference_db, OBS_COLUMNS[:6])
+
+    db = tmp_path / "outbox.db"
+    snapshots: list[Path] = []
+    with running_receiver(tmp_path, api_key=KEY_GP) as receiver:
+        env = outbox_env(db, receiver=receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="200")
+        workers = Workers(db, chunks, env)
+        workers.thread.start()
+        while workers.thread.is_alive() and len(snapshots) < SNAPSHOTS[scale]:
+            time.sleep(rng.uniform(0.05, 0.6))
+            target = tmp_path / "snap" / f"{len(snapshots):03d}"
+            if workers.snapshot(target):
+                snapshots.append(target)
+        workers.thread.join(300)
+        assert workers.failures == []
+        final = outbox("send", env=env)
+        assert final.returncode == 0, final.stderr
+        held = receiver_held(receiver.db_path)
+    assert len(snapshots) >= SNAPSHOTS[scale] // 2, "the workers ran too briefly to snapshot"
+
+    copies = truncated = had_acked = 0
+    for snap in snapshots:
+        cut = truncate_wal(snap, snap.with_name(snap.name + "-cut"), rng)
+        targets = [snap] + ([snap.with_name(snap.name + "-cut")] if cut is not None else [])
+        for copy in targets:
+            had_acked += recover(copy, tmp_path / "eia", held, reference)
+            copies += 1
+        truncated += cut is not None
+    figures(
+        suite="torn-files",
+        trials=copies,
+        snapshots=len(snapshots),
+        truncated_wal=truncated,
+        rows=len(reference) * copies,
+        acked_in_copies=had_acked,
+        lost=0,
+        duplicates=0,
+    )
+    assert truncated >= 1
