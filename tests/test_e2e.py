@@ -173,9 +173,9 @@ def test_sigkilled_sender_converges_exactly(tmp_path: Path, receiver: Receiver) 
     points = ["send.after_claim", "send.after_post", "settle.before_commit"]
     kills = 0
     for trial in range(trials):
-        # EIA revises every row between kills, so each send has ~60 batches to do.
+        # EIA revises every row between kills, so each send has ~100 batches to do.
         with Store.open(db) as store:
-            pages = big_replay(tmp_path / f"r{trial}", trial + 1, 1, hours=120)
+            pages = big_replay(tmp_path / f"r{trial}", trial + 1, 1, hours=200)
             run_fetch(Config(), store, replay=pages)
         extra = {}
         if trial % 3 == 0:
@@ -190,7 +190,7 @@ def test_sigkilled_sender_converges_exactly(tmp_path: Path, receiver: Receiver) 
             stderr=subprocess.DEVNULL,
         )
         if not extra:
-            time.sleep(rng.uniform(1.0, 2.2))
+            time.sleep(rng.uniform(0.4, 1.6))
             proc.send_signal(signal.SIGKILL)
         code = proc.wait(60)
         kills += code == -signal.SIGKILL
