@@ -48,7 +48,7 @@ POINTS = ("fetch.page_fetched", "stage.rows_written", "stage.before_commit")
 # Replay pages keep their page ids across a kill and a rerun; a live rerun asks EIA for a
 # different window (watermark minus look-back), so its pages differ: compare the rows.
 COLUMNS = {"replay": (*OBS_COLUMNS, "page_id", "page_row"), "live": OBS_COLUMNS}
-RANDOM_TRIALS = {"replay": {"ci": 4, "soak": 140}, "live": {"ci": 2, "soak": 70}}
+RANDOM_TRIALS = {"replay": {"ci": 4, "soak": 200}, "live": {"ci": 2, "soak": 80}}
 NAMED_CHAINS = {"ci": 1, "soak": 8}
 POLL = 0.01
 

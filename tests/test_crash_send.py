@@ -15,11 +15,12 @@ kills.
 from __future__ import annotations
 
 import random
+import re
 import signal
 import sqlite3
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,7 @@ POINTS = ("send.after_claim", "send.before_post", "send.after_post", "settle.bef
 LATENCY = "latency:400ms"
 MID_REQUEST_DELAY = "0.2"
 POLL = 0.01
+SEND_SECONDS = re.compile(r"send done.*? seconds=([0-9.]+)")
 
 
 @dataclass
@@ -69,7 +71,11 @@ class Tally:
     receiver_kills: int = 0
     trials: int = 0
     drains: int = 0
-    checks: list[str] = field(default_factory=list)
+    rows_per_second: float = 4000.0  # a first guess; every drain measures it again
+
+    def work(self, db: Path) -> float:
+        """Seconds a send needs for what is pending now: kills land inside that."""
+        return max(0.05, states(db).get("pending", 0) / self.rows_per_second)
 
     @property
     def kills(self) -> int:
@@ -135,8 +141,12 @@ def drain(db: Path, receiver: Receiver, tally: Tally) -> None:
     """A clean send that must deliver everything pending."""
     if not receiver.running:
         receiver.start()
+    pending = states(db).get("pending", 0)
     done = outbox("send", env=env_of(db, receiver))
     assert done.returncode == 0, done.stdout + done.stderr
+    took = SEND_SECONDS.search(done.stderr)  # the run's own work, from its log line
+    if pending > 500 and took:
+        tally.rows_per_second = pending / max(float(took.group(1)), 0.05)
     assert states(db) == {"acked": len(latest_staged(db))}
     assert acked_not_held(db, receiver_held(receiver.db_path)) == []
     tally.drains += 1
@@ -145,11 +155,12 @@ def drain(db: Path, receiver: Receiver, tally: Tally) -> None:
 def random_trial(db: Path, receiver: Receiver, rng: random.Random, tally: Tally) -> None:
     """Kill the sender, the receiver, or both, at random moments of one send."""
     kind = rng.choices(("sender", "receiver", "both"), weights=(7, 2, 1))[0]
+    work = tally.work(db)
     proc = spawn("send", env=env_of(db, receiver))
     await_send(db, proc)
     started = time.monotonic()
-    kill_sender = started + rng.uniform(0.0, 1.4) if kind != "receiver" else None
-    kill_receiver = started + rng.uniform(0.0, 1.2) if kind != "sender" else None
+    kill_sender = started + rng.uniform(0.0, work) if kind != "receiver" else None
+    kill_receiver = started + rng.uniform(0.0, work) if kind != "sender" else None
     while proc.poll() is None:
         now = time.monotonic()
         if kill_receiver is not None and now >= kill_receiver:
