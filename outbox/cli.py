@@ -18,9 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
 
 from outbox import USER_AGENT, __version__
@@ -29,6 +28,9 @@ from outbox.errors import ConfigError, Interrupted, OutboxError, UsageError
 from outbox.logsetup import print_error, setup_logging
 from outbox.store import Store
 from outbox.timeutil import parse_bound, parse_ts, to_ts
+
+if TYPE_CHECKING:
+    import httpx  # imported by the commands that talk HTTP, not by `status` or `db`
 
 log = logging.getLogger("outbox.cli")
 
@@ -121,6 +123,8 @@ def _open(config: Config) -> Store:
 
 def http_client(timeout: float, connect: float, verify: bool) -> httpx.Client:
     """One pooled HTTP client for a run."""
+    import httpx
+
     return httpx.Client(
         timeout=httpx.Timeout(timeout, connect=connect),
         headers={"User-Agent": USER_AGENT},

@@ -14,17 +14,22 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from outbox.config import Config
 from outbox.errors import OutboxError
 from outbox.logsetup import log_scope, print_error
-from outbox.pipeline import SendFailed, Window, retry_policy, run_fetch, run_send
 from outbox.redact import redact
 from outbox.store import Store
 from outbox.timeutil import to_ts
+
+if TYPE_CHECKING:
+    from outbox.pipeline import Window
+
+# outbox.pipeline (and with it httpx, the EIA and GridPulse clients) is imported by the
+# commands that run a stage: `outbox status` and the other reading commands start faster.
 
 log = logging.getLogger(__name__)
 DOCTOR_TIMEOUT_SECONDS = 20.0
@@ -59,6 +64,7 @@ def observed(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
 def eia_client(config: Config, http: Any) -> Any:
     """The EIA client for a live fetch (needs the key)."""
     from outbox.eia import EIAClient
+    from outbox.pipeline import retry_policy
 
     e = config.eia
     return EIAClient(
@@ -94,6 +100,7 @@ def fetch(
 ) -> int:
     """``outbox fetch``: replay, backfill, incremental (``--lookback``) or ``--fill-gaps``."""
     from outbox.housekeeping import guard_size
+    from outbox.pipeline import run_fetch
 
     _check_fetch_mode(
         start=start, bas=bas, datasets=datasets, fill_gaps=fill_gaps, lookback=lookback
@@ -336,6 +343,8 @@ def send(
     dry_run: bool = False,
 ) -> int:
     """``outbox send``."""
+    from outbox.pipeline import SendFailed, run_send
+
     g = config.gridpulse
     key_needed = not dry_run
     with (

@@ -15,7 +15,7 @@ from factories import obs, page, series_row, ts
 from freezegun import freeze_time
 from typer.testing import CliRunner
 
-from outbox import commands
+from outbox import pipeline
 from outbox.cli import app
 from outbox.config import Config, load_config
 from outbox.errors import OutboxFullError
@@ -220,7 +220,7 @@ def test_send_prunes_at_its_end(db_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with Store.open(db_path) as store:
         _stage_old(store, ts(6))
         store.ack([_key(h) for h in range(6)])
-    monkeypatch.setattr(commands, "run_send", lambda *a, **k: SendResult(run_id=1))
+    monkeypatch.setattr(pipeline, "run_send", lambda *a, **k: SendResult(run_id=1))
     env = {"OUTBOX_DB": str(db_path), "GRIDPULSE_API_KEY": "k" * 20}
     result = runner.invoke(app, ["send"], env=env)
     assert result.exit_code == 0, result.output

@@ -8,7 +8,14 @@ from pathlib import Path
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from outbox.migrate import downgrade, head_revision, upgrade
+from outbox.migrate import (
+    alembic_head,
+    downgrade,
+    head_revision,
+    migrations_dir,
+    scanned_head,
+    upgrade,
+)
 from outbox.store import Store, metadata
 
 TABLES = {"observations", "pages", "series", "watermarks", "runs", "checked_gaps", "meta"}
@@ -46,6 +53,48 @@ def test_upgrade_downgrade_upgrade_no_drift(store: Store, db_path: Path) -> None
     assert store.schema_version() == head_revision()
     assert _drift(store) == []
     assert _objects(db_path)["view"] >= VIEWS
+
+
+def _index_columns(path: Path, name: str) -> list[str]:
+    con = sqlite3.connect(path)
+    cols = [r[2] for r in con.execute(f"PRAGMA index_info({name})")]
+    con.close()
+    return cols
+
+
+def test_0002_puts_state_last_in_the_partial_indexes_and_back(store: Store, db_path: Path) -> None:
+    assert _index_columns(db_path, "ix_observations_pending_due") == [
+        "ts",
+        "series_id",
+        "next_attempt_at",
+        "state",
+    ]
+    assert _index_columns(db_path, "ix_observations_dead") == ["series_id", "ts", "state"]
+    downgrade(store, "0001")
+    assert store.schema_version() == "0001"
+    assert _index_columns(db_path, "ix_observations_pending_due") == [
+        "ts",
+        "series_id",
+        "next_attempt_at",
+    ]
+    assert _index_columns(db_path, "ix_observations_dead") == ["series_id", "ts"]
+    Store.open(db_path).close()  # an old outbox is upgraded on open
+    assert store.schema_version() == head_revision()
+    assert _drift(store) == []
+
+
+def test_head_is_read_without_alembic_and_agrees_with_it(tmp_path: Path) -> None:
+    assert scanned_head(migrations_dir() / "versions") == alembic_head() == head_revision()
+    versions = tmp_path / "versions"
+    versions.mkdir()
+    (versions / "__init__.py").write_text("")
+    (versions / "a.py").write_text('revision = "a"\ndown_revision = None\n')
+    (versions / "b.py").write_text('revision: str = "b"\ndown_revision: str | None = "a"\n')
+    assert scanned_head(versions) == "b"
+    (versions / "c.py").write_text('revision = "c"\ndown_revision = "a"\n')
+    assert scanned_head(versions) is None  # two heads: Alembic decides
+    (versions / "c.py").write_text("revision = make_id()\ndown_revision = 'b'\n")
+    assert scanned_head(versions) is None  # not spelled plainly: Alembic decides
 
 
 def test_reopen_is_idempotent(db_path: Path) -> None:

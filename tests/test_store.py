@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from factories import mark, obs, page, series_row, ts
+from sqlalchemy import event
 
 from outbox.store import Key, Store
 
@@ -110,10 +111,41 @@ def test_defer_hides_rows_until_due_and_counts_attempts(store: Store) -> None:
     assert [c.ts for c in store.claim(10, ts(9))] == [ts(1)]
     assert [c.ts for c in store.claim(10, ts(10))] == [ts(0), ts(1)]
     assert store.next_retry_at() == ts(10)
-    assert store.has_deferred("SINK_UNAVAILABLE")
+    assert store.has_deferred("SINK_UNAVAILABLE") and not store.has_deferred("OTHER")
+    assert store.clear_deferred("OTHER") == 0
     assert store.clear_deferred("SINK_UNAVAILABLE") == 1
+    assert not store.has_deferred("SINK_UNAVAILABLE")
     assert store.row(PJM, ts(0))["attempts"] == 1
     assert store.count_due(ts(0)) == 2
+
+
+def test_pending_and_dead_scans_read_only_their_index(store: Store, db_path: Path) -> None:
+    """Status, count_due, next_retry_at and has_deferred never read a table row per
+    pending or dead row: the partial indexes cover them (migration 0002)."""
+    _stage(store, [obs(PJM, h) for h in range(4)] + [obs(MISO, h) for h in range(4)])
+    store.defer([_key(obs(PJM, 1))], ts(10), "503", code="SINK_UNAVAILABLE")
+    store.reject([(_key(obs(MISO, 2)), "VALUE_OUT_OF_RANGE", "no")])
+    statements: list[str] = []
+    event.listen(
+        store.engine, "connect", lambda dbapi, _: dbapi.set_trace_callback(statements.append)
+    )
+    store.engine.dispose()  # new connections: traced
+    store.series_states()
+    store.counts()
+    store.count_due(ts(5))
+    store.next_retry_at()
+    store.has_deferred("SINK_UNAVAILABLE")
+    con = sqlite3.connect(db_path)
+    uses = [
+        line
+        for sql in statements
+        if sql.lstrip().upper().startswith("SELECT")
+        for *_, line in con.execute(f"EXPLAIN QUERY PLAN {sql}")
+        if "ix_observations_pending_due" in line or "ix_observations_dead" in line
+    ]
+    con.close()
+    assert len(uses) >= 6
+    assert all("COVERING INDEX" in line for line in uses), uses
 
 
 def test_claim_orders_by_ts_then_series(store: Store) -> None:
