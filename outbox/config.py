@@ -119,6 +119,8 @@ class EIAConfig(_Model):
     backfill_chunk_hours: int = Field(24 * 31, ge=1)
     forecast_horizon_hours: int = Field(48, ge=0, le=24 * 14)
     max_invalid_fraction: float = Field(0.5, ge=0, le=1)
+    replay_commit_rows: int = Field(40_000, ge=1)
+    replay_commit_seconds: float = Field(1.0, gt=0)
 
     @field_validator("history_start")
     @classmethod

@@ -321,27 +321,45 @@ class Fetcher:
         """
         carry: tuple[eia_mod.EIAPage, dict[str, str]] | None = None
         pages = eia_mod.iter_replay_pages(directory)
-        for page, norm, record, rows in _read_ahead(pages, self._prepare_replay):
-            crashpoint("fetch.page_fetched")
-            reach = dict(self.marks)
-            if carry is not None and _continues(carry[0], page):
-                for key, ts in carry[1].items():
-                    reach[key] = max(reach.get(key, ts), ts)
-            cap = None if page.last else _minus_hour(norm.page_max_ts)
-            reached, updates = {}, []
-            for key, newest in norm.stream_max.items():
-                oldest = norm.stream_min.get(key, newest)
-                edge = reach.get(key)
-                if edge is not None and parse_ts(oldest) > parse_ts(edge) + HOUR:
-                    continue
-                reached[key] = newest
-                last_ts = newest if cap is None else min(newest, cap)
-                mark = self.marks.get(key)
-                if last_ts and (mark is None or last_ts > mark):
-                    dataset, respondent = key.split(":", 1)
-                    updates.append(WatermarkUpdate(key, dataset, respondent, page.route, last_ts))
-            self._stage(page, norm, updates, (record, rows))
-            carry = None if page.last else (page, reached)
+        with self.store.write_group() as group:
+            grouped, since = 0, time.monotonic()
+            for prepared in _read_ahead(pages, self._prepare_replay):
+                carry = self._stage_replayed(prepared, carry)
+                # Pages already on disk arrive faster than they stage: commit them in groups
+                # (each page's rows still go in with their own watermark advances).
+                grouped += len(prepared.page.rows)
+                if (
+                    grouped >= self.config.eia.replay_commit_rows
+                    or time.monotonic() - since >= self.config.eia.replay_commit_seconds
+                ):
+                    group.commit()
+                    grouped, since = 0, time.monotonic()
+
+    def _stage_replayed(
+        self, prepared: _Prepared, carry: tuple[eia_mod.EIAPage, dict[str, str]] | None
+    ) -> tuple[eia_mod.EIAPage, dict[str, str]] | None:
+        """Stage one replayed page; returns what the next page of its request continues."""
+        page, norm, record, rows = prepared
+        crashpoint("fetch.page_fetched")
+        reach = dict(self.marks)
+        if carry is not None and _continues(carry[0], page):
+            for key, ts in carry[1].items():
+                reach[key] = max(reach.get(key, ts), ts)
+        cap = None if page.last else _minus_hour(norm.page_max_ts)
+        reached, updates = {}, []
+        for key, newest in norm.stream_max.items():
+            oldest = norm.stream_min.get(key, newest)
+            edge = reach.get(key)
+            if edge is not None and parse_ts(oldest) > parse_ts(edge) + HOUR:
+                continue
+            reached[key] = newest
+            last_ts = newest if cap is None else min(newest, cap)
+            mark = self.marks.get(key)
+            if last_ts and (mark is None or last_ts > mark):
+                dataset, respondent = key.split(":", 1)
+                updates.append(WatermarkUpdate(key, dataset, respondent, page.route, last_ts))
+        self._stage(page, norm, updates, (record, rows))
+        return None if page.last else (page, reached)
 
     def _prepare_replay(self, page: eia_mod.EIAPage) -> _Prepared:
         """Normalize and encode one replayed page (runs on the read-ahead thread)."""

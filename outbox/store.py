@@ -29,9 +29,10 @@ import json
 import math
 import os
 import sqlite3
+import threading
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from pathlib import Path
@@ -578,6 +579,80 @@ class FileStats:
         return self.page_size * self.freelist_count
 
 
+class WriteGroup:
+    """One write transaction shared by several :meth:`Store.write` blocks of a thread.
+
+    Committing a page of rows costs SQLite a WAL append of every B-tree page it touched;
+    consecutive pages of one request touch mostly the same leaves, so committing several
+    at once writes them once (see docs/performance.md).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.thread = threading.get_ident()
+        self.blocks = 0  # write blocks since the last commit
+        self._conn: Connection | None = None
+        self._open = False
+        self._broken = False
+
+    @contextmanager
+    def savepoint(self) -> Iterator[Connection]:
+        """One write block: a savepoint of the group's transaction."""
+        if self._broken:
+            raise StoreError("an earlier write of this group failed and rolled it back")
+        if self._conn is None:
+            self._conn = self.engine.connect()
+            self._conn.execution_options(outbox_write=True)
+        conn = self._conn
+        if not self._open:
+            conn.begin()
+            self._open = True
+        conn.exec_driver_sql("SAVEPOINT outbox_write")
+        try:
+            yield conn
+        except BaseException:
+            self._undo(conn)
+            raise
+        conn.exec_driver_sql("RELEASE outbox_write")
+        self.blocks += 1
+
+    def _undo(self, conn: Connection) -> None:
+        try:
+            conn.exec_driver_sql("ROLLBACK TO outbox_write")
+            conn.exec_driver_sql("RELEASE outbox_write")
+        except (DatabaseError, sqlite3.Error):
+            # SQLite rolled the whole transaction back itself (disk full, I/O error):
+            # the blocks before this one are gone with it, watermarks included.
+            self._broken = True
+            self._rollback()
+
+    def commit(self) -> None:
+        """Commit every write block so far (nothing to do when there is none)."""
+        if self._open and self._conn is not None:
+            self._open = False
+            self.blocks = 0
+            self._conn.commit()
+
+    def _rollback(self) -> None:
+        if self._open and self._conn is not None:
+            self._open = False
+            self.blocks = 0
+            with suppress(DatabaseError, sqlite3.Error):
+                self._conn.rollback()
+
+    def close(self) -> None:
+        """Commit what completed (unless the transaction broke) and release the connection."""
+        try:
+            if self._broken:
+                self._rollback()
+            else:
+                self.commit()
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
 def sqlite_url(path: str | os.PathLike[str]) -> str:
     """SQLAlchemy URL of an outbox file."""
     return f"sqlite:///{Path(path)}"
@@ -590,7 +665,10 @@ def _on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
     cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     # Takes effect on a new file (before the first table) and at the next VACUUM of an old
     # one; housekeeping then hands freed pages back with incremental_vacuum.
-    cursor.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    # Setting it takes the write lock: only when it is not set yet, so that a connection
+    # opened while another one writes (a write group, another process) does not wait.
+    if cursor.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        cursor.execute("PRAGMA auto_vacuum = INCREMENTAL")
     mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()
     if mode and str(mode[0]).lower() != "wal":
         raise StoreError(f"cannot switch the outbox to WAL mode (got {mode[0]!r})")
@@ -693,6 +771,7 @@ class Store:
         self.path = path
         self.engine = engine
         self.size_limit: SizeLimit | None = None
+        self._group: WriteGroup | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -748,11 +827,41 @@ class Store:
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """A write transaction (``BEGIN IMMEDIATE``), committed on success."""
+        """A write transaction (``BEGIN IMMEDIATE``), committed on success.
+
+        Inside :meth:`write_group`, in the thread that opened it, this is a savepoint of
+        the group's transaction instead: released on success, rolled back on error, and
+        committed with the group.
+        """
+        group = self._group
+        if group is not None and group.thread == threading.get_ident():
+            with group.savepoint() as conn:
+                yield conn
+            return
         with self.engine.connect() as conn:
             conn.execution_options(outbox_write=True)
             with conn.begin():
                 yield conn
+
+    @contextmanager
+    def write_group(self) -> Iterator[WriteGroup]:
+        """Let the writes of this thread share one transaction until ``group.commit()``.
+
+        Each :meth:`write` block is a savepoint in it, all or nothing as before; the
+        group commits what completed when it ends, on an error too (a failed block has
+        already been undone), so an error leaves exactly what separate transactions
+        would have left. A kill loses the uncommitted blocks together, which is safe for
+        blocks that carry their own watermark advances (:meth:`stage`).
+        """
+        if self._group is not None:
+            raise StoreError("write groups do not nest")
+        group = WriteGroup(self.engine)
+        self._group = group
+        try:
+            yield group
+        finally:
+            self._group = None
+            group.close()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

@@ -195,7 +195,11 @@ def test_sigkill_fetch_at_random_times(source: Source, scale: str, tmp_path: Pat
         if episode_left == 0:  # a fresh outbox, killed one to three times in a row
             _fresh(db)
             episode_left = rng.randint(1, 3)
-        proc = spawn(*source.args(), env=source.env(db))
+        # A replay commits its pages in groups: one page, four pages, or the default.
+        commit_rows = rng.choice(("1", "2000", "40000"))
+        proc = spawn(
+            *source.args(), env=source.env(db, OUTBOX__EIA__REPLAY_COMMIT_ROWS=commit_rows)
+        )
         await_run(db, proc)
         time.sleep(rng.uniform(0.0, source.seconds * 1.1))
         if proc.poll() is None:
@@ -237,9 +241,16 @@ def test_sigkill_fetch_at_named_points(source: Source, scale: str, tmp_path: Pat
             # A replay rerun passes the pages it already holds without storing them again.
             first = before + 1 if source.mode == "replay" else 1
             after = rng.randint(first, source.pages)
+            # One commit per replayed page, so that exactly the pages before the crash
+            # survive (grouped commits: tests/test_fetch.py::test_sigkill_at_named_points).
             crashed = outbox(
                 *source.args(),
-                env=source.env(db, OUTBOX_CRASH_AT=point, OUTBOX_CRASH_AFTER=str(after)),
+                env=source.env(
+                    db,
+                    OUTBOX_CRASH_AT=point,
+                    OUTBOX_CRASH_AFTER=str(after),
+                    OUTBOX__EIA__REPLAY_COMMIT_ROWS="1",
+                ),
             )
             assert crashed.returncode == -signal.SIGKILL, crashed.stderr
             kills += 1

@@ -214,9 +214,14 @@ def test_sigkill_replay_at_random_points_then_rerun_equals_clean_run(
     kills = 0
     for trial in range(trials):
         db = tmp_path / f"kill{trial % 4}.db"  # four outboxes, each killed repeatedly
+        commit_rows = rng.choice(("1", "2000", "40000"))  # grouped commits of pages
         proc = subprocess.Popen(
             [sys.executable, "-m", "outbox", "fetch", "--replay", str(big_replay)],
-            env={**os.environ, "OUTBOX_DB": str(db)},
+            env={
+                **os.environ,
+                "OUTBOX_DB": str(db),
+                "OUTBOX__EIA__REPLAY_COMMIT_ROWS": commit_rows,
+            },
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -239,9 +244,15 @@ def test_sigkill_replay_at_random_points_then_rerun_equals_clean_run(
 
 
 @pytest.mark.parametrize(
+    ("commit_rows", "committed_pages"),
+    [(1, 6), (2000, 4)],  # a commit after every page; after every 4 pages of 500 rows
+)
+@pytest.mark.parametrize(
     "point", ["fetch.page_fetched", "stage.rows_written", "stage.before_commit"]
 )
-def test_sigkill_at_named_points(tmp_path: Path, big_replay: Path, point: str) -> None:
+def test_sigkill_at_named_points(
+    tmp_path: Path, big_replay: Path, point: str, commit_rows: int, committed_pages: int
+) -> None:
     clean = tmp_path / "clean.db"
     assert (
         outbox_cmd("fetch", "--replay", str(big_replay), env={"OUTBOX_DB": str(clean)}).returncode
@@ -252,11 +263,18 @@ def test_sigkill_at_named_points(tmp_path: Path, big_replay: Path, point: str) -
         "fetch",
         "--replay",
         str(big_replay),
-        env={"OUTBOX_DB": str(db), "OUTBOX_CRASH_AT": point, "OUTBOX_CRASH_AFTER": "7"},
+        env={
+            "OUTBOX_DB": str(db),
+            "OUTBOX_CRASH_AT": point,
+            "OUTBOX_CRASH_AFTER": "7",
+            "OUTBOX__EIA__REPLAY_COMMIT_ROWS": str(commit_rows),
+            "OUTBOX__EIA__REPLAY_COMMIT_SECONDS": "3600",
+        },
     )
     assert crashed.returncode == -signal.SIGKILL
     partial = snapshot(db)
-    assert len(partial) == 6 * 500  # exactly the six committed pages survive
+    # Exactly the pages of the committed groups survive, each with its watermark advance.
+    assert len(partial) == committed_pages * 500
     assert watermark_violations(db) == []
     rerun = outbox_cmd("fetch", "--replay", str(big_replay), env={"OUTBOX_DB": str(db)})
     assert rerun.returncode == 0, rerun.stderr

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import sqlite3
+import threading
 from pathlib import Path
 
+import pytest
 from factories import mark, obs, page, series_row, ts
 from sqlalchemy import event
 
+from outbox.errors import StoreError
 from outbox.store import Key, Store
 
 PJM = "EIA.PJM.demand"
@@ -263,3 +266,60 @@ def test_pragmas(store: Store) -> None:
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
+
+
+def _committed(db_path: Path) -> tuple[int, list[tuple]]:
+    """Rows and watermarks another connection sees (what a kill would leave)."""
+    con = sqlite3.connect(db_path)
+    try:
+        rows = con.execute("SELECT count(*) FROM observations").fetchone()[0]
+        marks = con.execute("SELECT stream, last_ts FROM watermarks ORDER BY 1").fetchall()
+        return rows, marks
+    finally:
+        con.close()
+
+
+def test_write_group_commits_pages_together(store: Store, db_path: Path) -> None:
+    with store.write_group() as group:
+        _stage(store, [obs(PJM, h) for h in range(3)], [mark("demand:PJM", 2)])
+        _stage(store, [obs(PJM, h) for h in range(3, 6)], [mark("demand:PJM", 5)])
+        assert group.blocks == 2
+        assert _committed(db_path) == (0, [])  # nothing visible before the commit
+        assert store.watermarks() == {}
+        group.commit()
+        assert group.blocks == 0
+        assert _committed(db_path) == (6, [("demand:PJM", ts(5))])
+        _stage(store, [obs(PJM, 6)], [mark("demand:PJM", 6)])
+        assert _committed(db_path) == (6, [("demand:PJM", ts(5))])
+    assert _committed(db_path) == (7, [("demand:PJM", ts(6))])  # committed when it ends
+
+
+def test_write_group_failed_block_is_undone_and_earlier_blocks_kept(
+    store: Store, db_path: Path
+) -> None:
+    bad = (PJM, ts(9), None, "MW", "good", "r9", 0)  # no value and not flagged missing
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"), store.write_group():
+        _stage(store, [obs(PJM, 0), obs(PJM, 1)], [mark("demand:PJM", 1)])
+        _stage(store, [obs(PJM, 2), bad], [mark("demand:PJM", 9)])
+    # Exactly what one transaction per page leaves: the first page and its watermark.
+    assert _committed(db_path) == (2, [("demand:PJM", ts(1))])
+    with store.read() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM pages").scalar() == 1
+
+
+def test_write_group_is_per_thread_and_does_not_nest(store: Store, db_path: Path) -> None:
+    with store.write_group() as group:
+        _stage(store, [obs(PJM, 0)])
+        with pytest.raises(StoreError, match="nest"), store.write_group():
+            pass
+        group.commit()
+        # Another thread's write is a transaction of its own, committed at once.
+        seen: list[int] = []
+        worker = threading.Thread(target=lambda: seen.append(_stage(store, [obs(MISO, 0)]).written))
+        worker.start()
+        worker.join(30)
+        assert seen == [1]
+        assert _committed(db_path)[0] == 2
+        _stage(store, [obs(PJM, 1)])
+        assert _committed(db_path)[0] == 2
+    assert _committed(db_path)[0] == 3
