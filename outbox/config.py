@@ -64,7 +64,7 @@ DEFAULT_LOOKBACKS = {
     "net_generation": 72,
     "interchange": 72,
     "generation": 96,
-    "ba_interchange": 168,
+    "ba_interchange": 96,
 }
 NAMED_ENV = {
     "OUTBOX_DB": ("database",),

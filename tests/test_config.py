@@ -25,7 +25,7 @@ def test_example_config_is_valid_and_complete() -> None:
         "ERCOT": "ERCO",
         "SPP": "SWPP",
     }
-    assert config.datasets["ba_interchange"].lookback_hours == 168
+    assert config.datasets["ba_interchange"].lookback_hours == 96
     assert config.datasets["generation"].lookback_hours == 96
     assert config.gridpulse.batch_size == 5000
     assert config.eia_to_gridpulse["CISO"] == "CAISO"

@@ -331,5 +331,6 @@ def test_new_outbox_starts_at_gridpulse_latest(tmp_path: Path) -> None:
             done = outbox_cmd("fetch", env=fresh)
             assert done.returncode == 0, done.stderr
             starts = {unquote(r).split("start=")[1][:13] for r in fake.requests}
-    # GridPulse holds through 2025-08-21T23; look-backs are 72 h (region), 96 h, 168 h.
-    assert starts == {"2025-08-18T23", "2025-08-17T23", "2025-08-14T23"}
+    # GridPulse holds through 2025-08-21T23; look-backs are 72 h (region) and 96 h
+    # (fuel type, BA-to-BA interchange).
+    assert starts == {"2025-08-18T23", "2025-08-17T23"}

@@ -172,7 +172,7 @@ def test_deep_recheck_lookback_widens_every_dataset_within_retention(tmp_path: P
     assert {name: ds.lookback_hours for name, ds in deep.datasets.items()} == dict.fromkeys(
         config.datasets, timers.DEEP_LOOKBACK_HOURS
     )
-    assert with_lookback(config, 100).datasets["ba_interchange"].lookback_hours == 168
+    assert with_lookback(config, 80).datasets["ba_interchange"].lookback_hours == 96
     with pytest.raises(UsageError, match=r"shorter than housekeeping\.retention_days"):
         with_lookback(config, 90 * 24)
     env = {"EIA_API_KEY": "k", "OUTBOX_DB": str(tmp_path / "o.db")}
