@@ -151,6 +151,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    # A batch touches a leaf of every series it holds: with SQLite's default 2 MB cache
+    # those leaves are read back from the OS on every batch (~30% of ingest time at 1M
+    # rows). A larger WAL between checkpoints rewrites hot leaves less often.
+    cursor.execute("PRAGMA cache_size=-65536")
+    cursor.execute("PRAGMA wal_autocheckpoint=10000")
     cursor.close()
 
 
