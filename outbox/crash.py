@@ -14,7 +14,9 @@ Points:
 * ``send.after_claim``          a batch is claimed, nothing posted
 * ``send.before_post``          a batch is encoded and about to be posted
 * ``send.after_post``           GridPulse answered 2xx, nothing recorded
-* ``settle.before_commit``      acks written inside the open transaction
+* ``settle.before_commit``      a batch outcome (its acks, its dead rows) written inside
+                               the open transaction
+* ``acks.before_commit``        recorded acks applied to their rows, not committed
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -741,6 +742,10 @@ class Sender:
         self._pack: Callable[[bytes], bytes] | None = None
         if "packed" in inspect.signature(client.post_batch).parameters:
             self._pack = getattr(client, "pack", None)
+        # Recorded acks are applied to their rows on this thread while the next POST is
+        # in flight; one application at a time, finished before any other write.
+        self._acks: ThreadPoolExecutor | None = None
+        self._applying: Future[int] | None = None
 
     def prepare(self, rows: Sequence[Claimed]) -> Batch:
         """The batch id and request body of ``rows`` (reads pages only for source_data).
@@ -857,12 +862,33 @@ class Sender:
             (Key(rows[i].series_id, rows[i].ts, rows[i].revision), rej.code, rej.message)
             for i, rej in bad.items()
         ]
-        ok, dead = self.store.settle(acked, rejected)
-        self.result.acked += ok
-        self.result.rejected += dead
+        # The outcome commits before the next POST (a kill re-delivers at most the batch
+        # in flight); marking its rows acked overlaps that POST.
+        self.wait_acks()
+        self.result.rejected += self.store.record_outcome(acked, rejected)
+        if acked:
+            if self._acks is None:
+                self._acks = ThreadPoolExecutor(1, thread_name_prefix="outbox-acks")
+            self._applying = self._acks.submit(self.store.apply_acks)
+
+    def wait_acks(self) -> None:
+        """Wait until the recorded acks are applied to their rows (raises what that raised)."""
+        applying, self._applying = self._applying, None
+        if applying is not None:
+            self.result.acked += applying.result()
+
+    def close(self) -> None:
+        """Apply the recorded acks and stop the thread that applies them."""
+        try:
+            self.wait_acks()
+        finally:
+            if self._acks is not None:
+                self._acks.shutdown(wait=True)
+                self._acks = None
 
     def _dead(self, rows: Sequence[Claimed], code: str, message: str) -> None:
         keys = [(Key(r.series_id, r.ts, r.revision), code, message) for r in rows]
+        self.wait_acks()
         _, dead = self.store.settle([], keys)
         self.result.rejected += dead
 
@@ -876,6 +902,7 @@ class Sender:
         # backoff. Anything else means GridPulse was unreachable or overloaded.
         code = SERVER_ERROR if exc.status in (500, 501, 505) else UNAVAILABLE
         keys = [Key(r.series_id, r.ts, r.revision) for r in rows]
+        self.wait_acks()
         self.result.deferred += self.store.defer(keys, when, f"{code}: {exc}", code=code)
 
 
@@ -908,7 +935,10 @@ def run_send(
         started = time.monotonic()
         sender = Sender(config, store, client, result, sleep=sleep)
         try:
-            _drain(store, sender, max_batches, max_seconds, clock)
+            try:
+                _drain(store, sender, max_batches, max_seconds, clock)
+            finally:
+                sender.close()
         except SinkTransientError as exc:
             result.error = f"GridPulse unavailable: {exc}"
             store.finish_run(result.run_id, "failed", result.counts(), result.error)
@@ -943,6 +973,9 @@ def _drain(
     clock: Callable[[], float],
 ) -> None:
     started = clock()
+    # Acks a killed send recorded and did not apply: applied before anything is claimed,
+    # or their rows would go again in other batches.
+    store.apply_acks()
     if store.has_deferred(UNAVAILABLE) and sender.client.health():
         # GridPulse is back: rows deferred only because it was down are due again, so
         # the backlog drains oldest first instead of behind newer rows.
@@ -955,6 +988,7 @@ def _drain(
     # batch, or after a 413 or a bisection; a pass that found nothing ends the run.
     while True:
         found = False
+        sender.wait_acks()  # a pass claims from the oldest row: the rows acked are not due
         batches = _read_ahead(_claims(store, sender), sender.prepare, depth=1)
         try:
             for batch in batches:

@@ -55,7 +55,13 @@ HOURS = 48
 EPOCHS = {"ci": 2, "soak": 60}
 KILLS_PER_EPOCH = {"ci": 3, "soak": 5}
 NAMED_REPEATS = {"ci": 1, "soak": 10}
-POINTS = ("send.after_claim", "send.before_post", "send.after_post", "settle.before_commit")
+POINTS = (
+    "send.after_claim",
+    "send.before_post",
+    "send.after_post",
+    "settle.before_commit",
+    "acks.before_commit",
+)
 LATENCY = "latency:400ms"
 MID_REQUEST_DELAY = "0.2"
 POLL = 0.01

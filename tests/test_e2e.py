@@ -6,6 +6,7 @@ endpoints against what the outbox acknowledged; outages; SIGKILLed senders; over
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from outbox.config import Config
+from outbox.gridpulse import batch_id_of
 from outbox.pipeline import run_fetch
 from outbox.store import Store
 from outbox.testing import sample_dir
@@ -170,7 +172,7 @@ def test_sigkilled_sender_converges_exactly(tmp_path: Path, receiver: Receiver) 
     env = env_for(db, receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="200")
     rng = random.Random(7)
     trials = int(os.environ.get("OUTBOX_SEND_KILL_TRIALS", "30"))
-    points = ["send.after_claim", "send.after_post", "settle.before_commit"]
+    points = ["send.after_claim", "send.after_post", "settle.before_commit", "acks.before_commit"]
     kills = 0
     for trial in range(trials):
         # EIA revises every row between kills, so each send has ~100 batches to do.
@@ -199,6 +201,42 @@ def test_sigkilled_sender_converges_exactly(tmp_path: Path, receiver: Receiver) 
     assert final.returncode == 0, final.stderr
     with Store.open(db) as store:
         assert store.count_state("pending") == 0 and store.count_state("dead") == 0
+    assert receiver_rows(receiver.base_url, KEY) == acked_rows(db)
+
+
+@pytest.mark.parametrize("after", [1, 3])
+def test_batch_recorded_but_not_applied_is_not_sent_again(
+    tmp_path: Path, receiver: Receiver, after: int
+) -> None:
+    """A kill after a batch outcome committed, while its acks are being applied to the
+    rows: the next send applies them first and sends none of those rows again."""
+    db = tmp_path / "outbox.db"
+    with Store.open(db) as store:
+        run_fetch(Config(), store, replay=sample_dir())
+        staged = store.count_state("pending")
+    env = env_for(db, receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="500")
+    crashed = outbox(
+        "send",
+        env={**env, "OUTBOX_CRASH_AT": "acks.before_commit", "OUTBOX_CRASH_AFTER": str(after)},
+    )
+    assert crashed.returncode == -signal.SIGKILL
+    con = sqlite3.connect(db)
+    logged = [json.loads(k) for (k,) in con.execute("SELECT keys FROM ack_log")]
+    con.close()
+    recorded = {batch_id_of([tuple(k) for k in keys]) for keys in logged}
+    assert recorded, "the kill came while a recorded batch was being applied"
+    posted = receiver_batches(receiver.db_path)
+    assert recorded <= posted.keys()
+    done = outbox("send", env=env)
+    assert done.returncode == 0, done.stderr
+    after_run = receiver_batches(receiver.db_path)
+    for batch_id in recorded:  # recorded as acknowledged: never sent again
+        assert after_run[batch_id]["times_seen"] == 1
+    # Only the batch in flight at the kill (if one was) may go again.
+    assert sum(b["times_seen"] - 1 for b in after_run.values()) <= 1
+    with Store.open(db) as store:
+        assert store.unapplied_acks() == 0
+        assert store.count_state("pending") == 0 and store.count_state("acked") == staged
     assert receiver_rows(receiver.base_url, KEY) == acked_rows(db)
 
 

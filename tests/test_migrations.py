@@ -7,6 +7,7 @@ from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from factories import obs, series_row
 
 from outbox.migrate import (
     alembic_head,
@@ -80,6 +81,23 @@ def test_0002_puts_state_last_in_the_partial_indexes_and_back(store: Store, db_p
     assert _index_columns(db_path, "ix_observations_dead") == ["series_id", "ts"]
     Store.open(db_path).close()  # an old outbox is upgraded on open
     assert store.schema_version() == head_revision()
+    assert _drift(store) == []
+
+
+def test_0003_downgrade_applies_recorded_acks_first(store: Store, db_path: Path) -> None:
+    rows = [obs("EIA.PJM.demand", h, 100.0 + h) for h in range(4)]
+    store.stage(rows, series_rows=[series_row("EIA.PJM.demand")])
+    store.record_outcome([(r[0], r[1], r[5]) for r in rows[:3]], now="2026-11-22T00:00:00Z")
+    assert store.count_state("acked") == 0 and store.unapplied_acks() == 3
+    downgrade(store, "0002")
+    con = sqlite3.connect(db_path)
+    states = con.execute("SELECT ts, state, acked_at FROM observations ORDER BY ts").fetchall()
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    con.close()
+    assert [s for _, s, _ in states] == ["acked", "acked", "acked", "pending"]
+    assert states[0][2] == "2026-11-22T00:00:00Z"
+    assert "ack_log" not in tables
+    Store.open(db_path).close()
     assert _drift(store) == []
 
 

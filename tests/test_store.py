@@ -323,3 +323,32 @@ def test_write_group_is_per_thread_and_does_not_nest(store: Store, db_path: Path
         _stage(store, [obs(PJM, 1)])
         assert _committed(db_path)[0] == 2
     assert _committed(db_path)[0] == 3
+
+
+def test_recorded_acks_reach_their_rows_when_applied(store: Store) -> None:
+    rows = [obs(PJM, h, 10.0 + h) for h in range(4)]
+    _stage(store, rows)
+    dead = store.record_outcome(
+        [_key(r) for r in rows[:3]], [(_key(rows[3]), "INVALID_VALUE", "bad")], now=ts(50)
+    )
+    assert dead == 1 and _state(store, PJM, 3) == "dead"  # dead-lettered at once
+    assert [_state(store, PJM, h) for h in range(3)] == ["pending"] * 3
+    assert store.unapplied_acks() == 3
+    # EIA revises hour 1 before the acks are applied: the new revision stays pending.
+    _stage(store, [obs(PJM, 1, 99.0)])
+    assert store.apply_acks() == 2
+    assert [_state(store, PJM, h) for h in range(3)] == ["acked", "pending", "acked"]
+    row = store.row(PJM, ts(0))
+    assert row is not None and row["acked_at"] == ts(50) and row["acked_revision"] == rows[0][5]
+    assert store.unapplied_acks() == 0 and store.apply_acks() == 0  # nothing left to apply
+
+
+def test_recorded_acks_apply_in_order_and_survive_reopen(store: Store, db_path: Path) -> None:
+    _stage(store, [obs(PJM, h) for h in range(4)])
+    store.record_outcome([_key(obs(PJM, h)) for h in range(2)], now=ts(50))
+    store.record_outcome([_key(obs(PJM, h)) for h in range(2, 4)], now=ts(51))
+    store.close()
+    with Store.open(db_path) as again:  # as after a kill: the log is still there
+        assert again.unapplied_acks() == 4
+        assert again.apply_acks() == 4
+        assert [again.row(PJM, ts(h))["acked_at"] for h in range(4)] == [ts(50)] * 2 + [ts(51)] * 2
