@@ -6,6 +6,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+# pandas is imported by the product on first use; a first import while freezegun fakes the
+# clock fails, so every test session imports it before any test freezes time.
+import pandas  # noqa: F401
 import pytest
 
 from outbox.store import Store

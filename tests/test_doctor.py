@@ -12,7 +12,6 @@ import respx
 from freezegun import freeze_time
 from typer.testing import CliRunner
 
-import outbox.commands  # noqa: F401  (pandas must be imported before freezegun fakes dates)
 from outbox.cli import app
 from outbox.store import Store, file_lock
 
