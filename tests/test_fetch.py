@@ -244,14 +244,23 @@ def test_sigkill_replay_at_random_points_then_rerun_equals_clean_run(
 
 
 @pytest.mark.parametrize(
-    ("commit_rows", "committed_pages"),
-    [(1, 6), (2000, 4)],  # a commit after every page; after every 4 pages of 500 rows
+    ("commit_rows", "commit_seconds", "committed_pages"),
+    [
+        (1, "3600", 6),  # a commit after every page
+        (2000, "3600", 4),  # after every 4 pages of 500 rows
+        (10**9, "0.000001", 6),  # the time limit alone: a commit after every page
+    ],
 )
 @pytest.mark.parametrize(
     "point", ["fetch.page_fetched", "stage.rows_written", "stage.before_commit"]
 )
 def test_sigkill_at_named_points(
-    tmp_path: Path, big_replay: Path, point: str, commit_rows: int, committed_pages: int
+    tmp_path: Path,
+    big_replay: Path,
+    point: str,
+    commit_rows: int,
+    commit_seconds: str,
+    committed_pages: int,
 ) -> None:
     clean = tmp_path / "clean.db"
     assert (
@@ -268,7 +277,7 @@ def test_sigkill_at_named_points(
             "OUTBOX_CRASH_AT": point,
             "OUTBOX_CRASH_AFTER": "7",
             "OUTBOX__EIA__REPLAY_COMMIT_ROWS": str(commit_rows),
-            "OUTBOX__EIA__REPLAY_COMMIT_SECONDS": "3600",
+            "OUTBOX__EIA__REPLAY_COMMIT_SECONDS": commit_seconds,
         },
     )
     assert crashed.returncode == -signal.SIGKILL
