@@ -889,8 +889,7 @@ class Sender:
     def _dead(self, rows: Sequence[Claimed], code: str, message: str) -> None:
         keys = [(Key(r.series_id, r.ts, r.revision), code, message) for r in rows]
         self.wait_acks()
-        _, dead = self.store.settle([], keys)
-        self.result.rejected += dead
+        self.result.rejected += self.store.record_outcome([], keys)
 
     def defer(self, rows: Sequence[Claimed], exc: SinkTransientError) -> None:
         """Leave ``rows`` pending with a growing, capped next attempt time."""

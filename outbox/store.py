@@ -230,7 +230,6 @@ ack_log = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("acked_at", Text, nullable=False),
-    Column("rows", Integer, nullable=False),
     Column("keys", Text, nullable=False),  # JSON [[series_id, ts, revision], ...]
 )
 
@@ -341,7 +340,7 @@ FROM (SELECT json_extract(value, '$[0]') AS key_series, json_extract(value, '$[1
 WHERE observations.series_id = k.key_series AND observations.ts = k.key_ts
   AND observations.revision = k.key_revision AND observations.state = 'pending'
 """
-_ACK_LOG_INSERT = "INSERT INTO ack_log (acked_at, rows, keys) VALUES (?, ?, ?)"
+_ACK_LOG_INSERT = "INSERT INTO ack_log (acked_at, keys) VALUES (?, ?)"
 _REJECT = """
 UPDATE observations SET state = 'dead', last_error_code = ?, last_error = ?,
        attempts = attempts + 1, next_attempt_at = NULL
@@ -604,7 +603,6 @@ class WriteGroup:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.thread = threading.get_ident()
-        self.blocks = 0  # write blocks since the last commit
         self._conn: Connection | None = None
         self._open = False
         self._broken = False
@@ -628,7 +626,6 @@ class WriteGroup:
             self._undo(conn)
             raise
         conn.exec_driver_sql("RELEASE outbox_write")
-        self.blocks += 1
 
     def _undo(self, conn: Connection) -> None:
         try:
@@ -644,13 +641,11 @@ class WriteGroup:
         """Commit every write block so far (nothing to do when there is none)."""
         if self._open and self._conn is not None:
             self._open = False
-            self.blocks = 0
             self._conn.commit()
 
     def _rollback(self) -> None:
         if self._open and self._conn is not None:
             self._open = False
-            self.blocks = 0
             with suppress(DatabaseError, sqlite3.Error):
                 self._conn.rollback()
 
@@ -1010,29 +1005,7 @@ class Store:
     ) -> int:
         """Dead-letter rows: each item is (key, code, message)."""
         with self.write() as conn:
-            return self._executemany(
-                conn,
-                _REJECT,
-                ((code, redact(msg), k[0], k[1], k[2]) for k, code, msg in items),
-            )
-
-    def settle(
-        self,
-        acked: Iterable[Sequence[str]],
-        rejected: Iterable[tuple[Sequence[str], str, str]] = (),
-        now: str | None = None,
-    ) -> tuple[int, int]:
-        """Record one batch outcome in one transaction: (acked rows, dead rows)."""
-        now = now or now_ts()
-        with self.write() as conn:
-            dead = self._executemany(
-                conn,
-                _REJECT,
-                ((code, redact(msg), k[0], k[1], k[2]) for k, code, msg in rejected),
-            )
-            ok = _ack(self.cursor(conn), acked, now)
-            crashpoint("settle.before_commit")
-        return ok, dead
+            return _dead_letter(self.cursor(conn), items)
 
     def record_outcome(
         self,
@@ -1051,15 +1024,11 @@ class Store:
         now = now or now_ts()
         keys = [(k[0], k[1], k[2]) for k in acked]
         with self.write() as conn:
-            dead = self._executemany(
-                conn,
-                _REJECT,
-                ((code, redact(msg), k[0], k[1], k[2]) for k, code, msg in rejected),
-            )
+            cur = self.cursor(conn)
+            dead = _dead_letter(cur, rejected)
             if keys:
-                cur = self.cursor(conn)
-                cur.execute(_ACK_LOG_INSERT, (now, len(keys), orjson.dumps(keys).decode()))
-                cur.close()
+                cur.execute(_ACK_LOG_INSERT, (now, orjson.dumps(keys).decode()))
+            cur.close()
             crashpoint("settle.before_commit")
         return dead
 
@@ -1067,6 +1036,9 @@ class Store:
         """Mark the rows of every recorded batch acknowledgement ``acked``; returns how
         many rows changed (a row revised since it was sent stays pending, as with
         :meth:`ack`). Safe to call at any time, from one thread at a time."""
+        with self.read() as conn:  # the usual case: nothing recorded, no write lock taken
+            if conn.exec_driver_sql("SELECT 1 FROM ack_log LIMIT 1").first() is None:
+                return 0
         with self.write() as conn:
             cur = self.cursor(conn)
             logged = cur.execute("SELECT id, acked_at, keys FROM ack_log ORDER BY id").fetchall()
@@ -1083,7 +1055,10 @@ class Store:
         """Rows whose acknowledgement is recorded but not yet applied."""
         with self.read() as conn:
             return int(
-                conn.exec_driver_sql("SELECT coalesce(sum(rows), 0) FROM ack_log").scalar() or 0
+                conn.exec_driver_sql(
+                    "SELECT coalesce(sum(json_array_length(keys)), 0) FROM ack_log"
+                ).scalar()
+                or 0
             )
 
     def defer(
@@ -1695,6 +1670,12 @@ def _pass_checks(rows: Sequence[Sequence[Any]]) -> bool:
     if not _CHECKS_MIRRORED or not set(map(itemgetter(4), rows)) <= _QUALITY_FLAG_SET:
         return False
     return all(r[4] == "missing" for r in rows if r[2] is None)
+
+
+def _dead_letter(cur: sqlite3.Cursor, items: Iterable[tuple[Sequence[str], str, str]]) -> int:
+    """Mark rows dead, each item ``(key, code, message)``; the message is redacted."""
+    cur.executemany(_REJECT, ((code, redact(msg), k[0], k[1], k[2]) for k, code, msg in items))
+    return max(cur.rowcount, 0)
 
 
 def _ack(cur: sqlite3.Cursor, keys: Iterable[Sequence[str]], now: str) -> int:

@@ -24,7 +24,6 @@ def upgrade() -> None:
         "ack_log",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("acked_at", sa.Text(), nullable=False),
-        sa.Column("rows", sa.Integer(), nullable=False),
         sa.Column("keys", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_ack_log")),
     )
@@ -39,7 +38,8 @@ def downgrade() -> None:
                acked_at = (SELECT a.acked_at FROM ack_log a, json_each(a.keys) k
                            WHERE json_extract(k.value, '$[0]') = observations.series_id
                              AND json_extract(k.value, '$[1]') = observations.ts
-                           LIMIT 1),
+                             AND json_extract(k.value, '$[2]') = observations.revision
+                           ORDER BY a.id LIMIT 1),
                last_error = NULL, last_error_code = NULL, next_attempt_at = NULL
         WHERE state = 'pending' AND EXISTS (
             SELECT 1 FROM ack_log a, json_each(a.keys) k
