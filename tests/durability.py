@@ -13,6 +13,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -301,3 +302,30 @@ class RecordingClient:
     def health(self) -> bool:
         """Always up."""
         return True
+
+
+def await_run(db: Path, proc: subprocess.Popen, stage: str = "fetch") -> float:
+    """Wait until ``proc`` has recorded its run (imports and migrations done); when."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db.exists() and run_recorded(db, proc.pid, stage):
+            return time.monotonic()
+        time.sleep(0.01)
+    return time.monotonic()
+
+
+def run_recorded(db: Path, pid: int, stage: str) -> bool:
+    """Whether process ``pid`` has a row in ``runs`` (read-only: never creates the file)."""
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
+    except sqlite3.Error:
+        return False
+    try:
+        return (
+            con.execute("SELECT 1 FROM runs WHERE pid = ? AND stage = ?", (pid, stage)).fetchone()
+            is not None
+        )
+    except sqlite3.Error:
+        return False
+    finally:
+        con.close()

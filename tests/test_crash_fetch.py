@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import random
 import signal
-import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ import httpx
 import pytest
 from durability import (
     OBS_COLUMNS,
+    await_run,
     connect,
     expected_streams,
     fake_eia_process,
@@ -50,7 +49,6 @@ POINTS = ("fetch.page_fetched", "stage.rows_written", "stage.before_commit")
 COLUMNS = {"replay": (*OBS_COLUMNS, "page_id", "page_row"), "live": OBS_COLUMNS}
 RANDOM_TRIALS = {"replay": {"ci": 4, "soak": 200}, "live": {"ci": 2, "soak": 80}}
 NAMED_CHAINS = {"ci": 1, "soak": 8}
-POLL = 0.01
 
 
 @dataclass
@@ -110,33 +108,6 @@ def _clean(src: Source) -> Source:
         src.pages = con.execute("SELECT count(*) FROM pages").fetchone()[0]
     assert src.pages >= 5
     return src
-
-
-def await_run(db: Path, proc: subprocess.Popen, stage: str = "fetch") -> float:
-    """Wait until ``proc`` has recorded its run (imports and migrations done); when."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if db.exists() and run_recorded(db, proc.pid, stage):
-            return time.monotonic()
-        time.sleep(POLL)
-    return time.monotonic()
-
-
-def run_recorded(db: Path, pid: int, stage: str) -> bool:
-    """Whether process ``pid`` has a row in ``runs`` (read-only: never creates the file)."""
-    try:
-        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
-    except sqlite3.Error:
-        return False
-    try:
-        return (
-            con.execute("SELECT 1 FROM runs WHERE pid = ? AND stage = ?", (pid, stage)).fetchone()
-            is not None
-        )
-    except sqlite3.Error:
-        return False
-    finally:
-        con.close()
 
 
 def check_after_kill(db: Path, expected: dict) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+from durability import await_run
 
 from outbox.config import Config
 from outbox.normalize import revision_of
@@ -204,8 +205,17 @@ def test_sigkill_replay_at_random_points_then_rerun_equals_clean_run(
     tmp_path: Path, big_replay: Path
 ) -> None:
     clean = tmp_path / "clean.db"
-    done = outbox_cmd("fetch", "--replay", str(big_replay), env={"OUTBOX_DB": str(clean)})
-    assert done.returncode == 0, done.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "outbox", "fetch", "--replay", str(big_replay)],
+        env={**os.environ, "OUTBOX_DB": str(clean), "OUTBOX__EIA__REPLAY_COMMIT_ROWS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    started = await_run(clean, proc)
+    assert proc.wait(120) == 0
+    # The run's own work (imports and migrations excluded), at its slowest setting: kill
+    # times are drawn from it, so the trials land mid-run however fast this machine is.
+    work = time.monotonic() - started
     expected = snapshot(clean)
     assert len(expected) > 40_000
 
@@ -225,7 +235,8 @@ def test_sigkill_replay_at_random_points_then_rerun_equals_clean_run(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(rng.uniform(0.6, 3.0))
+        await_run(db, proc)
+        time.sleep(rng.uniform(0.0, work * 0.8))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 import signal
-import sqlite3
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta
@@ -25,6 +24,7 @@ import pytest
 from durability import (
     KEY_EIA,
     KEY_GP,
+    await_run,
     connect,
     expected_streams,
     integrity,
@@ -160,24 +160,6 @@ def _no_wait(_seconds: float) -> None:
     return None
 
 
-def _await_run(db: Path, proc: subprocess.Popen, stage: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
-            try:
-                found = con.execute(
-                    "SELECT 1 FROM runs WHERE pid = ? AND stage = ?", (proc.pid, stage)
-                ).fetchone()
-            finally:
-                con.close()
-            if found:
-                return
-        except sqlite3.Error:
-            pass
-        time.sleep(0.01)
-
-
 def _last_run(db: Path, stage: str) -> tuple:
     with connect(db) as con:
         return con.execute(
@@ -212,7 +194,7 @@ def test_sigterm_during_failing_send_changes_no_row(tmp_path: Path, scale: str, 
             pending = before["observations"]
             log = tmp_path / "send.log"
             proc = spawn("send", env=env, log=log)
-            _await_run(db, proc, "send")
+            await_run(db, proc, "send")
             time.sleep(rng.uniform(0.2, 1.5))
             code, took = _terminate(proc)
             slowest = max(slowest, took)
@@ -233,15 +215,17 @@ def test_sigterm_during_fetch_leaves_whole_pages(tmp_path: Path, scale: str, fig
     data = write_replay(tmp_path / "eia", route_rows(240))
     reference = tmp_path / "reference.db"
     with Store.open(reference) as store:
+        started = time.monotonic()
         run_fetch(Config(), store, replay=data)
+        work = time.monotonic() - started  # the range the SIGTERMs are drawn from
     expected = expected_streams(reference)
     trials, stopped_mid = SIGTERM_TRIALS[scale], 0
     for n in range(trials):
         db = tmp_path / f"outbox{n}.db"
         log = tmp_path / f"fetch{n}.log"
         proc = spawn("fetch", "--replay", str(data), env=outbox_env(db), log=log)
-        _await_run(db, proc, "fetch")
-        time.sleep(rng.uniform(0.0, 0.4))
+        await_run(db, proc, "fetch")
+        time.sleep(rng.uniform(0.0, work * 0.8))
         code, took = _terminate(proc)
         said = log.read_text()
         assert took < 5 and "Traceback" not in said
@@ -252,4 +236,5 @@ def test_sigterm_during_fetch_leaves_whole_pages(tmp_path: Path, scale: str, fig
         assert _last_run(db, "fetch")[:2] == ("failed", "interrupted by SIGTERM")
         assert integrity(db) == "ok"
         assert watermark_violations(db, expected) == []
+    assert stopped_mid >= (trials + 1) // 2, f"only {stopped_mid} of {trials} stopped mid-run"
     figures(suite="sigterm-fetch", trials=trials, interrupted=stopped_mid)
