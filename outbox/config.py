@@ -121,6 +121,7 @@ class EIAConfig(_Model):
     max_invalid_fraction: float = Field(0.5, ge=0, le=1)
     replay_commit_rows: int = Field(40_000, ge=1)
     replay_commit_seconds: float = Field(1.0, gt=0)
+    replay_read_ahead: Literal["process", "thread"] = "process"
 
     @field_validator("history_start")
     @classmethod

@@ -9,15 +9,14 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import closing
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from queue import Full, Queue
 from typing import Any, NamedTuple, TypeVar
 
 from outbox import eia as eia_mod
@@ -33,6 +32,7 @@ from outbox.errors import (
 from outbox.gridpulse import GridPulseClient, IngestResult, batch_id_of, encode_batch
 from outbox.logsetup import bind, quote, scoped
 from outbox.normalize import SKIP_REASONS, Normalized, normalize_page, stream_key
+from outbox.readahead import Elided, SharedFlag, can_fork, forked_read_ahead, read_ahead
 from outbox.redact import redact
 from outbox.retry import RetryPolicy, call_with_retry
 from outbox.store import (
@@ -266,6 +266,28 @@ class _Prepared(NamedTuple):
     record: PageRecord
     rows: RowBatch
 
+    def detached(self) -> _Prepared:
+        """What staging the page needs, without what only its preparation did: the
+        parsed rows, the per-row lists, the raw body once compressed. Only counts of
+        them remain, so that the page crosses from a read-ahead process small."""
+        page, norm = self.page, self.norm
+        n = norm.count
+        return _Prepared(
+            replace(page, rows=Elided(len(page.rows)), body=b""),
+            replace(
+                norm,
+                series_id=Elided(n),
+                ts=Elided(n),
+                value=Elided(n),
+                units=Elided(n),
+                quality_flag=Elided(n),
+                revision=Elided(n),
+                row=Elided(n),
+            ),
+            self.record.detached(),
+            self.rows.detached(),
+        )
+
 
 class Fetcher:
     """Stages pages into the store with their watermark advances, one transaction each."""
@@ -285,7 +307,8 @@ class Fetcher:
         self.marks = store.watermarks()
         self.ba_codes = config.eia_to_gridpulse
         self.latest = latest_hours(config, now or utcnow())
-        self._writing = True  # whether the last staged page wrote rows
+        # Whether the last staged page wrote rows (read by a forked read-ahead too).
+        self._writing = SharedFlag(True)
 
     def stage_window(
         self, client: eia_mod.EIAClient, window: Window, *, backfill: bool, advance: bool = True
@@ -322,9 +345,13 @@ class Fetcher:
         """
         carry: tuple[eia_mod.EIAPage, dict[str, str]] | None = None
         pages = eia_mod.iter_replay_pages(directory)
-        with self.store.write_group() as group:
+        if self.config.eia.replay_read_ahead == "process" and can_fork():
+            prepared_pages = forked_read_ahead(pages, self._prepare_detached, READ_AHEAD)
+        else:
+            prepared_pages = read_ahead(pages, self._prepare_replay, READ_AHEAD)
+        with self.store.write_group() as group, closing(prepared_pages):
             grouped, since = 0, time.monotonic()
-            for prepared in _read_ahead(pages, self._prepare_replay):
+            for prepared in prepared_pages:
                 carry = self._stage_replayed(prepared, carry)
                 # Pages already on disk arrive faster than they stage: commit them in groups
                 # (each page's rows still go in with their own watermark advances).
@@ -363,10 +390,14 @@ class Fetcher:
         return None if page.last else (page, reached)
 
     def _prepare_replay(self, page: eia_mod.EIAPage) -> _Prepared:
-        """Normalize and encode one replayed page (runs on the read-ahead thread)."""
+        """Normalize and encode one replayed page (runs on the read-ahead worker)."""
         respondents = _param_list(page.params, ("respondent", "fromba"))
         norm = self._normalize(page, None, respondents or None, None)
-        return _Prepared(page, norm, *self._prepare(page, norm, precompress=self._writing))
+        return _Prepared(page, norm, *self._prepare(page, norm, precompress=bool(self._writing)))
+
+    def _prepare_detached(self, page: eia_mod.EIAPage) -> _Prepared:
+        """:meth:`_prepare_replay` for a read-ahead process: only what the stage reads."""
+        return self._prepare_replay(page).detached()
 
     def _normalize(
         self,
@@ -459,7 +490,7 @@ class Fetcher:
         )
         # Pages staged ahead are compressed ahead too while pages keep bringing new rows
         # (a backfill); while they bring nothing new (a re-run) the page is never stored.
-        self._writing = staged.written > 0
+        self._writing.set(staged.written > 0)
         for u in updates:
             self.marks[u.stream] = u.last_ts
         self.result.pages += 1
@@ -476,55 +507,6 @@ class Fetcher:
             _invalid(norm.invalid),
             norm.duplicates,
         )
-
-
-def _read_ahead(
-    source: Iterator[_T], prepare: Callable[[_T], _U], depth: int = READ_AHEAD
-) -> Iterator[_U]:
-    """``prepare(item)`` for each item of ``source``, in order, computed up to ``depth``
-    items ahead by a worker thread.
-
-    While the caller works on one item (a page staged, a batch posted: SQLite and the
-    socket release the GIL), the worker reads and prepares the next ones; it writes
-    nothing. An exception from ``source`` or ``prepare`` is raised here at its place in
-    the order, after every item before it; closing the generator stops the worker.
-    """
-    queue: Queue[tuple[bool, Any]] = Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def offer(item: tuple[bool, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                queue.put(item, timeout=0.05)
-                return True
-            except Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in source:
-                if not offer((True, prepare(item))):
-                    return
-        except BaseException as exc:  # handed over in order, raised by the consumer
-            offer((False, exc))
-            return
-        offer((False, None))
-
-    worker = threading.Thread(target=work, name="outbox-read-ahead", daemon=True)
-    worker.start()
-    try:
-        while True:
-            ok, value = queue.get()
-            if ok:
-                yield value
-            elif value is None:
-                return
-            else:
-                raise value
-    finally:
-        stop.set()
-        worker.join()
 
 
 def _invalid(counts: dict[str, int]) -> int:
@@ -988,7 +970,7 @@ def _drain(
     while True:
         found = False
         sender.wait_acks()  # a pass claims from the oldest row: the rows acked are not due
-        batches = _read_ahead(_claims(store, sender), sender.prepare, depth=1)
+        batches = read_ahead(_claims(store, sender), sender.prepare, depth=1)
         try:
             for batch in batches:
                 if max_batches is not None and rounds >= max_batches:

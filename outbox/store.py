@@ -434,6 +434,11 @@ class PageRecord:
         :meth:`Store.stage` does not compress inside its transaction."""
         return replace(self, compressed=zlib.compress(self.body, PAGE_LEVEL))
 
+    def detached(self) -> PageRecord:
+        """This record without ``body`` once it is compressed (all a stage stores), so
+        that it crosses a process boundary small."""
+        return self if self.compressed is None else replace(self, body=b"")
+
 
 @dataclass(frozen=True)
 class RowBatch:
@@ -470,6 +475,36 @@ class RowBatch:
             row_is_position=list(map(itemgetter(6), rows)) == list(range(len(rows))),
             checked=encoded is not None and _pass_checks(rows),
         )
+
+    def detached(self) -> RowBatch:
+        """This batch without its row tuples when ``json`` carries them, so that it
+        crosses a process boundary small; reading :attr:`rows` then decodes ``json``."""
+        if self.json is None or isinstance(self.rows, EncodedRows):
+            return self
+        return replace(self, rows=EncodedRows(self.json, len(self.rows)))
+
+
+class EncodedRows(Sequence[Sequence[Any]]):
+    """The rows of a :class:`RowBatch` kept only as its JSON, decoded on first read
+    (a stage reads them only near ``housekeeping.max_rows``)."""
+
+    __slots__ = ("_decoded", "json", "n")
+
+    def __init__(self, encoded: bytes, n: int) -> None:
+        self.json = encoded
+        self.n = n
+        self._decoded: list[Any] | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: Any) -> Any:
+        if self._decoded is None:
+            self._decoded = orjson.loads(self.json)
+        return self._decoded[index]
+
+    def __reduce__(self) -> tuple[type[EncodedRows], tuple[bytes, int]]:
+        return (EncodedRows, (self.json, self.n))
 
 
 @dataclass(frozen=True)

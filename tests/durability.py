@@ -329,3 +329,25 @@ def run_recorded(db: Path, pid: int, stage: str) -> bool:
         return False
     finally:
         con.close()
+
+
+def processes_naming(marker: str, wait: float = 10.0) -> list[str]:
+    """Command lines of live processes that name ``marker`` (a path of the test's own),
+    after waiting up to ``wait`` seconds for them to go: a killed run must leave none
+    behind (its read-ahead process exits once its parent is gone)."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if marker in cmdline and state != "Z":
+                found.append(f"{proc.name}: {cmdline.strip()}")
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)

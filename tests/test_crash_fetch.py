@@ -28,6 +28,7 @@ from durability import (
     integrity,
     outbox,
     outbox_env,
+    processes_naming,
     route_rows,
     rows,
     spawn,
@@ -197,6 +198,8 @@ def test_sigkill_fetch_at_random_times(source: Source, scale: str, tmp_path: Pat
         duplicates=0,
     )
     assert kills >= trials // 2, f"only {kills} of {trials} fetches were killed mid-run"
+    if source.mode == "replay":
+        assert processes_naming(f"--replay {source.data}") == [], "a killed fetch left a process"
 
 
 def test_sigkill_fetch_at_named_points(source: Source, scale: str, tmp_path: Path, figures) -> None:

@@ -14,11 +14,12 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-from durability import await_run
+from durability import await_run, processes_naming
 
 from outbox.config import Config
 from outbox.normalize import revision_of
 from outbox.pipeline import run_fetch
+from outbox.readahead import can_fork
 from outbox.store import Key, Store
 from outbox.testing import sample_dir
 from outbox.testing.fake_eia import FakeEIA
@@ -154,6 +155,32 @@ def test_fetch_subprocess_against_stand_in_eia(tmp_path: Path) -> None:
         assert not part.exists() or KEY.encode() not in part.read_bytes()
 
 
+@pytest.mark.skipif(not can_fork(), reason="the forked read-ahead is Linux only")
+def test_replay_read_ahead_in_a_process_or_a_thread_stages_the_same(
+    tmp_path: Path, big_replay: Path
+) -> None:
+    got = {}
+    for mode in ("process", "thread"):
+        db = tmp_path / f"{mode}.db"
+        config = Config.model_validate({"eia": {"replay_read_ahead": mode}})
+        with Store.open(db) as store:
+            result = run_fetch(config, store, replay=big_replay)
+        con = sqlite3.connect(db)
+        got[mode] = (
+            (result.pages, result.rows, result.written, result.duplicates, result.invalid),
+            snapshot(db),
+            con.execute("SELECT id, page_no, row_count, body FROM pages ORDER BY id").fetchall(),
+            con.execute("SELECT stream, last_ts FROM watermarks ORDER BY 1").fetchall(),
+            con.execute(
+                "SELECT series_id, ba, type, subtype, units, route, facets FROM series ORDER BY 1"
+            ).fetchall(),
+        )
+        con.close()
+    assert got["process"][0][2] > 40_000
+    assert got["process"][0] == got["thread"][0]
+    assert got["process"][1:] == got["thread"][1:]
+
+
 def test_watermarks_never_ahead_of_staged_rows(store: Store, db_path: Path) -> None:
     run_fetch(Config(), store, replay=sample_dir())
     assert watermark_violations(db_path) == []
@@ -247,6 +274,7 @@ def test_sigkill_replay_at_random_points_then_rerun_equals_clean_run(
             con.close()
             assert watermark_violations(db) == []
     assert kills >= trials // 2, "most trials must actually kill mid-run"
+    assert processes_naming(str(big_replay)) == [], "a killed fetch left a process behind"
     for n in range(min(trials, 4)):
         db = tmp_path / f"kill{n}.db"
         rerun = outbox_cmd("fetch", "--replay", str(big_replay), env={"OUTBOX_DB": str(db)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 import sqlite3
 import tempfile
@@ -22,7 +23,7 @@ from outbox.errors import OutboxFullError
 from outbox.housekeeping import PAGE_SWEEP_INTERVAL, page_margin, prune
 from outbox.normalize import normalize_page
 from outbox.pipeline import SendResult
-from outbox.store import Key, PageRecord, Store
+from outbox.store import EncodedRows, Key, PageRecord, RowBatch, Store
 from outbox.testing import sample_dir
 from outbox.testing.synth import ROUTE_REGION, SAMPLE_START, make_pages, make_rows, write_sample
 from outbox.timeutil import to_ts
@@ -244,6 +245,27 @@ def test_store_refuses_a_page_past_max_rows_but_not_revisions(store: Store) -> N
     assert store.count_rows() == 11
     with store.read() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM pages").scalar() == 2
+
+
+def test_a_detached_batch_stages_and_counts_exactly_as_its_rows(store: Store) -> None:
+    """A page from the read-ahead process carries its rows as JSON only: the ceiling
+    check decodes them when it needs the keys."""
+    store.stage([obs(PJM, h) for h in range(10)], series_rows=[series_row(PJM)], page=page())
+    limit = store.limit_size(12, None)
+    assert limit is not None
+
+    def detached(rows: list[tuple]) -> RowBatch:
+        batch = pickle.loads(pickle.dumps(RowBatch.of(rows).detached()))
+        assert isinstance(batch.rows, EncodedRows) and len(batch.rows) == len(rows)
+        return batch
+
+    revised = [obs(PJM, h, 5.0) for h in range(10)]
+    assert [tuple(r) for r in detached(revised).rows] == [tuple(r) for r in revised]
+    assert store.stage(detached([*revised, obs(PJM, 10)]), page=page()).written == 11
+    assert limit.rows == 11
+    with pytest.raises(OutboxFullError, match=r"11 rows staged and this page would add 2"):
+        store.stage(detached([obs(PJM, 11), obs(PJM, 12)]), page=page())
+    assert store.count_rows() == 11
 
 
 def _fetch(db: Path, directory: Path, **env: str):
