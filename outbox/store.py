@@ -65,6 +65,11 @@ from outbox.redact import redact
 from outbox.timeutil import now_ts
 
 BUSY_TIMEOUT_MS = 60_000
+# WAL pages between checkpoints (SQLite's default is 1,000, 4 MB). Consecutive batches of
+# acks, and of staged pages, rewrite mostly the same B-tree leaves (a few hours of every
+# series); a checkpoint copies each page once however often it was rewritten since the
+# last one, so a longer interval copies far less: acking 400k rows 13.5 -> 9.7 us a row.
+WAL_AUTOCHECKPOINT_PAGES = 10_000
 # datetimes, dataclasses and the like must not reach SQLite as orjson spells them.
 _JSON_STRICT = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 # Readers never wait on writers in WAL mode; this only covers WAL recovery by another process.
@@ -720,6 +725,7 @@ def _on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
     cursor.execute("PRAGMA foreign_keys = ON")
     cursor.execute("PRAGMA cache_size = -65536")
     cursor.execute("PRAGMA temp_store = MEMORY")
+    cursor.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
     cursor.close()
 
 
