@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -171,6 +172,13 @@ def timed(fn: Callable[[], T]) -> tuple[float, T]:
     started = time.perf_counter()
     result = fn()
     return time.perf_counter() - started, result
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process (all threads) and of its children that have ended (a
+    replay's read-ahead process is joined before the run returns)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def median(values: Sequence[float]) -> float:

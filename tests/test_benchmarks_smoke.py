@@ -24,7 +24,7 @@ EXPECTED = {
     },
     "bench_send": {"rows", "floor", "ours", "receiver_alone", "ratios", "hourly"},
     "bench_status": {"rows", "status_cli", "status_inprocess", "claim"},
-    "bench_memory": {"small", "large", "growth_mb"},
+    "bench_memory": {"small", "large", "growth_mb", "tree_pss_growth_mb"},
 }
 
 
@@ -49,3 +49,5 @@ def test_every_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
         result = json.loads(done.stdout)
         assert result["size"] == "smoke"
         assert keys <= result.keys(), f"{name} lacks {keys - result.keys()}"
+        if name == "bench_memory":
+            assert result["small"]["fetch"]["peak_tree_pss_mb"] > 0
