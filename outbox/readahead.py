@@ -63,17 +63,23 @@ def read_ahead(source: Iterator[_T], prepare: Callable[[_T], _U], depth: int) ->
     worker = threading.Thread(target=work, name="outbox-read-ahead", daemon=True)
     worker.start()
     try:
-        while True:
-            ok, value = queue.get()
-            if ok:
-                yield value
-            elif value is None:
-                return
-            else:
-                raise value
+        yield from _handed_over(queue.get)
     finally:
         stop.set()
         worker.join()
+
+
+def _handed_over(receive: Callable[[], tuple[bool, Any]]) -> Iterator[Any]:
+    """The items a worker hands over as ``(True, item)``, until its ``(False, None)``;
+    its ``(False, exception)`` is raised here, in its place."""
+    while True:
+        ok, value = receive()
+        if ok:
+            yield value
+        elif value is None:
+            return
+        else:
+            raise value
 
 
 def can_fork() -> bool:
@@ -110,22 +116,18 @@ def forked_read_ahead(
     )
     child.start()
     sender.close()
+
+    def receive() -> tuple[bool, Any]:
+        try:
+            return pickle.loads(receiver.recv_bytes())
+        except EOFError:
+            child.join(5)
+            raise WorkerDied(
+                f"the read-ahead process ended early (exit code {child.exitcode})"
+            ) from None
+
     try:
-        while True:
-            try:
-                data = receiver.recv_bytes()
-            except EOFError:
-                child.join(5)
-                raise WorkerDied(
-                    f"the read-ahead process ended early (exit code {child.exitcode})"
-                ) from None
-            ok, value = pickle.loads(data)
-            if ok:
-                yield value
-            elif value is None:
-                return
-            else:
-                raise value
+        yield from _handed_over(receive)
     finally:
         receiver.close()
         if child.is_alive():

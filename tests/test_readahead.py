@@ -78,6 +78,22 @@ def test_a_result_that_does_not_pickle_is_named() -> None:
         list(forked_read_ahead(iter(range(3)), lambda n: threading.Lock(), 2))
 
 
+def _die_at_2(n: int) -> int:
+    if n == 2:
+        os._exit(3)  # the worker process dies (killed, out of memory) without a word
+    return n
+
+
+def test_a_child_that_dies_is_reported_after_what_it_handed_over() -> None:
+    got = []
+    with pytest.raises(WorkerDied, match=r"ended early \(exit code 3\)"):
+        for item in forked_read_ahead(iter(range(10)), _die_at_2, 2):
+            got.append(item)
+    # In order, and none past the death (an item not yet written to the pipe dies too).
+    assert got == list(range(len(got))) and len(got) <= 2
+    assert multiprocessing.active_children() == []
+
+
 def test_closing_early_stops_the_child() -> None:
     gen = forked_read_ahead(iter(range(10**9)), _square, 2)
     assert next(gen)[0] == 0
