@@ -17,7 +17,7 @@ from contextlib import closing
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 from outbox import eia as eia_mod
 from outbox.config import DATASET_NAMES, Config, RetryConfig
@@ -47,8 +47,6 @@ from outbox.store import (
 from outbox.timeutil import HOUR, floor_hour, parse_ts, to_ts, utcnow
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
-_U = TypeVar("_U")
 
 # Pages a replay reads and normalizes ahead of the one being staged (bounds memory).
 READ_AHEAD = 2

@@ -314,6 +314,17 @@ def await_run(db: Path, proc: subprocess.Popen, stage: str = "fetch") -> float:
     return time.monotonic()
 
 
+def work_seconds(*args: str, env: dict[str, str], db: Path, stage: str = "fetch") -> float:
+    """Run ``python -m outbox ARGS`` on ``db`` to success; the seconds of its own work,
+    from recording its run (imports and migrations done) to its exit. Kill tests draw
+    their kill times from it, so that they land mid-run however fast the machine is."""
+    proc = spawn(*args, env=env)
+    started = await_run(db, proc, stage)
+    code = proc.wait(120)
+    assert code == 0, f"outbox {' '.join(args)} exited {code}"
+    return time.monotonic() - started
+
+
 def run_recorded(db: Path, pid: int, stage: str) -> bool:
     """Whether process ``pid`` has a row in ``runs`` (read-only: never creates the file)."""
     try:

@@ -33,6 +33,7 @@ from durability import (
     rows,
     spawn,
     watermark_violations,
+    work_seconds,
     write_replay,
 )
 
@@ -101,10 +102,7 @@ def source(
 
 
 def _clean(src: Source) -> Source:
-    proc = spawn(*src.args(), env=src.env(src.reference))
-    started = await_run(src.reference, proc)
-    assert proc.wait(120) == 0
-    src.seconds = time.monotonic() - started  # the run's own work, imports excluded
+    src.seconds = work_seconds(*src.args(), env=src.env(src.reference), db=src.reference)
     with connect(src.reference) as con:
         src.pages = con.execute("SELECT count(*) FROM pages").fetchone()[0]
     assert src.pages >= 5

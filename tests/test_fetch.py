@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-from durability import await_run, processes_naming
+from durability import await_run, processes_naming, work_seconds
 
 from outbox.config import Config
 from outbox.normalize import revision_of
@@ -232,17 +232,14 @@ def test_sigkill_replay_at_random_points_then_rerun_equals_clean_run(
     tmp_path: Path, big_replay: Path
 ) -> None:
     clean = tmp_path / "clean.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "outbox", "fetch", "--replay", str(big_replay)],
+    # At its slowest setting (a commit per page): the kill times are drawn from it.
+    work = work_seconds(
+        "fetch",
+        "--replay",
+        str(big_replay),
         env={**os.environ, "OUTBOX_DB": str(clean), "OUTBOX__EIA__REPLAY_COMMIT_ROWS": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        db=clean,
     )
-    started = await_run(clean, proc)
-    assert proc.wait(120) == 0
-    # The run's own work (imports and migrations excluded), at its slowest setting: kill
-    # times are drawn from it, so the trials land mid-run however fast this machine is.
-    work = time.monotonic() - started
     expected = snapshot(clean)
     assert len(expected) > 40_000
 
