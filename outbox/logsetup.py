@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, TextIO, TypeVar
 
 from outbox.redact import RedactingFilter, redact
 
@@ -188,6 +188,22 @@ class _Threshold(logging.Filter):
         return record.levelno >= (self.ours if ours else self.theirs)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not when configured.
+
+    An embedding program (or a test runner) may swap and close stderr streams; a handler
+    holding the old one would fail on every later record.
+    """
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        """The current ``sys.stderr``."""
+        return sys.stderr
+
+
 def setup_logging(verbose: int = 0, fmt: str = "logfmt") -> None:
     """Send our logs to stderr at INFO (DEBUG with -v), formatted and redacted."""
     _state["format"] = fmt
@@ -195,7 +211,7 @@ def setup_logging(verbose: int = 0, fmt: str = "logfmt") -> None:
     for handler in list(root.handlers):
         if getattr(handler, "_outbox", False):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler._outbox = True  # type: ignore[attr-defined]
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else LogfmtFormatter()
     handler.setFormatter(_JournalPrefix(formatter) if stderr_is_journal() else formatter)

@@ -262,3 +262,24 @@ def test_a_run_context_ends_with_the_run(stderr: Callable[[], str], tmp_path: Pa
     done, after = (json.loads(line) for line in stderr().splitlines()[-2:])
     assert (done["msg"], done["stage"], done["run"]) == ("fetch done", "fetch", 1)
     assert after == {k: after[k] for k in ("ts", "level", "logger", "msg")}  # no stage, no run
+
+
+def test_the_handler_follows_stderr_when_it_is_swapped(
+    stderr: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An embedding program or test runner configures logging on one stderr, then closes
+    # it and installs another: later records go to the stream that is current.
+    import io
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    setup_logging(0, "logfmt")
+    logging.getLogger("outbox.test").info("on the first")
+    assert 'msg="on the first"' in first.getvalue()
+    first.close()
+    monkeypatch.undo()
+    monkeypatch.setattr(logging, "raiseExceptions", True)
+    logging.getLogger("outbox.test").info("on the second")
+    err = stderr()
+    assert 'msg="on the second"' in err
+    assert "Logging error" not in err
