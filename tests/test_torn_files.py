@@ -47,6 +47,7 @@ from outbox.testing.receiver_proc import running_receiver
 HOURS = 48
 CHUNKS = {"ci": 3, "soak": 12}
 SNAPSHOTS = {"ci": 4, "soak": 60}
+TORN = {"ci": 2, "soak": 10}
 WAL_HEADER = 32
 FRAME_HEADER = 24
 SHM_BACKFILL = 96
@@ -140,16 +141,61 @@ def _await_stopped(pid: int) -> None:
         time.sleep(0.001)
 
 
-def truncate_wal(snapshot: Path, target: Path, rng: random.Random) -> int | None:
-    """A copy of ``snapshot`` whose WAL loses a random tail; the offset, or None."""
+class Reservoirs:
+    """Two uniform samples (reservoir sampling) of the snapshots offered: of all of them,
+    and of those with a WAL to cut. A directory is removed once neither sample holds it."""
+
+    def __init__(self, rng: random.Random, every: int, torn: int) -> None:
+        self.rng = rng
+        self.every: list[Path] = []
+        self.torn: list[Path] = []
+        self.sizes = {"every": every, "torn": torn}
+        self.seen = {"every": 0, "torn": 0}
+        self.taken = 0
+
+    def offer(self, snapshot: Path, torn: bool) -> None:
+        self.taken += 1
+        evicted = [self._offer("every", self.every, snapshot)]
+        if torn:
+            evicted.append(self._offer("torn", self.torn, snapshot))
+        for path in set(evicted):
+            if path is not None and path not in self.every and path not in self.torn:
+                shutil.rmtree(path)
+
+    def _offer(self, name: str, sample: list[Path], item: Path) -> Path | None:
+        """Offer ``item``; returns what left the sample (or ``item`` if it was not kept)."""
+        self.seen[name] += 1
+        if len(sample) < self.sizes[name]:
+            sample.append(item)
+            return None
+        slot = self.rng.randrange(self.seen[name])
+        if slot >= self.sizes[name]:
+            return item
+        sample[slot], evicted = item, sample[slot]
+        return evicted
+
+    def paths(self) -> list[Path]:
+        """Every snapshot kept, once, in the order taken."""
+        return sorted(set(self.every) | set(self.torn))
+
+
+def _unsynced_wal(snapshot: Path) -> tuple[bytes, int] | None:
+    """The WAL and the offset from which a power loss may lose it, if anything is past it."""
     wal = snapshot / "outbox.db-wal"
     if not wal.exists() or wal.stat().st_size <= WAL_HEADER:
         return None
     data = wal.read_bytes()
     page_size = struct.unpack(">I", data[8:12])[0] or 65536
     safe = WAL_HEADER + _backfilled(snapshot / "outbox.db-shm") * (FRAME_HEADER + page_size)
-    if safe >= len(data):
+    return None if safe >= len(data) else (data, safe)
+
+
+def truncate_wal(snapshot: Path, target: Path, rng: random.Random) -> int | None:
+    """A copy of ``snapshot`` whose WAL loses a random tail; the offset, or None."""
+    unsynced = _unsynced_wal(snapshot)
+    if unsynced is None:
         return None
+    data, safe = unsynced
     cut = rng.randint(safe, len(data) - 1)
     target.mkdir(parents=True)
     shutil.copyfile(snapshot / "outbox.db", target / "outbox.db")
@@ -212,33 +258,27 @@ def test_torn_copies_open_pass_integrity_and_converge(tmp_path: Path, scale: str
     # Snapshots are taken every 20-200 ms for as long as the workers run, and a uniform
     # random sample of them is kept (reservoir sampling): the copies checked are spread
     # over the whole run (before, during and after acks) however fast this machine is.
-    wanted, taken = SNAPSHOTS[scale], 0
-    snapshots: list[Path] = []
+    # A second sample is drawn from the snapshots whose WAL holds frames no checkpoint
+    # has reached (a copy of those is also checked with its WAL cut): a snapshot taken
+    # while a command starts up has no WAL yet, and a small sample may hold only those.
+    kept = Reservoirs(rng, every=SNAPSHOTS[scale], torn=TORN[scale])
     with running_receiver(tmp_path, api_key=KEY_GP) as receiver:
         env = outbox_env(db, receiver=receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="200")
         workers = Workers(db, chunks, env)
         workers.thread.start()
         while workers.thread.is_alive():
             time.sleep(rng.uniform(0.02, 0.2))
-            target = tmp_path / "snap" / f"{taken:05d}"
-            if not workers.snapshot(target):
-                continue
-            taken += 1
-            if len(snapshots) < wanted:
-                snapshots.append(target)
-                continue
-            slot = rng.randrange(taken)
-            if slot < wanted:
-                shutil.rmtree(snapshots[slot])
-                snapshots[slot] = target
-            else:
-                shutil.rmtree(target)
+            target = tmp_path / "snap" / f"{kept.taken:05d}"
+            if workers.snapshot(target):
+                kept.offer(target, torn=_unsynced_wal(target) is not None)
         workers.thread.join(300)
         assert workers.failures == []
         final = outbox("send", env=env)
         assert final.returncode == 0, final.stderr
         held = receiver_held(receiver.db_path)
-    assert len(snapshots) >= wanted // 2, "the workers ran too briefly to snapshot"
+    snapshots = kept.paths()
+    assert len(kept.every) >= SNAPSHOTS[scale] // 2, "the workers ran too briefly to snapshot"
+    assert kept.torn, f"none of {kept.taken} snapshots had WAL frames past the checkpoint"
 
     copies = truncated = had_acked = 0
     for snap in snapshots:
@@ -255,10 +295,11 @@ def test_torn_copies_open_pass_integrity_and_converge(tmp_path: Path, scale: str
         truncated_wal=truncated,
         rows=len(reference) * copies,
         acked_in_copies=had_acked,
-        snapshots_taken=taken,
+        snapshots_taken=kept.taken,
+        taken_with_unsynced_wal=kept.seen["torn"],
         lost=0,
         duplicates=0,
     )
-    assert truncated >= 1
+    assert truncated >= len(kept.torn)
     if scale == "soak":  # with 60 copies spread over the run, some caught acked rows
         assert had_acked > 0, "no copy was taken after an acknowledgement"
