@@ -171,6 +171,7 @@ def collect(config: Config, store: Store, now: datetime | None = None) -> Status
             "series": len(series),
             "pending": sum(s.pending for s in series),
             "dead": sum(s.dead for s in series),
+            "acks_unapplied": store.unapplied_acks(),
         },
         next_retry_at=min((s.next_attempt_at for s in states if s.next_attempt_at), default=None),
         groups=_groups(config, store, series, now),
@@ -497,6 +498,9 @@ _METRICS: dict[str, str] = {
     "outbox_series": "Series in the outbox.",
     "outbox_pending_rows": "Rows waiting to be delivered.",
     "outbox_dead_rows": "Rows GridPulse rejected permanently (dead letters).",
+    "outbox_acks_unapplied_rows": (
+        "Rows GridPulse acknowledged whose rows a stopped send left to mark (the next does)."
+    ),
     "outbox_oldest_pending_age_seconds": (
         "How long the oldest pending row has waited since it was staged (0 when none)."
     ),
@@ -567,6 +571,7 @@ def _add_global(samples: dict[str, list[Sample]], status: Status) -> None:
     samples["outbox_series"].append(({}, status.totals.get("series", 0)))
     samples["outbox_pending_rows"].append(({}, status.totals.get("pending", 0)))
     samples["outbox_dead_rows"].append(({}, status.totals.get("dead", 0)))
+    samples["outbox_acks_unapplied_rows"].append(({}, status.totals.get("acks_unapplied", 0)))
     samples["outbox_oldest_pending_age_seconds"].append(
         ({}, status.oldest_pending_age_seconds or 0)
     )
@@ -749,6 +754,13 @@ def _summary_lines(status: Status, now: datetime) -> list[Any]:
             f"{t.get('dead', 0):,} dead"
         )
     ]
+    if t.get("acks_unapplied"):
+        lines.append(
+            Text(
+                f"acknowledged, not yet marked: {t['acks_unapplied']:,} rows"
+                " (a send was stopped; the next send marks them and never resends them)"
+            )
+        )
     if status.missing:
         names = ", ".join(f"{m['dataset']} {m['ba']}" for m in status.missing)
         lines.append(Text(f"no data yet: {names}", style="yellow"))

@@ -1093,8 +1093,11 @@ class Store:
         return acked
 
     def unapplied_acks(self) -> int:
-        """Rows whose acknowledgement is recorded but not yet applied."""
+        """Rows whose acknowledgement is recorded but not yet applied (0 on a schema from
+        before ``ack_log``, which status may read before an upgrade)."""
         with self.read() as conn:
+            if not _has_table(conn, "ack_log"):
+                return 0
             return int(
                 conn.exec_driver_sql(
                     "SELECT coalesce(sum(json_array_length(keys)), 0) FROM ack_log"
@@ -1790,3 +1793,8 @@ def _one(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> Any:
 def _short(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None)
     return str(orig if orig is not None else exc).splitlines()[0]
+
+
+def _has_table(conn: Connection, name: str) -> bool:
+    sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+    return conn.exec_driver_sql(sql, (name,)).first() is not None

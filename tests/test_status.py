@@ -183,13 +183,43 @@ def test_status_model_semantics(outbox_dir: Path) -> None:
         {"dataset": "generation", "ba": "CAISO"},
         {"dataset": "ba_interchange", "ba": "CAISO"},
     ]
-    assert model.totals == {"series": 8, "pending": 34, "dead": 1}
+    assert model.totals == {"series": 8, "pending": 34, "dead": 1, "acks_unapplied": 0}
     assert (model.oldest_pending, model.oldest_pending_since) == (ts(7), STAGED_AT)
     assert model.oldest_pending_age_seconds == 6900
     assert model.next_retry_at == "2025-08-22T12:30:00Z"
     assert model.consecutive_failures == {"fetch": 0, "send": 2}
     assert model.invalid_last_fetch == 2
     assert "tok-secret" not in json.dumps(model.to_dict())
+
+
+@freeze_time(NOW)
+def test_acks_a_stopped_send_left_unapplied_are_shown(outbox_dir: Path) -> None:
+    # A send killed between recording GridPulse's acknowledgement and marking the rows
+    # leaves them pending in the table; status says how many are in fact acknowledged.
+    keys = [key("EIA.PJM.demand_forecast", h) for h in range(12, 22)]
+    with Store.open(outbox_dir / "outbox.db") as store:
+        store.record_outcome(keys, now="2025-08-22T11:50:00Z")
+    model = status_mod.read(load_config("config.yaml"))
+    assert model.totals == {"series": 8, "pending": 34, "dead": 1, "acks_unapplied": 10}
+    shown = invoke("status", columns=120)
+    assert "acknowledged, not yet marked: 10 rows" in shown.stdout
+    assert invoke("status", "--metrics", "outbox.prom").exit_code == 0
+    assert "\noutbox_acks_unapplied_rows 10\n" in (outbox_dir / "outbox.prom").read_text()
+    with Store.open(outbox_dir / "outbox.db") as store:
+        assert store.apply_acks() == 10
+    model = status_mod.read(load_config("config.yaml"))
+    assert model.totals == {"series": 8, "pending": 24, "dead": 1, "acks_unapplied": 0}
+    assert "not yet marked" not in invoke("status", columns=120).stdout
+
+
+def test_status_reads_a_schema_from_before_the_ack_log(outbox_dir: Path) -> None:
+    from outbox.migrate import downgrade
+
+    with Store.open(outbox_dir / "outbox.db") as store:
+        downgrade(store, "0002")
+    model = status_mod.read(load_config("config.yaml"))
+    assert (model.outbox_schema, model.totals["acks_unapplied"]) == ("0002", 0)
+    assert model.totals["pending"] == 34
 
 
 # -- --check ------------------------------------------------------------------------
