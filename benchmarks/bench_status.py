@@ -135,6 +135,9 @@ def outbox(cache: Path, size: str, *, all_pending: bool) -> tuple[Path, int]:
         scratch = path.with_suffix(".tmp")
         build(scratch, cfg["series_bas"], cfg["hours"], all_pending=all_pending)
         scratch.rename(path)
+        # The migration lock of the scratch name has no user left (a real outbox keeps
+        # its lock files: removing one another process holds would defeat the lock).
+        scratch.with_name(f"{scratch.name}.migrate.lock").unlink(missing_ok=True)
     return path, rows
 
 
