@@ -34,7 +34,7 @@ def test_status_on_fresh_path_creates_outbox(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["schema_version"] == 1
-    assert data["totals"] == {"series": 0, "pending": 0, "dead": 0}
+    assert data["totals"] == {"series": 0, "pending": 0, "dead": 0, "acks_unapplied": 0}
     assert data["groups"] == [] and data["outbox_schema"] == "0003"
     con = sqlite3.connect(tmp_path / "fresh.db")
     names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
