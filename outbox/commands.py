@@ -417,7 +417,7 @@ def status_check(config_path: Path | None) -> int:
 
     try:
         config = load_config(config_path)
-        model = status_mod.read(config)
+        model = status_mod.read(config, for_check=True)
         code, line = status_mod.evaluate(config, model)
     except Exception as exc:  # a probe reports, it does not crash
         code, line = status_mod.UNKNOWN, f"UNKNOWN - {redact(str(exc))}"

@@ -1204,23 +1204,33 @@ class Store:
 
     # -- reading -------------------------------------------------------------------
 
-    def series_states(self) -> list[SeriesState]:
+    def series_states(self, pending: bool = True) -> list[SeriesState]:
         """Per-series pending/dead counts, newest staged/acked and delivered-through.
 
         The pending index is scanned once (counts, oldest ts and earliest retry time
         together); everything else is a primary-key seek per series: one when the newest
         row of the series is acknowledged and none is pending (the steady state).
+
+        With ``pending=False`` only the dead counts and the newest staged row are read:
+        the pending fields are 0 or None, and newest acked and delivered-through are None.
+        That costs no more with millions of rows pending (the per-series pending counts
+        sort the pending index: seconds at 10M pending); the monitoring probe needs no
+        more.
         """
         with self.read() as conn:
             cur = self.cursor(conn)
-            pend = {
-                r[0]: (r[1], r[2], r[3])
-                for r in cur.execute(
-                    "SELECT series_id, count(*), min(ts), min(next_attempt_at) FROM observations"
-                    " INDEXED BY ix_observations_pending_due WHERE state = 'pending'"
-                    " GROUP BY series_id"
-                )
-            }
+            pend = (
+                {
+                    r[0]: (r[1], r[2], r[3])
+                    for r in cur.execute(
+                        "SELECT series_id, count(*), min(ts), min(next_attempt_at)"
+                        " FROM observations INDEXED BY ix_observations_pending_due"
+                        " WHERE state = 'pending' GROUP BY series_id"
+                    )
+                }
+                if pending
+                else {}
+            )
             dead = dict(
                 cur.execute(
                     "SELECT series_id, count(*) FROM observations WHERE state = 'dead'"
@@ -1237,6 +1247,13 @@ class Store:
                     " ORDER BY ts DESC LIMIT 1",
                     (sid,),
                 ).fetchone() or (None, None)
+                if not pending:
+                    out.append(
+                        SeriesState(
+                            sid, ba, typ, sub, 0, dead.get(sid, 0), newest, None, None, None
+                        )
+                    )
+                    continue
                 acked = newest
                 if newest_state not in ("acked", None):
                     acked = _one(
@@ -1433,6 +1450,17 @@ class Store:
                     break
             cur.close()
         return RunSummary(last, finished, ok, failures)
+
+    def count_pending(self) -> int:
+        """How many rows are pending (a count of the pending index: no sort)."""
+        with self.read() as conn:
+            return int(
+                conn.exec_driver_sql(
+                    "SELECT count(*) FROM observations INDEXED BY ix_observations_pending_due"
+                    " WHERE state = 'pending'"
+                ).scalar()
+                or 0
+            )
 
     def queue_head(self) -> tuple[str, str, str] | None:
         """``(series_id, ts, fetched_at)`` of the oldest pending row (the send queue's head)."""
