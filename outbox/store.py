@@ -62,7 +62,7 @@ from sqlalchemy.pool import QueuePool
 from outbox.crash import crashpoint
 from outbox.errors import OutboxFullError, StoreError
 from outbox.redact import redact
-from outbox.timeutil import now_ts
+from outbox.timeutil import now_ts, parse_ts
 
 BUSY_TIMEOUT_MS = 60_000
 # WAL pages between checkpoints (SQLite's default is 1,000, 4 MB). Consecutive batches of
@@ -346,6 +346,7 @@ WHERE observations.series_id = k.key_series AND observations.ts = k.key_ts
   AND observations.revision = k.key_revision AND observations.state = 'pending'
 """
 _ACK_LOG_INSERT = "INSERT INTO ack_log (acked_at, keys) VALUES (?, ?)"
+_AFTER_EVERY_TS = "~"  # sorts after every RFC 3339 timestamp: `ts < ?` bounds nothing
 _REJECT = """
 UPDATE observations SET state = 'dead', last_error_code = ?, last_error = ?,
        attempts = attempts + 1, next_attempt_at = NULL
@@ -1256,11 +1257,16 @@ class Store:
                     continue
                 acked = newest
                 if newest_state not in ("acked", None):
+                    # Rows sit on the hour grid, one per hour at most: when the pending
+                    # rows fill every hour from the oldest to the newest row, the newest
+                    # acknowledged row is older than all of them (a backlog never sent
+                    # would otherwise be walked back row by row to find none).
+                    filled = oldest is not None and n_pending == _hours(oldest, newest) + 1
                     acked = _one(
                         cur,
                         "SELECT ts FROM observations WHERE series_id = ?"
-                        " AND state = 'acked' ORDER BY ts DESC LIMIT 1",
-                        (sid,),
+                        " AND state = 'acked' AND ts < ? ORDER BY ts DESC LIMIT 1",
+                        (sid, oldest if filled else _AFTER_EVERY_TS),
                     )
                 out.append(
                     SeriesState(
@@ -1826,3 +1832,8 @@ def _short(exc: BaseException) -> str:
 def _has_table(conn: Connection, name: str) -> bool:
     sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
     return conn.exec_driver_sql(sql, (name,)).first() is not None
+
+
+def _hours(older: str, newer: str) -> int:
+    """Whole hours from ``older`` to ``newer`` (RFC 3339 ``...Z`` timestamps)."""
+    return int((parse_ts(newer) - parse_ts(older)).total_seconds() // 3600)
