@@ -6,7 +6,8 @@ SQL in primary-key order (fast; no fetch involved), ~1,000 series:
 * ``status``: N rows, mostly acknowledged, the newest hours pending, a few dead; timed:
   ``outbox status --json`` as a subprocess, and :func:`outbox.status.read` in-process.
 * ``claim``: N rows, every one pending; timed: :meth:`Store.claim` of one 5,000-row batch
-  (first call on a freshly opened store, and the median of repeated calls).
+  (first call on a freshly opened store, and the median of repeated calls), and
+  ``outbox status --check`` on it (the monitoring probe with the largest backlog).
 
 Full size is 10 million rows, smoke 100,000. Generated files are cached by size and
 schema revision.
@@ -141,15 +142,15 @@ def outbox(cache: Path, size: str, *, all_pending: bool) -> tuple[Path, int]:
     return path, rows
 
 
-def status_cli(path: Path) -> float:
-    """``outbox status --json`` in a fresh process."""
+def status_cli(path: Path, flag: str = "--json") -> float:
+    """``outbox status --json`` (or ``--check``) in a fresh process."""
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX", "EIA_", "GRIDPULSE_"))
     }
     env["OUTBOX_DB"] = str(path)
     seconds, done = c.timed(
         lambda: subprocess.run(
-            [sys.executable, "-m", "outbox", "status", "--json"],
+            [sys.executable, "-m", "outbox", "status", flag],
             env=env,
             capture_output=True,
             text=True,
@@ -157,7 +158,7 @@ def status_cli(path: Path) -> float:
         )
     )
     if done.returncode not in (0, 1, 2):  # 1/2: the status itself found problems
-        raise RuntimeError(f"outbox status --json exited {done.returncode}:\n{done.stderr}")
+        raise RuntimeError(f"outbox status {flag} exited {done.returncode}:\n{done.stderr}")
     return seconds
 
 
@@ -190,11 +191,12 @@ def main() -> None:
     mixed, rows = outbox(args.cache, args.size, all_pending=False)
     pending, pending_rows = outbox(args.cache, args.size, all_pending=True)
     config = c.config_for(mixed)
-    cli_runs, inproc_runs = [], []
+    cli_runs, inproc_runs, check_runs = [], [], []
     for _ in range(cfg["repeats"]):
         cli_runs.append(status_cli(mixed))
         seconds, report = c.timed(lambda: status_mod.read(config))
         inproc_runs.append(seconds)
+        check_runs.append(status_cli(pending, "--check"))
     totals = dict(report.totals)
     startup = python_startup()
     result = {
@@ -215,6 +217,12 @@ def main() -> None:
             "seconds": c.median(inproc_runs),
             "runs": [round(r, 4) for r in inproc_runs],
             "note": "outbox.status.read(config)",
+        },
+        "check_all_pending": {
+            "pending_rows": pending_rows,
+            "seconds": c.median(check_runs),
+            "runs": [round(r, 4) for r in check_runs],
+            "note": "outbox status --check, whole process, every row pending",
         },
         "claim": {"pending_rows": pending_rows, **claims(pending, cfg["repeats"])},
     }

@@ -23,7 +23,7 @@ EXPECTED = {
         "disk",
     },
     "bench_send": {"rows", "floor", "ours", "receiver_alone", "ratios", "hourly"},
-    "bench_status": {"rows", "status_cli", "status_inprocess", "claim"},
+    "bench_status": {"rows", "status_cli", "status_inprocess", "check_all_pending", "claim"},
     "bench_memory": {"small", "large", "growth_mb", "tree_pss_growth_mb"},
 }
 
