@@ -1251,7 +1251,16 @@ class Store:
                 if not pending:
                     out.append(
                         SeriesState(
-                            sid, ba, typ, sub, 0, dead.get(sid, 0), newest, None, None, None
+                            series_id=sid,
+                            ba=ba,
+                            type=typ,
+                            subtype=sub,
+                            pending=0,
+                            dead=dead.get(sid, 0),
+                            newest_staged=newest,
+                            newest_acked=None,
+                            delivered_through=None,
+                            oldest_pending=None,
                         )
                     )
                     continue
