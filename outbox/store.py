@@ -1248,34 +1248,13 @@ class Store:
                     " ORDER BY ts DESC LIMIT 1",
                     (sid,),
                 ).fetchone() or (None, None)
-                if not pending:
-                    out.append(
-                        SeriesState(
-                            series_id=sid,
-                            ba=ba,
-                            type=typ,
-                            subtype=sub,
-                            pending=0,
-                            dead=dead.get(sid, 0),
-                            newest_staged=newest,
-                            newest_acked=None,
-                            delivered_through=None,
-                            oldest_pending=None,
-                        )
-                    )
-                    continue
-                acked = newest
-                if newest_state not in ("acked", None):
-                    # Rows sit on the hour grid, one per hour at most: when the pending
-                    # rows fill every hour from the oldest to the newest row, the newest
-                    # acknowledged row is older than all of them (a backlog never sent
-                    # would otherwise be walked back row by row to find none).
-                    filled = oldest is not None and n_pending == _hours(oldest, newest) + 1
-                    acked = _one(
-                        cur,
-                        "SELECT ts FROM observations WHERE series_id = ?"
-                        " AND state = 'acked' AND ts < ? ORDER BY ts DESC LIMIT 1",
-                        (sid, oldest if filled else _AFTER_EVERY_TS),
+                acked = delivered = None  # not read for the probe (pending=False)
+                if pending:
+                    acked = newest
+                    if newest_state not in ("acked", None):
+                        acked = self._newest_acked(cur, sid, n_pending, oldest, newest)
+                    delivered = (
+                        newest if oldest is None else self._delivered_through(cur, sid, oldest)
                     )
                 out.append(
                     SeriesState(
@@ -1287,15 +1266,31 @@ class Store:
                         dead=dead.get(sid, 0),
                         newest_staged=newest,
                         newest_acked=acked,
-                        delivered_through=newest
-                        if oldest is None
-                        else self._delivered_through(cur, sid, oldest),
+                        delivered_through=delivered,
                         oldest_pending=oldest,
                         next_attempt_at=retry,
                     )
                 )
             cur.close()
         return out
+
+    @staticmethod
+    def _newest_acked(
+        cur: sqlite3.Cursor, sid: str, n_pending: int, oldest: str | None, newest: str
+    ) -> str | None:
+        """The newest acknowledged ts of a series whose newest row is not acknowledged.
+
+        Rows sit on the hour grid, one per hour at most: when the pending rows fill every
+        hour from the oldest to the newest row, the newest acknowledged row is older than
+        all of them (a backlog never sent would otherwise be walked back row by row).
+        """
+        filled = oldest is not None and n_pending == _hours(oldest, newest) + 1
+        return _one(
+            cur,
+            "SELECT ts FROM observations WHERE series_id = ?"
+            " AND state = 'acked' AND ts < ? ORDER BY ts DESC LIMIT 1",
+            (sid, oldest if filled else _AFTER_EVERY_TS),
+        )
 
     @staticmethod
     def _delivered_through(cur: sqlite3.Cursor, sid: str, oldest_pending: str) -> str | None:
