@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -98,6 +99,49 @@ def test_0003_downgrade_applies_recorded_acks_first(store: Store, db_path: Path)
     assert states[0][2] == "2026-11-22T00:00:00Z"
     assert "ack_log" not in tables
     Store.open(db_path).close()
+    assert _drift(store) == []
+
+
+def _ack_log_columns(path: Path) -> list[str]:
+    con = sqlite3.connect(path)
+    cols = [r[1] for r in con.execute("PRAGMA table_info(ack_log)")]
+    con.close()
+    return cols
+
+
+def test_an_outbox_from_the_released_0003_is_upgraded_and_keeps_its_recorded_acks(
+    store: Store, db_path: Path
+) -> None:
+    # 0003 as released created ack_log.rows NOT NULL; an outbox stamped 0003 with that
+    # column, holding an acknowledgement a killed send recorded, must keep working.
+    rows = [obs("EIA.PJM.demand", h, 100.0 + h) for h in range(4)]
+    store.stage(rows, series_rows=[series_row("EIA.PJM.demand")])
+    downgrade(store, "0003")
+    assert _ack_log_columns(db_path) == ["id", "acked_at", "keys", "rows"]
+    con = sqlite3.connect(db_path)
+    with con:  # what the released send wrote
+        con.execute(
+            "INSERT INTO ack_log (acked_at, rows, keys) VALUES (?, 2, ?)",
+            ("2026-11-22T00:00:00Z", json.dumps([[r[0], r[1], r[5]] for r in rows[:2]])),
+        )
+    con.close()
+    with Store.open(db_path) as reopened:  # upgraded on open
+        assert reopened.schema_version() == head_revision()
+        assert _ack_log_columns(db_path) == ["id", "acked_at", "keys"]
+        assert reopened.unapplied_acks() == 2
+        reopened.record_outcome([(r[0], r[1], r[5]) for r in rows[2:3]])
+        assert reopened.apply_acks() == 3
+        assert reopened.count_state("acked") == 3
+        assert _drift(reopened) == []
+
+
+def test_0004_leaves_an_ack_log_without_rows_as_it_is(store: Store, db_path: Path) -> None:
+    downgrade(store, "0003")
+    con = sqlite3.connect(db_path)
+    con.execute("ALTER TABLE ack_log DROP COLUMN rows")  # an 0003 built without it
+    con.close()
+    upgrade(store)
+    assert _ack_log_columns(db_path) == ["id", "acked_at", "keys"]
     assert _drift(store) == []
 
 

@@ -24,6 +24,8 @@ def upgrade() -> None:
         "ack_log",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("acked_at", sa.Text(), nullable=False),
+        # As released; 0004 drops it (the count is derived from ``keys``).
+        sa.Column("rows", sa.Integer(), nullable=False),
         sa.Column("keys", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_ack_log")),
     )
