@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from outbox import USER_AGENT, __version__
 from outbox.config import Config, load_config
@@ -34,16 +36,58 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("outbox.cli")
 
-app = typer.Typer(
+
+class _PlainHelp:
+    """Help that shows what to type: a flag or a counter without a type (``--dry-run``,
+    ``-v``), a repeatable option by its value (``--ba BA``), an argument in capitals
+    (``SERIES_ID``) rather than Typer's ``<bool>``, ``<list[str]>`` and ``{series_id}``."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if param.metavar is not None:
+                continue
+            option = isinstance(param, TyperOption)
+            if option and (param.is_flag or param.count):
+                param.metavar = ""
+            elif (option and param.multiple) or isinstance(param, TyperArgument):
+                param.metavar = (param.name or "value").upper()
+        return params
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)  # type: ignore[misc]
+        return [re.sub(r"^\{(.*)\}", r"\1", piece) for piece in pieces]
+
+
+class _Command(_PlainHelp, TyperCommand):
+    """A command with :class:`_PlainHelp`."""
+
+
+class _Group(_PlainHelp, TyperGroup):
+    """A command group with :class:`_PlainHelp`."""
+
+
+class _App(typer.Typer):
+    """A Typer app whose commands and groups all render :class:`_PlainHelp`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(cls=_Group, **kwargs)
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
+app = _App(
     name="outbox",
     help="Fetch EIA-930 hourly grid data into a durable SQLite outbox and send it to GridPulse.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-db_app = typer.Typer(help="Inspect or migrate the outbox schema.", no_args_is_help=True)
+db_app = _App(help="Inspect or migrate the outbox schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-timers_app = typer.Typer(
+timers_app = _App(
     help="systemd units and a crontab that run the stages on a schedule.", no_args_is_help=True
 )
 app.add_typer(timers_app, name="timers")
@@ -73,7 +117,15 @@ def main_options(
         typer.Option("--config", "-c", help="Config file (default: $OUTBOX_CONFIG, else none)."),
     ] = None,
     verbose: Annotated[
-        int, typer.Option("--verbose", "-v", count=True, help="More logging (-v debug).")
+        int,
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            show_default=False,
+            help="More logging, repeat for more: -v our debug lines (every HTTP request), "
+            "-vv also httpx's and SQLAlchemy's.",
+        ),
     ] = 0,
     log_format: Annotated[
         str | None,
@@ -155,10 +207,12 @@ def fetch(
         str | None, typer.Option(help="Backfill through this date or time (inclusive, UTC).")
     ] = None,
     ba: Annotated[
-        list[str] | None, typer.Option("--ba", help="Only this balancing authority (repeat).")
+        list[str] | None,
+        typer.Option("--ba", metavar="BA", help="Only this balancing authority (repeat)."),
     ] = None,
     dataset: Annotated[
-        list[str] | None, typer.Option("--dataset", help="Only this dataset (repeat).")
+        list[str] | None,
+        typer.Option("--dataset", metavar="DATASET", help="Only this dataset (repeat)."),
     ] = None,
     fill_gaps: Annotated[
         bool, typer.Option("--fill-gaps", help="Re-request exactly the missing hours.")
@@ -450,7 +504,8 @@ def receiver(
     ] = None,
     catalog: Annotated[str, typer.Option(help="auto or fixed.")] = "auto",
     fault: Annotated[
-        list[str] | None, typer.Option(help="Fault to inject (repeat); see docs.")
+        list[str] | None,
+        typer.Option(metavar="SPEC", help="Fault to inject (repeat); see docs."),
     ] = None,
 ) -> None:
     """Run the reference GridPulse receiver (a test peer and the executable contract)."""

@@ -48,3 +48,25 @@ def test_readme_opens_with_the_two_fresh_machine_commands() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install --quiet -e '.[dev]'" in ci
     assert re.search(r"^python -m pytest -q$", ci, re.M), "CI runs the README's test command"
+
+
+def _help(*words: str) -> str:
+    result = runner.invoke(app, [*words, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_help_shows_flags_counters_and_values_as_typed() -> None:
+    """No Typer type names where a user types nothing (<bool>) or a value (<list[str]>)."""
+    for name in ["", *_commands()]:
+        text = _help(*name.split())
+        for metavar in ("<bool>", "<list", "{"):
+            assert metavar not in text, f"`outbox {name} --help` shows {metavar}:\n{text}"
+    top = _help()
+    verbose = next(line for line in top.splitlines() if "--verbose" in line)
+    assert re.search(r"--verbose\s+-v\s+More logging, repeat for more: -v .*, -vv ", verbose)
+    assert "<int>" not in verbose and "default" not in verbose
+    dry_run = next(line for line in _help("send").splitlines() if "--dry-run" in line)
+    assert re.search(r"--dry-run\s+Say what would be sent", dry_run)
+    assert re.search(r"--ba\s+BA\s+Only this balancing authority", _help("fetch"))
+    assert "Usage: outbox show [OPTIONS] SERIES_ID TS" in _help("show")
