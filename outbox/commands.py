@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DOCTOR_TIMEOUT_SECONDS = 20.0
+# Piped output is not wrapped: rich would break lines at 80 columns, mid-phrase.
+PIPE_WIDTH = 100_000
 
 
 def _http(timeout: float, connect: float, verify: bool):
@@ -59,6 +62,16 @@ def observed(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
         return run
 
     return wrap
+
+
+def console() -> Any:
+    """The rich console for stdout: the terminal's width on a terminal (or ``$COLUMNS``),
+    lines as long as they are when piped, so that ``grep`` and logs see whole lines."""
+    from rich.console import Console
+
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=PIPE_WIDTH)
 
 
 def eia_client(config: Config, http: Any) -> Any:
@@ -404,9 +417,7 @@ def status(config: Config, *, as_json: bool, metrics: Path | None, remote: bool)
     if as_json:
         typer.echo(json.dumps(model.to_dict(), indent=2))
     elif metrics is None or remote:
-        from rich.console import Console
-
-        Console().print(status_mod.render_table(model))
+        console().print(status_mod.render_table(model))
     return 0
 
 
@@ -473,21 +484,17 @@ def runs(config: Config, *, limit: int, stage: str | None, failed: bool, as_json
     if as_json:
         typer.echo(json.dumps([status_mod.run_dict(r) for r in records], indent=2))
         return
-    from rich.console import Console
-
-    Console().print(status_mod.render_runs(records))
+    console().print(status_mod.render_runs(records))
 
 
 def demo(keep: Path | None) -> int:
     """``outbox demo``: fetch the sample, send it to a local receiver, show status."""
-    from rich.console import Console
-
     from outbox import status as status_mod
     from outbox.demo import run_demo
 
     result = run_demo(keep, say=typer.echo)
     typer.echo(f"status as of {result.status.generated_at} (the hours after the sample day):")
-    Console(soft_wrap=True).print(status_mod.render_table(result.status))
+    console().print(status_mod.render_table(result.status))
     typer.echo(
         f"ok: the receiver holds all {result.received} observations; "
         f"{result.acked} acknowledged in the outbox, 0 pending"

@@ -222,6 +222,46 @@ def test_status_reads_a_schema_from_before_the_ack_log(outbox_dir: Path) -> None
     assert model.totals["pending"] == 34
 
 
+# -- piped output -----------------------------------------------------------------------
+
+LONG_ERROR = "GridPulse unavailable: " + ", ".join(
+    f"attempt {n} refused by the proxy" for n in range(6)
+)
+
+
+def test_piped_output_keeps_every_line_whole(outbox_dir: Path) -> None:
+    """With stdout a pipe (and no $COLUMNS), status, runs and --check lines are not broken
+    at 80 columns: a 200-character error and the long check line each stay on one line."""
+    assert len(LONG_ERROR) > 200
+    with Store.open(outbox_dir / "outbox.db") as store:
+        run = store.start_run("send", now="2025-08-22T11:40:00Z")
+        store.finish_run(run, "failed", {"batches": 1}, LONG_ERROR, now="2025-08-22T11:40:05Z")
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+
+    def piped(*args: str) -> tuple[int, list[str]]:
+        done = subprocess.run(
+            [sys.executable, "-m", "outbox", "-c", "config.yaml", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=outbox_dir,
+            timeout=60,
+        )
+        assert "Traceback" not in done.stderr, done.stderr
+        return done.returncode, done.stdout.splitlines()
+
+    code, check = piped("status", "--check")
+    assert code == 2 and len(check) == 1 and len(check[0]) > 80, check
+    code, status = piped("status")
+    assert code == 0
+    assert f"check: {check[0]}" in status
+    last_send = next(line for line in status if line.startswith("last send:"))
+    assert last_send.endswith(f"{LONG_ERROR} [3 failed in a row]")
+    code, runs = piped("runs")
+    assert code == 0
+    assert any(line.endswith(f"failed {LONG_ERROR}") for line in runs), runs
+
+
 # -- --check ------------------------------------------------------------------------
 
 
