@@ -762,10 +762,11 @@ def _summary_lines(status: Status, now: datetime) -> list[Any]:
     from rich.text import Text
 
     t = status.totals
+    # The table has a row per dataset x BA, the totals count series: say how they relate.
     lines = [
         Text(
-            f"totals: {t.get('series', 0)} series, {t.get('pending', 0):,} pending, "
-            f"{t.get('dead', 0):,} dead"
+            f"totals: {t.get('series', 0)} series in {len(status.groups)} rows, "
+            f"{t.get('pending', 0):,} pending, {t.get('dead', 0):,} dead"
         )
     ]
     if t.get("acks_unapplied"):
@@ -901,12 +902,13 @@ def _remote_parts(remote: dict[str, Any], now: datetime) -> list[Any]:
 
 
 def compact_ts(ts: str | None, now: datetime | None = None) -> str:
-    """``08-21 23:00`` for the table (``2024-08-21`` when not in ``now``'s year)."""
+    """``08-21 23:00`` UTC for the table, ``2024-08-21 23:00`` when not in ``now``'s year:
+    always the hour, never a date alone."""
     if not ts:
         return "-"
     when = parse_ts(ts)
     if now is not None and when.year != now.year:
-        return when.strftime("%Y-%m-%d")
+        return when.strftime("%Y-%m-%d %H:%M")
     return when.strftime("%m-%d %H:%M")
 
 

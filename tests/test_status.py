@@ -29,6 +29,7 @@ from outbox import status as status_mod
 from outbox.cli import app
 from outbox.config import load_config
 from outbox.store import Store, file_lock
+from outbox.timeutil import parse_ts
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 NOW = "2025-08-22T12:00:00Z"
@@ -222,7 +223,28 @@ def test_status_reads_a_schema_from_before_the_ack_log(outbox_dir: Path) -> None
     assert model.totals["pending"] == 34
 
 
-# -- piped output -----------------------------------------------------------------------
+# -- times, totals and piped output -------------------------------------------------------
+
+
+@freeze_time("2026-01-02T00:00:00Z")
+def test_times_outside_this_year_carry_the_year_and_the_hour(outbox_dir: Path) -> None:
+    out = invoke("status", columns=200).stdout.splitlines()
+    rule = next(i for i, line in enumerate(out) if line.startswith("───"))
+    totals = next(i for i, line in enumerate(out) if line.startswith("totals:"))
+    rows = [line.split() for line in out[rule + 1 : totals]]
+    assert rows[2][:6] == ["demand", "PJM", "2025-08-22", "10:00", "2025-08-22", "05:00"]
+    assert re.search(r"\b\d{4}-\d\d-\d\d(?![ T]\d\d:\d\d)", "\n".join(out)) is None
+    assert "last fetch: run 1 ok at 2025-08-22 10:04, 1m 30s" in "\n".join(out)
+    # The totals line counts what the table shows: its rows, and their pending and dead sums.
+    pending, dead = (sum(int(r[column]) for r in rows) for column in (8, 9))
+    assert (pending, dead) == (34, 1)
+    assert out[totals] == f"totals: 8 series in {len(rows)} rows, 34 pending, 1 dead"
+    runs = invoke("runs", columns=200).stdout
+    assert "  3 send  2025-08-22 11:10  42.0s failed" in runs
+    assert status_mod.compact_ts("2025-12-31T23:00:00Z", parse_ts("2025-08-22T12:00:00Z")) == (
+        "12-31 23:00"
+    )
+
 
 LONG_ERROR = "GridPulse unavailable: " + ", ".join(
     f"attempt {n} refused by the proxy" for n in range(6)
