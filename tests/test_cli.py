@@ -49,7 +49,7 @@ def test_status_on_fresh_path_creates_outbox(tmp_path: Path) -> None:
         "series_status",
     } <= names
     table = runner.invoke(app, ["-c", str(cfg), "status"])
-    assert table.exit_code == 0 and "totals: 0 series, 0 pending, 0 dead" in table.output
+    assert table.exit_code == 0 and "totals: 0 series in 0 rows, 0 pending, 0 dead" in table.output
 
 
 def test_db_commands(tmp_path: Path) -> None:
