@@ -2,7 +2,9 @@
 
 Precedence (highest first): environment variables, the YAML file, defaults.
 
-* ``OUTBOX_CONFIG`` picks the file (the CLI's ``--config/-c`` wins over it).
+* ``OUTBOX_CONFIG`` picks the file (the CLI's ``--config/-c`` wins over it). A relative
+  ``database:`` in the file is resolved against the file's directory; a relative
+  ``OUTBOX_DB`` against the working directory.
 * Named overrides: ``OUTBOX_DB``, ``EIA_BASE_URL``, ``EIA_API_KEY``,
   ``GRIDPULSE_BASE_URL``, ``GRIDPULSE_API_KEY``.
 * Secrets from files (systemd ``LoadCredential``): ``EIA_API_KEY_FILE``,
@@ -296,6 +298,8 @@ def load_config(
     env = os.environ if env is None else env
     file = Path(path) if path else _env_path(env)
     data = _read_yaml(file) if file else {}
+    if file:
+        _resolve_database(data, file)
     _apply_env(data, env)
     try:
         config = Config.model_validate(data)
@@ -331,6 +335,14 @@ def _read_yaml(file: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: the top level must be a mapping of keys, not a {_kind(data)}")
     return data
+
+
+def _resolve_database(data: dict[str, Any], file: Path) -> None:
+    """A relative ``database:`` in a file lies next to that file, from wherever it is run
+    (``OUTBOX_DB``, set in the environment, stays relative to the working directory)."""
+    value = data.get("database")
+    if isinstance(value, str) and value and not Path(value).is_absolute():
+        data["database"] = str(file.parent / value)
 
 
 def _kind(value: object) -> str:

@@ -58,7 +58,37 @@ def test_env_overrides_and_secret_files(tmp_path: Path) -> None:
 def test_outbox_config_env_picks_the_file(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("database: picked.db\n")
-    assert load_config(env={"OUTBOX_CONFIG": str(cfg)}).database == "picked.db"
+    assert load_config(env={"OUTBOX_CONFIG": str(cfg)}).database == str(tmp_path / "picked.db")
+
+
+def test_relative_database_lies_next_to_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``database:`` relative in a file: next to the file; ``OUTBOX_DB``: from the cwd."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "c.yaml").write_text("database: data/o.db\n")
+    (tmp_path / "etc" / "data").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert load_config("../etc/c.yaml", env={}).database == "../etc/data/o.db"
+    assert load_config(tmp_path / "etc" / "c.yaml", env={}).database == str(
+        tmp_path / "etc" / "data" / "o.db"
+    )
+    absolute = tmp_path / "abs.db"
+    (tmp_path / "etc" / "abs.yaml").write_text(f"database: {absolute}\n")
+    assert load_config(tmp_path / "etc" / "abs.yaml", env={}).database == str(absolute)
+
+    made = runner.invoke(app, ["-c", "../etc/c.yaml", "db", "upgrade"], env={})
+    assert made.exit_code == 0, made.output
+    assert (tmp_path / "etc" / "data" / "o.db").is_file()
+    assert not (tmp_path / "work" / "data").exists()
+
+    env = {"OUTBOX_DB": "here.db"}
+    assert load_config("../etc/c.yaml", env=env).database == "here.db"
+    made = runner.invoke(app, ["-c", "../etc/c.yaml", "db", "upgrade"], env=env)
+    assert made.exit_code == 0, made.output
+    assert (tmp_path / "work" / "here.db").is_file()
+    assert not (tmp_path / "etc" / "here.db").exists()
 
 
 @pytest.mark.parametrize(
