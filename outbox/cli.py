@@ -525,14 +525,25 @@ def receiver(
 @app.command()
 def demo(
     keep: Annotated[
-        Path | None, typer.Option(help="Keep the demo's files in DIR (default: a temp dir).")
-    ] = None,
+        Path,
+        typer.Option(
+            metavar="DIR",
+            help="Where to keep the demo's outbox, receiver database and config.yaml "
+            "(a new run starts afresh there).",
+        ),
+    ] = Path("outbox-demo"),
+    sample_dir: Annotated[
+        bool,
+        typer.Option(
+            "--sample-dir", help="Print where the bundled EIA sample lives (for fetch --replay)."
+        ),
+    ] = False,
 ) -> None:
     """Run the whole job offline: bundled sample -> outbox -> reference receiver -> status."""
     from outbox import commands
 
     with _errors():
-        raise typer.Exit(commands.demo(keep))
+        raise typer.Exit(commands.demo(keep, show_sample_dir=sample_dir))
 
 
 def _on_sigterm(signum: int, _frame: object) -> None:

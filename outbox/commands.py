@@ -487,11 +487,18 @@ def runs(config: Config, *, limit: int, stage: str | None, failed: bool, as_json
     console().print(status_mod.render_runs(records))
 
 
-def demo(keep: Path | None) -> int:
-    """``outbox demo``: fetch the sample, send it to a local receiver, show status."""
+def demo(keep: Path, *, show_sample_dir: bool = False) -> int:
+    """``outbox demo``: fetch the sample, send it to a local receiver, show status, and
+    say where its files are kept; ``--sample-dir``: print where the sample lives."""
+    import shlex
+
     from outbox import status as status_mod
     from outbox.demo import run_demo
+    from outbox.testing import sample_dir
 
+    if show_sample_dir:
+        typer.echo(str(sample_dir()))
+        return 0
     result = run_demo(keep, say=typer.echo)
     typer.echo(f"status as of {result.status.generated_at} (the hours after the sample day):")
     console().print(status_mod.render_table(result.status))
@@ -499,12 +506,15 @@ def demo(keep: Path | None) -> int:
         f"ok: the receiver holds all {result.received} observations; "
         f"{result.acked} acknowledged in the outbox, 0 pending"
     )
-    if not result.kept:
-        typer.echo("run `outbox demo --keep DIR` to keep the files and look inside with sqlite3")
-        return 0
-    db = result.workdir / "outbox.db"
+    db = shlex.quote(str(result.workdir / "outbox.db"))
+    cfg = shlex.quote(str(result.workdir / "config.yaml"))
+    typer.echo(
+        f"kept in {result.workdir}/ (outbox.db, receiver.db, config.yaml); "
+        "`outbox demo` again starts afresh there"
+    )
     typer.echo("look inside:")
+    typer.echo(f"  sqlite3 {db} 'select count(*) from observations'")
     typer.echo(f"  sqlite3 -header -column {db} 'select * from series_status limit 10'")
-    typer.echo(f"  sqlite3 {db} 'select count(*) from pending'")
-    typer.echo(f"  OUTBOX_DB={db} outbox show EIA.PJM.demand 2025-08-21T14:00:00Z")
+    typer.echo(f"  outbox -c {cfg} status")
+    typer.echo(f"  outbox -c {cfg} show EIA.PJM.demand 2025-08-21T14:00:00Z")
     return 0
