@@ -351,6 +351,23 @@ def gaps(
 
 
 @app.command()
+def report(
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Where to write the HTML file (default: report_path, else report.html)."
+        ),
+    ] = None,
+    days: Annotated[int, typer.Option(min=1, max=366, help="Days of values to plot.")] = 7,
+) -> None:
+    """Write one self-contained HTML report: verdict, charts, runs, freshness."""
+    from outbox import commands
+
+    with _errors():
+        raise typer.Exit(commands.report(_config(), path, days=days))
+
+
+@app.command()
 def prune() -> None:
     """Remove acknowledged rows past retention and unused raw pages; shrink the file."""
     from outbox import commands

@@ -43,7 +43,8 @@ def _http(timeout: float, connect: float, verify: bool):
 
 def observed(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Wrap a stage command: its log lines carry ``stage`` (and the run id the pipeline
-    binds), and ``metrics_path`` is refreshed after it, whether it succeeded or not."""
+    binds), and ``metrics_path`` and ``report_path`` are refreshed after it, whether it
+    succeeded or not."""
 
     def wrap(command: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(command)
@@ -52,9 +53,11 @@ def observed(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
                 try:
                     return command(config, *args, **kwargs)
                 finally:
+                    from outbox.report import write_run_report
                     from outbox.status import write_run_metrics
 
                     write_run_metrics(config)
+                    write_run_report(config)
 
         return run
 
@@ -217,6 +220,21 @@ def gaps(config: Config, *, since: datetime | None, as_json: bool) -> int:
         typer.echo(json.dumps(data, indent=2))
     else:
         typer.echo(gaps_mod.render(found))
+    return 0
+
+
+def report(config: Config, path: Path | None, *, days: int) -> int:
+    """``outbox report [PATH]``: write the HTML report and print where."""
+    from outbox.errors import UsageError
+    from outbox.report import write_report
+
+    target = Path(path or config.report_path or "report.html")
+    if target.is_dir():
+        raise UsageError(f"report path {target} is a directory; name a file")
+    if not target.parent.is_dir():
+        raise UsageError(f"report path {target}: directory {target.parent} does not exist")
+    written = write_report(config, target, days=days)
+    typer.echo(f"report written: {written} ({written.stat().st_size:,} bytes)")
     return 0
 
 

@@ -187,6 +187,7 @@ class Config(_Model):
     status: StatusConfig = Field(default_factory=StatusConfig)
     housekeeping: HousekeepingConfig = Field(default_factory=HousekeepingConfig)
     metrics_path: str | None = None
+    report_path: str | None = None
     log_format: Literal["logfmt", "json"] = "logfmt"
 
     @field_validator("balancing_authorities")
