@@ -115,7 +115,7 @@ def build(config: Config, *, days: int = DEFAULT_DAYS, now: datetime | None = No
         "t0": int(start.timestamp()),
         "step": 3600,
         "n": int((end - start).total_seconds() // 3600) + 1,
-        "verdict": {"code": code, "label": label, "summary": line, "reasons": _reasons(line)},
+        "verdict": {"code": code, "label": label, "summary": line, "reasons": reasons(line)},
         "totals": model.totals,
         "groups": groups,
         "bas": bas,
@@ -129,7 +129,7 @@ def build(config: Config, *, days: int = DEFAULT_DAYS, now: datetime | None = No
     }
 
 
-def _reasons(line: str) -> list[str]:
+def reasons(line: str) -> list[str]:
     """The problems of a ``--check`` line: its "; "-separated parts outside parentheses."""
     _, _, rest = line.partition(" - ")
     if not rest or line.startswith("OK"):

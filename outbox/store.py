@@ -1591,14 +1591,19 @@ class Store:
             row = conn.exec_driver_sql("SELECT min(ts), max(ts) FROM observations").one()
         return row[0], row[1]
 
-    def values_between(self, since: str, until: str) -> list[tuple[str, str, float | None]]:
-        """``(series_id, ts, value)`` of every row with ``since <= ts <= until``, by series."""
+    def values_between(
+        self, since: str, until: str, glob: str = "*"
+    ) -> list[tuple[str, str, float | None]]:
+        """``(series_id, ts, value)`` of the rows with ``since <= ts <= until``, by series.
+
+        ``glob`` filters series ids (SQLite GLOB: ``*``, ``?``, ``[...]``, case-sensitive).
+        """
         with self.read() as conn:
             cur = self.cursor(conn)
             rows = cur.execute(
                 "SELECT series_id, ts, value FROM observations"
-                " WHERE ts >= ? AND ts <= ? ORDER BY series_id, ts",
-                (since, until),
+                " WHERE ts >= ? AND ts <= ? AND series_id GLOB ? ORDER BY series_id, ts",
+                (since, until, glob),
             ).fetchall()
             cur.close()
         return rows
