@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("bench_stage", "bench_send", "bench_status", "bench_memory")
+SCRIPTS = ("bench_stage", "bench_send", "bench_status", "bench_memory", "bench_report")
 
 
 def main() -> None:

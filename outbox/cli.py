@@ -91,6 +91,8 @@ timers_app = _App(
     help="systemd units and a crontab that run the stages on a schedule.", no_args_is_help=True
 )
 app.add_typer(timers_app, name="timers")
+alerts_app = typer.Typer(help="Push notifications (alerts.urls).", no_args_is_help=True)
+app.add_typer(alerts_app, name="alerts")
 
 
 class State:
@@ -405,6 +407,44 @@ def gaps(
 
 
 @app.command()
+def report(
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Where to write the HTML file (default: report_path, else report.html)."
+        ),
+    ] = None,
+    days: Annotated[int, typer.Option(min=1, max=366, help="Days of values to plot.")] = 7,
+) -> None:
+    """Write one self-contained HTML report: verdict, charts, runs, freshness."""
+    from outbox import commands
+
+    with _errors():
+        raise typer.Exit(commands.report(_config(), path, days=days))
+
+
+@app.command()
+def plot(
+    series: Annotated[
+        str, typer.Argument(metavar="SERIES_GLOB", help="Series ids to overlay, e.g. 'EIA.PJM.*'.")
+    ],
+    days: Annotated[int, typer.Option(min=1, max=366, help="Days of values to plot.")] = 7,
+) -> None:
+    """Draw series as a line chart in the terminal (gaps break the line)."""
+    import shutil
+
+    from outbox import commands
+
+    size = shutil.get_terminal_size((100, 30))
+    with _errors():
+        raise typer.Exit(
+            commands.plot(
+                _config(), series, days=days, width=size.columns, height=max(12, size.lines - 6)
+            )
+        )
+
+
+@app.command()
 def prune() -> None:
     """Remove acknowledged rows past retention and unused raw pages; shrink the file."""
     from outbox import commands
@@ -443,6 +483,15 @@ def timers_print(
 # ---------------------------------------------------------------------------------
 # db / config / receiver
 # ---------------------------------------------------------------------------------
+
+
+@alerts_app.command("test")
+def alerts_test() -> None:
+    """Send one test notification to every URL in alerts.urls and report each result."""
+    from outbox import alerts
+
+    with _errors():
+        raise typer.Exit(alerts.test_all(_config(), typer.echo))
 
 
 @db_app.command("upgrade")

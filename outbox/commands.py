@@ -46,7 +46,8 @@ def _http(timeout: float, connect: float, verify: bool):
 
 def observed(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Wrap a stage command: its log lines carry ``stage`` (and the run id the pipeline
-    binds), and ``metrics_path`` is refreshed after it, whether it succeeded or not."""
+    binds), and ``metrics_path`` and ``report_path`` are refreshed after it, whether it
+    succeeded or not."""
 
     def wrap(command: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(command)
@@ -55,9 +56,15 @@ def observed(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
                 try:
                     return command(config, *args, **kwargs)
                 finally:
+                    from outbox.report import write_run_report
                     from outbox.status import write_run_metrics
 
                     write_run_metrics(config)
+                    write_run_report(config)
+                    if config.alerts.urls:
+                        from outbox.alerts import after_run
+
+                        after_run(config)
 
         return run
 
@@ -230,6 +237,49 @@ def gaps(config: Config, *, since: datetime | None, as_json: bool) -> int:
         typer.echo(json.dumps(data, indent=2))
     else:
         typer.echo(gaps_mod.render(found))
+    return 0
+
+
+def report(config: Config, path: Path | None, *, days: int) -> int:
+    """``outbox report [PATH]``: write the HTML report and print where."""
+    from outbox.errors import UsageError
+    from outbox.report import write_report
+
+    target = Path(path or config.report_path or "report.html")
+    if target.is_dir():
+        raise UsageError(f"report path {target} is a directory; name a file")
+    if not target.parent.is_dir():
+        raise UsageError(f"report path {target}: directory {target.parent} does not exist")
+    written = write_report(config, target, days=days)
+    typer.echo(f"report written: {written} ({written.stat().st_size:,} bytes)")
+    return 0
+
+
+def plot(config: Config, pattern: str, *, days: int, width: int, height: int) -> int:
+    """``outbox plot GLOB``: the matching series of the last ``days`` staged, in the terminal."""
+    from datetime import timedelta
+
+    from outbox import status as status_mod
+    from outbox.errors import UsageError
+    from outbox.plot import MAX_SERIES, render
+    from outbox.timeutil import parse_ts
+
+    with status_mod.open_store(config) as store:
+        _, newest = store.ts_range()
+        if newest is None:
+            raise UsageError("the outbox holds no rows yet: nothing to plot")
+        since = to_ts(parse_ts(newest) - timedelta(days=days))
+        rows = store.values_between(since, newest, pattern)
+    names = sorted({r[0] for r in rows})
+    if not names:
+        raise UsageError(f"no series matches {pattern!r} (series ids look like EIA.PJM.demand)")
+    if len(names) > MAX_SERIES:
+        raise UsageError(
+            f"{pattern!r} matches {len(names)} series; at most {MAX_SERIES} fit one chart "
+            f"(e.g. {names[0]}, {names[1]}, ...): narrow the glob"
+        )
+    typer.echo(f"{pattern}: {since[:13]}h .. {newest[:13]}h UTC, hour-ending; gaps break the line")
+    typer.echo(render(rows, title="", width=width, height=height))
     return 0
 
 
@@ -468,11 +518,43 @@ def show(config: Config, series_id: str, ts: str) -> int:
                 index = row.get("page_row")
                 if index is not None and 0 <= index < len(data):
                     source = data[index]
-    out = {"observation": row, "eia_row": source}
+        around = _around(store, series_id, row["ts"])
+    out = {"observation": row, "eia_row": source, "around": around}
     if page_info is not None:
         out["page"] = {k: page_info[k] for k in ("id", "route", "url", "fetched_at", "run_id")}
     typer.echo(json.dumps(out, indent=2, default=str))
     return 0
+
+
+SPARK_HOURS = 12
+
+
+def _around(store: Store, series_id: str, ts: str) -> dict[str, Any]:
+    """The series 12 hours either side of ``ts`` as a sparkline (the row's hour bracketed)."""
+    from datetime import timedelta
+
+    from outbox.plot import literal_glob, sparkline
+    from outbox.timeutil import parse_ts
+
+    at = parse_ts(ts)
+    hours = [at + timedelta(hours=h) for h in range(-SPARK_HOURS, SPARK_HOURS + 1)]
+    found = {
+        t: v
+        for _, t, v in store.values_between(
+            to_ts(hours[0]), to_ts(hours[-1]), literal_glob(series_id)
+        )
+    }
+    values = [found.get(to_ts(h)) for h in hours]
+    line = sparkline(values)
+    marked = f"{line[:SPARK_HOURS]}[{line[SPARK_HOURS]}]{line[SPARK_HOURS + 1 :]}"
+    present = [v for v in values if v is not None]
+    return {
+        "from": to_ts(hours[0]),
+        "to": to_ts(hours[-1]),
+        "sparkline": marked,
+        "min": min(present) if present else None,
+        "max": max(present) if present else None,
+    }
 
 
 def runs(config: Config, *, limit: int, stage: str | None, failed: bool, as_json: bool) -> None:

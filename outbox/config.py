@@ -22,6 +22,7 @@ in a single :class:`~outbox.errors.ConfigError` (exit code 2). Secrets are
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,6 +80,8 @@ SECRET_FILE_ENV = {
     "EIA_API_KEY_FILE": ("eia", "api_key"),
     "GRIDPULSE_API_KEY_FILE": ("gridpulse", "api_key"),
 }
+# A file of notification URLs, one a line (systemd LoadCredential).
+NAMED_ENV_PATHS = {"OUTBOX_ALERTS_URLS_FILE": ("alerts", "urls_file")}
 GENERIC_PREFIX = "OUTBOX__"
 
 
@@ -170,6 +173,36 @@ class StatusConfig(_Model):
     failed_runs_critical: int = Field(6, ge=1)
 
 
+class AlertsConfig(_Model):
+    """Push notifications when the ``--check`` verdict changes (apprise URLs; secrets)."""
+
+    urls: list[SecretStr] = Field(default_factory=list)
+    urls_file: str | None = None
+    repeat_hours: float | None = Field(None, gt=0)
+    timeout_seconds: float = Field(10.0, gt=0, le=120)
+
+    @field_validator("urls")
+    @classmethod
+    def _shape(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for i, url in enumerate(value):
+            text = url.get_secret_value()
+            if "://" not in text or not text.split("://", 1)[0].isalnum():
+                scheme = text.split("://", 1)[0] if "://" in text else ""
+                raise ValueError(
+                    f"urls[{i}]: not a notification URL (scheme://...; got scheme {scheme!r})"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _from_file(self) -> AlertsConfig:
+        if self.urls_file is None:
+            return self
+        lines = _read_secret_file("alerts.urls_file", self.urls_file).splitlines()
+        found = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        merged = self.urls + [SecretStr(u) for u in found]
+        return self.model_copy(update={"urls": AlertsConfig._shape(merged), "urls_file": None})
+
+
 class HousekeepingConfig(_Model):
     """Retention of acknowledged rows and the outbox size ceiling."""
 
@@ -188,7 +221,9 @@ class Config(_Model):
     gridpulse: GridPulseConfig = Field(default_factory=GridPulseConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
     housekeeping: HousekeepingConfig = Field(default_factory=HousekeepingConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     metrics_path: str | None = None
+    report_path: str | None = None
     log_format: Literal["logfmt", "json"] = "logfmt"
 
     @field_validator("balancing_authorities")
@@ -279,6 +314,16 @@ class Config(_Model):
         return data
 
 
+def _register_url(url: str) -> None:
+    """Mask a notification URL wherever it appears, and the tokens inside it."""
+    register_secret(url)
+    rest = url.split("://", 1)[-1]
+    for part in re.split(r"[/:@?&=#,]", rest):
+        # Tokens, passwords and webhook ids; not short words or a host's labels.
+        if len(part) >= 8 and "." not in part:
+            register_secret(part)
+
+
 def _as_utc_hour(value: datetime) -> datetime:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
@@ -308,6 +353,8 @@ def load_config(
     for secret in (config.eia.api_key, config.gridpulse.api_key):
         if secret is not None:
             register_secret(secret.get_secret_value())
+    for url in config.alerts.urls:
+        _register_url(url.get_secret_value())
     return config
 
 
@@ -360,6 +407,9 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
     for name, path in SECRET_FILE_ENV.items():
         if env.get(name):
             _set_path(data, path, _read_secret_file(name, env[name]), name)
+    for name, path in NAMED_ENV_PATHS.items():
+        if env.get(name):
+            _set_path(data, path, env[name], name)
 
 
 def _scalar(value: str) -> Any:

@@ -123,6 +123,7 @@ class Status:
     warnings: list[str] = field(default_factory=list)
     check: Check | None = None
     remote: dict[str, Any] | None = None
+    alerts: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for ``--json`` (stable keys, documented in docs/status.md)."""
@@ -196,6 +197,9 @@ def collect(
     )
     _add_queue_head(status, store, now)
     status.missing = _missing(config, status.groups, runs["fetch"])
+    from outbox.alerts import META_KEY, counters
+
+    status.alerts = counters(store.meta_get(META_KEY))
     if not config.eia.verify_tls or not config.gridpulse.verify_tls:
         status.warnings.append("TLS verification is turned off in the config")
     code, line = evaluate(config, status)
@@ -538,6 +542,8 @@ _METRICS: dict[str, str] = {
     "outbox_last_run_success": "Whether the last finished run per stage succeeded (1) or not.",
     "outbox_last_success_timestamp_seconds": "End of the last successful run per stage.",
     "outbox_consecutive_failed_runs": "Failed runs since the last successful one, per stage.",
+    "outbox_alerts_sent_total": "Notifications delivered on a change of the verdict.",
+    "outbox_alert_failures_total": "Notifications that failed (each retried at the next run).",
 }
 _LEVELS = {FRESH_OK: 0, FRESH_WARNING: 1, FRESH_CRITICAL: 2, FRESH_NO_DATA: 3}
 
@@ -591,6 +597,8 @@ def _add_global(samples: dict[str, list[Sample]], status: Status) -> None:
     )
     _add_ts(samples["outbox_next_retry_timestamp_seconds"], {}, status.next_retry_at)
     samples["outbox_last_fetch_invalid_rows"].append(({}, status.invalid_last_fetch))
+    samples["outbox_alerts_sent_total"].append(({}, status.alerts.get("sent", 0)))
+    samples["outbox_alert_failures_total"].append(({}, status.alerts.get("failures", 0)))
 
 
 def _add_groups(samples: dict[str, list[Sample]], groups: Sequence[Group]) -> None:

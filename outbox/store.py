@@ -1583,6 +1583,58 @@ class Store:
         with self.write() as conn:
             return self._executemany(conn, _MARK_CHECKED, ((s, t, now) for s, t in hours))
 
+    # -- report --------------------------------------------------------------------
+
+    def ts_range(self) -> tuple[str | None, str | None]:
+        """The oldest and newest staged hour of any series (bounds of the report's window)."""
+        with self.read() as conn:
+            row = conn.exec_driver_sql("SELECT min(ts), max(ts) FROM observations").one()
+        return row[0], row[1]
+
+    def values_between(
+        self, since: str, until: str, glob: str = "*"
+    ) -> list[tuple[str, str, float | None]]:
+        """``(series_id, ts, value)`` of the rows with ``since <= ts <= until``, by series.
+
+        ``glob`` filters series ids (SQLite GLOB: ``*``, ``?``, ``[...]``, case-sensitive).
+        """
+        with self.read() as conn:
+            cur = self.cursor(conn)
+            rows = cur.execute(
+                "SELECT series_id, ts, value FROM observations"
+                " WHERE ts >= ? AND ts <= ? AND series_id GLOB ? ORDER BY series_id, ts",
+                (since, until, glob),
+            ).fetchall()
+            cur.close()
+        return rows
+
+    def flow_by_minute(self) -> tuple[list[tuple[str, int]], list[tuple[str, int, str]]]:
+        """Rows staged per minute (``fetched_at``) and acknowledged per minute (``acked_at``,
+        with the newest hour acknowledged in that minute), of the rows still in the outbox.
+
+        Cumulated, they give the backlog and the newest delivered hour over wall time.
+        """
+        with self.read() as conn:
+            cur = self.cursor(conn)
+            staged = cur.execute(
+                "SELECT substr(fetched_at, 1, 16), count(*) FROM observations"
+                " WHERE state != 'dead' GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+            acked = cur.execute(
+                "SELECT substr(acked_at, 1, 16), count(*), max(ts) FROM observations"
+                " WHERE acked_at IS NOT NULL AND state != 'dead' GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+            cur.close()
+        return staged, acked
+
+    def table_exists(self, name: str) -> bool:
+        """Whether the outbox has table ``name`` (parts added by later migrations)."""
+        with self.read() as conn:
+            found = conn.exec_driver_sql(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+            ).first()
+        return found is not None
+
     # -- housekeeping --------------------------------------------------------------
 
     def prune_before(self, before: str, batch: int = 256) -> tuple[int, int, int]:

@@ -25,6 +25,7 @@ EXPECTED = {
     "bench_send": {"rows", "floor", "ours", "receiver_alone", "ratios", "hourly"},
     "bench_status": {"rows", "status_cli", "status_inprocess", "check_all_pending", "claim"},
     "bench_memory": {"small", "large", "growth_mb", "tree_pss_growth_mb"},
+    "bench_report": {"5_bas"},
 }
 
 
@@ -51,3 +52,5 @@ def test_every_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
         assert keys <= result.keys(), f"{name} lacks {keys - result.keys()}"
         if name == "bench_memory":
             assert result["small"]["fetch"]["peak_tree_pss_mb"] > 0
+        if name == "bench_report":
+            assert result["5_bas"]["bytes"] > 50_000 and result["5_bas"]["seconds"] > 0
