@@ -591,9 +591,10 @@ def demo(keep: Path, *, show_sample_dir: bool = False) -> int:
     db = shlex.quote(str(result.workdir / "outbox.db"))
     cfg = shlex.quote(str(result.workdir / "config.yaml"))
     typer.echo(
-        f"kept in {result.workdir}/ (outbox.db, receiver.db, config.yaml); "
+        f"kept in {result.workdir}/ (outbox.db, receiver.db, config.yaml, report.html); "
         "`outbox demo` again starts afresh there"
     )
+    typer.echo(f"report: {result.workdir / 'report.html'} (open it in a browser)")
     typer.echo("look inside:")
     typer.echo(f"  sqlite3 {db} 'select count(*) from observations'")
     typer.echo(f"  sqlite3 -header -column {db} 'select * from series_status limit 10'")

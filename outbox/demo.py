@@ -33,8 +33,16 @@ from outbox.timeutil import utcnow
 SAMPLE_NOW = SAMPLE_START + timedelta(hours=SAMPLE_HOURS + 2)
 DEMO_DIR = Path("outbox-demo")
 MARKER = ".outbox-demo"
+REPORT = "report.html"
 # The files a demo writes into its directory; a new run removes them, and nothing else.
-DEMO_FILES = ("outbox.db*", "receiver.db*", "receiver-*.out", "receiver-*.err", "config.yaml")
+DEMO_FILES = (
+    "outbox.db*",
+    "receiver.db*",
+    "receiver-*.out",
+    "receiver-*.err",
+    "config.yaml",
+    "report.html",
+)
 # How long the kept outbox stays explorable: retention reaches back past the sample day
 # by this much more, so a prune (after the demo's send, or `outbox -c DIR/config.yaml
 # prune`) keeps the sample for years.
@@ -84,6 +92,10 @@ def run_demo(
         raise OutboxError(
             f"demo: {fetched.rows} staged, {acked} acked, but the receiver holds {received}"
         )
+    from outbox.report import write_report
+
+    # As the status: of the hours after the sample day, not of today.
+    write_report(cfg, workdir / REPORT, now=SAMPLE_NOW)
     return DemoResult(keep, fetched, sent, acked, received, status)
 
 

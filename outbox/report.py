@@ -335,7 +335,7 @@ def _header(data: dict) -> str:
         f"{f'<ul id=reasons>{reasons}</ul>' if reasons else ''}</div>"
         f'<p class="meta">Outbox <code>{html.escape(data["database"])}</code>, written '
         f"{html.escape(data['generated_at'])}. Values from {html.escape(w['start'])} to "
-        f"{html.escape(w['end'])} (the last {w['days']} days of staged data). Times are UTC; "
+        f"{html.escape(w['end'])} (the newest staged hours, at most {w['days']} days). Times are UTC; "
         "EIA hours are <b>hour-ending</b>: 14:00 covers 13:00–14:00 UTC. Hover a chart for "
         "the BA's local time.</p>"
     )
@@ -345,7 +345,7 @@ def _short(verdict: dict) -> str:
     """The summary line, or a count when the reasons follow as a list."""
     n = len(verdict["reasons"])
     if n <= 1:
-        return verdict["summary"]
+        return verdict["summary"].partition(" - ")[2] or verdict["summary"]
     return f"{n} problems:"
 
 
@@ -448,9 +448,15 @@ def write(path: str | os.PathLike[str], page: str) -> Path:
     return target
 
 
-def write_report(config: Config, path: str | os.PathLike[str], *, days: int = DEFAULT_DAYS) -> Path:
-    """Build, render and write the report for ``config``'s outbox."""
-    return write(path, render(build(config, days=days)))
+def write_report(
+    config: Config,
+    path: str | os.PathLike[str],
+    *,
+    days: int = DEFAULT_DAYS,
+    now: datetime | None = None,
+) -> Path:
+    """Build, render and write the report for ``config``'s outbox (as of ``now``)."""
+    return write(path, render(build(config, days=days, now=now)))
 
 
 def write_run_report(config: Config) -> None:

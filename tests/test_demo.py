@@ -63,8 +63,12 @@ def test_demo_keeps_an_explorable_outbox_in_outbox_demo(tmp_path: Path) -> None:
     )
     assert "check: OK - 99 series, 0 pending, 0 dead" in done.stdout
     assert "totals: 99 series in 30 rows, 0 pending, 0 dead" in done.stdout
-    assert "kept in outbox-demo/ (outbox.db, receiver.db, config.yaml)" in done.stdout
+    assert "kept in outbox-demo/ (outbox.db, receiver.db, config.yaml, report.html)" in done.stdout
     kept = tmp_path / "outbox-demo"
+    # It ends by writing the report, as of the hours after the sample day (so: OK).
+    assert "report: outbox-demo/report.html (open it in a browser)" in done.stdout
+    page = (kept / "report.html").read_text()
+    assert '<span class="label">OK</span>' in page and '"id":"generation-PJM"' in page
     # The demo's send ends with the cheap prune, as `outbox send` does: its retention
     # covers the old sample day, so every row is still there, acknowledged.
     assert states(kept / "outbox.db") == [("acked", SAMPLE_ROWS)]
