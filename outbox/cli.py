@@ -477,21 +477,25 @@ def demo(
     from outbox import commands
 
     with _errors():
+        if keep is not None:
+            _check_directory("--keep", keep)
         raise typer.Exit(commands.demo(keep))
 
 
 def _on_sigterm(signum: int, _frame: object) -> None:
-    # Only the first SIGTERM interrupts: the run must be able to record itself as failed.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Only the first signal interrupts: the run must be able to record itself as failed.
+    signal.signal(signum, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
 def main() -> None:
     """Console-script entry point."""
-    # systemd stops a service with SIGTERM: turn it into an exception, so the stage
-    # rolls back its open transaction and records the run as failed (exit 143).
+    # systemd stops a service with SIGTERM, a terminal with SIGINT (Ctrl-C): turn each into
+    # an exception naming it, so the stage rolls back its open transaction, records the run
+    # as failed and the last line says why (exit 143 / 130).
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGINT, _on_sigterm)
     try:
         app()
     except BrokenPipeError:  # `outbox status | head`
