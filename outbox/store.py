@@ -961,6 +961,11 @@ class Store:
             store.schema_version()
         except (DatabaseError, sqlite3.DatabaseError) as exc:
             store.close()
+            # Reading a WAL database needs its -shm, which SQLite may have to create.
+            denied = readonly_reason(path, exc)
+            if denied is not None:
+                reading = "and reading a WAL outbox needs write access"
+                raise StoreError(f"{denied.cause}, {reading}: {denied.hint}") from None
             raise StoreError(f"{path}: not a usable outbox database: {_short(exc)}") from None
         return store
 

@@ -264,3 +264,19 @@ def test_sqlites_readonly_error_is_classified(tmp_path: Path) -> None:
     found = readonly_reason(db, caught.value)
     assert found is not None and found.cause.startswith(f"{db}: read-only (attempt to write")
     assert readonly_reason(db, sqlite3.DatabaseError("file is not a database")) is None
+
+
+def test_reading_commands_name_the_missing_write_access(workdir: Path) -> None:
+    """status, its probe and runs read a WAL file: SQLite needs its -shm writable."""
+    db = workdir / "outbox.db"
+    seed(db)
+    before = fingerprint(db)
+    cause = f"{db}: not writable by nobody (owned by root, mode 0644)"
+    for args, code in ((["status"], 1), (["runs"], 1), (["status", "--check"], 3)):
+        done = as_nobody(*args, env=env_for(db), cwd=workdir)
+        assert done.returncode == code, done.stderr
+        lines = (done.stdout if code == 3 else done.stderr).splitlines()
+        assert "Traceback" not in done.stdout + done.stderr
+        assert len(lines) == 1 and cause in lines[0], lines
+        assert "not a usable outbox database" not in lines[0]
+    assert fingerprint(db) == before
