@@ -280,3 +280,19 @@ def test_reading_commands_name_the_missing_write_access(workdir: Path) -> None:
         assert len(lines) == 1 and cause in lines[0], lines
         assert "not a usable outbox database" not in lines[0]
     assert fingerprint(db) == before
+
+
+def test_doctor_reads_a_sound_file_it_cannot_write_and_still_fails(workdir: Path) -> None:
+    """In a directory of its own the user can read root's file (SQLite makes the -shm):
+    the file is sound, and the FAIL says so along with who owns it."""
+    db = workdir / "outbox.db"
+    seed(db)
+    own_everything(workdir, NOBODY)
+    os.chown(db, 0, 0)
+    done = as_nobody("doctor", "--reset", env=env_for(db), cwd=workdir)
+    lines = done.stdout.splitlines()
+    database = next(line for line in lines if line.split()[1] == "database")
+    assert database.startswith(f"FAIL  database  {db}: quick_check ok (")
+    assert f"but {db}: not writable by nobody (owned by root, mode 0644)" in database
+    assert any(line.startswith("OK    schema") for line in lines), lines
+    assert "--reset" not in done.stdout and not list(workdir.glob("*.broken-*"))
