@@ -238,6 +238,8 @@ def fetch(
             )
         if dataset:
             _check_datasets(dataset)
+        if replay is not None:
+            _check_directory("--replay", replay, must_exist=True)
         code = commands.fetch(
             config,
             replay=replay,
@@ -262,6 +264,31 @@ def _bounds(start: str | None, end: str | None) -> tuple[datetime | None, dateti
     if lo is not None and hi is not None and hi < lo:
         raise UsageError(f"--end {to_ts(hi)} is before --start {to_ts(lo)}")
     return lo, hi
+
+
+def _check_directory(option: str, path: Path, *, must_exist: bool = False) -> None:
+    """Refuse (exit 2) a directory option naming a file, or a missing one where it must exist."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path}: not a directory")
+    if must_exist and not path.exists():
+        raise UsageError(f"{option} {path}: no such directory")
+
+
+def _check_metrics_target(path: Path) -> None:
+    """``--metrics PATH`` must name a file in an existing directory (checked before reading)."""
+    if path.is_dir():
+        raise UsageError(
+            f"--metrics {path}: is a directory; give a file such as {path}/outbox.prom"
+        )
+    if not path.parent.is_dir():
+        raise UsageError(f"--metrics {path}: directory {path.parent} does not exist")
+
+
+def _since(since: str | None) -> datetime | None:
+    try:
+        return parse_bound(since) if since else None
+    except ValueError:
+        raise UsageError(f"--since {since!r}: not a date or RFC 3339 time") from None
 
 
 def _check_datasets(names: list[str]) -> None:
@@ -329,6 +356,8 @@ def status(
     if check:
         raise typer.Exit(commands.status_check(STATE.config_path))
     with _errors():
+        if metrics is not None:
+            _check_metrics_target(metrics)
         config = _config()
         code = commands.status(config, as_json=as_json, metrics=metrics, remote=remote)
     raise typer.Exit(code)
@@ -360,8 +389,9 @@ def requeue(
 ) -> None:
     """Put dead-lettered rows back to pending (after the cause was fixed)."""
     with _errors():
+        bound = _since(since)
         config = _config()
-        lo = to_ts(parse_bound(since)) if since else None
+        lo = to_ts(bound) if bound else None
         with _open(config) as store:
             n = store.requeue_dead(series, code, lo)
         typer.echo(f"requeued {n} dead rows")
@@ -399,11 +429,7 @@ def gaps(
     from outbox import commands
 
     with _errors():
-        try:
-            lo = parse_bound(since) if since else None
-        except ValueError:
-            raise UsageError(f"--since {since!r}: not a date or RFC 3339 time") from None
-        raise typer.Exit(commands.gaps(_config(), since=lo, as_json=as_json))
+        raise typer.Exit(commands.gaps(_config(), since=_since(since), as_json=as_json))
 
 
 @app.command()
@@ -476,6 +502,8 @@ def timers_print(
     from outbox import commands
 
     with _errors():
+        if out is not None:
+            _check_directory("--out", out)
         code = commands.timers_print(prefix=prefix, config_path=config, user=user, out=out)
     raise typer.Exit(code)
 
@@ -567,6 +595,14 @@ def receiver(
         _fail(ConfigError("receiver: --api-key or GRIDPULSE_API_KEY is required"))
     if catalog not in ("auto", "fixed"):
         _fail(UsageError(f"--catalog {catalog}: use auto or fixed"))
+    if not 0 <= port <= 65535:
+        _fail(UsageError(f"--port {port}: not a TCP port (0-65535; 0 picks a free one)"))
+    from outbox.receiver.faults import Faults
+
+    try:
+        Faults.parse(fault or ())
+    except ValueError as exc:
+        _fail(UsageError(str(exc)))
     with _errors():
         serve(db, host=host, port=port, api_key=key, catalog=catalog, faults=fault or ())
 
@@ -592,21 +628,24 @@ def demo(
     from outbox import commands
 
     with _errors():
+        _check_directory("--keep", keep)
         raise typer.Exit(commands.demo(keep, show_sample_dir=sample_dir))
 
 
 def _on_sigterm(signum: int, _frame: object) -> None:
-    # Only the first SIGTERM interrupts: the run must be able to record itself as failed.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Only the first signal interrupts: the run must be able to record itself as failed.
+    signal.signal(signum, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
 def main() -> None:
     """Console-script entry point."""
-    # systemd stops a service with SIGTERM: turn it into an exception, so the stage
-    # rolls back its open transaction and records the run as failed (exit 143).
+    # systemd stops a service with SIGTERM, a terminal with SIGINT (Ctrl-C): turn each into
+    # an exception naming it, so the stage rolls back its open transaction, records the run
+    # as failed and the last line says why (exit 143 / 130).
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGINT, _on_sigterm)
     try:
         app()
     except BrokenPipeError:  # `outbox status | head`

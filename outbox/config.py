@@ -172,6 +172,18 @@ class StatusConfig(_Model):
     failed_runs_warning: int = Field(2, ge=1)
     failed_runs_critical: int = Field(6, ge=1)
 
+    def threshold_pairs(self) -> list[tuple[str, float, str, float]]:
+        """(warning key, value, critical key, value) for each pair of thresholds."""
+        return [
+            (
+                f"{name}_warning{unit}",
+                getattr(self, f"{name}_warning{unit}"),
+                f"{name}_critical{unit}",
+                getattr(self, f"{name}_critical{unit}"),
+            )
+            for name, unit in (("oldest_pending", "_hours"), ("dead_rows", ""), ("failed_runs", ""))
+        ]
+
 
 class AlertsConfig(_Model):
     """Push notifications when the ``--check`` verdict changes (apprise URLs; secrets)."""
@@ -226,6 +238,13 @@ class Config(_Model):
     report_path: str | None = None
     log_format: Literal["logfmt", "json"] = "logfmt"
 
+    @field_validator("database")
+    @classmethod
+    def _database(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be the path of the outbox file, not empty")
+        return value
+
     @field_validator("balancing_authorities")
     @classmethod
     def _bas(cls, value: dict[str, str]) -> dict[str, str]:
@@ -266,6 +285,22 @@ class Config(_Model):
             )
         return self
 
+    @model_validator(mode="after")
+    def _warnings_before_criticals(self) -> Config:
+        pairs = [
+            (f"status.{w}", wv, f"status.{c}", cv) for w, wv, c, cv in self.status.threshold_pairs()
+        ]
+        for name in DATASET_NAMES:
+            ds = self.datasets[name]
+            if ds.stale_warning_hours is not None or ds.stale_critical_hours is not None:
+                warn, crit = self.stale_thresholds(name)
+                key = f"datasets.{name}.stale_"
+                pairs.append((f"{key}warning_hours", warn, f"{key}critical_hours", crit))
+        problems = [f"{w} ({wv:g}) is past {c} ({cv:g})" for w, wv, c, cv in pairs if wv > cv]
+        if problems:
+            raise ValueError("; ".join(problems) + ": a warning must come before its critical")
+        return self
+
     # -- derived views -------------------------------------------------------------
 
     @property
@@ -283,12 +318,15 @@ class Config(_Model):
         return DEFAULT_LAGS[dataset] if lag is None else lag
 
     def stale_thresholds(self, dataset: str) -> tuple[float, float]:
-        """(warning, critical) age in hours of the newest staged hour of ``dataset``."""
+        """(warning, critical) age in hours of the newest staged hour of ``dataset``.
+
+        The config refuses a warning past its critical, defaults included.
+        """
         ds = self.datasets[dataset]
         lag = self.publication_lag(dataset)
         warn = ds.stale_warning_hours or float(max(lag, 1) + 6)
         crit = ds.stale_critical_hours or float(max(lag, 1) + 24)
-        return warn, max(warn, crit)
+        return warn, crit
 
     def require_eia_key(self) -> str:
         """The EIA key, or a ConfigError telling how to provide it."""
@@ -445,11 +483,12 @@ def _read_secret_file(name: str, file: str) -> str:
 def _describe(exc: ValidationError, file: Path | None) -> str:
     parts = []
     for error in exc.errors(include_url=False, include_input=False):
-        loc = ".".join(str(p) for p in error["loc"]) or "config"
+        loc = ".".join(str(p) for p in error["loc"])
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         message = message.removeprefix("Value error, ")
-        parts.append(f"{loc}: {message}")
+        # A whole-config rule names its own keys.
+        parts.append(f"{loc}: {message}" if loc else message)
     where = f"{file}: " if file else "config: "
     return where + "; ".join(parts)

@@ -36,7 +36,7 @@ from outbox.errors import (
     StoreError,
 )
 from outbox.redact import redact
-from outbox.store import Store, lock_file, lock_holder
+from outbox.store import Store, lock_file, lock_holder, readonly_reason, write_problem
 from outbox.timeutil import floor_hour, parse_ts, utcnow
 
 OK, FAIL, SKIP = "OK", "FAIL", "SKIP"
@@ -129,11 +129,23 @@ def check_database(
             Finding("schema", SKIP, "no database yet"),
             locks,
         ]
+    unwritable = write_problem(path)
     problem, store = _open_sound(path)
     if store is not None:
         with store:
-            sound = Finding("database", OK, f"{path}: quick_check ok ({_size_text(path)})")
-            return [sound, _schema(store), locks]
+            detail = f"{path}: quick_check ok ({_size_text(path)})"
+            if unwritable is not None:
+                found = Finding(
+                    "database", FAIL, f"{detail}, but {unwritable.cause}", unwritable.hint
+                )
+                return [found, _schema(store), locks]
+            return [Finding("database", OK, detail), _schema(store), locks]
+    if unwritable is None and problem is not None:
+        unwritable = readonly_reason(path, Exception(problem))
+    if unwritable is not None:
+        # A file this user may not write is not broken: never offer to set it aside.
+        found = Finding("database", FAIL, f"cannot open it: {unwritable.cause}", unwritable.hint)
+        return [found, Finding("schema", SKIP, "database cannot be opened"), locks]
     if not reset:
         hint = (
             "run `outbox doctor --reset` to set it aside (renamed, never deleted) "

@@ -335,9 +335,9 @@ def _header(data: dict) -> str:
         f"{f'<ul id=reasons>{reasons}</ul>' if reasons else ''}</div>"
         f'<p class="meta">Outbox <code>{html.escape(data["database"])}</code>, written '
         f"{html.escape(data['generated_at'])}. Values from {html.escape(w['start'])} to "
-        f"{html.escape(w['end'])} (the newest staged hours, at most {w['days']} days). Times are UTC; "
-        "EIA hours are <b>hour-ending</b>: 14:00 covers 13:00–14:00 UTC. Hover a chart for "
-        "the BA's local time.</p>"
+        f"{html.escape(w['end'])} (the newest staged hours, at most {w['days']} days). "
+        "Times are UTC; EIA hours are <b>hour-ending</b>: 14:00 covers 13:00–14:00 UTC. "
+        "Hover a chart for the BA's local time.</p>"
     )
 
 

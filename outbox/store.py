@@ -803,16 +803,111 @@ def lock_file(database: str | os.PathLike[str], name: str) -> Path:
 
 
 def lock_holder(path: str | os.PathLike[str]) -> int | None:
-    """The pid holding the lock file ``path``, or None when nobody holds it."""
-    if not Path(path).exists():
+    """The pid holding the lock file ``path``, or None when nobody holds it.
+
+    Probes with a shared lock on a read-only descriptor: asking needs no write access
+    (``doctor`` run by another user) and leaves the file as it was.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return None
-    with file_lock(path, blocking=False) as got:
-        if got:
-            return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pass
+    else:
+        return None
+    finally:
+        os.close(fd)
     try:
         return int(Path(path).read_text().strip() or 0) or None
     except (OSError, ValueError):
         return None
+
+
+# Files a writing command opens for writing beside the database (SQLite's and the stages').
+WRITTEN_COMPANIONS = ("-wal", "-shm", ".fetch.lock", ".send.lock", ".migrate.lock")
+
+
+@dataclass(frozen=True)
+class WriteProblem:
+    """Why the outbox cannot be written by this process, and what would fix it."""
+
+    cause: str
+    hint: str
+
+    def __str__(self) -> str:
+        return f"{self.cause}: {self.hint}"
+
+
+def write_problem(database: str | os.PathLike[str]) -> WriteProblem | None:
+    """Why this process cannot write the outbox at ``database``, or None when it can.
+
+    Checks the file, each companion that exists (``-wal``, ``-shm``, the lock files) and
+    the directory (SQLite creates ``-wal``/``-shm`` there): ``PATH: not writable by USER
+    (owned by OWNER, mode 0644)``, or ``on a read-only file system``. A missing file is
+    no problem unless its directory cannot be written.
+    """
+    path = Path(database)
+    directory = path.parent
+    if _read_only_fs(directory):
+        hint = "remount it read-write, or set `database` to a path on a writable one"
+        return WriteProblem(f"{path}: read-only: on a read-only file system", hint)
+    candidates = [path, *(Path(f"{path}{suffix}") for suffix in WRITTEN_COMPANIONS)]
+    for candidate in candidates:
+        if candidate.exists() and not _writable(candidate):
+            return _not_writable(candidate)
+    if directory.is_dir() and not _writable(directory):
+        return _not_writable(directory, what="directory ")
+    return None
+
+
+def readonly_reason(database: str | os.PathLike[str], exc: BaseException) -> WriteProblem | None:
+    """The cause of SQLite's "attempt to write a readonly database" (or of a denied
+    open) as :func:`write_problem` names it; None when ``exc`` is another error."""
+    text = _short(exc)
+    if "readonly database" not in text.lower() and "permission denied" not in text.lower():
+        return None
+    found = write_problem(database)
+    if found is not None:
+        return found
+    hint = "check the ownership and mode of it, its -wal/-shm and its directory"
+    return WriteProblem(f"{database}: read-only ({text})", hint)
+
+
+def _writable(path: Path) -> bool:
+    effective = os.access in os.supports_effective_ids
+    return os.access(path, os.W_OK, effective_ids=effective)
+
+
+def _read_only_fs(directory: Path) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _not_writable(path: Path, what: str = "") -> WriteProblem:
+    user = _user_name(os.geteuid())
+    try:
+        info = path.stat()
+    except OSError:
+        return WriteProblem(f"{what}{path}: not writable by {user}", "run as its owner")
+    owner = _user_name(info.st_uid)
+    cause = (
+        f"{what}{path}: not writable by {user} (owned by {owner}, mode {info.st_mode & 0o777:04o})"
+    )
+    return WriteProblem(cause, f"run as {owner}, or `chown {user} {path}`")
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 class Store:
@@ -832,6 +927,9 @@ class Store:
         path = Path(path)
         if path.parent and not path.parent.exists():
             raise StoreError(f"{path}: directory {path.parent} does not exist")
+        problem = write_problem(path)
+        if problem is not None:
+            raise StoreError(f"{problem}; nothing changed")
         engine = make_engine(path)
         store = cls(path, engine)
         try:
@@ -863,6 +961,11 @@ class Store:
             store.schema_version()
         except (DatabaseError, sqlite3.DatabaseError) as exc:
             store.close()
+            # Reading a WAL database needs its -shm, which SQLite may have to create.
+            denied = readonly_reason(path, exc)
+            if denied is not None:
+                reading = "and reading a WAL outbox needs write access"
+                raise StoreError(f"{denied.cause}, {reading}: {denied.hint}") from None
             raise StoreError(f"{path}: not a usable outbox database: {_short(exc)}") from None
         return store
 

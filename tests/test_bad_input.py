@@ -9,13 +9,17 @@ secret may appear in any output, in the run history or in the database files.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import orjson
 import pytest
+import typer
 from durability import KEY_EIA, KEY_GP, tables
 from typer.testing import CliRunner
 
@@ -292,3 +296,201 @@ def test_tolerated_by_contract_duplicates_keep_the_last(tmp_path: Path) -> None:
         runs = store.recent_runs(limit=1)
     assert row is not None and row["value"] == 1.0
     assert runs[0].counts["duplicates"] == 1
+
+
+# -- every command: a bad input is one line, the documented exit code, nothing changed ----
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One bad input: ``argv`` gives exit ``code`` and one line holding ``fragment``.
+
+    ``where`` the line is: stderr; stdout for the probe; the FAIL lines for doctor.
+    Placeholders: ``{db}`` the seeded outbox, ``{tmp}`` the test's directory, ``{cfg}``
+    the config file written from ``config`` (then passed as ``-c``).
+    """
+
+    command: str
+    argv: tuple[str, ...]
+    code: int
+    fragment: str
+    config: str | None = None
+    env: tuple[tuple[str, str | None], ...] = ()
+    where: str = "stderr"
+
+
+NOT_EMPTY = "{cfg}: database: must be the path of the outbox file, not empty"
+NO_DATE = "--since 'garbage': not a date or RFC 3339 time"
+BAD_INPUTS = [
+    Bad("fetch", ("fetch", "--replay", "{tmp}/missing"), 2, "--replay {tmp}/missing: no such dir"),
+    Bad("fetch", ("fetch", "--replay", "{db}"), 2, "--replay {db}: not a directory"),
+    Bad("fetch", ("fetch", "--start", "yesterday"), 2, "--start/--end: not a date or RFC 3339"),
+    Bad("send", ("send",), 2, "gridpulse.api_key: missing", env=(("GRIDPULSE_API_KEY", None),)),
+    Bad(
+        "status",
+        ("status", "--metrics", "{tmp}/nodir/outbox.prom"),
+        2,
+        "--metrics {tmp}/nodir/outbox.prom: directory {tmp}/nodir does not exist",
+    ),
+    Bad("status", ("status", "--metrics", "{tmp}"), 2, "--metrics {tmp}: is a directory"),
+    Bad(
+        "status",
+        ("status", "--check"),
+        3,
+        "UNKNOWN - " + NOT_EMPTY,
+        config='database: ""\n',
+        env=(("OUTBOX_DB", None),),
+        where="stdout",
+    ),
+    Bad("show", ("show", "EIA.PJM.demand", "garbage"), 2, "'garbage' is not an RFC 3339 time"),
+    Bad("requeue", ("requeue", "--since", "garbage"), 2, NO_DATE),
+    Bad("runs", ("runs", "--stage", "nope"), 2, "--stage nope: use fetch or send"),
+    Bad("gaps", ("gaps", "--since", "garbage"), 2, NO_DATE),
+    Bad(
+        "prune",
+        ("prune",),
+        2,
+        "housekeeping.retention_days: Input should be greater than 0",
+        env=(("OUTBOX__HOUSEKEEPING__RETENTION_DAYS", "-1"),),
+    ),
+    Bad("timers print", ("timers", "print", "--out", "{db}"), 2, "--out {db}: not a directory"),
+    Bad(
+        "db upgrade",
+        ("db", "upgrade"),
+        2,
+        NOT_EMPTY,
+        config='database: ""\n',
+        env=(("OUTBOX_DB", None),),
+    ),
+    Bad(
+        "db current",
+        ("db", "current"),
+        2,
+        "{tmp}/none.db: no outbox there yet",
+        env=(("OUTBOX_DB", "{tmp}/none.db"),),
+    ),
+    Bad(
+        "config",
+        ("config",),
+        2,
+        "{tmp}/missing.yaml: config file not found",
+        env=(("OUTBOX_CONFIG", "{tmp}/missing.yaml"),),
+    ),
+    Bad(
+        "config",
+        ("config",),
+        2,
+        "status.dead_rows_warning (5000) is past status.dead_rows_critical (1000)",
+        config="status: {dead_rows_warning: 5000}\n",
+    ),
+    Bad(
+        "config",
+        ("config",),
+        2,
+        "status.oldest_pending_warning_hours (48) is past"
+        " status.oldest_pending_critical_hours (24)",
+        config="status: {oldest_pending_warning_hours: 48}\n",
+    ),
+    Bad(
+        "config",
+        ("config",),
+        2,
+        "status.failed_runs_warning (7) is past status.failed_runs_critical (6)",
+        config="status: {failed_runs_warning: 7}\n",
+    ),
+    Bad(
+        "config",
+        ("config",),
+        2,
+        "datasets.demand.stale_warning_hours (30) is past"
+        " datasets.demand.stale_critical_hours (26)",
+        config="datasets: {demand: {stale_warning_hours: 30}}\n",
+    ),
+    Bad(
+        "doctor",
+        ("doctor",),
+        1,
+        NOT_EMPTY,
+        config='database: ""\n',
+        env=(("OUTBOX_DB", None),),
+        where="FAIL",
+    ),
+    Bad(
+        "receiver",
+        ("receiver", "--port", "99999", "--api-key", "k"),
+        2,
+        "--port 99999: not a TCP port (0-65535; 0 picks a free one)",
+    ),
+    Bad(
+        "receiver",
+        ("receiver", "--port", "0", "--fault", "bogus", "--api-key", "k"),
+        2,
+        "bad --fault 'bogus': unknown fault kind 'bogus'",
+    ),
+    Bad("demo", ("demo", "--keep", "{db}"), 2, "--keep {db}: not a directory"),
+    Bad("(global)", ("--log-format", "xml", "status"), 2, "--log-format: 'xml' is not logfmt"),
+]
+
+
+def _fill(text: str, **values: str) -> str:
+    for key, value in values.items():
+        text = text.replace("{" + key + "}", value)
+    return text
+
+
+def snapshot(db: Path) -> tuple[str, int, dict[str, list[tuple]], list[str]]:
+    """The outbox's bytes, mtime and rows (runs included), and the files beside it."""
+    digest = hashlib.sha256(db.read_bytes()).hexdigest()
+    names = sorted(p.name for p in db.parent.iterdir())
+    return digest, db.stat().st_mtime_ns, tables(db, skip=()), names
+
+
+@pytest.mark.parametrize(
+    "bad", BAD_INPUTS, ids=[f"{b.command}-{i}" for i, b in enumerate(BAD_INPUTS)]
+)
+def test_bad_input_is_one_line(bad: Bad, outbox_copy: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    values = {"db": str(outbox_copy), "tmp": str(tmp_path), "cfg": str(cfg)}
+    env = base_env(outbox_copy)
+    env.update({k: v if v is None else _fill(v, **values) for k, v in bad.env})
+    args = [_fill(a, **values) for a in bad.argv]
+    if bad.config is not None:
+        cfg.write_text(bad.config)
+        args = ["-c", str(cfg), *args]
+    before = snapshot(outbox_copy)
+    result = CliRunner().invoke(app, args, env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a traceback would have reached the user
+    out, err = result.stdout, result.stderr
+    assert "Traceback" not in out + err
+    assert result.exit_code == bad.code, out + err
+    if bad.where == "FAIL":
+        lines = [line for line in out.splitlines() if line.startswith("FAIL")]
+    else:
+        lines = (err if bad.where == "stderr" else out).splitlines()
+        assert (out if bad.where == "stderr" else err) == "", "only the one line is printed"
+    assert len(lines) == 1, out + err
+    assert _fill(bad.fragment, **values) in lines[0], lines[0]
+    assert snapshot(outbox_copy) == before, "bad input changed the outbox"
+    assert not (tmp_path / "none.db").exists(), "db current created an outbox"
+    assert_no_secret(out, err)
+
+
+def _command_paths(group: Any, prefix: str = "") -> set[str]:
+    """Every command's path (``db upgrade``) under a Typer/Click group."""
+    paths: set[str] = set()
+    for name, command in group.commands.items():
+        path = f"{prefix}{name}"
+        if hasattr(command, "commands"):  # a group (Typer vendors its own Click)
+            paths |= _command_paths(command, f"{path} ")
+        else:
+            paths.add(path)
+    return paths
+
+
+def test_every_command_has_a_bad_input_case() -> None:
+    """A new command cannot be added without a row in BAD_INPUTS."""
+    commands = _command_paths(typer.main.get_command(app))
+    assert {"fetch", "send", "db upgrade", "timers print", "receiver"} <= commands
+    covered = {bad.command for bad in BAD_INPUTS}
+    assert commands - covered == set(), "commands without a bad-input case"
