@@ -91,7 +91,7 @@ timers_app = _App(
     help="systemd units and a crontab that run the stages on a schedule.", no_args_is_help=True
 )
 app.add_typer(timers_app, name="timers")
-alerts_app = typer.Typer(help="Push notifications (alerts.urls).", no_args_is_help=True)
+alerts_app = _App(help="Push notifications (alerts.urls).", no_args_is_help=True)
 app.add_typer(alerts_app, name="alerts")
 
 
@@ -463,6 +463,8 @@ def plot(
 
     size = shutil.get_terminal_size((100, 30))
     with _errors():
+        if not series.strip():
+            raise UsageError("SERIES_GLOB is empty: give a pattern such as 'EIA.PJM.*'")
         raise typer.Exit(
             commands.plot(
                 _config(), series, days=days, width=size.columns, height=max(12, size.lines - 6)

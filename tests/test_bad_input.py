@@ -428,6 +428,14 @@ BAD_INPUTS = [
         "bad --fault 'bogus': unknown fault kind 'bogus'",
     ),
     Bad("demo", ("demo", "--keep", "{db}"), 2, "--keep {db}: not a directory"),
+    Bad("report", ("report", "{tmp}/missing/r.html"), 2, "directory {tmp}/missing does not exist"),
+    Bad("plot", ("plot", " "), 2, "SERIES_GLOB is empty: give a pattern such as 'EIA.PJM.*'"),
+    Bad(
+        "alerts test",
+        ("alerts", "test"),
+        2,
+        "alerts.urls is empty: nothing to test (set it in config.yaml)",
+    ),
     Bad("(global)", ("--log-format", "xml", "status"), 2, "--log-format: 'xml' is not logfmt"),
 ]
 
