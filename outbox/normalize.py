@@ -78,6 +78,9 @@ FUEL_CODES = {
     "OES": "other_storage",
     "GEO": "geothermal",
 }
+# EIA-930 codes (respondents, counterparties, types, fuels) are short upper-case
+# alphanumerics (PJM, CISO, US48, SNB); '-' and '_' are let through for codes to come.
+EIA_CODE_PATTERN = r"[A-Z0-9][A-Z0-9_-]{0,9}"
 UNITS = "MW"
 MWH_UNITS = frozenset({"megawatthours", "mwh"})
 NON_NEGATIVE = frozenset({"demand", "demand_forecast"})
