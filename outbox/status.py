@@ -314,6 +314,7 @@ def _never_answered(config: Config, store: Store, status: Status) -> list[str]:
         for respondent, through in (run.counts.get("asked_through") or {}).items():
             if through > asked.get(respondent, ("", 0))[0]:
                 asked[respondent] = (through, run.id)
+    verb = "has" if len(others) == 1 else "have"
     warnings = []
     for ba in silent:
         code = config.balancing_authorities[ba]
@@ -322,8 +323,8 @@ def _never_answered(config: Config, store: Store, status: Status) -> list[str]:
             named = ba if ba == code else f"{ba} (EIA {code})"
             warnings.append(
                 f"{named} has never had a row: EIA returned none for it through "
-                f"{through} (fetch run {run_id}) while {', '.join(others[:3])} "
-                "has data; check the code in balancing_authorities"
+                f"{through} (fetch run {run_id}) while {', '.join(others[:3])} {verb} "
+                "data; check the code in balancing_authorities"
             )
     return warnings
 

@@ -792,3 +792,4 @@ def test_a_configured_ba_eia_never_returned_a_row_for_is_a_warning(tmp_path: Pat
     assert warning in json.loads(shown.output)["warnings"]
     checked = runner.invoke(app, ["-c", str(cfg), "status", "--check"])
     assert checked.exit_code in (1, 2) and warning in checked.output  # (stale by now, too)
+    assert len(checked.output.splitlines()) == 1
