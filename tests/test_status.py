@@ -793,3 +793,6 @@ def test_a_configured_ba_eia_never_returned_a_row_for_is_a_warning(tmp_path: Pat
     checked = runner.invoke(app, ["-c", str(cfg), "status", "--check"])
     assert checked.exit_code in (1, 2) and warning in checked.output  # (stale by now, too)
     assert len(checked.output.splitlines()) == 1
+    table = runner.invoke(app, ["-c", str(cfg), "status"], env={"COLUMNS": "400"})
+    assert table.exit_code == 0, table.output
+    assert f"warning: {warning}" in table.output.splitlines()
