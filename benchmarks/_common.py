@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from outbox.config import Config
+from outbox.config import DEFAULT_BAS, Config
 from outbox.testing import synth
 
 T = TypeVar("T")
@@ -141,10 +141,28 @@ def replay_pages(
     return info
 
 
-def config_for(database: Path, **gridpulse: Any) -> Config:
-    """The default config (5 BAs mapped, all datasets) on ``database``."""
+def replayed_bas(directory: Path) -> dict[str, str]:
+    """The BA map for replaying ``directory``: the default five, plus every other
+    respondent of its pages under its EIA code (a replay stages configured BAs only)."""
+    info = json.loads((Path(directory) / "info.meta").read_text())
+    bas = dict(DEFAULT_BAS)
+    known = set(bas.values())
+    bas.update({r: r for r in choose_bas(info["bas"]) if r not in known})
+    return bas
+
+
+def replay_env(directory: Path) -> dict[str, str]:
+    """:func:`replayed_bas` as environment variables, for ``outbox fetch --replay`` runs."""
+    return {f"OUTBOX__BALANCING_AUTHORITIES__{k}": v for k, v in replayed_bas(directory).items()}
+
+
+def config_for(database: Path, replayed: Path | None = None, **gridpulse: Any) -> Config:
+    """The default config (5 BAs mapped, all datasets) on ``database``; with ``replayed``
+    (a directory of :func:`replay_pages`), every BA of its pages is configured too."""
     base = Config()
     update: dict[str, Any] = {"database": str(database)}
+    if replayed is not None:
+        update["balancing_authorities"] = replayed_bas(replayed)
     if gridpulse:
         update["gridpulse"] = base.gridpulse.model_copy(update=gridpulse)
     return base.model_copy(update=update)

@@ -125,7 +125,7 @@ def measure(work: Path, cache: Path, rows: int) -> dict[str, Any]:
     info = c.replay_pages(cache, rows)
     database = work / f"memory-{info['rows']}.db"
     c.remove_db(database)
-    env = clean_env(database)
+    env = {**clean_env(database), **c.replay_env(Path(info["dir"]))}
     c.log(f"fetch --replay of {info['rows']} rows")
     fetch = run_measured(["fetch", "--replay", info["dir"]], env)
     c.log(f"send of {info['rows']} rows")

@@ -60,7 +60,7 @@ def stage_template(cache: Path, rows: int) -> tuple[Path, int]:
         scratch = database.with_suffix(".tmp")
         c.remove_db(scratch)
         with Store.open(scratch) as store:  # closing the last connection checkpoints
-            run_fetch(c.config_for(scratch), store, replay=Path(info["dir"]))
+            run_fetch(c.config_for(scratch, Path(info["dir"])), store, replay=Path(info["dir"]))
         scratch.rename(database)
     return database, info["rows"]
 

@@ -109,7 +109,7 @@ def run_ours(directory: Path, database: Path, fresh: bool, cpu: list[float]) -> 
 
     def run() -> Any:
         try:
-            return run_fetch(c.config_for(database), store, replay=directory)
+            return run_fetch(c.config_for(database, directory), store, replay=directory)
         finally:
             store.close()
 
@@ -126,6 +126,7 @@ def run_cli(directory: Path, database: Path) -> float:
         k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX", "EIA_", "GRIDPULSE_"))
     }
     env["OUTBOX_DB"] = str(database)
+    env.update(c.replay_env(directory))
     seconds, done = c.timed(
         lambda: subprocess.run(
             [sys.executable, "-m", "outbox", "fetch", "--replay", str(directory)],

@@ -120,7 +120,7 @@ def fetch(
 ) -> int:
     """``outbox fetch``: replay, backfill, incremental (``--lookback``) or ``--fill-gaps``."""
     from outbox.housekeeping import guard_size
-    from outbox.pipeline import run_fetch
+    from outbox.pipeline import run_fetch, skipped_text
 
     _check_fetch_mode(
         start=start, bas=bas, datasets=datasets, fill_gaps=fill_gaps, lookback=lookback
@@ -156,10 +156,11 @@ def fetch(
         typer.echo(f"a fetch is already running (pid {result.holder}); nothing to do")
         return 0
     invalid = result.counts()["invalid"]
+    skipped = f"; {skipped_text(config, result)}" if result.unconfigured else ""
     typer.echo(
         f"fetch run {result.run_id}: {result.requests} requests, {result.pages} pages, "
         f"{result.rows} rows, {result.written} written, {invalid} invalid, "
-        f"{result.duplicates} duplicates"
+        f"{result.duplicates} duplicates{skipped}"
     )
     return 0
 

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -40,7 +41,8 @@ from pydantic import (
 )
 
 from outbox.errors import ConfigError
-from outbox.redact import MASK, register_secret
+from outbox.normalize import EIA_CODE_PATTERN
+from outbox.redact import MASK, redact, register_secret
 
 DEFAULT_CONFIG_NAME = "config.yaml"
 DATASET_NAMES = (
@@ -159,7 +161,7 @@ class GridPulseConfig(_Model):
     @field_validator("base_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        return _check_url(value).rstrip("/")
+        return _check_url(value)
 
 
 class StatusConfig(_Model):
@@ -255,7 +257,14 @@ class Config(_Model):
                 raise ValueError(f"{code!r}: {eia!r} is not a GridPulse code: EIA code pair")
         if len(set(value.values())) != len(value):
             raise ValueError("two GridPulse codes map to the same EIA respondent")
-        return {code: str(eia).strip().upper() for code, eia in value.items()}
+        mapped = {code: str(eia).strip().upper() for code, eia in value.items()}
+        for code, eia in mapped.items():
+            if not re.fullmatch(EIA_CODE_PATTERN, eia):
+                raise ValueError(
+                    f"{code}: {eia[:40]!r} is not an EIA respondent code "
+                    "(1-10 letters and digits, e.g. PJM, CISO)"
+                )
+        return mapped
 
     @field_validator("datasets", mode="before")
     @classmethod
@@ -349,7 +358,18 @@ class Config(_Model):
         for section in ("eia", "gridpulse"):
             if data[section].get("api_key") is not None:
                 data[section]["api_key"] = MASK
-        return data
+        return _redact_strings(data)
+
+
+def _redact_strings(value: Any) -> Any:
+    """Every string inside ``value`` with URL secrets (query keys, userinfo) masked."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redact_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_strings(v) for v in value]
+    return value
 
 
 def _register_url(url: str) -> None:
@@ -369,8 +389,17 @@ def _as_utc_hour(value: datetime) -> datetime:
 
 
 def _check_url(value: str) -> str:
+    """An http(s) URL without query or fragment (paths are appended to it), no trailing /."""
     if not value.startswith(("http://", "https://")):
-        raise ValueError(f"{value!r} is not an http(s) URL")
+        raise ValueError(f"{redact(value)!r} is not an http(s) URL")
+    parts = urlsplit(value)
+    if parts.query or parts.fragment or value.rstrip("/").endswith(("?", "#")):
+        raise ValueError(
+            f"{redact(value)!r}: a query string or fragment is not supported "
+            "(API paths are appended to this URL; keys go in the *_API_KEY variables)"
+        )
+    if not parts.hostname:
+        raise ValueError(f"{redact(value)!r} has no host")
     return value.rstrip("/")
 
 
@@ -437,8 +466,12 @@ def _kind(value: object) -> str:
 def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
     for name, value in sorted(env.items()):
         if name.startswith(GENERIC_PREFIX) and len(name) > len(GENERIC_PREFIX):
-            path = tuple(part.lower() for part in name[len(GENERIC_PREFIX) :].split("__"))
-            _set_path(data, path, _scalar(value), name)
+            parts = name[len(GENERIC_PREFIX) :].split("__")
+            path = tuple(part.lower() for part in parts)
+            if path[0] == "balancing_authorities" and len(path) > 1:
+                _set_ba(data, tuple(parts[1:]), _scalar(value), name)
+            else:
+                _set_path(data, path, _scalar(value), name)
     for name, path in NAMED_ENV.items():
         if env.get(name):
             _set_path(data, path, env[name], name)
@@ -467,6 +500,30 @@ def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any, source: s
             raise ConfigError(f"{source}: cannot set {'.'.join(path)}: {key} is not a section")
         node = child
     node[path[-1]] = value
+
+
+def _set_ba(data: dict[str, Any], path: tuple[str, ...], value: Any, source: str) -> None:
+    """``OUTBOX__BALANCING_AUTHORITIES__<CODE>``: one entry merged into the map.
+
+    GridPulse codes are case-sensitive, so the code keeps the case it is written in (an
+    existing entry that differs only in case is replaced); the map it merges into is the
+    file's, else the defaults. An empty value removes the entry.
+    """
+    if len(path) != 1 or not path[0]:
+        raise ConfigError(
+            f"{source}: balancing_authorities entries are GridPulse code: EIA code; "
+            "set one as OUTBOX__BALANCING_AUTHORITIES__<CODE>=<EIA code>"
+        )
+    current = data.get("balancing_authorities")
+    if current is None:
+        current = dict(DEFAULT_BAS)
+    if not isinstance(current, dict):
+        raise ConfigError(f"{source}: cannot set an entry: balancing_authorities is not a map")
+    code = path[0]
+    merged = {k: v for k, v in current.items() if str(k).lower() != code.lower()}
+    if value is not None and value != "":
+        merged[code] = value
+    data["balancing_authorities"] = merged
 
 
 def _read_secret_file(name: str, file: str) -> str:

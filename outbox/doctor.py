@@ -3,8 +3,10 @@
 Checks in order: the configuration (shown redacted), the database (``PRAGMA
 quick_check``), its schema version against the code's head, the fetch/send locks,
 GridPulse (``POST /api/v1/auth/worker``: reachability and credentials), the clock against
-GridPulse's ``server_time``, and EIA (one request for one row: reachability and key).
-A check that cannot run because an earlier one failed is SKIP, with the reason.
+GridPulse's ``server_time``, EIA (one request for one row: reachability and key), and
+the configured balancing authorities against EIA's list of respondents (an unknown code
+is WARN, with the closest known codes: EIA answers an unknown code with no rows, not an
+error). A check that cannot run because an earlier one failed is SKIP, with the reason.
 
 An unreadable database (not SQLite, or ``quick_check`` not ``ok``) is only reported,
 unless ``--reset`` is given: then it is set aside - renamed to
@@ -39,7 +41,7 @@ from outbox.redact import redact
 from outbox.store import Store, lock_file, lock_holder, readonly_reason, write_problem
 from outbox.timeutil import floor_hour, parse_ts, utcnow
 
-OK, FAIL, SKIP = "OK", "FAIL", "SKIP"
+OK, FAIL, SKIP, WARN = "OK", "FAIL", "SKIP", "WARN"
 MAX_CLOCK_SKEW_SECONDS = 60.0
 BROKEN_SUFFIX = ".broken-"
 DB_COMPANIONS = ("", "-wal", "-shm")
@@ -65,7 +67,7 @@ class Finding:
 
 # Builds the HTTP client for one service, given that service's ``verify_tls``.
 HttpFactory = Callable[[bool], httpx.Client]
-CHECKS = ("config", "database", "schema", "locks", "gridpulse", "clock", "eia")
+CHECKS = ("config", "database", "schema", "locks", "gridpulse", "clock", "eia", "eia codes")
 
 
 def run(
@@ -87,11 +89,12 @@ def run(
         findings.extend(check_gridpulse(config, client, now=now))
     with http(config.eia.verify_tls) as client:
         findings.append(check_eia(config, client, now=now))
+        findings.append(check_eia_codes(config, client, findings[-1]))
     return findings
 
 
 def exit_code(findings: list[Finding]) -> int:
-    """0 when every check is OK or SKIP, else 1."""
+    """0 when every check is OK, WARN or SKIP, else 1."""
     return 1 if any(f.outcome == FAIL for f in findings) else 0
 
 
@@ -352,3 +355,36 @@ def check_eia(
         f"{e.base_url}: key accepted; {page.total} demand rows for {respondent} in the last 48 h"
     )
     return Finding("eia", OK, detail)
+
+
+def check_eia_codes(config: Config, http: httpx.Client, eia: Finding) -> Finding:
+    """Every configured EIA code against region-data's respondent facet (needs ``eia`` OK)."""
+    from outbox.eia import ROUTE_REGION, EIAClient
+    from outbox.retry import RetryPolicy
+
+    if eia.outcome != OK:
+        return Finding("eia codes", SKIP, "needs an answer from EIA (see the eia check)")
+    e = config.eia
+    key = e.api_key.get_secret_value() if e.api_key else ""
+    client = EIAClient(http, e.base_url, key, retry=RetryPolicy(attempts=1))
+    try:
+        known = client.facet_values(ROUTE_REGION, "respondent")
+    except OutboxError as exc:
+        return Finding("eia codes", SKIP, f"could not list EIA's respondents: {exc}")
+    unknown = {ba: code for ba, code in config.balancing_authorities.items() if code not in known}
+    if not unknown:
+        count = len(config.balancing_authorities)
+        return Finding("eia codes", OK, f"{count} BA codes known to EIA ({len(known)} respondents)")
+    parts = [f"{ba}: {code}" + _closest(code, known) for ba, code in unknown.items()]
+    hint = "fix balancing_authorities (EIA answers an unknown code with no rows, not an error)"
+    return Finding("eia codes", WARN, f"unknown to EIA: {'; '.join(parts)}", hint)
+
+
+def _closest(code: str, known: dict[str, str]) -> str:
+    """`` (closest: CISO California ISO, ...)`` or `` (no close match)``."""
+    from difflib import get_close_matches
+
+    near = get_close_matches(code, list(known), n=3, cutoff=0.5)
+    if not near:
+        return " (no close match)"
+    return " (closest: " + ", ".join(f"{c} {known[c]}".strip() for c in near) + ")"

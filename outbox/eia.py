@@ -167,7 +167,7 @@ class RateLimiter:
 class _Call:
     """One page request in flight: what error messages must name."""
 
-    req: EIARequest
+    req: EIARequest | None
     page_no: int
     offset: int
     params: dict
@@ -228,6 +228,36 @@ class EIAClient:
             offset += len(page.rows)
             page_no += 1
         _warn_silent_respondents(req, seen)
+
+    def facet_values(self, route: str, facet: str) -> dict[str, str]:
+        """The values EIA lists for one facet of ``route`` (``<route>/facet/<facet>/``),
+        id -> name, e.g. every respondent code of region-data."""
+        return call_with_retry(
+            self._retry,
+            lambda: self._facet_attempt(route, facet),
+            sleep=self._sleep,
+            before_sleep=_log_retry,
+        )
+
+    def _facet_attempt(self, route: str, facet: str) -> dict[str, str]:
+        items = [("api_key", self._key)] if self._key else []
+        url = httpx.URL(f"{self._base}/{route}/facet/{facet}/", params=items)
+        shown = self._redact(unquote(self._redact(str(url))))
+        call = _Call(None, 0, 0, {}, f"EIA {route} facet {facet}", shown)
+        self._limiter.acquire()
+        self.requests_made += 1
+        response = self._get(url, call)
+        _check_size(len(response.content), call.say)
+        doc = _loads(response.content)
+        self._raise_for_error(response, doc, call)
+        facets = doc.get("response", {}).get("facets") if isinstance(doc, dict) else None
+        if not isinstance(facets, list):
+            raise SourceFatalError(call.say("response.facets is missing or not a list"))
+        return {
+            str(f["id"]): str(f.get("name") or "")
+            for f in facets
+            if isinstance(f, dict) and f.get("id") is not None
+        }
 
     def _fetch_page(self, req: EIARequest, page_no: int, offset: int) -> EIAPage:
         params = request_params(req, offset, self._page_length)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from hashlib import blake2b
@@ -78,6 +79,9 @@ FUEL_CODES = {
     "OES": "other_storage",
     "GEO": "geothermal",
 }
+# EIA-930 codes (respondents, counterparties, types, fuels) are short upper-case
+# alphanumerics (PJM, CISO, US48, SNB); "-", "_" and "." (region-data CO2 types) pass too.
+EIA_CODE_PATTERN = r"[A-Z0-9][A-Z0-9._-]{0,9}"
 UNITS = "MW"
 MWH_UNITS = frozenset({"megawatthours", "mwh"})
 NON_NEGATIVE = frozenset({"demand", "demand_forecast"})
@@ -86,10 +90,12 @@ MAX_ABS_MW = 1e7
 # Reasons in priority order: a row failing several checks counts under the first one.
 REASONS = (
     "missing_field",
+    "bad_code",
     "unknown_type",
     "dataset_not_requested",
     "bad_period",
     "unexpected_respondent",
+    "unconfigured_ba",
     "outside_window",
     "unknown_units",
     "non_numeric_value",
@@ -98,7 +104,7 @@ REASONS = (
     "out_of_range",
     "future_period",
 )
-SKIP_REASONS = frozenset({"dataset_not_requested"})
+SKIP_REASONS = frozenset({"dataset_not_requested", "unconfigured_ba"})
 """Reasons in ``Normalized.invalid`` that are a deliberate skip, not bad data."""
 
 # (respondent column, series-code column) per route.
@@ -108,6 +114,7 @@ _ROUTE_COLUMNS = {
     ROUTE_INTERCHANGE: ("fromba", "toba"),
 }
 _PERIOD_PATTERN = r"\d{4}-\d{2}-\d{2}T\d{2}"
+_EIA_CODE = re.compile(EIA_CODE_PATTERN)
 _NAN_WORDS = frozenset({"nan", "+nan", "-nan"})
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NO_HOUR = -1
@@ -146,6 +153,8 @@ class Normalized:
     duplicates: int = 0
     stream_min: dict[str, str] = field(default_factory=dict)
     """stream_key -> oldest valid ts on this page (the counterpart of ``stream_max``)."""
+    unconfigured: dict[str, int] = field(default_factory=dict)
+    """EIA respondent -> rows skipped as ``unconfigured_ba``."""
 
     @property
     def count(self) -> int:
@@ -209,14 +218,18 @@ def normalize_page(
     respondents: Collection[str] | None = None,
     datasets: Collection[str] | None = None,
     latest: Mapping[str, datetime] | None = None,
+    configured: Collection[str] | None = None,
 ) -> Normalized:
     """Turn one page of EIA rows into observations.
 
     ``ba_codes`` maps EIA codes to GridPulse codes (unmapped codes are kept);
     ``window`` (inclusive, aware), ``respondents`` and ``datasets`` restrict what is
     accepted; ``latest`` maps a dataset to the newest hour a row of it may have (a later
-    one is a ``future_period``). Within the page, the last row for a ``(series_id, ts)``
-    wins.
+    one is a ``future_period``). With ``configured`` (EIA respondent codes), rows of any
+    other respondent are skipped as ``unconfigured_ba`` (for BA-to-BA interchange the
+    ``fromba``; the counterparty need not be configured). A respondent, counterparty,
+    type or fuel code not shaped like an EIA code (:data:`EIA_CODE_PATTERN`) is a
+    ``bad_code``. Within the page, the last row for a ``(series_id, ts)`` wins.
     """
     if route not in _ROUTE_COLUMNS:
         raise ValueError(f"unknown EIA route {route!r}")
@@ -224,10 +237,12 @@ def normalize_page(
         return _empty()
     frame = _Frame(route, rows)
     allowed = None if respondents is None else frozenset(respondents)
-    keys = _series_keys(route, frame, ba_codes, datasets, allowed, latest or {})
+    kept = None if configured is None else frozenset(configured)
+    keys = _series_keys(route, frame, ba_codes, datasets, (allowed, kept), latest or {})
     periods = _periods(frame.period)
     reason = _reasons(frame, keys, periods, window)
-    return _build(keys, periods, reason)
+    norm = _build(keys, periods, reason)
+    return _with_unconfigured(norm, frame, reason[0])
 
 
 class _Frame:
@@ -272,6 +287,8 @@ class _Keys:
     not_requested: np.ndarray
     unexpected: np.ndarray
     non_negative: np.ndarray
+    bad_code: np.ndarray
+    unconfigured: np.ndarray
     info: list[SeriesInfo]
     stream: list[str]
     latest_hour: np.ndarray
@@ -318,20 +335,28 @@ def _series_keys(
     frame: _Frame,
     ba_codes: Mapping[str, str],
     datasets: Collection[str] | None,
-    respondents: Collection[str] | None,
+    allowed: tuple[Collection[str] | None, Collection[str] | None],
     latest: Mapping[str, datetime],
 ) -> _Keys:
-    """Decide series, dataset, stream and filters once per distinct (respondent, code) pair."""
+    """Decide series, dataset, stream and filters once per distinct (respondent, code) pair.
+
+    ``allowed`` is (respondents requested, respondents configured); None allows any.
+    """
+    respondents, configured = allowed
     n = len(frame.pairs)
     info: list[SeriesInfo | None] = [None] * n
     stream = [""] * n
-    flags = np.zeros((5, n), bool)  # missing, unknown type, skipped, unexpected, non-negative
+    # missing, unknown type, skipped, unexpected, non-negative, bad code, unconfigured
+    flags = np.zeros((7, n), bool)
     limit = np.full(n, _NO_LIMIT, dtype=np.int64)
     for i, pair in enumerate(frame.pairs):
         if pair is None:
             flags[0, i] = True
             continue
         resp, code = pair
+        if not (_EIA_CODE.fullmatch(resp) and _EIA_CODE.fullmatch(code)):
+            flags[5, i] = True
+            continue
         if route == ROUTE_REGION and code not in REGION_TYPES:
             flags[1, i] = True
             continue
@@ -339,18 +364,23 @@ def _series_keys(
         flags[2, i] = datasets is not None and dataset not in datasets
         flags[3, i] = respondents is not None and resp not in respondents
         flags[4, i] = dataset in NON_NEGATIVE
+        if configured is not None and resp not in configured:
+            flags[6, i] = True
+            continue
         stream[i] = stream_key(dataset, resp)
         info[i] = _series_info(route, resp, code, dataset, ba_codes)
         if dataset in latest:
             limit[i] = int(latest[dataset].timestamp()) // 3600
-    missing, unknown, skipped, unexpected, non_negative = flags[:, frame.pair]
+    missing, unknown, skipped, unexpected, non_negative, bad, unconfigured = flags[:, frame.pair]
     return _Keys(
-        series=np.where(missing | unknown, -1, frame.pair),
+        series=np.where(missing | unknown | bad | unconfigured, -1, frame.pair),
         missing=missing,
         unknown_type=unknown,
         not_requested=skipped,
         unexpected=unexpected,
         non_negative=non_negative,
+        bad_code=bad,
+        unconfigured=unconfigured,
         info=info,  # type: ignore[arg-type]
         stream=stream,
         latest_hour=limit[frame.pair],
@@ -459,11 +489,13 @@ def _reasons(
     units_ok = np.append([_is_mwh(u) for u in unit_uniq], False).astype(bool)[unit_idx]
     checks = [
         ("missing_field", keys.missing),
+        ("bad_code", keys.bad_code),
         ("unknown_type", keys.unknown_type),
         ("dataset_not_requested", keys.not_requested),
         ("missing_field", frame.no_value | (frame.period[0] < 0)),
         ("bad_period", periods.hour < 0),
         ("unexpected_respondent", keys.unexpected),
+        ("unconfigured_ba", keys.unconfigured),
         ("outside_window", _outside(periods.hour, window)),
         ("future_period", periods.hour > keys.latest_hour),
         ("unknown_units", ~units_ok),
@@ -533,6 +565,19 @@ def _observations(
         duplicates=duplicates,
         stream_min=stream_min,
     )
+
+
+def _with_unconfigured(norm: Normalized, frame: _Frame, reason: np.ndarray) -> Normalized:
+    """``norm`` with the rows skipped as ``unconfigured_ba`` counted per respondent."""
+    if not norm.invalid.get("unconfigured_ba"):
+        return norm
+    skipped = reason == REASONS.index("unconfigured_ba") + 1
+    per_pair = np.bincount(frame.pair[skipped], minlength=len(frame.pairs))
+    counts: dict[str, int] = {}
+    for i in np.flatnonzero(per_pair).tolist():
+        resp = frame.pairs[i][0]  # type: ignore[index]
+        counts[resp] = counts.get(resp, 0) + int(per_pair[i])
+    return replace(norm, unconfigured=counts)
 
 
 def _revisions(values: list[float | None]) -> list[str]:

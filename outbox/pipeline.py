@@ -93,6 +93,11 @@ class FetchResult:
     written: int = 0
     duplicates: int = 0
     invalid: Counter[str] = field(default_factory=Counter)
+    unconfigured: Counter[str] = field(default_factory=Counter)
+    """EIA respondent -> rows a replay skipped because that BA is not configured."""
+    asked: dict[str, str] = field(default_factory=dict)
+    """EIA respondent -> the newest hour this run asked EIA for (status warns of a BA
+    that EIA never returned a row for although asked)."""
     skipped: bool = False
     holder: int | None = None
 
@@ -107,7 +112,17 @@ class FetchResult:
             "invalid": _invalid(self.invalid),
             "invalid_by_reason": {k: v for k, v in self.invalid.items() if k not in SKIP_REASONS},
             "skipped": sum(v for k, v in self.invalid.items() if k in SKIP_REASONS),
+            "skipped_by_reason": {k: v for k, v in self.invalid.items() if k in SKIP_REASONS},
+            "asked_through": dict(sorted(self.asked.items())),
         }
+
+    def note_asked(self, req: eia_mod.EIARequest, now: datetime) -> None:
+        """Remember that EIA was asked for ``req``'s respondents through its end (or now:
+        a forecast window reaches into the future)."""
+        end = to_ts(min(req.end, floor_hour(now)))
+        for respondent in req.respondents:
+            if end > self.asked.get(respondent, ""):
+                self.asked[respondent] = end
 
 
 @dataclass(frozen=True)
@@ -304,7 +319,9 @@ class Fetcher:
         self.result = result
         self.marks = store.watermarks()
         self.ba_codes = config.eia_to_gridpulse
-        self.latest = latest_hours(config, now or utcnow())
+        self.configured = frozenset(config.balancing_authorities.values())
+        self.now = now or utcnow()
+        self.latest = latest_hours(config, self.now)
         # Whether the last staged page wrote rows (read by a forked read-ahead too).
         self._writing = SharedFlag(True)
 
@@ -316,6 +333,7 @@ class Fetcher:
         ``advance=False`` (gap fills) stages the rows and never moves a watermark.
         """
         req = window.request()
+        self.result.note_asked(req, self.now)
         seen: dict[str, str] = {}
         datasets = {s.dataset for s in window.streams}
         for page in client.iter_pages(req):
@@ -390,7 +408,7 @@ class Fetcher:
     def _prepare_replay(self, page: eia_mod.EIAPage) -> _Prepared:
         """Normalize and encode one replayed page (runs on the read-ahead worker)."""
         respondents = _param_list(page.params, ("respondent", "fromba"))
-        norm = self._normalize(page, None, respondents or None, None)
+        norm = self._normalize(page, None, respondents or None, None, configured=self.configured)
         return _Prepared(page, norm, *self._prepare(page, norm, precompress=bool(self._writing)))
 
     def _prepare_detached(self, page: eia_mod.EIAPage) -> _Prepared:
@@ -403,6 +421,7 @@ class Fetcher:
         window: tuple[datetime, datetime] | None,
         respondents: Iterable[str] | None,
         datasets: Iterable[str] | None,
+        configured: frozenset[str] | None = None,
     ) -> Normalized:
         norm = normalize_page(
             page.route,
@@ -412,6 +431,7 @@ class Fetcher:
             respondents=set(respondents) if respondents else None,
             datasets=set(datasets) if datasets else set(self.config.enabled_datasets()),
             latest=self.latest,
+            configured=configured,
         )
         invalid = _invalid(norm.invalid)
         considered = invalid + norm.count + norm.duplicates
@@ -496,6 +516,7 @@ class Fetcher:
         self.result.written += staged.written
         self.result.duplicates += norm.duplicates
         self.result.invalid.update(norm.invalid)
+        self.result.unconfigured.update(norm.unconfigured)
         log.debug(
             "page staged route=%s page=%d rows=%d written=%d invalid=%d duplicates=%d",
             page.route,
@@ -565,6 +586,7 @@ def run_fetch(
         try:
             if replay is not None:
                 fetcher.stage_replay(replay)
+                check_replay_staged(config, result)
             else:
                 assert client is not None, "a live fetch needs an EIA client"
                 streams = plan_streams(config, bas, datasets)
@@ -586,7 +608,7 @@ def run_fetch(
         store.finish_run(result.run_id, "ok", result.counts())
     log.info(
         "fetch done run=%d seconds=%.3f requests=%d pages=%d rows=%d written=%d invalid=%d"
-        " duplicates=%d",
+        " duplicates=%d skipped=%d%s",
         result.run_id,
         time.monotonic() - started,
         result.requests,
@@ -595,8 +617,48 @@ def run_fetch(
         result.written,
         _invalid(result.invalid),
         result.duplicates,
+        result.counts()["skipped"],
+        "".join(f" {k}={v}" for k, v in sorted(result.counts()["skipped_by_reason"].items())),
     )
+    if result.unconfigured:
+        log.warning(
+            "replay skipped balancing authorities not configured rows=%d respondents=%s",
+            sum(result.unconfigured.values()),
+            ",".join(sorted(result.unconfigured)),
+        )
     return result
+
+
+def check_replay_staged(config: Config, result: FetchResult) -> None:
+    """A replay that read rows but could stage none of them fails, saying why."""
+    read = result.rows + result.duplicates + sum(result.invalid.values())
+    if result.rows or not read:
+        return
+    invalid = _invalid(result.invalid)
+    why = [skipped_text(config, result)] if result.counts()["skipped"] else []
+    if invalid:
+        reasons = ", ".join(
+            f"{k} {v:,}" for k, v in sorted(result.invalid.items()) if k not in SKIP_REASONS
+        )
+        why.append(f"{invalid:,} invalid ({reasons})")
+    raise SourceFatalError(f"replay staged nothing: {'; '.join(why)}")
+
+
+def skipped_text(config: Config, result: FetchResult) -> str:
+    """``12,000 rows skipped (unconfigured_ba 12,000: AVA, BPAT); configured: CISO, PJM``."""
+    skipped = result.counts()["skipped_by_reason"]
+    parts = []
+    for reason, n in sorted(skipped.items()):
+        text = f"{reason} {n:,}"
+        if reason == "unconfigured_ba" and result.unconfigured:
+            names = sorted(result.unconfigured)
+            more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+            text += f": {', '.join(names[:10])}{more}"
+        parts.append(text)
+    line = f"{sum(skipped.values()):,} rows skipped ({'; '.join(parts)})"
+    if result.unconfigured:
+        line += f"; configured: {', '.join(sorted(config.balancing_authorities.values()))}"
+    return line
 
 
 def _backfill(

@@ -12,9 +12,11 @@ import re
 from collections.abc import Iterable
 
 MASK = "***"
-_QUERY_KEY = re.compile(r"(?i)((?:api_key|apikey|api-key|key|token)=)[^&#\s\"']+")
+_QUERY_KEY = re.compile(r"(?i)((?:api_key|apikey|api-key|key|token|password|secret)=)[^&#\s\"']+")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 _JSON_KEY = re.compile(r"(?i)(\"api_key\"\s*:\s*\")[^\"]*(\")")
+# ``scheme://user:password@host``: the whole userinfo (a token often rides as the user).
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s\"']+@")
 
 _known_secrets: set[str] = set()
 
@@ -31,12 +33,13 @@ def known_secrets() -> frozenset[str]:
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """Return ``text`` with API keys in URLs, bearer tokens and known secrets masked."""
+    """``text`` with keys and userinfo in URLs, bearer tokens and known secrets masked."""
     if not text:
         return text
     text = _QUERY_KEY.sub(rf"\1{MASK}", text)
     text = _BEARER.sub(rf"\1{MASK}", text)
     text = _JSON_KEY.sub(rf"\1{MASK}\2", text)
+    text = _USERINFO.sub(rf"\1{MASK}@", text)
     for secret in (*_known_secrets, *secrets):
         if secret and secret in text:
             text = text.replace(secret, MASK)

@@ -197,6 +197,7 @@ def collect(
     )
     _add_queue_head(status, store, now)
     status.missing = _missing(config, status.groups, runs["fetch"])
+    status.warnings.extend(_never_answered(config, store, status))
     from outbox.alerts import META_KEY, counters
 
     status.alerts = counters(store.meta_get(META_KEY))
@@ -293,6 +294,43 @@ def _missing(config: Config, groups: Sequence[Group], fetch: RunSummary) -> list
         for ba in config.balancing_authorities
         if (dataset, ba) not in have
     ]
+
+
+# Fetch runs looked at for what EIA was asked (a day of hourly runs, and the daily ones).
+ASKED_RUNS = 30
+
+
+def _never_answered(config: Config, store: Store, status: Status) -> list[str]:
+    """A configured BA that EIA has never returned a row for, although a recent ok fetch
+    asked for it, while another BA has data: most likely a wrong code."""
+    have = {g.ba for g in status.groups}
+    have |= {
+        config.eia_to_gridpulse.get(w["respondent"], w["respondent"]) for w in status.watermarks
+    }
+    silent = [ba for ba in config.balancing_authorities if ba not in have]
+    others = sorted(have & set(config.balancing_authorities))
+    if not silent or not others:
+        return []
+    asked: dict[str, tuple[str, int]] = {}
+    for run in store.recent_runs(limit=ASKED_RUNS, stage="fetch"):
+        if run.status != "ok":
+            continue
+        for respondent, through in (run.counts.get("asked_through") or {}).items():
+            if through > asked.get(respondent, ("", 0))[0]:
+                asked[respondent] = (through, run.id)
+    verb = "has" if len(others) == 1 else "have"
+    warnings = []
+    for ba in silent:
+        code = config.balancing_authorities[ba]
+        if code in asked:
+            through, run_id = asked[code]
+            named = ba if ba == code else f"{ba} (EIA {code})"
+            warnings.append(
+                f"{named} has never had a row: EIA returned none for it through "
+                f"{through} (fetch run {run_id}) while {', '.join(others[:3])} {verb} "
+                "data; check the code in balancing_authorities"
+            )
+    return warnings
 
 
 def _add_queue_head(status: Status, store: Store, now: datetime) -> None:

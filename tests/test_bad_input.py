@@ -66,6 +66,9 @@ EIA_CAUSES: dict[str, tuple[str, str | None]] = {
     "period-number.json": ("bad_period=5", "bad_period=5"),
     "period-future.json": ("future_period=5", "outside_window=5"),
     "respondent-not-requested.json": ("unexpected_respondent=5", "unexpected_respondent=5"),
+    "respondent-quoted.json": ("bad_code=5", "bad_code=5"),
+    "respondent-spaces.json": ("bad_code=5", "bad_code=5"),
+    "respondent-100k-chars.json": ("bad_code=5", "bad_code=5"),
     "units-kilowatthours.json": ("unknown_units=5", "unknown_units=5"),
     "units-missing.json": ("unknown_units=5", "unknown_units=5"),
     "type-unknown.json": ("unknown_type=5", "unknown_type=5"),
@@ -135,7 +138,8 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The two pages too big to keep: 50 MB, and one row more than EIA's 5,000."""
+    """The pages too big to keep: 50 MB, one row more than EIA's 5,000, and a respondent
+    code of 100,000 characters."""
     out = tmp_path_factory.mktemp("generated")
     doc = CORPUS.good()
     filler = "x" * 10_000
@@ -148,6 +152,9 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     doc = CORPUS.good()
     CORPUS.too_many(doc)
     (out / "too-many-rows.json").write_bytes(orjson.dumps(doc))
+    doc = CORPUS.good()
+    CORPUS.rows_set("respondent", "P" * 100_000)(doc)
+    (out / "respondent-100k-chars.json").write_bytes(orjson.dumps(doc))
     return out
 
 

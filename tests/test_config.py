@@ -167,3 +167,102 @@ def test_secrets_absent_from_every_output(tmp_path: Path) -> None:
     assert '"api_key": "***"' in outputs[0]
     db = (tmp_path / "o.db").read_bytes()
     assert b"EIASECRET" not in db and b"GPSECRET" not in db
+
+
+def test_one_ba_from_the_environment_joins_the_map_with_its_case_kept(tmp_path: Path) -> None:
+    env = {"OUTBOX__BALANCING_AUTHORITIES__NYISO": "NYIS"}
+    config = load_config(ROOT / "config.yaml", env=env)
+    assert config.balancing_authorities == {
+        "PJM": "PJM",
+        "CAISO": "CISO",
+        "MISO": "MISO",
+        "ERCOT": "ERCO",
+        "SPP": "SWPP",
+        "NYISO": "NYIS",
+    }
+    # Without a file, the entry joins the defaults; an existing code is replaced, not doubled.
+    config = load_config(env={"OUTBOX__BALANCING_AUTHORITIES__PJM": "pjm"})
+    assert config.balancing_authorities["PJM"] == "PJM"
+    assert len(config.balancing_authorities) == 5
+    # An empty value takes one entry out.
+    config = load_config(ROOT / "config.yaml", env={"OUTBOX__BALANCING_AUTHORITIES__SPP": ""})
+    assert "SPP" not in config.balancing_authorities and "PJM" in config.balancing_authorities
+
+
+def test_a_dataset_from_the_environment_changes_one_key_of_one_dataset(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("datasets:\n  generation: {lookback_hours: 120}\n  demand: {enabled: false}\n")
+    env = {"OUTBOX__DATASETS__GENERATION__ENABLED": "false"}
+    config = load_config(cfg, env=env)
+    assert config.datasets["generation"].lookback_hours == 120
+    assert not config.datasets["generation"].enabled and not config.datasets["demand"].enabled
+    assert config.datasets["ba_interchange"].lookback_hours == 96
+    assert config.enabled_datasets() == [
+        "demand_forecast",
+        "net_generation",
+        "interchange",
+        "ba_interchange",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"OUTBOX__BALANCING_AUTHORITIES__PJM__X": "1"},
+            "OUTBOX__BALANCING_AUTHORITIES__PJM__X: balancing_authorities entries are",
+        ),
+        (
+            {"OUTBOX__BALANCING_AUTHORITIES__PJM": "P J M"},
+            "balancing_authorities: PJM: 'P J M' is not an EIA respondent code",
+        ),
+        (
+            {"OUTBOX__DATASETS__WEATHER__ENABLED": "true"},
+            "datasets: unknown dataset 'weather'",
+        ),
+        (
+            {"GRIDPULSE_BASE_URL": "https://gp.test/ingest?token=SECRET-tok-1"},
+            "gridpulse.base_url: 'https://gp.test/ingest?token=***': a query string",
+        ),
+        (
+            {"EIA_BASE_URL": "https://api.eia.gov/v2?api_key=SECRET-tok-2"},
+            "eia.base_url: 'https://api.eia.gov/v2?api_key=***': a query string",
+        ),
+    ],
+)
+def test_map_and_url_overrides_refused_in_one_line(env: dict[str, str], expected: str) -> None:
+    result = runner.invoke(app, ["config"], env=env)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert "Traceback" not in result.output and "SECRET-tok" not in result.output
+
+
+def test_gridpulse_base_url_may_carry_a_path_prefix(tmp_path: Path) -> None:
+    import httpx
+    import respx
+
+    from outbox.gridpulse import GridPulseClient
+
+    config = load_config(env={"GRIDPULSE_BASE_URL": "https://proxy.test/gridpulse/"})
+    assert config.gridpulse.base_url == "https://proxy.test/gridpulse"
+    with respx.mock(assert_all_called=True) as mock:
+        route = mock.get("https://proxy.test/gridpulse/api/v1/health").respond(
+            200, json={"status": "ok"}
+        )
+        with httpx.Client() as http:
+            GridPulseClient(http, config.gridpulse.base_url, "k").health()
+        assert route.called
+
+
+def test_outbox_config_masks_secrets_inside_urls() -> None:
+    env = {
+        "GRIDPULSE_BASE_URL": "https://worker:SECRET-pw-1@gp.test/gridpulse",
+        "EIA_BASE_URL": "https://SECRET-tok-3@eia.test/v2",
+        "GRIDPULSE_API_KEY": "SECRET-gp-key",
+    }
+    result = runner.invoke(app, ["config"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "SECRET" not in result.output
+    assert '"base_url": "https://***@gp.test/gridpulse"' in result.output
+    assert '"base_url": "https://***@eia.test/v2"' in result.output

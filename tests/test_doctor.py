@@ -44,7 +44,16 @@ OK_LINES = {
     "clock": "OK    clock     +0.0s against GridPulse",
     "eia": "OK    eia       https://eia.test/v2: key accepted; 48 demand rows for PJM "
     "in the last 48 h",
+    "eia codes": "OK    eia codes 2 BA codes known to EIA (4 respondents)",
 }
+# EIA's answer to GET <route>/facet/respondent/ (shape of the v2 facet endpoint).
+RESPONDENTS = {
+    "CISO": "California Independent System Operator",
+    "ERCO": "Electric Reliability Council of Texas, Inc.",
+    "PJM": "PJM Interconnection, LLC",
+    "SWPP": "Southwest Power Pool",
+}
+NO_EIA_CODES = "SKIP  eia codes needs an answer from EIA (see the eia check)"
 runner = CliRunner()
 
 
@@ -85,10 +94,27 @@ def auth_answer(server_time: str = NOW) -> httpx.Response:
     return httpx.Response(200, json=body)
 
 
+def facet_answer(values: dict[str, str] = RESPONDENTS) -> httpx.Response:
+    facets = [{"id": k, "name": v, "alias": f"({k}) {v}"} for k, v in values.items()]
+    body = {
+        "response": {"totalFacets": len(facets), "facets": facets},
+        "request": {
+            "command": "/v2/electricity/rto/region-data/facet/respondent/",
+            "params": {"api_key": EIA_KEY},
+        },
+        "apiVersion": "2.1.8",
+    }
+    return httpx.Response(200, json=body)
+
+
 def routes(
-    router: respx.MockRouter, gridpulse: httpx.Response | Exception, eia: httpx.Response | Exception
+    router: respx.MockRouter,
+    gridpulse: httpx.Response | Exception,
+    eia: httpx.Response | Exception,
+    facets: httpx.Response | Exception | None = None,
 ) -> None:
-    """The two requests doctor makes, matched strictly (key, worker id, one row)."""
+    """The requests doctor makes, matched strictly (key, worker id, one row); the facet
+    list is asked for only after EIA answered the data request."""
     auth = router.post(
         f"{GP}/api/v1/auth/worker",
         headers={"Authorization": f"Bearer {GP_KEY}"},
@@ -102,6 +128,15 @@ def routes(
             route.mock(side_effect=outcome)
         else:
             route.mock(return_value=outcome)
+    if isinstance(eia, httpx.Response) and eia.status_code == 200:
+        facet = router.get(
+            f"{EIA}/electricity/rto/region-data/facet/respondent/", params={"api_key": EIA_KEY}
+        )
+        outcome = facet_answer() if facets is None else facets
+        if isinstance(outcome, Exception):
+            facet.mock(side_effect=outcome)
+        else:
+            facet.mock(return_value=outcome)
 
 
 def doctor(*args: str) -> tuple[int, str]:
@@ -143,6 +178,7 @@ def test_bad_keys(workdir: Path) -> None:
         f"page 0 (offset 0): HTTP 403, EIA error API_KEY_INVALID: {message['message']} "
         f"[{EIA_SHOWN}]; hint: check EIA_API_KEY / EIA_API_KEY_FILE "
         "(free: https://www.eia.gov/opendata/)",
+        **{"eia codes": NO_EIA_CODES},
     )
     assert EIA_KEY not in text and GP_KEY not in text
 
@@ -162,6 +198,7 @@ def test_unreachable(workdir: Path) -> None:
         eia="FAIL  eia       https://eia.test/v2: unreachable: EIA electricity/rto/region-data "
         f"page 0 (offset 0): ConnectError: Connection refused [{EIA_SHOWN}]; hint: check "
         "eia.base_url and the network; EIA itself is down now and then",
+        **{"eia codes": NO_EIA_CODES},
     )
 
 
@@ -194,6 +231,7 @@ def test_missing_keys_and_database(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         "SKIP  clock     needs an answer from GridPulse\n"
         "FAIL  eia       eia.api_key is missing; hint: set EIA_API_KEY or EIA_API_KEY_FILE "
         "(free: https://www.eia.gov/opendata/)\n"
+        f"{NO_EIA_CODES}\n"
     )
     assert not (tmp_path / "outbox.db").exists()  # doctor does not create the outbox
 
@@ -213,6 +251,7 @@ def test_unreadable_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         "SKIP  gridpulse needs a valid config\n"
         "SKIP  clock     needs a valid config\n"
         "SKIP  eia       needs a valid config\n"
+        "SKIP  eia codes needs a valid config\n"
     )
 
 
@@ -301,3 +340,58 @@ def test_doctor_is_in_help_and_readme() -> None:
     assert "--reset" in result.output
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "outbox doctor" in readme
+
+
+@freeze_time(NOW)
+def test_a_ba_code_eia_does_not_know_is_a_warning_with_the_closest_codes(workdir: Path) -> None:
+    (workdir / "config.yaml").write_text(
+        CONFIG.replace("{PJM: PJM, CAISO: CISO}", "{PJM: PJM, CAISO: CISOO, TYPO: XXXX}")
+    )
+    with respx.mock(assert_all_called=True) as router:
+        routes(router, auth_answer(), httpx.Response(200, json=eia_page()))
+        code, text = doctor()
+    assert code == 0  # a warning, not a failure
+    assert text.splitlines()[-1] == (
+        "WARN  eia codes unknown to EIA: CAISO: CISOO (closest: CISO California Independent "
+        "System Operator); TYPO: XXXX (no close match); hint: fix balancing_authorities (EIA "
+        "answers an unknown code with no rows, not an error)"
+    )
+    assert EIA_KEY not in text
+
+
+@freeze_time(NOW)
+def test_the_code_check_is_skipped_when_eia_cannot_list_its_respondents(workdir: Path) -> None:
+    down = httpx.Response(503, text="<html>busy</html>")
+    with respx.mock(assert_all_called=True) as router:
+        routes(router, auth_answer(), httpx.Response(200, json=eia_page()), facets=down)
+        code, text = doctor()
+    assert code == 0
+    last = text.splitlines()[-1]
+    assert last.startswith(
+        "SKIP  eia codes could not list EIA's respondents: EIA electricity/rto/region-data "
+        "facet respondent: HTTP 503"
+    )
+    assert "api_key=***" in last and EIA_KEY not in text
+
+
+def test_code_check_against_the_stand_in_eia(tmp_path: Path) -> None:
+    from outbox import doctor as doctor_mod
+    from outbox.config import load_config
+    from outbox.testing import sample_dir
+    from outbox.testing.fake_eia import FakeEIA
+    from outbox.testing.synth import read_rows
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("balancing_authorities: {PJM: PJM, CAISO: CISO, NEW: BHBA, TYPO: PJN}\n")
+    eia_ok = doctor_mod.Finding("eia", doctor_mod.OK, "key accepted")
+    with FakeEIA(read_rows(sample_dir()), api_key=EIA_KEY) as fake:
+        fake.add_facet_values(
+            "electricity/rto/region-data", "respondent", {"BHBA": "Black Hills BA"}
+        )
+        config = load_config(cfg, env={"EIA_BASE_URL": fake.start(), "EIA_API_KEY": EIA_KEY})
+        with httpx.Client() as http:
+            found = doctor_mod.check_eia_codes(config, http, eia_ok)
+        asked = list(fake.requests)
+    assert found.outcome == doctor_mod.WARN
+    assert found.detail == "unknown to EIA: TYPO: PJN (closest: PJM PJM Interconnection, LLC)"
+    assert asked == [f"/v2/electricity/rto/region-data/facet/respondent/?api_key={EIA_KEY}"]

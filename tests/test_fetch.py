@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote
 
+import orjson
 import pytest
 from durability import await_run, processes_naming, work_seconds
 
@@ -379,3 +380,73 @@ def test_new_outbox_starts_at_gridpulse_latest(tmp_path: Path) -> None:
     # GridPulse holds through 2025-08-21T23; look-backs are 72 h (region) and 96 h
     # (fuel type, BA-to-BA interchange).
     assert starts == {"2025-08-18T23", "2025-08-17T23"}
+
+
+def test_replay_stages_only_configured_bas_and_counts_the_rest(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    env = {"OUTBOX_DB": str(db), "OUTBOX__BALANCING_AUTHORITIES__SPP": ""}  # SPP left out
+    done = outbox_cmd("fetch", "--replay", str(sample_dir()), env=env)
+    assert done.returncode == 0, done.stderr
+    swpp = sum(1 for rows in read_rows(sample_dir()).values() for r in rows if "SWPP" in r.values())
+    swpp_from = sum(
+        1
+        for rows in read_rows(sample_dir()).values()
+        for r in rows
+        if r.get("respondent", r.get("fromba")) == "SWPP"
+    )
+    assert swpp > swpp_from > 0  # SWPP is also a counterparty of other BAs' interchange
+    assert done.stdout.strip().endswith(
+        f"; {swpp_from:,} rows skipped (unconfigured_ba {swpp_from:,}: SWPP); "
+        "configured: CISO, ERCO, MISO, PJM"
+    ), done.stdout
+    assert f"skipped={swpp_from} unconfigured_ba={swpp_from}" in done.stderr
+    assert "Traceback" not in done.stderr
+    con = sqlite3.connect(db)
+    bas = {r[0] for r in con.execute("SELECT DISTINCT ba FROM series")}
+    marks = {r[0] for r in con.execute("SELECT stream FROM watermarks")}
+    counts = orjson.loads(con.execute("SELECT counts FROM runs").fetchone()[0])
+    peers = {
+        r[0]
+        for r in con.execute(
+            "SELECT series_id FROM series WHERE series_id LIKE ?", ("%.interchange.SWPP",)
+        )
+    }
+    con.close()
+    assert bas == {"PJM", "CAISO", "MISO", "ERCOT"}
+    assert not any(m.endswith(":SWPP") for m in marks)
+    assert (
+        peers
+    )  # flows to SWPP are kept, under its EIA code (a counterparty need not be configured)
+    assert counts["skipped_by_reason"] == {"unconfigured_ba": swpp_from}
+    assert counts["invalid"] == 0 and counts["rows"] == 2376 - swpp_from
+
+
+def test_replay_of_only_unconfigured_bas_fails_in_one_line_and_stages_nothing(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "outbox.db"
+    replay = tmp_path / "pacw"
+    replay.mkdir()
+    samples = Path(__file__).parent / "data" / "eia-samples"
+    for page in samples.glob("*-pacw-*[0-9].json"):
+        (replay / page.name).write_bytes(page.read_bytes())
+    with Store.open(db):
+        pass
+    before = tables(db)
+    done = outbox_cmd("fetch", "--replay", str(replay), env={"OUTBOX_DB": str(db)})
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == "" and "Traceback" not in done.stderr
+    said = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and len(done.stderr.splitlines()) == 2  # the error and the run's log
+    assert said[0].startswith("error: replay staged nothing: ")
+    assert "rows skipped (unconfigured_ba " in said[0] and ": PACW); configured: CISO" in said[0]
+    assert tables(db) == before
+    with Store.open(db) as store:
+        run = store.recent_runs(limit=1, stage="fetch")[0]
+    assert run.status == "failed" and run.error == said[0].removeprefix("error: ")
+    assert run.counts["skipped_by_reason"]["unconfigured_ba"] > 0
+
+    configured = {"OUTBOX_DB": str(db), "OUTBOX__BALANCING_AUTHORITIES__PACW": "PACW"}
+    done = outbox_cmd("fetch", "--replay", str(replay), env=configured)
+    assert done.returncode == 0, done.stderr
+    assert {r[0] for r in snapshot(db)} >= {"EIA.PACW.demand", "EIA.PACW.generation.wind"}

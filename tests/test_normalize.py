@@ -464,3 +464,65 @@ def test_every_row_is_accounted_for(rows: list[dict]) -> None:
         (v is None) == (q == "missing") for v, q in zip(norm.value, norm.quality_flag, strict=True)
     )
     assert norm.row == sorted(norm.row)
+
+
+# --- codes: shape, and only configured balancing authorities -------------------------
+
+BAD_CODES = ('"PJM"', "P J M", "pjm", "PJM;DROP", "X" * 100_000, "ÆØÅ", "-PJM")
+
+
+@pytest.mark.parametrize("code", BAD_CODES)
+def test_a_respondent_not_shaped_like_an_eia_code_is_bad_code(code: str) -> None:
+    rows = sample_rows("region-data-pacw-d-hourly-2024-01-01_02.json")
+    rows[3] = dict(rows[3], respondent=code)
+
+    norm = run(rows)
+
+    assert norm.invalid == {"bad_code": 1} and norm.count == 24
+    assert {s.series_id for s in norm.series} == {"EIA.PACW.demand"}
+    assert not any(code in sid for sid in norm.series_id)
+
+
+@pytest.mark.parametrize("code", BAD_CODES)
+def test_fuel_and_counterparty_codes_are_checked_too(code: str) -> None:
+    rows = sample_rows("fuel-type-pacw-hourly-2024-01-01_02.json")
+    rows[0] = dict(rows[0], fueltype=code)
+    fuel = run(rows, route=FUEL)
+    flows = make_rows(INTERCHANGE, ["PJM"], datetime(2025, 8, 21, tzinfo=UTC), 1)
+    flows[0] = dict(flows[0], toba=code)
+    interchange = run(flows, route=INTERCHANGE)
+
+    assert fuel.invalid == {"bad_code": 1} and fuel.count == len(rows) - 1
+    assert interchange.invalid == {"bad_code": 1} and interchange.count == len(flows) - 1
+    ids = [s.series_id for s in fuel.series + interchange.series]
+    assert not any(code in sid or code.lower() in sid for sid in ids)
+
+
+def test_rows_of_unconfigured_respondents_are_skipped_and_counted_per_respondent() -> None:
+    start = datetime(2025, 8, 21, tzinfo=UTC)
+    rows = make_rows(REGION, ["PJM", "PACW", "AVA"], start, 3)
+
+    norm = run(rows, configured={"PJM"})
+
+    per_ba = len(rows) // 3
+    assert norm.invalid == {"unconfigured_ba": 2 * per_ba}
+    assert norm.unconfigured == {"PACW": per_ba, "AVA": per_ba}
+    assert {s.ba for s in norm.series} == {"PJM"} and norm.count == per_ba
+    assert set(norm.stream_max) == {f"{d}:PJM" for d in DATASETS[:4]}
+    assert run(rows).invalid == {} and run(rows).count == len(rows)
+
+
+def test_interchange_needs_a_configured_fromba_not_a_configured_counterparty() -> None:
+    rows = make_rows(INTERCHANGE, ["CISO", "PJM"], datetime(2025, 8, 21, tzinfo=UTC), 2)
+
+    norm = run(rows, route=INTERCHANGE, configured={"CISO"})
+
+    assert {s.ba for s in norm.series} == {"CAISO"}
+    assert {s.subtype for s in norm.series} >= {"BPAT", "PACW"}  # not configured, still kept
+    assert norm.unconfigured == {"PJM": sum(r["fromba"] == "PJM" for r in rows)}
+
+
+def test_a_requested_respondent_outranks_the_configured_filter() -> None:
+    """A row of a respondent the page's request did not ask for is bad data, not a skip."""
+    norm = run([region_row(respondent="PACW")], respondents={"CISO"}, configured={"CISO"})
+    assert norm.invalid == {"unexpected_respondent": 1}

@@ -804,3 +804,57 @@ def test_every_json_key_is_documented(outbox_dir: Path) -> None:
     metrics = status_mod.render_metrics(status_mod.read(load_config("config.yaml")))
     names = set(re.findall(r"^# TYPE (\w+) ", metrics, re.M))
     assert sorted(n for n in names if f"`{n}`" not in doc) == []
+
+
+def test_a_configured_ba_eia_never_returned_a_row_for_is_a_warning(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from outbox.commands import eia_client
+    from outbox.pipeline import run_fetch
+    from outbox.testing import sample_dir
+    from outbox.testing.fake_eia import FakeEIA
+    from outbox.testing.synth import read_rows
+
+    pjm_only = {
+        route: [r for r in rows if r.get("respondent", r.get("fromba")) == "PJM"]
+        for route, rows in read_rows(sample_dir()).items()
+    }
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"database: {tmp_path / 'o.db'}\n"
+        "balancing_authorities: {PJM: PJM, TYPO: XXXX}\n"
+        "eia: {history_start: '2025-08-21T00:00:00Z', max_requests_per_second: 5}\n"
+    )
+    now = datetime(2025, 8, 22, 2, tzinfo=UTC)
+    key = "eia-status-key-0123"
+    with FakeEIA(pjm_only, api_key=key) as fake:
+        config = load_config(cfg, env={"EIA_BASE_URL": fake.start(), "EIA_API_KEY": key})
+        with Store.open(config.database) as store, httpx.Client() as http:
+            assert status_mod.read(config, now=now).warnings == []  # nothing asked yet
+            run_fetch(config, store, client=eia_client(config, http), bas=["PJM"], now=now)
+            assert status_mod.read(config, now=now).warnings == []  # XXXX not asked for
+            run_fetch(config, store, client=eia_client(config, http), now=now)
+        asked = [q for q in fake.requests if "XXXX" in q]
+    assert asked  # the second run asked EIA for XXXX, and EIA answered with no rows
+
+    warning = (
+        "TYPO (EIA XXXX) has never had a row: EIA returned none for it through "
+        "2025-08-22T02:00:00Z (fetch run 2) while PJM has data; check the code in "
+        "balancing_authorities"
+    )
+    model = status_mod.read(config, now=now)
+    assert model.warnings == [warning]
+    assert model.check is not None and model.check.code == status_mod.WARNING
+    assert model.check.summary == f"WARNING - {warning}"
+    probe = status_mod.read(config, now=now, for_check=True)
+    assert probe.check == model.check
+    with freeze_time(NOW):
+        shown = runner.invoke(app, ["-c", str(cfg), "status", "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert warning in json.loads(shown.output)["warnings"]
+    checked = runner.invoke(app, ["-c", str(cfg), "status", "--check"])
+    assert checked.exit_code in (1, 2) and warning in checked.output  # (stale by now, too)
+    assert len(checked.output.splitlines()) == 1
+    table = runner.invoke(app, ["-c", str(cfg), "status"], env={"COLUMNS": "400"})
+    assert table.exit_code == 0, table.output
+    assert f"warning: {warning}" in table.output.splitlines()

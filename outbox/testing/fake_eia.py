@@ -7,6 +7,10 @@ of that day), ``sort[i][column|direction]``, ``offset``/``length`` (capped at 5,
 ``response.total`` as a string, the "incomplete return" warning, and the request echo
 including the api_key, exactly as the real API leaks it. Errors use EIA's two envelopes.
 
+``GET /v2/<route>/facet/<facet>/`` lists the values of one facet found in the route's
+rows (``response.facets``: ``id`` and ``name``; ``response.totalFacets``), plus any
+added with :meth:`FakeEIA.add_facet_values` (a respondent EIA knows but has no rows for).
+
 Faults are queued with :meth:`FakeEIA.fail_next` (status, body, headers, delay, or a
 dropped connection). Every request path is recorded in :attr:`FakeEIA.requests`.
 
@@ -65,6 +69,7 @@ OVER_RATE_LIMIT = {
 }
 NOT_FOUND = {"error": "Not found.", "code": 404}
 _DATA_PATH = re.compile(r"^/v2/(?P<route>.+?)/data/?$")
+_FACET_PATH = re.compile(r"^/v2/(?P<route>.+?)/facet/(?P<facet>[^/]+)/?$")
 _FACET_KEY = re.compile(r"^facets\[(?P<name>[^\]]+)\]\[\]$")
 _SORT_KEY = re.compile(r"^sort\[(?P<i>\d+)\]\[(?P<part>column|direction)\]$")
 _DATA_KEY = re.compile(r"^data\[(?P<i>\d+)\]$")
@@ -117,6 +122,12 @@ class FakeEIA:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._extra_facets: dict[tuple[str, str], dict[str, str]] = {}
+
+    def add_facet_values(self, route: str, facet: str, values: Mapping[str, str]) -> None:
+        """List ``values`` (id -> name) in ``route``'s ``facet`` endpoint beside the rows'."""
+        with self._lock:
+            self._extra_facets.setdefault((route, facet), {}).update(values)
 
     def start(self, port: int = 0, host: str = "127.0.0.1") -> str:
         """Serve in a daemon thread; return the v2 base URL (``http://host:port/v2``)."""
@@ -190,6 +201,9 @@ class FakeEIA:
         denied = self._check_key(items)
         if denied is not None:
             return denied
+        facet = _FACET_PATH.match(parts.path)
+        if facet is not None:
+            return self._facet(facet.group("route"), facet.group("facet"), dict(items))
         match = _DATA_PATH.match(parts.path)
         route = match.group("route") if match else None
         if route not in FACETS:
@@ -207,6 +221,28 @@ class FakeEIA:
         if not given or not given[-1]:
             return _json(403, KEY_MISSING)
         return None if given[-1] == self.api_key else _json(403, KEY_INVALID)
+
+    def _facet(self, route: str, facet: str, params: dict[str, str]) -> Reply:
+        """``<route>/facet/<facet>/``: the distinct values, with the name the rows carry."""
+        if route not in FACETS:
+            return _json(404, NOT_FOUND)
+        if facet not in FACETS[route]:
+            return _json(400, {"error": f"Invalid facet '{facet}' provided.", "code": 400})
+        name_key = "type-name" if facet in ("type", "fueltype") else f"{facet}-name"
+        with self._lock:
+            values = {row.get(facet): row.get(name_key, "") for row in self._rows.get(route, [])}
+            values.update(self._extra_facets.get((route, facet), {}))
+        facets = [
+            {"id": v, "name": name, "alias": f"({v}) {name}"}
+            for v, name in sorted((k, n) for k, n in values.items() if isinstance(k, str))
+        ]
+        doc = {
+            "response": {"totalFacets": len(facets), "facets": facets},
+            # The real API echoes the key here too.
+            "request": {"command": f"/v2/{route}/facet/{facet}/", "params": params},
+            "apiVersion": "2.1.8",
+        }
+        return _json(200, doc)
 
     def _page(self, route: str, query: Query) -> dict:
         matched = self._matching(route, query)

@@ -161,6 +161,8 @@ EIA = {
     "period-number.json": variant(rows_set("period", 2025082101)),
     "period-future.json": variant(rows_set("period", "2099-08-21T01")),
     "respondent-not-requested.json": variant(rows_set("respondent", "XXXX")),
+    "respondent-quoted.json": variant(rows_set("respondent", '"PJM"')),
+    "respondent-spaces.json": variant(rows_set("respondent", "P J M")),
     "units-kilowatthours.json": variant(rows_set("value-units", "kilowatthours")),
     "units-missing.json": variant(rows_drop("value-units")),
     "type-unknown.json": variant(rows_set("type", "CO2")),
