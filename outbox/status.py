@@ -26,7 +26,7 @@ from outbox import __version__
 from outbox.config import DATASET_NAMES, Config
 from outbox.errors import StoreError
 from outbox.redact import redact
-from outbox.store import RunRecord, RunSummary, SeriesState, Store
+from outbox.store import RUN_SECONDS, RunRecord, RunSummary, SeriesState, Store
 from outbox.timeutil import parse_ts, to_ts, utcnow
 
 log = logging.getLogger(__name__)
@@ -304,15 +304,20 @@ def run_dict(run: RunRecord | None) -> dict[str, Any] | None:
     if run is None:
         return None
     out = asdict(run)
+    out["counts"] = {k: v for k, v in run.counts.items() if k != RUN_SECONDS}
     out["seconds"] = run_seconds(run)
     out["error"] = redact(run.error) if run.error else None
     return out
 
 
 def run_seconds(run: RunRecord) -> float | None:
-    """How long a finished run took (None while it runs)."""
+    """How long a finished run took (None while it runs): as measured by the run
+    (``counts.seconds``), else from its whole-second timestamps."""
     if not run.finished_at:
         return None
+    measured = run.counts.get(RUN_SECONDS)
+    if isinstance(measured, int | float) and not isinstance(measured, bool):
+        return round(float(measured), 3)
     return round((parse_ts(run.finished_at) - parse_ts(run.started_at)).total_seconds(), 3)
 
 
@@ -841,9 +846,9 @@ def counts_text(stage: str, counts: dict[str, Any]) -> str:
 
 
 def duration_text(seconds: float) -> str:
-    """``0.4s``, ``12.3s``, ``5m 02s``."""
+    """``0.40s``, ``2.39s``, ``12.30s``, ``5m 02s``."""
     if seconds < 60:
-        return f"{seconds:.1f}s"
+        return f"{seconds:.2f}s"
     minutes, rest = divmod(round(seconds), 60)
     return f"{minutes}m {rest:02d}s"
 

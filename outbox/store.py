@@ -30,6 +30,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -415,6 +416,8 @@ WHERE NOT EXISTS (SELECT 1 FROM observations o
 """
 _PRUNE_ACKED = "DELETE FROM observations WHERE series_id = ? AND ts < ? AND state = 'acked'"
 AUTO_VACUUM_MODES = {0: "none", 1: "full", 2: "incremental"}
+# The key of ``runs.counts`` that holds a run's measured duration in seconds.
+RUN_SECONDS = "seconds"
 
 ROW_COLUMNS = ("series_id", "ts", "value", "units", "quality_flag", "revision", "page_row")
 SERIES_COLUMNS = ("series_id", "ba", "type", "subtype", "units", "route", "facets")
@@ -823,6 +826,8 @@ class Store:
         self.engine = engine
         self.size_limit: SizeLimit | None = None
         self._group: WriteGroup | None = None
+        # Monotonic start of each run this process started and is timing (see start_run).
+        self._run_clocks: dict[int, float] = {}
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -1377,14 +1382,22 @@ class Store:
     # -- runs ----------------------------------------------------------------------
 
     def start_run(self, stage: str, now: str | None = None) -> int:
-        """Record the start of a run; returns its id."""
+        """Record the start of a run; returns its id.
+
+        Without ``now`` the run is timed on the monotonic clock from here to
+        :meth:`finish_run`, which stores the measured duration as ``counts.seconds``:
+        ``started_at``/``finished_at`` keep whole seconds (the format every reader knows).
+        """
         with self.write() as conn:
             result = conn.exec_driver_sql(
                 "INSERT INTO runs (stage, started_at, status, counts, pid)"
                 " VALUES (?, ?, 'running', '{}', ?)",
                 (stage, now or now_ts(), os.getpid()),
             )
-            return int(result.lastrowid or 0)
+            run_id = int(result.lastrowid or 0)
+        if now is None:
+            self._run_clocks[run_id] = time.monotonic()
+        return run_id
 
     def finish_run(
         self,
@@ -1394,14 +1407,22 @@ class Store:
         error: str | None = None,
         now: str | None = None,
     ) -> None:
-        """Record a run's outcome (error text is redacted)."""
+        """Record a run's outcome (error text is redacted).
+
+        A run :meth:`start_run` timed gets its measured duration as ``counts.seconds``
+        (unless ``now`` is given: then the timestamps alone say how long it took).
+        """
+        counts = dict(counts)
+        started = self._run_clocks.pop(run_id, None)
+        if started is not None and now is None:
+            counts[RUN_SECONDS] = round(time.monotonic() - started, 3)
         with self.write() as conn:
             conn.exec_driver_sql(
                 "UPDATE runs SET finished_at = ?, status = ?, counts = ?, error = ? WHERE id = ?",
                 (
                     now or now_ts(),
                     status,
-                    json.dumps(dict(counts), sort_keys=True, default=str),
+                    json.dumps(counts, sort_keys=True, default=str),
                     redact(error) if error else None,
                     run_id,
                 ),
