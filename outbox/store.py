@@ -24,6 +24,7 @@ connection, inside the transaction SQLAlchemy began.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
@@ -32,7 +33,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
@@ -61,11 +62,12 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.pool import QueuePool
 
 from outbox.crash import crashpoint
-from outbox.errors import OutboxFullError, StoreError
+from outbox.errors import DiskFullError, OutboxFullError, StoreError
 from outbox.redact import redact
 from outbox.timeutil import now_ts, parse_ts
 
 BUSY_TIMEOUT_MS = 60_000
+SQLITE_FULL = 13  # "database or disk is full": no space for the file, or max_page_count
 # WAL pages between checkpoints (SQLite's default is 1,000, 4 MB). Consecutive batches of
 # acks, and of staged pages, rewrite mostly the same B-tree leaves (a few hours of every
 # series); a checkpoint copies each page once however often it was rewritten since the
@@ -644,12 +646,19 @@ class WriteGroup:
     at once writes them once (see docs/performance.md).
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, path: Path | None = None) -> None:
         self.engine = engine
+        self.path = path
         self.thread = threading.get_ident()
         self._conn: Connection | None = None
         self._open = False
         self._broken = False
+        self._on_commit: list[Callable[[], None]] = []
+
+    def on_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the blocks written so far are committed; never if they
+        roll back (so a count of staged rows counts only rows that stayed)."""
+        self._on_commit.append(action)
 
     @contextmanager
     def savepoint(self) -> Iterator[Connection]:
@@ -683,11 +692,16 @@ class WriteGroup:
 
     def commit(self) -> None:
         """Commit every write block so far (nothing to do when there is none)."""
+        actions, self._on_commit = self._on_commit, []
         if self._open and self._conn is not None:
             self._open = False
-            self._conn.commit()
+            with disk_full_as_error(self.path or "the outbox"):
+                self._conn.commit()
+        for action in actions:
+            action()
 
     def _rollback(self) -> None:
+        self._on_commit = []
         if self._open and self._conn is not None:
             self._open = False
             with suppress(DatabaseError, sqlite3.Error):
@@ -785,15 +799,17 @@ def file_lock(path: str | os.PathLike[str], *, blocking: bool) -> Iterator[bool]
 
     The kernel drops the lock when the process dies, so SIGKILL leaves no stale lock.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with disk_full_as_error(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        with disk_full_as_error(path):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         yield True
     finally:
         os.close(fd)
@@ -840,12 +856,13 @@ class Store:
         engine = make_engine(path)
         store = cls(path, engine)
         try:
-            if migrate:
-                from outbox.migrate import ensure_schema
+            with disk_full_as_error(path):
+                if migrate:
+                    from outbox.migrate import ensure_schema
 
-                ensure_schema(store)
-            else:
-                store.schema_version()
+                    ensure_schema(store)
+                else:
+                    store.schema_version()
         except (DatabaseError, sqlite3.DatabaseError) as exc:
             engine.dispose()
             raise StoreError(f"{path}: not a usable outbox database: {_short(exc)}") from None
@@ -889,15 +906,26 @@ class Store:
         the group's transaction instead: released on success, rolled back on error, and
         committed with the group.
         """
+        with disk_full_as_error(self.path):
+            group = self._group
+            if group is not None and group.thread == threading.get_ident():
+                with group.savepoint() as conn:
+                    yield conn
+                return
+            with self.engine.connect() as conn:
+                conn.execution_options(outbox_write=True)
+                with conn.begin():
+                    yield conn
+
+    def on_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once what this thread wrote is committed: at once outside a
+        :meth:`write_group` (every :meth:`write` commits), else when the group commits,
+        and never for blocks that roll back."""
         group = self._group
         if group is not None and group.thread == threading.get_ident():
-            with group.savepoint() as conn:
-                yield conn
-            return
-        with self.engine.connect() as conn:
-            conn.execution_options(outbox_write=True)
-            with conn.begin():
-                yield conn
+            group.on_commit(action)
+        else:
+            action()
 
     @contextmanager
     def write_group(self) -> Iterator[WriteGroup]:
@@ -911,13 +939,14 @@ class Store:
         """
         if self._group is not None:
             raise StoreError("write groups do not nest")
-        group = WriteGroup(self.engine)
+        group = WriteGroup(self.engine, self.path)
         self._group = group
         try:
             yield group
         finally:
             self._group = None
-            group.close()
+            with disk_full_as_error(self.path):
+                group.close()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -1676,7 +1705,7 @@ class Store:
     @contextmanager
     def _write_unchecked(self) -> Iterator[Connection]:
         """A write transaction with foreign-key enforcement off (restored afterwards)."""
-        with self.engine.connect() as conn:
+        with disk_full_as_error(self.path), self.engine.connect() as conn:
             raw = conn.connection.driver_connection
             raw.execute("PRAGMA foreign_keys = OFF")  # type: ignore[union-attr]
             try:
@@ -1704,7 +1733,7 @@ class Store:
         """
         # Run to completion by sqlite3_exec (executescript, its own transaction): a
         # cursor's execute steps the pragma once, and each step frees a single page.
-        with self.engine.connect() as conn:
+        with disk_full_as_error(self.path), self.engine.connect() as conn:
             raw = conn.connection.driver_connection
             raw.executescript(f"PRAGMA incremental_vacuum({int(pages)});")  # type: ignore[union-attr]
 
@@ -1714,14 +1743,14 @@ class Store:
         Holds the write lock for the whole rebuild and needs free disk space about the
         size of the file.
         """
-        with self.engine.connect() as conn:
+        with disk_full_as_error(self.path), self.engine.connect() as conn:
             conn.connection.driver_connection.execute("VACUUM")  # type: ignore[union-attr]
 
     def checkpoint(self, mode: str = "TRUNCATE") -> None:
         """Copy the WAL into the main file (``TRUNCATE`` also empties the -wal file)."""
         if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
             raise ValueError(f"unknown checkpoint mode {mode!r}")
-        with self.engine.connect() as conn:
+        with disk_full_as_error(self.path), self.engine.connect() as conn:
             raw = conn.connection.driver_connection
             raw.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()  # type: ignore[union-attr]
 
@@ -1847,6 +1876,29 @@ def _insert_page(
 def _one(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> Any:
     row = cur.execute(sql, params).fetchone()
     return row[0] if row else None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (sqlite3's, SQLAlchemy's wrapper of it, or an OSError) says the
+    file system has no room: SQLITE_FULL ("database or disk is full") or ENOSPC."""
+    orig = getattr(exc, "orig", None) or exc
+    if isinstance(orig, OSError):
+        return orig.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(orig, sqlite3.Error):
+        code = getattr(orig, "sqlite_errorcode", None)
+        return code == SQLITE_FULL or "database or disk is full" in str(orig)
+    return False
+
+
+@contextmanager
+def disk_full_as_error(path: object) -> Iterator[None]:
+    """Turn a disk-full error raised inside the block into :class:`DiskFullError`."""
+    try:
+        yield
+    except (DatabaseError, sqlite3.Error, OSError) as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(path) from None
+        raise
 
 
 def _short(exc: BaseException) -> str:
