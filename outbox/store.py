@@ -29,6 +29,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -616,6 +617,8 @@ class SizeLimit:
     max_rows: int | None = None
     max_bytes: int | None = None
     rows: int = 0
+    min_free_bytes: int | None = None
+    """Free bytes a page must leave on the file system of the outbox (the floor)."""
 
 
 @dataclass(frozen=True)
@@ -718,6 +721,15 @@ class WriteGroup:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+def disk_free_bytes(path: str | os.PathLike[str]) -> int | None:
+    """Bytes free (to this user) on the file system that holds the file ``path``, or
+    None when its directory cannot be asked (it does not exist)."""
+    try:
+        return shutil.disk_usage(Path(path).absolute().parent).free
+    except OSError:
+        return None
 
 
 def sqlite_url(path: str | os.PathLike[str]) -> str:
@@ -1000,7 +1012,11 @@ class Store:
         with self.write() as conn:
             cur = self.cursor(conn)
             growth = self._check_rows(cur, limit, rows) if limit is not None else None
-            pages_before = _one(cur, "PRAGMA page_count") if limit and limit.max_bytes else 0
+            pages_before = (
+                _one(cur, "PRAGMA page_count")
+                if limit and (limit.max_bytes or limit.min_free_bytes)
+                else 0
+            )
             page_id = None
             if page is not None:
                 page_id = cur.execute("SELECT coalesce(max(id), 0) + 1 FROM pages").fetchone()[0]
@@ -1559,16 +1575,19 @@ class Store:
 
     # -- size limit (housekeeping.max_rows / max_bytes) ----------------------------
 
-    def limit_size(self, max_rows: int | None, max_bytes: int | None) -> SizeLimit | None:
-        """Make :meth:`stage` refuse, with OutboxFullError, a page that would pass a ceiling.
+    def limit_size(
+        self, max_rows: int | None, max_bytes: int | None, min_free_bytes: int | None = None
+    ) -> SizeLimit | None:
+        """Make :meth:`stage` refuse, with OutboxFullError, a page that would pass a ceiling
+        or leave less than ``min_free_bytes`` free on the outbox's file system.
 
         Rows are counted once here (only when ``max_rows`` is set); no limit clears it.
         """
-        if max_rows is None and max_bytes is None:
+        if max_rows is None and max_bytes is None and not min_free_bytes:
             self.size_limit = None
         else:
             rows = self.count_rows() if max_rows is not None else 0
-            self.size_limit = SizeLimit(max_rows, max_bytes, rows)
+            self.size_limit = SizeLimit(max_rows, max_bytes, rows, min_free_bytes or None)
         return self.size_limit
 
     def count_rows(self) -> int:
@@ -1595,11 +1614,16 @@ class Store:
         return new
 
     def _check_bytes(self, cur: sqlite3.Cursor, limit: SizeLimit, pages_before: int) -> None:
-        """Refuse a page that grew the file past ``max_bytes`` (its transaction rolls back)."""
-        if limit.max_bytes is None:
+        """Refuse a page that grew the file past ``max_bytes``, or that leaves less than
+        ``min_free_bytes`` free on the disk (its transaction rolls back)."""
+        if limit.max_bytes is None and limit.min_free_bytes is None:
             return
         pages = int(_one(cur, "PRAGMA page_count") or 0)
-        size = pages * int(_one(cur, "PRAGMA page_size") or 0)
+        page_size = int(_one(cur, "PRAGMA page_size") or 0)
+        self._check_free(limit, max(0, pages - pages_before) * page_size)
+        size = pages * page_size
+        if limit.max_bytes is None:
+            return
         if pages > pages_before and size > limit.max_bytes:
             raise OutboxFullError(
                 f"outbox full: staging this page would grow {self.path.name} to {size} bytes "
@@ -1607,6 +1631,20 @@ class Store:
                 "evicted: let `outbox send` deliver, `outbox prune` remove acknowledged rows, "
                 "or raise the limit"
             )
+
+    def _check_free(self, limit: SizeLimit, growth: int) -> None:
+        """Refuse a page that writes rows while the disk has (or would have, after the
+        file grows by ``growth`` bytes) less than ``min_free_bytes`` free."""
+        floor = limit.min_free_bytes
+        free = disk_free_bytes(self.path) if floor else None
+        if floor is None or free is None or free - growth >= floor:
+            return
+        raise OutboxFullError(
+            f"disk space low: {free} bytes free on the file system of {self.path} and this "
+            f"page needs about {growth} more (housekeeping.min_free_bytes = {floor}); nothing "
+            "was staged and nothing evicted: free space on that disk, let `outbox send` "
+            "deliver and `outbox prune` remove acknowledged rows, or lower the floor"
+        )
 
     # -- gaps ----------------------------------------------------------------------
 

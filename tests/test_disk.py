@@ -8,6 +8,7 @@ file has nearly filled gives the worker real ENOSPC/SQLITE_FULL in a subprocess.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,10 +22,12 @@ from pathlib import Path
 
 import pytest
 from durability import T0, integrity, outbox, outbox_env, route_rows, tables, write_replay
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, event
 from typer.testing import CliRunner
 
 from outbox.cli import app
+from outbox.config import load_config
 from outbox.testing import sample_dir
 from outbox.testing.receiver_proc import receiver_batches, receiver_rows, running_receiver
 
@@ -237,3 +240,82 @@ def test_send_on_a_full_tmpfs(small_disk: Path, tmp_path: Path) -> None:
     with sqlite3.connect(db) as con:
         states = dict(con.execute("SELECT state, count(*) FROM observations GROUP BY state"))
     assert states == {"acked": 2376} and len(held) == 2376
+
+
+# -- the free-space floor (housekeeping.min_free_bytes) -------------------------------------
+
+GiB = 2**30
+
+
+def test_fetch_refuses_to_stage_under_the_free_space_floor(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    env = {**outbox_env(db), "OUTBOX__EIA__REPLAY_READ_AHEAD": "thread"}
+    assert load_config(None).housekeeping.min_free_bytes == 256 * 2**20
+    staged = runner.invoke(app, ["fetch", "--replay", str(sample_dir())], env=env)
+    assert staged.exit_code == 0, staged.output  # under the default floor: stages
+    before = tables(db)
+    later = write_replay(tmp_path / "later", route_rows(24, start=T0 + timedelta(days=90)))
+    free = shutil.disk_usage(tmp_path).free
+    floor = free + 1024 * GiB
+
+    result = runner.invoke(
+        app,
+        ["fetch", "--replay", str(later)],
+        env={**env, "OUTBOX__HOUSEKEEPING__MIN_FREE_BYTES": str(floor)},
+    )
+
+    assert result.exit_code == 4, result.output
+    (line,) = said(result.stderr)
+    shown = re.fullmatch(
+        rf"error: disk space low: (\d+) bytes free on the file system of {re.escape(str(db))}"
+        rf" and this page needs about \d+ more \(housekeeping\.min_free_bytes = {floor}\);"
+        r" nothing was staged and nothing evicted: .*",
+        line,
+    )
+    assert shown, line
+    assert abs(int(shown.group(1)) - free) < GiB  # the real figure, moments apart
+    assert "Traceback" not in result.output
+    assert tables(db) == before  # nothing staged: the outbox is as it was
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT status FROM runs WHERE id = 2").fetchone() == ("failed",)
+
+    normal = runner.invoke(
+        app,
+        ["fetch", "--replay", str(later)],
+        env={**env, "OUTBOX__HOUSEKEEPING__MIN_FREE_BYTES": str(2**20)},
+    )
+    assert normal.exit_code == 0, normal.output
+    assert len(tables(db)["observations"]) > len(before["observations"])
+
+
+def test_status_shows_free_disk_space_and_warns_under_the_floor(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    env = {**outbox_env(db), "OUTBOX__EIA__REPLAY_READ_AHEAD": "thread", "COLUMNS": "200"}
+    assert runner.invoke(app, ["fetch", "--replay", str(sample_dir())], env=env).exit_code == 0
+    free = shutil.disk_usage(tmp_path).free
+
+    data = json.loads(runner.invoke(app, ["status", "--json"], env=env).stdout)
+    assert abs(data["disk_free_bytes"] - free) < GiB
+    assert "disk space low" not in data["check"]["summary"]
+    metrics = tmp_path / "outbox.prom"
+    assert runner.invoke(app, ["status", "--metrics", str(metrics)], env=env).exit_code == 0
+    (sample,) = [
+        s
+        for family in text_string_to_metric_families(metrics.read_text())
+        for s in family.samples
+        if s.name == "outbox_disk_free_bytes"
+    ]
+    assert abs(sample.value - free) < GiB
+    table = runner.invoke(app, ["status"], env=env).stdout
+    assert re.search(r"^database: .*; \d+\.\d [MGT]B free\)$", table, re.M), table
+
+    low = {**env, "OUTBOX__HOUSEKEEPING__MIN_FREE_BYTES": str(free + 1024 * GiB)}
+    check = runner.invoke(app, ["status", "--check"], env=low)
+    assert check.exit_code >= 1  # at least a warning (the sample's data is old: stale too)
+    assert re.search(
+        r"; disk space low: \d+\.\d [MGT]B free \(housekeeping\.min_free_bytes \d+\.\d TB:"
+        r" fetch stages nothing below it\)",
+        check.stdout,
+    ), check.stdout
+    off = {**env, "OUTBOX__HOUSEKEEPING__MIN_FREE_BYTES": "0"}
+    assert "disk space low" not in runner.invoke(app, ["status", "--check"], env=off).stdout
