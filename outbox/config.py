@@ -217,12 +217,20 @@ class AlertsConfig(_Model):
         return self.model_copy(update={"urls": AlertsConfig._shape(merged), "urls_file": None})
 
 
+# 256 MiB: room for what follows a staged page on the same file system - the WAL up to
+# its checkpoint interval (10,000 pages, 40 MB), the checkpoint itself, a send's
+# acknowledgements and journald - so that a fetch stops (exit 4) before the disk is full.
+DEFAULT_MIN_FREE_BYTES = 256 * 1024 * 1024
+
+
 class HousekeepingConfig(_Model):
     """Retention of acknowledged rows and the outbox size ceiling."""
 
     retention_days: float = Field(90.0, gt=0)
     max_rows: int | None = Field(None, ge=1)
     max_bytes: int | None = Field(None, ge=1)
+    min_free_bytes: int = Field(DEFAULT_MIN_FREE_BYTES, ge=0)
+    """Free space fetch leaves on the outbox's file system (0: no floor)."""
 
 
 class Config(_Model):

@@ -1,7 +1,8 @@
 """``outbox doctor``: check the installation, one line per check, OK / FAIL / SKIP.
 
 Checks in order: the configuration (shown redacted), the database (``PRAGMA
-quick_check``), its schema version against the code's head, the fetch/send locks,
+quick_check``), its schema version against the code's head, the fetch/send locks, the
+free space on the outbox's file system against ``housekeeping.min_free_bytes``,
 GridPulse (``POST /api/v1/auth/worker``: reachability and credentials), the clock against
 GridPulse's ``server_time``, EIA (one request for one row: reachability and key), and
 the configured balancing authorities against EIA's list of respondents (an unknown code
@@ -38,7 +39,14 @@ from outbox.errors import (
     StoreError,
 )
 from outbox.redact import redact
-from outbox.store import Store, lock_file, lock_holder, readonly_reason, write_problem
+from outbox.store import (
+    Store,
+    disk_free_bytes,
+    lock_file,
+    lock_holder,
+    readonly_reason,
+    write_problem,
+)
 from outbox.timeutil import floor_hour, parse_ts, utcnow
 
 OK, FAIL, SKIP, WARN = "OK", "FAIL", "SKIP", "WARN"
@@ -67,7 +75,7 @@ class Finding:
 
 # Builds the HTTP client for one service, given that service's ``verify_tls``.
 HttpFactory = Callable[[bool], httpx.Client]
-CHECKS = ("config", "database", "schema", "locks", "gridpulse", "clock", "eia", "eia codes")
+CHECKS = ("config", "database", "schema", "locks", "disk", "gridpulse", "clock", "eia", "eia codes")
 
 
 def run(
@@ -85,6 +93,7 @@ def run(
         return found + [Finding(name, SKIP, "needs a valid config") for name in CHECKS[1:]]
     findings = [check_config(config, config_path)]
     findings.extend(check_database(config, reset=reset, now=now))
+    findings.append(check_disk(config))
     with http(config.gridpulse.verify_tls) as client:
         findings.extend(check_gridpulse(config, client, now=now))
     with http(config.eia.verify_tls) as client:
@@ -217,6 +226,26 @@ def check_locks(path: Path) -> Finding:
         pid = lock_holder(lock_file(path, stage))
         states.append(f"{stage} {'idle' if pid is None else f'running (pid {pid})'}")
     return Finding("locks", OK, ", ".join(states))
+
+
+def check_disk(config: Config) -> Finding:
+    """Free space on the file system of the outbox, against ``housekeeping.min_free_bytes``."""
+    from outbox.status import size_text
+
+    path = Path(config.database)
+    free = disk_free_bytes(path)
+    if free is None:
+        return Finding("disk", SKIP, f"directory {path.absolute().parent} does not exist")
+    floor = config.housekeeping.min_free_bytes
+    limit = f"floor {size_text(floor)}" if floor else "no floor"
+    detail = f"{size_text(free)} free ({free} bytes) on the file system of {path}; {limit}"
+    if floor and free < floor:
+        hint = (
+            "free space on that disk or lower housekeeping.min_free_bytes: "
+            "fetch stages nothing below the floor (exit 4)"
+        )
+        return Finding("disk", FAIL, detail, hint)
+    return Finding("disk", OK, detail)
 
 
 def _reset(path: Path, problem: str, locks: Finding, when: datetime) -> list[Finding]:

@@ -17,6 +17,7 @@ Tree::
     +-- UsageError (Terminal)         exit 2  bad command-line input
     +-- OutboxFullError (Terminal)    exit 4  max outbox size reached; nothing evicted
     +-- StoreError (Terminal)                 unreadable or inconsistent outbox
+    |   +-- DiskFullError                     SQLITE_FULL or ENOSPC while writing it
     +-- SourceError                           EIA v2 / replay source
     |   +-- SourceTransientError (Transient)  timeouts, 5xx, 429, truncated body
     |   +-- SourceFatalError (Terminal)       bad key, bad route/facet, bad shape
@@ -75,6 +76,18 @@ class OutboxFullError(TerminalError):
 
 class StoreError(TerminalError):
     """The outbox database cannot be used as it is."""
+
+
+class DiskFullError(StoreError):
+    """The file system of the outbox is full (SQLite's SQLITE_FULL, or ENOSPC).
+
+    The transaction that was writing rolled back, so nothing is half-written and every
+    row keeps its state; the run fails (exit 1) and the next one, with space, goes on.
+    """
+
+    def __init__(self, path: object) -> None:
+        super().__init__(f"disk full writing {path}: nothing lost, rerun when there is space")
+        self.path = path
 
 
 class SourceError(OutboxError):

@@ -18,9 +18,10 @@ always). A file created before that has no incremental mode: new rows reuse its 
 pages, and ``outbox prune`` rebuilds it with ``VACUUM`` when nothing is pending (which
 also switches it to incremental).
 
-:func:`guard_size` arms ``housekeeping.max_rows`` / ``max_bytes`` for a fetch: the store
-then refuses, with :class:`~outbox.errors.OutboxFullError` (exit 4), a page that would
-pass either ceiling, before anything of it is committed.
+:func:`guard_size` arms ``housekeeping.max_rows`` / ``max_bytes`` and the free-space floor
+``housekeeping.min_free_bytes`` for a fetch: the store then refuses, with
+:class:`~outbox.errors.OutboxFullError` (exit 4), a page that would pass either ceiling or
+leave less free space on the disk than the floor, before anything of it is committed.
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def _reclaim(store: Store, stats: FileStats, *, full: bool) -> str:
 
 
 def guard_size(config: Config, store: Store) -> SizeLimit | None:
-    """Arm the configured outbox ceiling on ``store`` (counts the rows once if needed)."""
+    """Arm the configured outbox ceiling and free-space floor on ``store`` (counts the
+    rows once if needed)."""
     hk = config.housekeeping
-    return store.limit_size(hk.max_rows, hk.max_bytes)
+    return store.limit_size(hk.max_rows, hk.max_bytes, hk.min_free_bytes or None)

@@ -511,21 +511,27 @@ class Fetcher:
         self._writing.set(staged.written > 0)
         for u in updates:
             self.marks[u.stream] = u.last_ts
-        self.result.pages += 1
-        self.result.rows += norm.count
-        self.result.written += staged.written
-        self.result.duplicates += norm.duplicates
-        self.result.invalid.update(norm.invalid)
-        self.result.unconfigured.update(norm.unconfigured)
-        log.debug(
-            "page staged route=%s page=%d rows=%d written=%d invalid=%d duplicates=%d",
-            page.route,
-            page.page_no,
-            norm.count,
-            staged.written,
-            _invalid(norm.invalid),
-            norm.duplicates,
-        )
+
+        def count() -> None:
+            self.result.pages += 1
+            self.result.rows += norm.count
+            self.result.written += staged.written
+            self.result.duplicates += norm.duplicates
+            self.result.invalid.update(norm.invalid)
+            self.result.unconfigured.update(norm.unconfigured)
+            log.debug(
+                "page staged route=%s page=%d rows=%d written=%d invalid=%d duplicates=%d",
+                page.route,
+                page.page_no,
+                norm.count,
+                staged.written,
+                _invalid(norm.invalid),
+                norm.duplicates,
+            )
+
+        # A replay's pages share a transaction: they count once it commits, so a run that
+        # fails (a full disk rolls the whole transaction back) never claims their rows.
+        self.store.on_commit(count)
 
 
 def _invalid(counts: dict[str, int]) -> int:

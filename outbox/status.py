@@ -26,7 +26,7 @@ from outbox import __version__
 from outbox.config import DATASET_NAMES, Config
 from outbox.errors import StoreError
 from outbox.redact import redact
-from outbox.store import RunRecord, RunSummary, SeriesState, Store
+from outbox.store import RUN_SECONDS, RunRecord, RunSummary, SeriesState, Store, disk_free_bytes
 from outbox.timeutil import parse_ts, to_ts, utcnow
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class Status:
     generated_at: str
     database: str
     database_bytes: int
+    disk_free_bytes: int | None
     outbox_schema: str | None
     schema_head: str
     totals: dict[str, int]
@@ -178,6 +179,7 @@ def collect(
         generated_at=to_ts(now),
         database=str(store.path),
         database_bytes=_size(store.path),
+        disk_free_bytes=disk_free_bytes(store.path),
         outbox_schema=store.schema_version(),
         schema_head=head_revision(),
         totals={
@@ -346,15 +348,20 @@ def run_dict(run: RunRecord | None) -> dict[str, Any] | None:
     if run is None:
         return None
     out = asdict(run)
+    out["counts"] = {k: v for k, v in run.counts.items() if k != RUN_SECONDS}
     out["seconds"] = run_seconds(run)
     out["error"] = redact(run.error) if run.error else None
     return out
 
 
 def run_seconds(run: RunRecord) -> float | None:
-    """How long a finished run took (None while it runs)."""
+    """How long a finished run took (None while it runs): as measured by the run
+    (``counts.seconds``), else from its whole-second timestamps."""
     if not run.finished_at:
         return None
+    measured = run.counts.get(RUN_SECONDS)
+    if isinstance(measured, int | float) and not isinstance(measured, bool):
+        return round(float(measured), 3)
     return round((parse_ts(run.finished_at) - parse_ts(run.started_at)).total_seconds(), 3)
 
 
@@ -434,6 +441,15 @@ def evaluate(config: Config, status: Status) -> tuple[int, str]:
                     f"{stage} failed {n} runs in a row ({_at(crit, limit)})",
                 )
             )
+    floor, free = config.housekeeping.min_free_bytes, status.disk_free_bytes
+    if floor and free is not None and free < floor:
+        problems.append(
+            (
+                WARNING,
+                f"disk space low: {size_text(free)} free (housekeeping.min_free_bytes "
+                f"{size_text(floor)}: fetch stages nothing below it)",
+            )
+        )
     problems.extend((WARNING, w) for w in status.warnings)
     if not problems:
         t = status.totals
@@ -551,6 +567,7 @@ _METRICS: dict[str, str] = {
     "outbox_status_timestamp_seconds": "When this status was collected.",
     "outbox_check_status": "Verdict of `outbox status --check`: 0 OK, 1 WARNING, 2 CRITICAL.",
     "outbox_database_bytes": "Size of the outbox database file plus its WAL.",
+    "outbox_disk_free_bytes": "Free bytes on the file system that holds the outbox.",
     "outbox_series": "Series in the outbox.",
     "outbox_pending_rows": "Rows waiting to be delivered.",
     "outbox_dead_rows": "Rows GridPulse rejected permanently (dead letters).",
@@ -626,6 +643,8 @@ def _add_global(samples: dict[str, list[Sample]], status: Status) -> None:
     if status.check is not None:
         samples["outbox_check_status"].append(({}, status.check.code))
     samples["outbox_database_bytes"].append(({}, status.database_bytes))
+    if status.disk_free_bytes is not None:
+        samples["outbox_disk_free_bytes"].append(({}, status.disk_free_bytes))
     samples["outbox_series"].append(({}, status.totals.get("series", 0)))
     samples["outbox_pending_rows"].append(({}, status.totals.get("pending", 0)))
     samples["outbox_dead_rows"].append(({}, status.totals.get("dead", 0)))
@@ -830,10 +849,11 @@ def _summary_lines(status: Status, now: datetime) -> list[Any]:
         lines.append(_run_line(status, stage, now))
     schema = status.outbox_schema or "none"
     head = "" if schema == status.schema_head else f", head {status.schema_head}"
+    free = "" if status.disk_free_bytes is None else f"; {size_text(status.disk_free_bytes)} free"
     lines.append(
         Text(
             f"database: {status.database} ({_megabytes(status.database_bytes)}, "
-            f"schema {schema}{head})"
+            f"schema {schema}{head}{free})"
         )
     )
     lines.extend(Text(f"warning: {w}", style="yellow") for w in status.warnings)
@@ -888,9 +908,9 @@ def counts_text(stage: str, counts: dict[str, Any]) -> str:
 
 
 def duration_text(seconds: float) -> str:
-    """``0.4s``, ``12.3s``, ``5m 02s``."""
+    """``0.40s``, ``2.39s``, ``12.30s``, ``5m 02s``."""
     if seconds < 60:
-        return f"{seconds:.1f}s"
+        return f"{seconds:.2f}s"
     minutes, rest = divmod(round(seconds), 60)
     return f"{minutes}m {rest:02d}s"
 
@@ -956,6 +976,14 @@ def compact_ts(ts: str | None, now: datetime | None = None) -> str:
     if now is not None and when.year != now.year:
         return when.strftime("%Y-%m-%d %H:%M")
     return when.strftime("%m-%d %H:%M")
+
+
+def size_text(size: float) -> str:
+    """``84 kB``, ``412.3 MB``, ``75.3 GB`` (decimal units, as ``df -H``)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size / 1e3:.0f} kB"
 
 
 def _megabytes(size: int) -> str:

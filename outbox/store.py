@@ -24,14 +24,17 @@ connection, inside the transaction SQLAlchemy began.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
 import os
+import shutil
 import sqlite3
 import threading
+import time
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
@@ -60,11 +63,12 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.pool import QueuePool
 
 from outbox.crash import crashpoint
-from outbox.errors import OutboxFullError, StoreError
+from outbox.errors import DiskFullError, OutboxFullError, StoreError
 from outbox.redact import redact
 from outbox.timeutil import now_ts, parse_ts
 
 BUSY_TIMEOUT_MS = 60_000
+SQLITE_FULL = 13  # "database or disk is full": no space for the file, or max_page_count
 # WAL pages between checkpoints (SQLite's default is 1,000, 4 MB). Consecutive batches of
 # acks, and of staged pages, rewrite mostly the same B-tree leaves (a few hours of every
 # series); a checkpoint copies each page once however often it was rewritten since the
@@ -415,6 +419,8 @@ WHERE NOT EXISTS (SELECT 1 FROM observations o
 """
 _PRUNE_ACKED = "DELETE FROM observations WHERE series_id = ? AND ts < ? AND state = 'acked'"
 AUTO_VACUUM_MODES = {0: "none", 1: "full", 2: "incremental"}
+# The key of ``runs.counts`` that holds a run's measured duration in seconds.
+RUN_SECONDS = "seconds"
 
 ROW_COLUMNS = ("series_id", "ts", "value", "units", "quality_flag", "revision", "page_row")
 SERIES_COLUMNS = ("series_id", "ba", "type", "subtype", "units", "route", "facets")
@@ -611,6 +617,8 @@ class SizeLimit:
     max_rows: int | None = None
     max_bytes: int | None = None
     rows: int = 0
+    min_free_bytes: int | None = None
+    """Free bytes a page must leave on the file system of the outbox (the floor)."""
 
 
 @dataclass(frozen=True)
@@ -641,12 +649,19 @@ class WriteGroup:
     at once writes them once (see docs/performance.md).
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, path: Path | None = None) -> None:
         self.engine = engine
+        self.path = path
         self.thread = threading.get_ident()
         self._conn: Connection | None = None
         self._open = False
         self._broken = False
+        self._on_commit: list[Callable[[], None]] = []
+
+    def on_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the blocks written so far are committed; never if they
+        roll back (so a count of staged rows counts only rows that stayed)."""
+        self._on_commit.append(action)
 
     @contextmanager
     def savepoint(self) -> Iterator[Connection]:
@@ -680,11 +695,16 @@ class WriteGroup:
 
     def commit(self) -> None:
         """Commit every write block so far (nothing to do when there is none)."""
+        actions, self._on_commit = self._on_commit, []
         if self._open and self._conn is not None:
             self._open = False
-            self._conn.commit()
+            with disk_full_as_error(self.path or "the outbox"):
+                self._conn.commit()
+        for action in actions:
+            action()
 
     def _rollback(self) -> None:
+        self._on_commit = []
         if self._open and self._conn is not None:
             self._open = False
             with suppress(DatabaseError, sqlite3.Error):
@@ -701,6 +721,15 @@ class WriteGroup:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+def disk_free_bytes(path: str | os.PathLike[str]) -> int | None:
+    """Bytes free (to this user) on the file system that holds the file ``path``, or
+    None when its directory cannot be asked (it does not exist)."""
+    try:
+        return shutil.disk_usage(Path(path).absolute().parent).free
+    except OSError:
+        return None
 
 
 def sqlite_url(path: str | os.PathLike[str]) -> str:
@@ -782,15 +811,17 @@ def file_lock(path: str | os.PathLike[str], *, blocking: bool) -> Iterator[bool]
 
     The kernel drops the lock when the process dies, so SIGKILL leaves no stale lock.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with disk_full_as_error(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        with disk_full_as_error(path):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         yield True
     finally:
         os.close(fd)
@@ -918,6 +949,8 @@ class Store:
         self.engine = engine
         self.size_limit: SizeLimit | None = None
         self._group: WriteGroup | None = None
+        # Monotonic start of each run this process started and is timing (see start_run).
+        self._run_clocks: dict[int, float] = {}
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -933,12 +966,13 @@ class Store:
         engine = make_engine(path)
         store = cls(path, engine)
         try:
-            if migrate:
-                from outbox.migrate import ensure_schema
+            with disk_full_as_error(path):
+                if migrate:
+                    from outbox.migrate import ensure_schema
 
-                ensure_schema(store)
-            else:
-                store.schema_version()
+                    ensure_schema(store)
+                else:
+                    store.schema_version()
         except (DatabaseError, sqlite3.DatabaseError) as exc:
             engine.dispose()
             raise StoreError(f"{path}: not a usable outbox database: {_short(exc)}") from None
@@ -987,15 +1021,26 @@ class Store:
         the group's transaction instead: released on success, rolled back on error, and
         committed with the group.
         """
+        with disk_full_as_error(self.path):
+            group = self._group
+            if group is not None and group.thread == threading.get_ident():
+                with group.savepoint() as conn:
+                    yield conn
+                return
+            with self.engine.connect() as conn:
+                conn.execution_options(outbox_write=True)
+                with conn.begin():
+                    yield conn
+
+    def on_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once what this thread wrote is committed: at once outside a
+        :meth:`write_group` (every :meth:`write` commits), else when the group commits,
+        and never for blocks that roll back."""
         group = self._group
         if group is not None and group.thread == threading.get_ident():
-            with group.savepoint() as conn:
-                yield conn
-            return
-        with self.engine.connect() as conn:
-            conn.execution_options(outbox_write=True)
-            with conn.begin():
-                yield conn
+            group.on_commit(action)
+        else:
+            action()
 
     @contextmanager
     def write_group(self) -> Iterator[WriteGroup]:
@@ -1009,13 +1054,14 @@ class Store:
         """
         if self._group is not None:
             raise StoreError("write groups do not nest")
-        group = WriteGroup(self.engine)
+        group = WriteGroup(self.engine, self.path)
         self._group = group
         try:
             yield group
         finally:
             self._group = None
-            group.close()
+            with disk_full_as_error(self.path):
+                group.close()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -1069,7 +1115,11 @@ class Store:
         with self.write() as conn:
             cur = self.cursor(conn)
             growth = self._check_rows(cur, limit, rows) if limit is not None else None
-            pages_before = _one(cur, "PRAGMA page_count") if limit and limit.max_bytes else 0
+            pages_before = (
+                _one(cur, "PRAGMA page_count")
+                if limit and (limit.max_bytes or limit.min_free_bytes)
+                else 0
+            )
             page_id = None
             if page is not None:
                 page_id = cur.execute("SELECT coalesce(max(id), 0) + 1 FROM pages").fetchone()[0]
@@ -1480,14 +1530,22 @@ class Store:
     # -- runs ----------------------------------------------------------------------
 
     def start_run(self, stage: str, now: str | None = None) -> int:
-        """Record the start of a run; returns its id."""
+        """Record the start of a run; returns its id.
+
+        Without ``now`` the run is timed on the monotonic clock from here to
+        :meth:`finish_run`, which stores the measured duration as ``counts.seconds``:
+        ``started_at``/``finished_at`` keep whole seconds (the format every reader knows).
+        """
         with self.write() as conn:
             result = conn.exec_driver_sql(
                 "INSERT INTO runs (stage, started_at, status, counts, pid)"
                 " VALUES (?, ?, 'running', '{}', ?)",
                 (stage, now or now_ts(), os.getpid()),
             )
-            return int(result.lastrowid or 0)
+            run_id = int(result.lastrowid or 0)
+        if now is None:
+            self._run_clocks[run_id] = time.monotonic()
+        return run_id
 
     def finish_run(
         self,
@@ -1497,14 +1555,22 @@ class Store:
         error: str | None = None,
         now: str | None = None,
     ) -> None:
-        """Record a run's outcome (error text is redacted)."""
+        """Record a run's outcome (error text is redacted).
+
+        A run :meth:`start_run` timed gets its measured duration as ``counts.seconds``
+        (unless ``now`` is given: then the timestamps alone say how long it took).
+        """
+        counts = dict(counts)
+        started = self._run_clocks.pop(run_id, None)
+        if started is not None and now is None:
+            counts[RUN_SECONDS] = round(time.monotonic() - started, 3)
         with self.write() as conn:
             conn.exec_driver_sql(
                 "UPDATE runs SET finished_at = ?, status = ?, counts = ?, error = ? WHERE id = ?",
                 (
                     now or now_ts(),
                     status,
-                    json.dumps(dict(counts), sort_keys=True, default=str),
+                    json.dumps(counts, sort_keys=True, default=str),
                     redact(error) if error else None,
                     run_id,
                 ),
@@ -1612,16 +1678,19 @@ class Store:
 
     # -- size limit (housekeeping.max_rows / max_bytes) ----------------------------
 
-    def limit_size(self, max_rows: int | None, max_bytes: int | None) -> SizeLimit | None:
-        """Make :meth:`stage` refuse, with OutboxFullError, a page that would pass a ceiling.
+    def limit_size(
+        self, max_rows: int | None, max_bytes: int | None, min_free_bytes: int | None = None
+    ) -> SizeLimit | None:
+        """Make :meth:`stage` refuse, with OutboxFullError, a page that would pass a ceiling
+        or leave less than ``min_free_bytes`` free on the outbox's file system.
 
         Rows are counted once here (only when ``max_rows`` is set); no limit clears it.
         """
-        if max_rows is None and max_bytes is None:
+        if max_rows is None and max_bytes is None and not min_free_bytes:
             self.size_limit = None
         else:
             rows = self.count_rows() if max_rows is not None else 0
-            self.size_limit = SizeLimit(max_rows, max_bytes, rows)
+            self.size_limit = SizeLimit(max_rows, max_bytes, rows, min_free_bytes or None)
         return self.size_limit
 
     def count_rows(self) -> int:
@@ -1648,11 +1717,16 @@ class Store:
         return new
 
     def _check_bytes(self, cur: sqlite3.Cursor, limit: SizeLimit, pages_before: int) -> None:
-        """Refuse a page that grew the file past ``max_bytes`` (its transaction rolls back)."""
-        if limit.max_bytes is None:
+        """Refuse a page that grew the file past ``max_bytes``, or that leaves less than
+        ``min_free_bytes`` free on the disk (its transaction rolls back)."""
+        if limit.max_bytes is None and limit.min_free_bytes is None:
             return
         pages = int(_one(cur, "PRAGMA page_count") or 0)
-        size = pages * int(_one(cur, "PRAGMA page_size") or 0)
+        page_size = int(_one(cur, "PRAGMA page_size") or 0)
+        self._check_free(limit, max(0, pages - pages_before) * page_size)
+        size = pages * page_size
+        if limit.max_bytes is None:
+            return
         if pages > pages_before and size > limit.max_bytes:
             raise OutboxFullError(
                 f"outbox full: staging this page would grow {self.path.name} to {size} bytes "
@@ -1660,6 +1734,20 @@ class Store:
                 "evicted: let `outbox send` deliver, `outbox prune` remove acknowledged rows, "
                 "or raise the limit"
             )
+
+    def _check_free(self, limit: SizeLimit, growth: int) -> None:
+        """Refuse a page that writes rows while the disk has (or would have, after the
+        file grows by ``growth`` bytes) less than ``min_free_bytes`` free."""
+        floor = limit.min_free_bytes
+        free = disk_free_bytes(self.path) if floor else None
+        if floor is None or free is None or free - growth >= floor:
+            return
+        raise OutboxFullError(
+            f"disk space low: {free} bytes free on the file system of {self.path} and this "
+            f"page needs about {growth} more (housekeeping.min_free_bytes = {floor}); nothing "
+            "was staged and nothing evicted: free space on that disk, let `outbox send` "
+            "deliver and `outbox prune` remove acknowledged rows, or lower the floor"
+        )
 
     # -- gaps ----------------------------------------------------------------------
 
@@ -1810,7 +1898,7 @@ class Store:
     @contextmanager
     def _write_unchecked(self) -> Iterator[Connection]:
         """A write transaction with foreign-key enforcement off (restored afterwards)."""
-        with self.engine.connect() as conn:
+        with disk_full_as_error(self.path), self.engine.connect() as conn:
             raw = conn.connection.driver_connection
             raw.execute("PRAGMA foreign_keys = OFF")  # type: ignore[union-attr]
             try:
@@ -1838,7 +1926,7 @@ class Store:
         """
         # Run to completion by sqlite3_exec (executescript, its own transaction): a
         # cursor's execute steps the pragma once, and each step frees a single page.
-        with self.engine.connect() as conn:
+        with disk_full_as_error(self.path), self.engine.connect() as conn:
             raw = conn.connection.driver_connection
             raw.executescript(f"PRAGMA incremental_vacuum({int(pages)});")  # type: ignore[union-attr]
 
@@ -1848,14 +1936,14 @@ class Store:
         Holds the write lock for the whole rebuild and needs free disk space about the
         size of the file.
         """
-        with self.engine.connect() as conn:
+        with disk_full_as_error(self.path), self.engine.connect() as conn:
             conn.connection.driver_connection.execute("VACUUM")  # type: ignore[union-attr]
 
     def checkpoint(self, mode: str = "TRUNCATE") -> None:
         """Copy the WAL into the main file (``TRUNCATE`` also empties the -wal file)."""
         if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
             raise ValueError(f"unknown checkpoint mode {mode!r}")
-        with self.engine.connect() as conn:
+        with disk_full_as_error(self.path), self.engine.connect() as conn:
             raw = conn.connection.driver_connection
             raw.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()  # type: ignore[union-attr]
 
@@ -1981,6 +2069,29 @@ def _insert_page(
 def _one(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> Any:
     row = cur.execute(sql, params).fetchone()
     return row[0] if row else None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (sqlite3's, SQLAlchemy's wrapper of it, or an OSError) says the
+    file system has no room: SQLITE_FULL ("database or disk is full") or ENOSPC."""
+    orig = getattr(exc, "orig", None) or exc
+    if isinstance(orig, OSError):
+        return orig.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(orig, sqlite3.Error):
+        code = getattr(orig, "sqlite_errorcode", None)
+        return code == SQLITE_FULL or "database or disk is full" in str(orig)
+    return False
+
+
+@contextmanager
+def disk_full_as_error(path: object) -> Iterator[None]:
+    """Turn a disk-full error raised inside the block into :class:`DiskFullError`."""
+    try:
+        yield
+    except (DatabaseError, sqlite3.Error, OSError) as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(path) from None
+        raise
 
 
 def _short(exc: BaseException) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import httpx
@@ -40,6 +41,7 @@ OK_LINES = {
     "database": "OK    database  outbox.db: quick_check ok (<size>)",
     "schema": "OK    schema    0004 (head)",
     "locks": "OK    locks     fetch idle, send idle",
+    "disk": "OK    disk      <free> on the file system of outbox.db; floor 268.4 MB",
     "gridpulse": "OK    gridpulse https://gp.test: credentials accepted (worker gridpulse-outbox)",
     "clock": "OK    clock     +0.0s against GridPulse",
     "eia": "OK    eia       https://eia.test/v2: key accepted; 48 demand rows for PJM "
@@ -142,6 +144,7 @@ def routes(
 def doctor(*args: str) -> tuple[int, str]:
     result = runner.invoke(app, ["-c", "config.yaml", "doctor", *args])
     text = re.sub(r"quick_check ok \(\d+\.\d MB\)", "quick_check ok (<size>)", result.output)
+    text = re.sub(r"\d+(\.\d)? [kMGT]B free \(\d+ bytes\)", "<free>", text)
     return result.exit_code, text
 
 
@@ -226,6 +229,7 @@ def test_missing_keys_and_database(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         "upgrade`) creates it\n"
         "SKIP  schema    no database yet\n"
         "OK    locks     fetch idle, send idle\n"
+        "OK    disk      <free> on the file system of outbox.db; floor 268.4 MB\n"
         "FAIL  gridpulse gridpulse.api_key is missing; hint: set GRIDPULSE_API_KEY or "
         "GRIDPULSE_API_KEY_FILE\n"
         "SKIP  clock     needs an answer from GridPulse\n"
@@ -248,6 +252,7 @@ def test_unreadable_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         "SKIP  database  needs a valid config\n"
         "SKIP  schema    needs a valid config\n"
         "SKIP  locks     needs a valid config\n"
+        "SKIP  disk      needs a valid config\n"
         "SKIP  gridpulse needs a valid config\n"
         "SKIP  clock     needs a valid config\n"
         "SKIP  eia       needs a valid config\n"
@@ -395,3 +400,30 @@ def test_code_check_against_the_stand_in_eia(tmp_path: Path) -> None:
     assert found.outcome == doctor_mod.WARN
     assert found.detail == "unknown to EIA: TYPO: PJN (closest: PJM PJM Interconnection, LLC)"
     assert asked == [f"/v2/electricity/rto/region-data/facet/respondent/?api_key={EIA_KEY}"]
+
+
+def test_disk_shows_the_free_bytes_and_fails_under_the_floor(workdir: Path) -> None:
+    free = shutil.disk_usage(workdir).free
+    result = runner.invoke(app, ["-c", "config.yaml", "doctor"])
+    (line,) = [x for x in result.output.splitlines() if x.startswith(("OK    disk", "FAIL  disk"))]
+    shown = re.fullmatch(
+        r"OK    disk      \d+\.\d [MGT]B free \((\d+) bytes\) on the file system of "
+        r"outbox\.db; floor 268\.4 MB",
+        line,
+    )
+    assert shown, line
+    assert abs(int(shown.group(1)) - free) < 2**30  # the same file system, moments apart
+
+    floor = free + 2**40
+    env = {"OUTBOX__HOUSEKEEPING__MIN_FREE_BYTES": str(floor)}
+    low = runner.invoke(app, ["-c", "config.yaml", "doctor"], env=env)
+    assert low.exit_code == 1
+    (line,) = [x for x in low.output.splitlines() if x.startswith("FAIL  disk")]
+    assert line.endswith(
+        "hint: free space on that disk or lower housekeeping.min_free_bytes: fetch stages "
+        "nothing below the floor (exit 4)"
+    )
+    off = runner.invoke(
+        app, ["-c", "config.yaml", "doctor"], env={"OUTBOX__HOUSEKEEPING__MIN_FREE_BYTES": "0"}
+    )
+    assert re.search(r"^OK    disk      .*; no floor$", off.output, re.M), off.output

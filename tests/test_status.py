@@ -125,10 +125,12 @@ def invoke(*args: str, columns: int = 80) -> Any:
 
 
 def normalize(text: str) -> str:
-    """Trailing blanks off; the file size and pids vary by SQLite build and process."""
+    """Trailing blanks off; the file size and pids vary by SQLite build and process, the
+    free disk space from one moment to the next."""
     text = "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
     text = re.sub(r"\(\d+(\.\d)? [kM]B,", "(<size>,", text)
-    return re.sub(r'"(database_bytes|pid)": \d+', r'"\1": 0', text)
+    text = re.sub(r"; \d+(\.\d)? [kMGT]B free\)", "; <free> free)", text)
+    return re.sub(r'"(database_bytes|disk_free_bytes|pid)": \d+', r'"\1": 0', text)
 
 
 def golden(name: str, actual: str) -> None:
@@ -751,9 +753,9 @@ def test_runs_table_and_json(outbox_dir: Path) -> None:
     assert normalize(table.stdout) == (
         "run stage started       took status counts / error\n"
         "────────────────────────────────────────────────────────────────────────────────\n"
-        "  3 send  08-22 11:10  42.0s failed GridPulse unavailable: connection failed on\n"
+        "  3 send  08-22 11:10 42.00s failed GridPulse unavailable: connection failed on\n"
         "                                    https://gp.test/x?token=***\n"
-        "  2 send  08-22 10:10  42.0s failed GridPulse unavailable: connection failed on\n"
+        "  2 send  08-22 10:10 42.00s failed GridPulse unavailable: connection failed on\n"
         "                                    https://gp.test/x?token=***\n"
         "  1 fetch 08-22 10:04 1m 30s ok     invalid 2, pages 3, requests 3, rows 90,\n"
         "                                    written 90\n"
@@ -858,3 +860,34 @@ def test_a_configured_ba_eia_never_returned_a_row_for_is_a_warning(tmp_path: Pat
     table = runner.invoke(app, ["-c", str(cfg), "status"], env={"COLUMNS": "400"})
     assert table.exit_code == 0, table.output
     assert f"warning: {warning}" in table.output.splitlines()
+
+
+def test_run_durations_are_shown_as_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fetch that takes 2.39 s is shown as 2.39s by `runs` and status, not as the 2 s its
+    whole-second timestamps span."""
+    from outbox.pipeline import Fetcher
+    from outbox.testing import sample_dir
+
+    env = {"OUTBOX_DB": str(tmp_path / "outbox.db"), "OUTBOX__EIA__REPLAY_READ_AHEAD": "thread"}
+    stage_replay = Fetcher.stage_replay
+    with freeze_time(NOW) as frozen:
+
+        def slow(self: Fetcher, directory: Path) -> None:
+            stage_replay(self, directory)
+            frozen.tick(2.39)
+
+        monkeypatch.setattr(Fetcher, "stage_replay", slow)
+        fetched = runner.invoke(app, ["fetch", "--replay", str(sample_dir())], env=env)
+        assert fetched.exit_code == 0, fetched.output
+        shown = runner.invoke(app, ["runs"], env={**env, "COLUMNS": "120"})
+        data = json.loads(runner.invoke(app, ["status", "--json"], env=env).stdout)
+        table = runner.invoke(app, ["status"], env={**env, "COLUMNS": "120"})
+    assert shown.exit_code == 0, shown.output
+    assert re.search(r"^\s+1 fetch\s+08-22 12:00\s+2\.39s ok ", shown.stdout, re.M), shown.stdout
+    run = data["last_runs"]["fetch"]
+    assert (run["started_at"], run["finished_at"]) == ("2025-08-22T12:00:00Z", NOW[:-3] + "02Z")
+    assert run["seconds"] == 2.39
+    assert "seconds" not in run["counts"]  # the duration is `seconds`, not a count
+    assert "run 1 ok at 08-22 12:00, 2.39s" in table.stdout
