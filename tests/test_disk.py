@@ -191,7 +191,8 @@ def fill(disk: Path, leave: int) -> Path:
 
 def test_fetch_on_a_full_tmpfs(small_disk: Path, tmp_path: Path) -> None:
     db = small_disk / "outbox.db"
-    env = outbox_env(db, **ONE_PAGE_A_COMMIT)
+    # No free-space floor: this is what happens when the disk fills all the same.
+    env = outbox_env(db, **ONE_PAGE_A_COMMIT, OUTBOX__HOUSEKEEPING__MIN_FREE_BYTES="0")
     assert outbox("fetch", "--replay", str(sample_dir()), env=env).returncode == 0
     before = tables(db)
     rows = route_rows(72, start=T0 + timedelta(days=90))
@@ -220,7 +221,7 @@ def test_fetch_on_a_full_tmpfs(small_disk: Path, tmp_path: Path) -> None:
 def test_send_on_a_full_tmpfs(small_disk: Path, tmp_path: Path) -> None:
     db = small_disk / "outbox.db"
     with running_receiver(tmp_path) as receiver:
-        env = outbox_env(db, receiver=receiver)
+        env = outbox_env(db, receiver=receiver, OUTBOX__HOUSEKEEPING__MIN_FREE_BYTES="0")
         assert outbox("fetch", "--replay", str(sample_dir()), env=env).returncode == 0
         before = tables(db)
         filler = fill(small_disk, 64_000)

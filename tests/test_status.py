@@ -242,7 +242,7 @@ def test_times_outside_this_year_carry_the_year_and_the_hour(outbox_dir: Path) -
     assert (pending, dead) == (34, 1)
     assert out[totals] == f"totals: 8 series in {len(rows)} rows, 34 pending, 1 dead"
     runs = invoke("runs", columns=200).stdout
-    assert "  3 send  2025-08-22 11:10  42.0s failed" in runs
+    assert "  3 send  2025-08-22 11:10 42.00s failed" in runs
     assert status_mod.compact_ts("2025-12-31T23:00:00Z", parse_ts("2025-08-22T12:00:00Z")) == (
         "12-31 23:00"
     )
