@@ -20,7 +20,10 @@ import httpx
 import pytest
 from durability import outbox, outbox_env
 from factories import obs, page, series_row, ts
+from freezegun import freeze_time
+from typer.testing import CliRunner
 
+from outbox.cli import app
 from outbox.commands import with_lookback
 from outbox.config import Config
 from outbox.eia import ROUTE_FUEL, ROUTE_INTERCHANGE, ROUTE_REGION, EIAClient
@@ -305,7 +308,39 @@ def test_stage_writes_progress_with_the_rows_never_backwards_and_not_on_failure(
     assert store.row(sid, ts(1)) is None
 
 
-# -- the command ----------------------------------------------------------------------
+# -- what a user sees ------------------------------------------------------------------
+
+
+def test_status_shows_no_data_at_eia_through(
+    store: Store, db_path: Path, fake: FakeEIA, http: httpx.Client, tmp_path: Path
+) -> None:
+    cfg = config(fake.base_url or "")
+    fetch(store, cfg, http, fake, NOW)
+    (tmp_path / "c.yaml").write_text(
+        f"database: {db_path}\nbalancing_authorities: {json.dumps(BAS)}\n"
+    )
+    runner = CliRunner()
+    with freeze_time(NOW + timedelta(minutes=5)):
+        table = runner.invoke(
+            app, ["-c", str(tmp_path / "c.yaml"), "status"], env={"COLUMNS": "120"}
+        )
+        data = runner.invoke(app, ["-c", str(tmp_path / "c.yaml"), "status", "--json"])
+    assert table.exit_code == 0, table.output
+    lines = [line for line in table.stdout.splitlines() if "no data" in line]
+    assert lines == [
+        "no data at EIA through 08-22 12:00: demand_forecast CAISO, demand_forecast GENX",
+        "no data at EIA through 08-22 10:00: demand GENX",
+        "no data at EIA through 08-20 06:00: ba_interchange CAISO, ba_interchange GENX",
+    ]
+    assert data.exit_code == 0, data.output
+    missing = json.loads(data.stdout)["missing"]
+    assert {(m["dataset"], m["ba"]): m["asked_through"] for m in missing} == {
+        ("demand_forecast", "CAISO"): "2025-08-22T12:00:00Z",
+        ("demand_forecast", "GENX"): "2025-08-22T12:00:00Z",
+        ("demand", "GENX"): "2025-08-22T10:00:00Z",
+        ("ba_interchange", "CAISO"): "2025-08-20T06:00:00Z",
+        ("ba_interchange", "GENX"): "2025-08-20T06:00:00Z",
+    }
 
 
 def test_two_fetch_commands_the_second_one_request_per_route(tmp_path: Path) -> None:
@@ -335,4 +370,7 @@ def test_two_fetch_commands_the_second_one_request_per_route(tmp_path: Path) -> 
         assert second.returncode == 0, second.stderr
         assert Counter(request_of(r)[0] for r in fake.requests) == {r: 1 for r in ROUTES}
     assert second.stdout.startswith("fetch run 2: 3 requests, 3 pages,")
-    assert "Traceback" not in first.stderr + second.stderr
+    shown = outbox("status", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "no data at EIA through" in shown.stdout and "demand GENX" in shown.stdout
+    assert "Traceback" not in first.stderr + second.stderr + shown.stderr
