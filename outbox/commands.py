@@ -138,8 +138,8 @@ def fetch(
             with _http(e.timeout_seconds, e.connect_timeout_seconds, e.verify_tls) as http:
                 client = eia_client(config, http)
                 initial = None
-                if start is None and not store.watermarks():
-                    initial = gridpulse_starts(config, store)
+                if start is None and not store.watermarks() and not store.stream_progress():
+                    initial = gridpulse_starts(config, store)  # a new outbox
                 with _progress(start is not None) as progress:
                     result = run_fetch(
                         config,

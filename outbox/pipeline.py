@@ -39,6 +39,7 @@ from outbox.store import (
     Claimed,
     Key,
     PageRecord,
+    ProgressUpdate,
     RowBatch,
     Store,
     WatermarkUpdate,
@@ -197,17 +198,23 @@ def plan_incremental(
     marks: dict[str, str],
     now: datetime,
     initial: dict[str, datetime] | None = None,
+    progress: dict[str, str] | None = None,
 ) -> list[Window]:
-    """Windows for an incremental run: per stream from (watermark - look-back) to now."""
+    """Windows for an incremental run: per stream from (watermark - look-back) to now.
+
+    A stream EIA has been asked for and has answered completely past its watermark
+    (``progress``: ``stream_progress.asked_through``; a stream EIA has no rows for has
+    no watermark at all) starts from there minus the look-back instead.
+    """
     end_now = floor_hour(now)
     windows: list[Window] = []
     for route in ROUTE_DATASETS:
         starts: list[tuple[datetime, Stream]] = []
         for s in (s for s in streams if s.route == route):
             lookback = timedelta(hours=config.datasets[s.dataset].lookback_hours)
-            mark = marks.get(s.key)
-            if mark is not None:
-                start = parse_ts(mark) - lookback
+            known = _known_through(s.key, marks, progress or {})
+            if known is not None:
+                start = parse_ts(known) - lookback
             elif initial and s.key in initial:  # GridPulse's latest acts as the watermark
                 start = max(initial[s.key] - lookback, config.eia.history_start)
             else:
@@ -220,6 +227,22 @@ def plan_incremental(
             end = end_now + timedelta(hours=config.eia.forecast_horizon_hours)
         windows.extend(_group_windows(route, starts, end))
     return _chunk(windows, config.eia.backfill_chunk_hours)
+
+
+def _known_through(key: str, marks: dict[str, str], progress: dict[str, str]) -> str | None:
+    """The newer of a stream's watermark and how far EIA has answered it completely."""
+    return max((t for t in (marks.get(key), progress.get(key)) if t), default=None)
+
+
+def asked_cutoffs(config: Config, now: datetime) -> dict[str, str]:
+    """Per dataset, the newest hour EIA may be taken to have answered completely at
+    ``now``: the current hour minus the dataset's publication lag (rows for later hours
+    may still arrive, so no stream's progress is ever recorded past this)."""
+    current = floor_hour(now)
+    return {
+        name: to_ts(current - timedelta(hours=config.publication_lag(name)))
+        for name in DATASET_NAMES
+    }
 
 
 def _group_windows(
@@ -318,10 +341,12 @@ class Fetcher:
         self.run_id = run_id
         self.result = result
         self.marks = store.watermarks()
+        self.progress = store.stream_progress()
         self.ba_codes = config.eia_to_gridpulse
         self.configured = frozenset(config.balancing_authorities.values())
         self.now = now or utcnow()
         self.latest = latest_hours(config, self.now)
+        self.cutoffs = asked_cutoffs(config, self.now)
         # Whether the last staged page wrote rows (read by a forked read-ahead too).
         self._writing = SharedFlag(True)
 
@@ -330,7 +355,10 @@ class Fetcher:
     ) -> None:
         """Fetch every page of one window and stage each with its watermark advance.
 
-        ``advance=False`` (gap fills) stages the rows and never moves a watermark.
+        The window's last page also records, for each of its streams, that EIA answered
+        the window completely (:meth:`_asked`), in the same transaction.
+        ``advance=False`` (gap fills) stages the rows and never moves a watermark or the
+        stream progress.
         """
         req = window.request()
         self.result.note_asked(req, self.now)
@@ -349,7 +377,8 @@ class Fetcher:
             updates: list[WatermarkUpdate] = []
             if advance and cap != "":
                 updates = self._advances(window, seen, cap, backfill=backfill)
-            self._stage(page, norm, updates)
+            asked = self._asked(window, backfill=backfill) if advance and page.last else []
+            self._stage(page, norm, updates, progress=asked)
 
     def stage_replay(self, directory: Path) -> None:
         """Stage every saved EIA response under ``directory`` (the route from each body).
@@ -461,6 +490,30 @@ class Fetcher:
                 out.append(WatermarkUpdate(s.key, s.dataset, s.respondent, s.route, newest))
         return out
 
+    def _asked(self, window: Window, *, backfill: bool) -> list[ProgressUpdate]:
+        """Progress records for a window EIA has answered completely (its last page).
+
+        Each stream is recorded through the window's end, but never past its dataset's
+        cutoff (:func:`asked_cutoffs`), and only when the window continues what is known
+        of the stream (it starts at most an hour after the stream's watermark or
+        progress; an incremental run also starts a stream nothing is known of), the same
+        rule as for a watermark.
+        """
+        out = []
+        for s in window.streams:
+            through = min(to_ts(window.end), self.cutoffs[s.dataset])
+            if through < to_ts(window.start):
+                continue  # the window lies wholly within the publication lag
+            known = _known_through(s.key, self.marks, self.progress)
+            if known is None and backfill:
+                continue
+            if known is not None and window.start > parse_ts(known) + HOUR:
+                continue
+            done = self.progress.get(s.key)
+            if done is None or through > done:
+                out.append(ProgressUpdate(s.key, s.dataset, s.respondent, through))
+        return out
+
     @staticmethod
     def _prepare(
         page: eia_mod.EIAPage, norm: Normalized, *, precompress: bool = False
@@ -494,6 +547,8 @@ class Fetcher:
         norm: Normalized,
         updates: list[WatermarkUpdate],
         prepared: tuple[PageRecord, RowBatch] | None = None,
+        *,
+        progress: Sequence[ProgressUpdate] = (),
     ) -> None:
         record, rows = prepared or self._prepare(page, norm)
         series_rows = [
@@ -504,6 +559,7 @@ class Fetcher:
             series_rows=series_rows,
             page=record,
             watermark_updates=updates,
+            progress_updates=progress,
             run_id=self.run_id,
         )
         # Pages staged ahead are compressed ahead too while pages keep bringing new rows
@@ -511,6 +567,8 @@ class Fetcher:
         self._writing.set(staged.written > 0)
         for u in updates:
             self.marks[u.stream] = u.last_ts
+        for p in progress:
+            self.progress[p.stream] = p.asked_through
 
         def count() -> None:
             self.result.pages += 1
@@ -602,7 +660,9 @@ def run_fetch(
                     windows = plan_backfill(config, streams, start, hi)
                     _backfill(store, fetcher, client, windows, (start, hi), progress)
                 else:
-                    windows = plan_incremental(config, streams, fetcher.marks, now, initial)
+                    windows = plan_incremental(
+                        config, streams, fetcher.marks, now, initial, fetcher.progress
+                    )
                     for i, window in enumerate(windows):
                         fetcher.stage_window(client, window, backfill=False)
                         if progress:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from outbox import __version__
 from outbox.config import DATASET_NAMES, Config
 from outbox.errors import StoreError
+from outbox.normalize import stream_key
 from outbox.redact import redact
 from outbox.store import RUN_SECONDS, RunRecord, RunSummary, SeriesState, Store, disk_free_bytes
 from outbox.timeutil import parse_ts, to_ts, utcnow
@@ -114,9 +115,10 @@ class Status:
     oldest_pending_age_seconds: int | None = None
     next_retry_at: str | None = None
     groups: list[Group] = field(default_factory=list)
-    missing: list[dict[str, str]] = field(default_factory=list)
+    missing: list[dict[str, str | None]] = field(default_factory=list)
     series: list[SeriesStatus] = field(default_factory=list)
     watermarks: list[dict[str, Any]] = field(default_factory=list)
+    stream_progress: list[dict[str, Any]] = field(default_factory=list)
     last_runs: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     last_success: dict[str, str | None] = field(default_factory=dict)
     consecutive_failures: dict[str, int] = field(default_factory=dict)
@@ -192,13 +194,14 @@ def collect(
         groups=_groups(config, store, series, now),
         series=series,
         watermarks=store.watermark_rows(),
+        stream_progress=store.progress_rows(),
         last_runs={stage: run_dict(runs[stage].last) for stage in STAGES},
         last_success={stage: _finished(runs[stage].last_ok) for stage in STAGES},
         consecutive_failures={stage: runs[stage].consecutive_failures for stage in STAGES},
         invalid_last_fetch=_invalid(runs["fetch"]),
     )
     _add_queue_head(status, store, now)
-    status.missing = _missing(config, status.groups, runs["fetch"])
+    status.missing = _missing(config, status.groups, runs["fetch"], status.stream_progress)
     status.warnings.extend(_never_answered(config, store, status))
     from outbox.alerts import META_KEY, counters
 
@@ -285,15 +288,23 @@ def _enabled(config: Config, dataset: str, ba: str) -> bool:
     return ds is not None and ds.enabled and ba in config.balancing_authorities
 
 
-def _missing(config: Config, groups: Sequence[Group], fetch: RunSummary) -> list[dict[str, str]]:
-    """Enabled dataset x BA pairs without a single row, once a fetch has succeeded."""
+def _missing(
+    config: Config,
+    groups: Sequence[Group],
+    fetch: RunSummary,
+    progress: Sequence[dict[str, Any]],
+) -> list[dict[str, str | None]]:
+    """Enabled dataset x BA pairs without a single row, once a fetch has succeeded, each
+    with how far EIA has answered it completely (``asked_through``: no data at EIA
+    through then; None when no request for it has completed)."""
     if fetch.last_ok is None:
         return []
     have = {(g.dataset, g.ba) for g in groups}
+    asked = {p["stream"]: p["asked_through"] for p in progress}
     return [
-        {"dataset": dataset, "ba": ba}
+        {"dataset": dataset, "ba": ba, "asked_through": asked.get(stream_key(dataset, eia))}
         for dataset in config.enabled_datasets()
-        for ba in config.balancing_authorities
+        for ba, eia in config.balancing_authorities.items()
         if (dataset, ba) not in have
     ]
 
@@ -841,9 +852,7 @@ def _summary_lines(status: Status, now: datetime) -> list[Any]:
                 " (a send was stopped; the next send marks them and never resends them)"
             )
         )
-    if status.missing:
-        names = ", ".join(f"{m['dataset']} {m['ba']}" for m in status.missing)
-        lines.append(Text(f"no data yet: {names}", style="yellow"))
+    lines.extend(_missing_lines(status.missing, now))
     lines.append(Text(_queue_line(status, now)))
     for stage in STAGES:
         lines.append(_run_line(status, stage, now))
@@ -860,6 +869,24 @@ def _summary_lines(status: Status, now: datetime) -> list[Any]:
     if status.check is not None:
         style = {OK: "green", WARNING: "yellow", CRITICAL: "bold red"}.get(status.check.code, "")
         lines.append(Text(f"check: {status.check.summary}", style=style))
+    return lines
+
+
+def _missing_lines(missing: Sequence[dict[str, str | None]], now: datetime) -> list[Any]:
+    """``no data yet: ...`` for streams no request has completed for, then ``no data at
+    EIA through T: ...`` for the others, one line per such hour, newest first."""
+    from rich.text import Text
+
+    by_through: dict[str, list[str]] = {}
+    for m in missing:
+        by_through.setdefault(m.get("asked_through") or "", []).append(f"{m['dataset']} {m['ba']}")
+    lines = []
+    if "" in by_through:
+        lines.append(Text(f"no data yet: {', '.join(by_through.pop(''))}", style="yellow"))
+    for through in sorted(by_through, reverse=True):
+        names = ", ".join(by_through[through])
+        when = compact_ts(through, now)
+        lines.append(Text(f"no data at EIA through {when}: {names}", style="yellow"))
     return lines
 
 

@@ -11,6 +11,9 @@ Semantics (the contract every stage relies on):
   certain.
 * Watermarks advance in the same transaction as the rows they cover, and never move
   backwards, so a kill at any instant leaves rows and watermarks consistent.
+* ``stream_progress`` records how far EIA has been asked for a stream and answered
+  completely; it advances in the transaction of a request's last page and never moves
+  backwards either.
 * :meth:`Store.ack`, :meth:`Store.reject` and :meth:`Store.defer` only touch a row whose
   current revision is the one that was sent; a revision staged meanwhile stays pending.
 * Delivered-through of a series is the newest ``ts`` such that every staged row at or
@@ -199,6 +202,20 @@ watermarks = Table(
     Column("run_id", Integer, nullable=True),
 )
 
+# Per stream, the newest hour EIA has been asked for and answered completely (the last
+# page of the request staged, never past now - the dataset's publication lag). A stream
+# EIA has no rows for has no watermark; this is where its next incremental run starts.
+stream_progress = Table(
+    "stream_progress",
+    metadata,
+    Column("stream", Text, primary_key=True),
+    Column("dataset", Text, nullable=False),
+    Column("respondent", Text, nullable=False),
+    Column("asked_through", Text, nullable=False),
+    Column("updated_at", Text, nullable=False),
+    Column("run_id", Integer, nullable=True),
+)
+
 runs = Table(
     "runs",
     metadata,
@@ -265,6 +282,14 @@ VALUES (?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (stream) DO UPDATE SET
     last_ts = excluded.last_ts, updated_at = excluded.updated_at, run_id = excluded.run_id
 WHERE excluded.last_ts > watermarks.last_ts
+"""
+_PROGRESS_UPSERT = """
+INSERT INTO stream_progress (stream, dataset, respondent, asked_through, updated_at, run_id)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (stream) DO UPDATE SET
+    asked_through = excluded.asked_through, updated_at = excluded.updated_at,
+    run_id = excluded.run_id
+WHERE excluded.asked_through > stream_progress.asked_through
 """
 # Bulk forms of the three statements above, used by Store.stage: one statement over a JSON
 # array of row arrays (json_each) instead of an executemany. SQLite then does a page in one
@@ -528,6 +553,16 @@ class WatermarkUpdate:
     respondent: str
     route: str
     last_ts: str
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    """Record that EIA answered ``stream`` completely through ``asked_through``, if newer."""
+
+    stream: str
+    dataset: str
+    respondent: str
+    asked_through: str
 
 
 @dataclass(frozen=True)
@@ -1097,10 +1132,12 @@ class Store:
         series_rows: Iterable[Sequence[Any]] = (),
         page: PageRecord | None = None,
         watermark_updates: Iterable[WatermarkUpdate] = (),
+        progress_updates: Iterable[ProgressUpdate] = (),
         run_id: int | None = None,
         now: str | None = None,
     ) -> StageResult:
-        """Upsert observation rows, the page they came from and watermarks atomically.
+        """Upsert observation rows, the page they came from, watermarks and stream
+        progress atomically.
 
         ``rows`` are tuples in :data:`ROW_COLUMNS` order (or a :class:`RowBatch` of
         them); ``series_rows`` in :data:`SERIES_COLUMNS` order. The page is stored only
@@ -1142,6 +1179,7 @@ class Store:
                 written = 0  # every row is staged with this revision: nothing to write
                 crashpoint("stage.rows_written")
             _upsert_watermarks(cur, [_mark_row(w) for w in watermark_updates], now, run_id)
+            _upsert_progress(cur, progress_updates, now, run_id)
             if limit is not None and written:
                 self._check_bytes(cur, limit, pages_before)
             cur.close()
@@ -1163,6 +1201,22 @@ class Store:
         with self.read() as conn:
             rows = conn.exec_driver_sql("SELECT stream, last_ts FROM watermarks").all()
         return {r[0]: r[1] for r in rows}
+
+    def stream_progress(self) -> dict[str, str]:
+        """stream -> newest hour EIA has been asked for and answered completely."""
+        with self.read() as conn:
+            rows = conn.exec_driver_sql("SELECT stream, asked_through FROM stream_progress")
+            return {r[0]: r[1] for r in rows.all()}
+
+    def progress_rows(self) -> list[dict[str, Any]]:
+        """Every stream_progress row as a dict (for status; none on a schema from before
+        the table, which status may read before an upgrade)."""
+        with self.read() as conn:
+            if not _has_table(conn, "stream_progress"):
+                return []
+            table = stream_progress
+            result = conn.execute(table.select().order_by(table.c.stream))
+            return [dict(r._mapping) for r in result]
 
     def watermark_rows(self) -> list[dict[str, Any]]:
         """Every watermark row as a dict (for status)."""
@@ -2039,6 +2093,14 @@ def _upsert_watermarks(
         cur.executemany(_WATERMARK_UPSERT, [(*r, now, run_id) for r in rows])
     else:
         cur.execute(_WATERMARK_UPSERT_JSON, (now, run_id, batch))
+
+
+def _upsert_progress(
+    cur: sqlite3.Cursor, updates: Iterable[ProgressUpdate], now: str, run_id: int | None
+) -> None:
+    rows = [(u.stream, u.dataset, u.respondent, u.asked_through, now, run_id) for u in updates]
+    if rows:
+        cur.executemany(_PROGRESS_UPSERT, rows)
 
 
 def _insert_page(

@@ -267,8 +267,8 @@ def test_watermarks_cover_their_rows_after_every_committed_page(
     checked: list[int] = []
     original = Fetcher._stage
 
-    def stage_then_check(self: Fetcher, *args: Any) -> None:
-        original(self, *args)
+    def stage_then_check(self: Fetcher, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
         assert watermark_violations(db, expected) == [], f"after page {len(checked) + 1}"
         checked.append(1)
 

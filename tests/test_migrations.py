@@ -18,9 +18,18 @@ from outbox.migrate import (
     scanned_head,
     upgrade,
 )
-from outbox.store import Store, metadata
+from outbox.store import ProgressUpdate, Store, metadata
 
-TABLES = {"observations", "pages", "series", "watermarks", "runs", "checked_gaps", "meta"}
+TABLES = {
+    "observations",
+    "pages",
+    "series",
+    "watermarks",
+    "stream_progress",
+    "runs",
+    "checked_gaps",
+    "meta",
+}
 VIEWS = {"pending", "dead", "series_status"}
 
 
@@ -143,6 +152,19 @@ def test_0004_leaves_an_ack_log_without_rows_as_it_is(store: Store, db_path: Pat
     upgrade(store)
     assert _ack_log_columns(db_path) == ["id", "acked_at", "keys"]
     assert _drift(store) == []
+
+
+def test_0005_stream_progress_goes_and_comes_back(store: Store, db_path: Path) -> None:
+    progress = ProgressUpdate("demand:GENX", "demand", "GENX", "2025-08-22T10:00:00Z")
+    store.stage([], progress_updates=[progress])
+    assert store.stream_progress() == {"demand:GENX": "2025-08-22T10:00:00Z"}
+    downgrade(store, "0004")
+    assert "stream_progress" not in _objects(db_path)["table"]
+    assert store.progress_rows() == []  # status may read an outbox not upgraded yet
+    with Store.open(db_path) as reopened:  # upgraded on open: the stream is asked again
+        assert reopened.schema_version() == "0005"
+        assert reopened.stream_progress() == {}
+        assert _drift(reopened) == []
 
 
 def test_head_is_read_without_alembic_and_agrees_with_it(tmp_path: Path) -> None:

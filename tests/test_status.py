@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from outbox import status as status_mod
 from outbox.cli import app
 from outbox.config import load_config
-from outbox.store import Store, file_lock
+from outbox.store import ProgressUpdate, Store, file_lock
 from outbox.timeutil import parse_ts
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -81,6 +81,10 @@ def prepare(path: Path) -> None:
             series_rows=[series_row(sid) for sid in SERIES],
             page=page(),
             watermark_updates=[mark("demand:PJM", 10), mark("demand:CISO", 2)],
+            # EIA answered CAISO's day-ahead forecast through 10:00, with no rows.
+            progress_updates=[
+                ProgressUpdate("demand_forecast:CISO", "demand_forecast", "CISO", ts(10))
+            ],
             run_id=run,
             now=STAGED_AT,
         )
@@ -182,9 +186,9 @@ def test_status_model_semantics(outbox_dir: Path) -> None:
     assert groups["interchange", "PJM"].freshness_state == "disabled"  # dataset disabled
     assert groups["demand", "MISO"].freshness_state == "disabled"  # BA not configured
     assert model.missing == [
-        {"dataset": "demand_forecast", "ba": "CAISO"},
-        {"dataset": "generation", "ba": "CAISO"},
-        {"dataset": "ba_interchange", "ba": "CAISO"},
+        {"dataset": "demand_forecast", "ba": "CAISO", "asked_through": ts(10)},
+        {"dataset": "generation", "ba": "CAISO", "asked_through": None},
+        {"dataset": "ba_interchange", "ba": "CAISO", "asked_through": None},
     ]
     assert model.totals == {"series": 8, "pending": 34, "dead": 1, "acks_unapplied": 0}
     assert (model.oldest_pending, model.oldest_pending_since) == (ts(7), STAGED_AT)
@@ -505,7 +509,7 @@ def test_metrics_parse_strictly_and_carry_the_model(outbox_dir: Path) -> None:
     assert value("outbox_last_run_success", stage="fetch") == 1
     assert value("outbox_last_fetch_invalid_rows") == 2
     assert value("outbox_check_status") == 1
-    assert value("outbox_info", version=_version(), schema="0004", schema_head="0004") == 1
+    assert value("outbox_info", version=_version(), schema="0005", schema_head="0005") == 1
     # Disabled groups export their age but no freshness level.
     assert not [s for s in families["outbox_freshness_level"].samples if s.labels["ba"] == "MISO"]
 
@@ -800,6 +804,7 @@ def test_every_json_key_is_documented(outbox_dir: Path) -> None:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "status.md").read_text()
     keys = set(data) | set(data["totals"]) | set(data["check"]) | set(data["remote"])
     keys |= set(data["groups"][0]) | set(data["series"][0]) | set(data["watermarks"][0])
+    keys |= set(data["missing"][0]) | set(data["stream_progress"][0])
     keys |= set(data["last_runs"]["fetch"]) | set(data["remote"]["series"][0])
     undocumented = sorted(k for k in keys if f"`{k}`" not in doc)
     assert undocumented == []
