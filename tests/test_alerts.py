@@ -63,7 +63,8 @@ def _env(db: Path, url: str, **extra: str) -> dict[str, str]:
         {
             # The sample day is old: only failed runs in a row make the verdict move.
             **{
-                f"OUTBOX__DATASETS__{d.upper()}__STALE_WARNING_HOURS": "10000000"
+                f"OUTBOX__DATASETS__{d.upper()}__STALE_{level}_HOURS": "10000000"
+                for level in ("WARNING", "CRITICAL")
                 for d in (
                     "demand",
                     "demand_forecast",
