@@ -17,6 +17,8 @@ Tree::
     +-- UsageError (Terminal)         exit 2  bad command-line input
     +-- OutboxFullError (Terminal)    exit 4  max outbox size reached; nothing evicted
     +-- StoreError (Terminal)                 unreadable or inconsistent outbox
+    |   +-- NoOutboxError             exit 2  no outbox at the path; only fetch, db upgrade
+    |                                         and doctor --reset create one
     +-- SourceError                           EIA v2 / replay source
     |   +-- SourceTransientError (Transient)  timeouts, 5xx, 429, truncated body
     |   +-- SourceFatalError (Terminal)       bad key, bad route/facet, bad shape
@@ -75,6 +77,18 @@ class OutboxFullError(TerminalError):
 
 class StoreError(TerminalError):
     """The outbox database cannot be used as it is."""
+
+
+class NoOutboxError(StoreError):
+    """No outbox exists at the configured path, and this command does not create one."""
+
+    exit_code = 2
+
+    def __init__(self, path: object) -> None:
+        super().__init__(
+            f"no outbox at {path} (run `outbox fetch` or `outbox db upgrade` to create one)"
+        )
+        self.path = path
 
 
 class SourceError(OutboxError):

@@ -133,10 +133,9 @@ class Status:
 
 
 def open_store(config: Config) -> Store:
-    """The outbox for status: read-only when it exists; a missing path is created first."""
-    if Path(config.database).exists():
-        return Store.open_readonly(config.database)
-    return Store.open(config.database)
+    """The outbox for status and ``runs``, read-only; a missing one raises NoOutboxError
+    (exit 2, UNKNOWN for ``--check``) and nothing is created."""
+    return Store.open_readonly(config.database)
 
 
 def read(config: Config, now: datetime | None = None, *, for_check: bool = False) -> Status:
@@ -675,8 +674,11 @@ def write_metrics(status: Status, path: str | os.PathLike[str]) -> Path:
 
 
 def write_run_metrics(config: Config) -> None:
-    """After a fetch or send run: refresh ``metrics_path`` if configured; never raises."""
-    if not config.metrics_path:
+    """After a fetch or send run: refresh ``metrics_path`` if configured; never raises.
+
+    Nothing is written while there is no outbox (a send before the first fetch).
+    """
+    if not config.metrics_path or not Path(config.database).exists():
         return
     try:
         write_metrics(read(config), config.metrics_path)

@@ -60,7 +60,7 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.pool import QueuePool
 
 from outbox.crash import crashpoint
-from outbox.errors import OutboxFullError, StoreError
+from outbox.errors import NoOutboxError, OutboxFullError, StoreError
 from outbox.redact import redact
 from outbox.timeutil import now_ts, parse_ts
 
@@ -827,9 +827,18 @@ class Store:
     # -- lifecycle -----------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, migrate: bool = True) -> Store:
-        """Open (and, with ``migrate``, create or upgrade) the outbox at ``path``."""
+    def open(
+        cls, path: str | os.PathLike[str], *, migrate: bool = True, create: bool = True
+    ) -> Store:
+        """Open (and, with ``migrate``, upgrade) the outbox at ``path``.
+
+        With ``create`` a missing outbox is created (fetch, ``db upgrade``); without it a
+        missing one raises :class:`NoOutboxError` and nothing is created, not even a lock
+        or ``-wal`` file (every command that only reads or works on existing rows).
+        """
         path = Path(path)
+        if not create and not path.exists():
+            raise NoOutboxError(path)
         if path.parent and not path.parent.exists():
             raise StoreError(f"{path}: directory {path.parent} does not exist")
         engine = make_engine(path)
@@ -853,11 +862,14 @@ class Store:
     def open_readonly(cls, path: str | os.PathLike[str]) -> Store:
         """Open an existing outbox for reading only: no migration, no write, no checkpoint.
 
-        Raises StoreError when the file is missing or is not a SQLite database.
+        Raises NoOutboxError when nothing is at ``path``, StoreError when it is not a
+        SQLite database.
         """
         path = Path(path)
+        if not path.exists():
+            raise NoOutboxError(path)
         if not path.is_file():
-            raise StoreError(f"{path}: no outbox there")
+            raise StoreError(f"{path}: not a usable outbox database: not a file")
         store = cls(path, make_readonly_engine(path))
         try:
             store.schema_version()

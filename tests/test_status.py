@@ -280,6 +280,7 @@ status: {{dead_rows_critical: 3, failed_runs_critical: 3}}
 
 
 def test_check_brand_new_outbox_is_ok(tmp_path: Path) -> None:
+    Store.open(tmp_path / "new.db").close()
     assert check(tmp_path, ONLY_DEMAND.format(db=tmp_path / "new.db")) == (
         0,
         "OK - 0 series, 0 pending, 0 dead\n",
@@ -715,15 +716,16 @@ def test_runs_table_and_json(outbox_dir: Path) -> None:
     assert [r["id"] for r in fetches] == [1]
 
 
-def test_status_on_a_missing_outbox_creates_it(tmp_path: Path) -> None:
+def test_status_on_a_missing_outbox_creates_nothing(tmp_path: Path) -> None:
     env = {"OUTBOX_DB": str(tmp_path / "new.db")}
     result = runner.invoke(app, ["status", "--json"], env=env)
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["groups"] == []
-    assert (tmp_path / "new.db").exists()
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_runs_on_a_fresh_path(tmp_path: Path) -> None:
+def test_runs_on_a_fresh_outbox(tmp_path: Path) -> None:
+    Store.open(tmp_path / "r.db").close()
     result = runner.invoke(app, ["runs", "--json"], env={"OUTBOX_DB": str(tmp_path / "r.db")})
     assert (result.exit_code, result.stdout) == (0, "[]\n")
 
