@@ -309,8 +309,9 @@ def run_dict(run: RunRecord | None) -> dict[str, Any] | None:
 
 
 def run_seconds(run: RunRecord) -> float | None:
-    """How long a finished run took (None while it runs)."""
-    if not run.finished_at:
+    """How long a finished run took (None while it runs, and when its process died: a
+    gone run's ``finished_at`` is when it was found, its end is not known)."""
+    if not run.finished_at or run.gone:
         return None
     return round((parse_ts(run.finished_at) - parse_ts(run.started_at)).total_seconds(), 3)
 

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from outbox import status as status_mod
 from outbox.cli import app
 from outbox.config import load_config
-from outbox.store import Store, file_lock
+from outbox.store import Store, file_lock, lock_file
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 NOW = "2025-08-22T12:00:00Z"
@@ -366,9 +366,11 @@ def test_check_consecutive_failed_runs(
     with Store.open(db) as store:
         for status in ["failed"] * 5 + ["ok"] + ["failed"] * failures + ["running"]:
             run = store.start_run("send", now=ts(10))
-            if status != "running":  # a run still going (or killed) counts for nothing
+            if status != "running":
                 store.finish_run(run, status, {}, "boom" if status == "failed" else None, ts(10))
-    with freeze_time(ts(11)):
+    # The last run is still going (it holds the send lock): it counts for nothing.
+    with file_lock(lock_file(db, "send"), blocking=False) as got, freeze_time(ts(11)):
+        assert got
         assert check(tmp_path, ONLY_DEMAND.format(db=db)) == expected
 
 
