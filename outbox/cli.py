@@ -171,8 +171,9 @@ def _config() -> Config:
     return config
 
 
-def _open(config: Config) -> Store:
-    return Store.open(config.database)
+def _open(config: Config, *, create: bool) -> Store:
+    """The configured outbox; without ``create`` a missing one is an error (exit 2)."""
+    return Store.open(config.database, create=create)
 
 
 def http_client(timeout: float, connect: float, verify: bool) -> httpx.Client:
@@ -392,7 +393,7 @@ def requeue(
         bound = _since(since)
         config = _config()
         lo = to_ts(bound) if bound else None
-        with _open(config) as store:
+        with _open(config, create=False) as store:
             n = store.requeue_dead(series, code, lo)
         typer.echo(f"requeued {n} dead rows")
 
@@ -529,7 +530,7 @@ def db_upgrade() -> None:
     """Create the outbox or bring its schema to the newest version."""
     with _errors():
         config = _config()
-        with _open(config) as store:
+        with _open(config, create=True) as store:
             typer.echo(f"{store.path}: schema at {store.schema_version()}")
 
 
@@ -540,9 +541,7 @@ def db_current() -> None:
 
     with _errors():
         config = _config()
-        if not Path(config.database).exists():
-            raise UsageError(f"{config.database}: no outbox there yet")
-        with Store.open(config.database, migrate=False) as store:
+        with Store.open_readonly(config.database) as store:
             current = store.schema_version()
         head = head_revision()
         typer.echo(f"{current or 'none'} (head {head}{', up to date' if current == head else ''})")

@@ -231,7 +231,7 @@ def gaps(config: Config, *, since: datetime | None, as_json: bool) -> int:
     """``outbox gaps``: missing hours per series, as ranges."""
     from outbox import gaps as gaps_mod
 
-    with Store.open(config.database) as store:
+    with Store.open(config.database, create=False) as store:
         found = gaps_mod.find_gaps(config, store, since=since)
     if as_json:
         data = {"gaps": [g.to_dict() for g in found], "hours": sum(g.hours for g in found)}
@@ -288,7 +288,7 @@ def prune(config: Config) -> int:
     """``outbox prune``: retention, every orphaned page, and the file handed back."""
     from outbox import housekeeping
 
-    with Store.open(config.database) as store:
+    with Store.open(config.database, create=False) as store:
         result = housekeeping.prune(config, store, full=True)
     typer.echo(result.summary())
     return 0
@@ -406,13 +406,22 @@ def send(
     max_seconds: float | None = None,
     dry_run: bool = False,
 ) -> int:
-    """``outbox send``."""
+    """``outbox send``; before the first fetch has created the outbox, nothing to do."""
     from outbox.pipeline import SendFailed, run_send
 
+    if not dry_run:
+        config.require_gridpulse_key()  # a config error (exit 2) even before the first fetch
+    if not Path(config.database).exists():
+        # A send timer may fire before the first fetch: say so, create nothing, exit 0.
+        typer.echo(
+            f"nothing to send: no outbox at {config.database} yet (the first `outbox fetch` "
+            "creates it)"
+        )
+        return 0
     g = config.gridpulse
     key_needed = not dry_run
     with (
-        Store.open(config.database) as store,
+        Store.open(config.database, create=False) as store,
         _http(g.timeout_seconds, g.connect_timeout_seconds, g.verify_tls) as http,
     ):
         client = gridpulse_client(config, http) if key_needed else None
@@ -504,7 +513,7 @@ def show(config: Config, series_id: str, ts: str) -> int:
     """``outbox show SERIES TS``: the row, its states and its raw EIA row."""
     import orjson
 
-    with Store.open(config.database) as store:
+    with Store.open(config.database, create=False) as store:
         row = store.row(series_id, ts)
         if row is None:
             typer.echo(f"no observation {series_id} at {ts}", err=True)

@@ -18,6 +18,8 @@ Tree::
     +-- OutboxFullError (Terminal)    exit 4  max outbox size reached; nothing evicted
     +-- StoreError (Terminal)                 unreadable or inconsistent outbox
     |   +-- DiskFullError                     SQLITE_FULL or ENOSPC while writing it
+    |   +-- NoOutboxError             exit 2  no outbox at the path; only fetch, db upgrade
+    |                                         and doctor --reset create one
     +-- SourceError                           EIA v2 / replay source
     |   +-- SourceTransientError (Transient)  timeouts, 5xx, 429, truncated body
     |   +-- SourceFatalError (Terminal)       bad key, bad route/facet, bad shape
@@ -87,6 +89,17 @@ class DiskFullError(StoreError):
 
     def __init__(self, path: object) -> None:
         super().__init__(f"disk full writing {path}: nothing lost, rerun when there is space")
+
+
+class NoOutboxError(StoreError):
+    """No outbox exists at the configured path, and this command does not create one."""
+
+    exit_code = 2
+
+    def __init__(self, path: object) -> None:
+        super().__init__(
+            f"no outbox at {path} (run `outbox fetch` or `outbox db upgrade` to create one)"
+        )
         self.path = path
 
 

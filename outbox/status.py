@@ -137,10 +137,9 @@ class Status:
 
 
 def open_store(config: Config) -> Store:
-    """The outbox for status: read-only when it exists; a missing path is created first."""
-    if Path(config.database).exists():
-        return Store.open_readonly(config.database)
-    return Store.open(config.database)
+    """The outbox for status and ``runs``, read-only; a missing one raises NoOutboxError
+    (exit 2, UNKNOWN for ``--check``) and nothing is created."""
+    return Store.open_readonly(config.database)
 
 
 def read(config: Config, now: datetime | None = None, *, for_check: bool = False) -> Status:
@@ -366,9 +365,10 @@ def run_dict(run: RunRecord | None) -> dict[str, Any] | None:
 
 
 def run_seconds(run: RunRecord) -> float | None:
-    """How long a finished run took (None while it runs): as measured by the run
-    (``counts.seconds``), else from its whole-second timestamps."""
-    if not run.finished_at:
+    """How long a finished run took (None while it runs, and when its process died: a
+    gone run's ``finished_at`` is when it was found, its end is not known): as measured
+    by the run (``counts.seconds``), else from its whole-second timestamps."""
+    if not run.finished_at or run.gone:
         return None
     measured = run.counts.get(RUN_SECONDS)
     if isinstance(measured, int | float) and not isinstance(measured, bool):
@@ -751,8 +751,11 @@ def write_metrics(status: Status, path: str | os.PathLike[str]) -> Path:
 
 
 def write_run_metrics(config: Config) -> None:
-    """After a fetch or send run: refresh ``metrics_path`` if configured; never raises."""
-    if not config.metrics_path:
+    """After a fetch or send run: refresh ``metrics_path`` if configured; never raises.
+
+    Nothing is written while there is no outbox (a send before the first fetch).
+    """
+    if not config.metrics_path or not Path(config.database).exists():
         return
     try:
         write_metrics(read(config), config.metrics_path)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import math
 import os
 import shutil
@@ -66,9 +67,11 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.pool import QueuePool
 
 from outbox.crash import crashpoint
-from outbox.errors import DiskFullError, OutboxFullError, StoreError
+from outbox.errors import DiskFullError, NoOutboxError, OutboxFullError, StoreError
 from outbox.redact import redact
 from outbox.timeutil import now_ts, parse_ts
+
+log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 60_000
 SQLITE_FULL = 13  # "database or disk is full": no space for the file, or max_page_count
@@ -85,6 +88,8 @@ READ_MMAP_BYTES = 1 << 32  # address space, not memory: only pages read are resi
 PAGE_ENCODING = "zlib"
 PAGE_LEVEL = 1  # zlib level of stored pages (see docs/performance.md)
 STATES = ("pending", "acked", "dead")
+# The error of a run whose process died without recording its end (see Store.start_run).
+PROCESS_GONE = "process gone"
 QUALITY_FLAGS = ("good", "estimated", "missing")
 
 NAMING = {
@@ -629,6 +634,20 @@ class RunRecord:
     error: str | None = None
     pid: int | None = None
 
+    @property
+    def gone(self) -> bool:
+        """Whether the run's process died without recording its end (SIGKILL, OOM, power)."""
+        return self.status == "failed" and (self.error or "").startswith(PROCESS_GONE)
+
+    def as_gone(self) -> RunRecord:
+        """This run as failed because its process is gone (its end stays unknown)."""
+        return replace(self, status="failed", error=gone_error(self.pid))
+
+
+def gone_error(pid: int | None) -> str:
+    """``process gone (pid 4711)``: the error of a run whose process died."""
+    return f"{PROCESS_GONE} (pid {pid})" if pid else PROCESS_GONE
+
 
 @dataclass(frozen=True)
 class RunSummary:
@@ -868,24 +887,32 @@ def lock_file(database: str | os.PathLike[str], name: str) -> Path:
     return path.with_name(f"{path.name}.{name}.lock")
 
 
-def lock_holder(path: str | os.PathLike[str]) -> int | None:
-    """The pid holding the lock file ``path``, or None when nobody holds it.
+def lock_held(path: str | os.PathLike[str]) -> bool:
+    """Whether a process holds the lock file ``path`` now.
 
-    Probes with a shared lock on a read-only descriptor: asking needs no write access
-    (``doctor`` run by another user) and leaves the file as it was.
+    Reads only: a missing file is a free lock and is not created, and the file is not
+    written (a shared ``flock`` probe, released at once). A lock file this user cannot
+    read counts as held: nobody is declared gone on a guess.
     """
     try:
         fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
     except OSError:
-        return None
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        pass
-    else:
-        return None
+        return True
     finally:
         os.close(fd)
+    return False
+
+
+def lock_holder(path: str | os.PathLike[str]) -> int | None:
+    """The pid holding the lock file ``path``, or None when nobody holds it (reads only)."""
+    if not lock_held(path):
+        return None
     try:
         return int(Path(path).read_text().strip() or 0) or None
     except (OSError, ValueError):
@@ -990,9 +1017,18 @@ class Store:
     # -- lifecycle -----------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, migrate: bool = True) -> Store:
-        """Open (and, with ``migrate``, create or upgrade) the outbox at ``path``."""
+    def open(
+        cls, path: str | os.PathLike[str], *, migrate: bool = True, create: bool = True
+    ) -> Store:
+        """Open (and, with ``migrate``, upgrade) the outbox at ``path``.
+
+        With ``create`` a missing outbox is created (fetch, ``db upgrade``); without it a
+        missing one raises :class:`NoOutboxError` and nothing is created, not even a lock
+        or ``-wal`` file (every command that only reads or works on existing rows).
+        """
         path = Path(path)
+        if not create and not path.exists():
+            raise NoOutboxError(path)
         if path.parent and not path.parent.exists():
             raise StoreError(f"{path}: directory {path.parent} does not exist")
         problem = write_problem(path)
@@ -1020,11 +1056,14 @@ class Store:
     def open_readonly(cls, path: str | os.PathLike[str]) -> Store:
         """Open an existing outbox for reading only: no migration, no write, no checkpoint.
 
-        Raises StoreError when the file is missing or is not a SQLite database.
+        Raises NoOutboxError when nothing is at ``path``, StoreError when it is not a
+        SQLite database.
         """
         path = Path(path)
+        if not path.exists():
+            raise NoOutboxError(path)
         if not path.is_file():
-            raise StoreError(f"{path}: no outbox there")
+            raise StoreError(f"{path}: not a usable outbox database: not a file")
         store = cls(path, make_readonly_engine(path))
         try:
             store.schema_version()
@@ -1589,16 +1628,38 @@ class Store:
         Without ``now`` the run is timed on the monotonic clock from here to
         :meth:`finish_run`, which stores the measured duration as ``counts.seconds``:
         ``started_at``/``finished_at`` keep whole seconds (the format every reader knows).
+
+        Call it holding the stage's lock (:meth:`lock_path`). A run of the stage still
+        ``running`` then belongs to a process that is gone (SIGKILL, out of memory, power
+        loss): a live one would hold the lock. Each such run is recorded as failed,
+        ``process gone (pid N)``, with the time it was found as its ``finished_at``.
         """
+        timed = now is None
+        now = now or now_ts()
         with self.write() as conn:
-            result = conn.exec_driver_sql(
+            cur = self.cursor(conn)
+            gone = cur.execute(
+                "SELECT id, pid FROM runs WHERE stage = ? AND status = 'running'", (stage,)
+            ).fetchall()
+            cur.executemany(
+                "UPDATE runs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                [(now, gone_error(pid), run_id) for run_id, pid in gone],
+            )
+            cur.execute(
                 "INSERT INTO runs (stage, started_at, status, counts, pid)"
                 " VALUES (?, ?, 'running', '{}', ?)",
-                (stage, now or now_ts(), os.getpid()),
+                (stage, now, os.getpid()),
             )
-            run_id = int(result.lastrowid or 0)
-        if now is None:
+            run_id = int(cur.lastrowid or 0)
+            cur.close()
+        if timed:
             self._run_clocks[run_id] = time.monotonic()
+        for gone_id, pid in gone:
+            log.warning(
+                "earlier run recorded as failed: process gone gone_run=%d pid=%s",
+                gone_id,
+                pid,
+            )
         return run_id
 
     def finish_run(
@@ -1633,24 +1694,65 @@ class Store:
     def recent_runs(
         self, limit: int = 20, stage: str | None = None, failed: bool = False
     ) -> list[RunRecord]:
-        """Newest runs first."""
+        """Newest runs first, each ``running`` one whose process is gone shown as failed.
+
+        ``failed`` selects failed runs, the gone ones included (see :meth:`as_found`).
+        """
         clauses, params = [], []
         if stage:
             clauses.append("stage = ?")
             params.append(stage)
         if failed:
-            clauses.append("status = 'failed'")
+            clauses.append("status IN ('failed', 'running')")
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        records: list[RunRecord] = []
         with self.read() as conn:
-            rows = conn.exec_driver_sql(
+            cur = self.cursor(conn)
+            cur.execute(
                 "SELECT id, stage, started_at, finished_at, status, counts, error, pid"
-                f" FROM runs{where} ORDER BY id DESC LIMIT ?",
-                (*params, limit),
-            ).all()
-        return [
-            RunRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5] or "{}"), r[6], r[7])
-            for r in rows
-        ]
+                f" FROM runs{where} ORDER BY id DESC" + ("" if failed else " LIMIT ?"),
+                tuple(params) if failed else (*params, limit),
+            )
+            # With `failed`, read on to the limit-th failed run: every running one read
+            # before it may turn out gone and come first.
+            seen_failed = 0
+            for r in cur:
+                records.append(_run_record(r))
+                seen_failed += records[-1].status == "failed"
+                if failed and seen_failed >= limit:
+                    break
+            cur.close()
+        records = self.as_found(records)
+        if failed:
+            records = [r for r in records if r.status == "failed"][:limit]
+        return records
+
+    def as_found(self, records: Sequence[RunRecord]) -> list[RunRecord]:
+        """``records`` with each ``running`` run whose process is gone shown as failed.
+
+        Writes nothing (status and ``runs`` read a read-only outbox); the next run of the
+        stage records it (:meth:`start_run`). A run read as ``running`` is gone when its
+        stage's lock is free and the run still shows ``running`` in a read after that:
+        a live run holds the lock from before it is recorded until after it records its
+        end, so a run that merely finished meanwhile is not mistaken for a dead one.
+        """
+        running = [r for r in records if r.status == "running"]
+        if not running:
+            return list(records)
+        free = {r.stage for r in running if not lock_held(self.lock_path(r.stage))}
+        suspects = [r.id for r in running if r.stage in free]
+        if not suspects:
+            return list(records)
+        marks = ", ".join("?" * len(suspects))
+        with self.read() as conn:
+            still = {
+                row[0]
+                for row in conn.exec_driver_sql(
+                    f"SELECT id FROM runs WHERE status = 'running' AND id IN ({marks})",
+                    tuple(suspects),
+                )
+            }
+        return [r.as_gone() if r.id in still else r for r in records]
 
     # -- status and doctor ---------------------------------------------------------
 
@@ -1658,10 +1760,10 @@ class Store:
         """Newest run, newest finished run, newest ok run, and failed runs since that one.
 
         Walks ``runs`` newest first (by rowid, ``+stage`` keeps the planner off the
-        stage index) and stops at the first ok run, so it reads a handful of rows.
+        stage index) and stops at the first ok run, so it reads a handful of rows. A
+        ``running`` run whose process is gone counts as failed (:meth:`as_found`).
         """
-        last = finished = ok = None
-        failures = 0
+        records: list[RunRecord] = []
         with self.read() as conn:
             cur = self.cursor(conn)
             cur.execute(
@@ -1670,19 +1772,17 @@ class Store:
                 (stage,),
             )
             for r in cur:
-                record = RunRecord(
-                    r[0], r[1], r[2], r[3], r[4], json.loads(r[5] or "{}"), r[6], r[7]
-                )
-                last = last or record
-                if record.status != "running":
-                    finished = finished or record
-                if record.status == "failed":
-                    failures += 1
-                elif record.status == "ok":
-                    ok = record
+                records.append(_run_record(r))
+                if records[-1].status == "ok":
                     break
             cur.close()
-        return RunSummary(last, finished, ok, failures)
+        records = self.as_found(records)
+        return RunSummary(
+            last=records[0] if records else None,
+            last_finished=next((r for r in records if r.status != "running"), None),
+            last_ok=next((r for r in records if r.status == "ok"), None),
+            consecutive_failures=sum(r.status == "failed" for r in records),
+        )
 
     def count_pending(self) -> int:
         """How many rows are pending (a count of the pending index: no sort)."""
@@ -2126,6 +2226,10 @@ def _insert_page(
             stored,
         ),
     )
+
+
+def _run_record(r: Sequence[Any]) -> RunRecord:
+    return RunRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5] or "{}"), r[6], r[7])
 
 
 def _one(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> Any:

@@ -1,4 +1,4 @@
-"""CLI: help lists every command, status on a fresh path builds the outbox."""
+"""CLI: help lists every command, `db upgrade` builds the outbox that status then reads."""
 
 from __future__ import annotations
 
@@ -23,13 +23,15 @@ def test_help_lists_the_stages() -> None:
         assert name in result.output
 
 
-def test_status_on_fresh_path_creates_outbox(tmp_path: Path) -> None:
+def test_db_upgrade_creates_the_outbox_status_reads(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         (ROOT / "config.yaml")
         .read_text()
         .replace("database: outbox.db", "database: " + str(tmp_path / "fresh.db"))
     )
+    up = runner.invoke(app, ["-c", str(cfg), "db", "upgrade"])
+    assert up.exit_code == 0, up.output
     result = runner.invoke(app, ["-c", str(cfg), "status", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
@@ -55,7 +57,7 @@ def test_status_on_fresh_path_creates_outbox(tmp_path: Path) -> None:
 def test_db_commands(tmp_path: Path) -> None:
     env = {"OUTBOX_DB": str(tmp_path / "o.db")}
     missing = runner.invoke(app, ["db", "current"], env=env)
-    assert missing.exit_code == 2 and "no outbox there yet" in missing.output
+    assert missing.exit_code == 2 and f"no outbox at {tmp_path / 'o.db'}" in missing.output
     up = runner.invoke(app, ["db", "upgrade"], env=env)
     assert up.exit_code == 0 and "schema at 0005" in up.output
     cur = runner.invoke(app, ["db", "current"], env=env)
@@ -66,6 +68,11 @@ def test_console_script_and_sqlite3_view(tmp_path: Path) -> None:
     exe = shutil.which("outbox")
     assert exe, "the console script is installed"
     env = {"OUTBOX_DB": str(tmp_path / "o.db"), "PATH": str(Path(exe).parent)}
+    done = subprocess.run([exe, "status", "--check"], env=env, capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.startswith(f"UNKNOWN - no outbox at {tmp_path / 'o.db'}")
+    up = subprocess.run([exe, "db", "upgrade"], env=env, capture_output=True, text=True)
+    assert up.returncode == 0, up.stderr
     done = subprocess.run([exe, "status", "--check"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("OK - 0 series")

@@ -1,9 +1,9 @@
 """Concurrency: senders started together, and fetch + send + status running side by side.
 
 * 2-8 ``outbox send`` processes start at the same instant, round after round (EIA
-  revises part of the data between rounds; the first round starts on a path with no
-  outbox yet, so the migrations race too): exactly one of them sends, the others report
-  the running one and exit 0; the receiver never sees a batch twice.
+  revises part of the data between rounds; the first round starts on an empty database
+  file, no tables yet, so the migrations race too): exactly one of them sends, the others
+  report the running one and exit 0; the receiver never sees a batch twice.
 * ``fetch``, ``send`` and ``status`` (table, ``--json``, ``--check``, ``--metrics``) and
   ``runs`` loop together: no "database is locked" (or any traceback) reaches the user.
 """
@@ -83,6 +83,7 @@ def test_senders_started_together_exactly_one_sends(tmp_path: Path, scale: str, 
     rounds = ROUNDS[scale] or [rng.randint(2, 8) for _ in range(SOAK_ROUNDS)]
     db = tmp_path / "outbox.db"
     data = write_replay(tmp_path / "eia", route_rows(24))
+    db.touch()  # no tables yet: the first round's senders race to migrate it
     staged_pairs = processes = 0
     with running_receiver(tmp_path, api_key=KEY_GP) as receiver:
         env = outbox_env(db, receiver=receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="100")
@@ -102,7 +103,7 @@ def test_senders_started_together_exactly_one_sends(tmp_path: Path, scale: str, 
             waited = sum("a send is already running" in o for o in outputs)
             assert len(sent) + waited == n, outputs
             if r == 0:
-                assert sum(sent) == 0  # a fresh path: every process migrated or waited
+                assert sum(sent) == 0  # an empty file: every process migrated or waited
             else:
                 assert sum(1 for s in sent if s > 0) == 1, f"round {r}: {outputs}"
                 assert states(db) == {"acked": len(latest_staged(db))}

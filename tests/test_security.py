@@ -253,6 +253,7 @@ def test_clients_are_built_with_the_configured_verification(
     base = {"OUTBOX_DB": str(db), "GRIDPULSE_API_KEY": KEY_GP, "EIA_API_KEY": KEY_EIA}
     base["GRIDPULSE_BASE_URL"] = base["EIA_BASE_URL"] = "https://127.0.0.1:9"
     base["OUTBOX__GRIDPULSE__RETRY__ATTEMPTS"] = base["OUTBOX__EIA__RETRY__ATTEMPTS"] = "1"
+    Store.open(db).close()  # send builds no client before an outbox exists
     for extra, want in (({}, True), ({"OUTBOX__GRIDPULSE__VERIFY_TLS": "false"}, False)):
         seen.clear()
         invoke(["send"], {**base, **extra})

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from outbox import status as status_mod
 from outbox.cli import app
 from outbox.config import load_config
-from outbox.store import ProgressUpdate, Store, file_lock
+from outbox.store import ProgressUpdate, Store, file_lock, lock_file
 from outbox.timeutil import parse_ts
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -348,6 +348,7 @@ status: {{dead_rows_critical: 3, failed_runs_critical: 3}}
 
 
 def test_check_brand_new_outbox_is_ok(tmp_path: Path) -> None:
+    Store.open(tmp_path / "new.db").close()
     assert check(tmp_path, ONLY_DEMAND.format(db=tmp_path / "new.db")) == (
         0,
         "OK - 0 series, 0 pending, 0 dead\n",
@@ -433,9 +434,11 @@ def test_check_consecutive_failed_runs(
     with Store.open(db) as store:
         for status in ["failed"] * 5 + ["ok"] + ["failed"] * failures + ["running"]:
             run = store.start_run("send", now=ts(10))
-            if status != "running":  # a run still going (or killed) counts for nothing
+            if status != "running":
                 store.finish_run(run, status, {}, "boom" if status == "failed" else None, ts(10))
-    with freeze_time(ts(11)):
+    # The last run is still going (it holds the send lock): it counts for nothing.
+    with file_lock(lock_file(db, "send"), blocking=False) as got, freeze_time(ts(11)):
+        assert got
         assert check(tmp_path, ONLY_DEMAND.format(db=db)) == expected
 
 
@@ -783,15 +786,16 @@ def test_runs_table_and_json(outbox_dir: Path) -> None:
     assert [r["id"] for r in fetches] == [1]
 
 
-def test_status_on_a_missing_outbox_creates_it(tmp_path: Path) -> None:
+def test_status_on_a_missing_outbox_creates_nothing(tmp_path: Path) -> None:
     env = {"OUTBOX_DB": str(tmp_path / "new.db")}
     result = runner.invoke(app, ["status", "--json"], env=env)
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["groups"] == []
-    assert (tmp_path / "new.db").exists()
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_runs_on_a_fresh_path(tmp_path: Path) -> None:
+def test_runs_on_a_fresh_outbox(tmp_path: Path) -> None:
+    Store.open(tmp_path / "r.db").close()
     result = runner.invoke(app, ["runs", "--json"], env={"OUTBOX_DB": str(tmp_path / "r.db")})
     assert (result.exit_code, result.stdout) == (0, "[]\n")
 
