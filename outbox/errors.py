@@ -27,6 +27,8 @@ Tree::
         +-- SinkConflictError (Terminal)      409: Idempotency-Key reused (a bug)
         +-- BatchRejectedError (Terminal)     400/422 for a whole batch: bisect
         +-- PayloadTooLargeError (Terminal)   413: halve the batch
+        +-- ProtocolError (Terminal)          a 200 that does not account for the batch:
+                                              no row changes state, the run stops
 
     KeyboardInterrupt
     +-- Interrupted                   exit 128 + signal  SIGTERM (systemd stop) or SIGINT
@@ -131,6 +133,15 @@ class BatchRejectedError(SinkError, TerminalError):
 
 class PayloadTooLargeError(SinkError, TerminalError):
     """GridPulse answered 413: the batch must be smaller."""
+
+
+class ProtocolError(SinkError, TerminalError):
+    """GridPulse answered 200 with something that is not a consistent acknowledgement.
+
+    No row of the batch changes state (not acked, not dead, not deferred); the run stops,
+    since a GridPulse that answers wrongly answers the same way again, and the next send
+    retries the batch.
+    """
 
 
 class Interrupted(KeyboardInterrupt):

@@ -29,7 +29,13 @@ from outbox.errors import (
     SinkTransientError,
     SourceFatalError,
 )
-from outbox.gridpulse import GridPulseClient, IngestResult, batch_id_of, encode_batch
+from outbox.gridpulse import (
+    GridPulseClient,
+    IngestResult,
+    batch_id_of,
+    check_result,
+    encode_batch,
+)
 from outbox.logsetup import bind, quote, scoped
 from outbox.normalize import SKIP_REASONS, Normalized, normalize_page, stream_key
 from outbox.readahead import Elided, SharedFlag, can_fork, forked_read_ahead, read_ahead
@@ -720,8 +726,13 @@ class Sender:
         # Compress ahead when the client can take a body compressed ahead (test doubles
         # that only implement post_batch(batch_id, body) get the plain body).
         self._pack: Callable[[bytes], bytes] | None = None
-        if "packed" in inspect.signature(client.post_batch).parameters:
+        takes = inspect.signature(client.post_batch).parameters
+        if "packed" in takes:
             self._pack = getattr(client, "pack", None)
+        # The client checks the answer against the rows sent when it takes them; for one
+        # that does not, the same check runs here: only an answer that accounts for every
+        # row of its batch settles any row.
+        self._client_checks = "keys" in takes
         # Recorded acks are applied to their rows on this thread while the next POST is
         # in flight; one application at a time, finished before any other write.
         self._acks: ThreadPoolExecutor | None = None
@@ -794,9 +805,14 @@ class Sender:
         def attempt() -> IngestResult:
             self.result.requests += 1
             self.result.bytes += len(body)
+            if self._client_checks:
+                return self.client.post_batch(batch_id, body, packed=packed, keys=rows)
             if packed is None:
-                return self.client.post_batch(batch_id, body)
-            return self.client.post_batch(batch_id, body, packed=packed)  # type: ignore[call-arg]
+                answer = self.client.post_batch(batch_id, body)
+            else:
+                answer = self.client.post_batch(batch_id, body, packed=packed)  # type: ignore[call-arg]
+            check_result(answer, batch_id, rows)
+            return answer
 
         self.result.batches += 1
         self.result.sent += len(rows)
@@ -832,10 +848,8 @@ class Sender:
         return data[row] if row is not None and 0 <= row < len(data) else None
 
     def _settle(self, rows: Sequence[Claimed], outcome: IngestResult) -> None:
-        bad = {}
-        for rej in outcome.rejected:
-            if 0 <= rej.index < len(rows):
-                bad[rej.index] = rej
+        # The answer passed check_result: every rejection names one distinct row sent.
+        bad = {rej.index: rej for rej in outcome.rejected}
         # Plain (series_id, ts, revision) tuples: what a Key holds, built at half the cost.
         acked = [(r.series_id, r.ts, r.revision) for i, r in enumerate(rows) if i not in bad]
         rejected = [
