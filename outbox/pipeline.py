@@ -660,7 +660,15 @@ def _describe(exc: BaseException) -> str:
 
 @dataclass
 class SendResult:
-    """Counts of one send run."""
+    """Counts of one send run.
+
+    Each count says what this run recorded, never what it only tried: ``sent`` counts
+    the rows whose outcome GridPulse gave and the run committed (acknowledged, rejected
+    per row, or dead after a bisection or a 413), ``batches`` the 200 answers whose
+    outcome committed, ``acked`` the rows marked acknowledged, ``deferred`` the rows
+    given a later attempt. ``requests`` and ``bytes`` count every POST attempt, answered
+    or not.
+    """
 
     run_id: int = 0
     batches: int = 0
@@ -814,8 +822,6 @@ class Sender:
             check_result(answer, batch_id, rows)
             return answer
 
-        self.result.batches += 1
-        self.result.sent += len(rows)
         crashpoint("send.before_post")
         outcome = call_with_retry(self.policy, attempt, sleep=self.sleep)
         crashpoint("send.after_post")
@@ -860,6 +866,8 @@ class Sender:
         # in flight); marking its rows acked overlaps that POST.
         self.wait_acks()
         self.result.rejected += self.store.record_outcome(acked, rejected)
+        self.result.batches += 1
+        self.result.sent += len(rows)
         if acked:
             if self._acks is None:
                 self._acks = ThreadPoolExecutor(1, thread_name_prefix="outbox-acks")
@@ -884,6 +892,7 @@ class Sender:
         keys = [(Key(r.series_id, r.ts, r.revision), code, message) for r in rows]
         self.wait_acks()
         self.result.rejected += self.store.record_outcome([], keys)
+        self.result.sent += len(rows)
 
     def defer(self, rows: Sequence[Claimed], exc: SinkTransientError) -> None:
         """Leave ``rows`` pending with a growing, capped next attempt time."""

@@ -298,3 +298,22 @@ def test_dry_run_and_lock(store: Store) -> None:
             skipped = send(store, make_config())
         assert skipped.skipped and mock.calls.call_count == 0
     assert states(store) == {"pending": 4}
+
+
+def test_failed_send_counts_only_what_it_recorded(store: Store) -> None:
+    """A run that fails counts the batch it settled, not the one GridPulse never answered."""
+    stage(store, 7)
+    answers = iter([accept_all] + [lambda request: httpx.Response(503)] * 3)
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(side_effect=lambda request: next(answers)(request))
+        with pytest.raises(SendFailed):
+            send(store, make_config(batch_size=5))
+    (run,) = store.recent_runs(stage="send")
+    assert run.status == "failed"
+    assert {k: run.counts[k] for k in ("batches", "sent", "acked", "deferred", "requests")} == {
+        "batches": 1,
+        "sent": 5,
+        "acked": 5,
+        "deferred": 2,
+        "requests": 4,
+    }

@@ -7,6 +7,7 @@ receiver (a subprocess) to show that what the refused run left is delivered exac
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from collections.abc import Callable
@@ -148,10 +149,14 @@ def test_inconsistent_answer_changes_no_row_and_the_next_send_delivers_all(
     # Not acked, not dead, not deferred: every table but runs exactly as before.
     assert tables(db) == before
     with sqlite3.connect(db) as con:
-        status, error = con.execute(
-            "SELECT status, error FROM runs WHERE stage = 'send'"
+        status, counts, error = con.execute(
+            "SELECT status, counts, error FROM runs WHERE stage = 'send'"
         ).fetchone()
     assert status == "failed" and named in error
+    recorded = json.loads(counts)
+    assert (recorded["sent"], recorded["batches"], recorded["acked"]) == (0, 0, 0)
+    assert recorded["requests"] == 1
+    assert "sent=0 " in refused.stderr and "acked=0 " in refused.stderr  # the failed-run line
 
     with running_receiver(tmp_path, api_key=KEY) as receiver:
         sent = outbox("send", env=env(db, receiver.base_url))
