@@ -681,6 +681,8 @@ class SendResult:
     skipped: bool = False
     holder: int | None = None
     due: int = 0
+    waiting: int = 0
+    waiting_until: str | None = None
     error: str | None = None
 
     def counts(self) -> dict[str, Any]:
@@ -930,7 +932,9 @@ def run_send(
             result.holder = lock_holder(store.lock_path("send"))
             return result
         if dry_run:
-            result.due = store.count_due(to_ts(utcnow()))
+            now = to_ts(utcnow())
+            result.due = store.count_due(now)
+            result.waiting, result.waiting_until = store.count_deferred(now)
             return result
         result.run_id = store.start_run("send")
         bind(stage="send", run=result.run_id)

@@ -317,3 +317,27 @@ def test_failed_send_counts_only_what_it_recorded(store: Store) -> None:
         "deferred": 2,
         "requests": 4,
     }
+
+
+def test_dry_run_counts_deferred_rows_with_the_earliest_retry(store: Store, db_path) -> None:
+    from typer.testing import CliRunner
+
+    from outbox.cli import app
+    from outbox.store import Key
+
+    rows = stage(store, 6)
+    store.defer([Key(*r[:2], r[5]) for r in rows[4:]], "2099-03-01T00:00:00Z", "x", "X")
+    store.defer([Key(*rows[3][:2], rows[3][5])], "2099-01-01T00:00:00Z", "x", "X")
+    store.defer([Key(*rows[2][:2], rows[2][5])], "2000-01-01T00:00:00Z", "x", "X")  # due again
+    env = {"OUTBOX_DB": str(db_path), "GRIDPULSE_BASE_URL": BASE}
+    with respx.mock() as mock:  # strict: a dry run sends nothing
+        said = CliRunner().invoke(app, ["send", "--dry-run"], env=env)
+        assert mock.calls.call_count == 0
+    assert said.exit_code == 0, said.output
+    assert said.stdout == (
+        f"dry run: 3 due now, 3 deferred until 2099-01-01T00:00:00Z; 1 batches to {BASE}\n"
+    )
+    store.defer([Key(*r[:2], r[5]) for r in rows[3:]], "2000-01-01T00:00:00Z", "x", "X")
+    said = CliRunner().invoke(app, ["send", "--dry-run"], env=env)
+    assert said.stdout == f"dry run: 6 due now, 0 deferred; 1 batches to {BASE}\n"
+    assert states(store) == {"pending": 6}
