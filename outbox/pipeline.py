@@ -70,6 +70,11 @@ ROUTE_DATASETS: dict[str, dict[str, str | None]] = {
 MERGE_WINDOW = timedelta(days=7)
 UNAVAILABLE = "SINK_UNAVAILABLE"
 SERVER_ERROR = "SERVER_ERROR"
+# Rows waiting for the time GridPulse asked for (Retry-After): not made due by a
+# health check, since GridPulse said when, and it may be up yet not ready for them.
+RETRY_AFTER = "SINK_RETRY_AFTER"
+# A longer Retry-After is more likely a broken header than a plan: wait a day, then ask.
+MAX_ASKED_DEFER = 86400.0
 
 
 def retry_policy(cfg: RetryConfig, deadline: float = 0.0) -> RetryPolicy:
@@ -722,6 +727,8 @@ class Sender:
         result: SendResult,
         *,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        ends_at: float | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -732,6 +739,12 @@ class Sender:
             config.gridpulse.retry, deadline=config.gridpulse.retry_budget_seconds
         )
         self.sleep = sleep
+        self.clock = clock
+        # When the run must end (``--max-seconds``, on ``clock``): no retry waits past it.
+        self.ends_at = ends_at
+        # The retry budget the last POST had, and the Retry-After deferral it ended in.
+        self.budget_left = self.policy.deadline
+        self.asked: tuple[float, str] | None = None
         self._pages: dict[int, list[dict[str, Any]]] = {}
         # Compress ahead when the client can take a body compressed ahead (test doubles
         # that only implement post_batch(batch_id, body) get the plain body).
@@ -825,9 +838,19 @@ class Sender:
             return answer
 
         crashpoint("send.before_post")
-        outcome = call_with_retry(self.policy, attempt, sleep=self.sleep)
+        outcome = call_with_retry(self._policy_now(), attempt, sleep=self.sleep)
         crashpoint("send.after_post")
         return outcome
+
+    def _policy_now(self) -> RetryPolicy:
+        """The retry policy of the next POST: the budget, or less if the run ends sooner."""
+        left = self.policy.deadline
+        if self.ends_at is not None:
+            # A deadline of 0 means none: a run with no time left still gets no wait.
+            run_left = max(self.ends_at - self.clock(), 1e-3)
+            left = run_left if left <= 0 else min(left, run_left)
+        self.budget_left = left
+        return self.policy if left == self.policy.deadline else replace(self.policy, deadline=left)
 
     def _wire(self, r: Claimed) -> dict[str, Any]:
         obs = {
@@ -897,14 +920,20 @@ class Sender:
         self.result.sent += len(rows)
 
     def defer(self, rows: Sequence[Claimed], exc: SinkTransientError) -> None:
-        """Leave ``rows`` pending with a growing, capped next attempt time."""
+        """Leave ``rows`` pending with a growing, capped next attempt time, or until the
+        time GridPulse asked for with ``Retry-After`` when that is later."""
         gp = self.config.gridpulse
         attempts = max((r.attempts for r in rows), default=0)
         delay = min(gp.defer_max_seconds, gp.defer_initial_seconds * (2**attempts))
-        when = to_ts(utcnow() + timedelta(seconds=delay))
         # A 500 from a live server may be caused by these rows: they keep their own
         # backoff. Anything else means GridPulse was unreachable or overloaded.
         code = SERVER_ERROR if exc.status in (500, 501, 505) else UNAVAILABLE
+        asked = exc.retry_after
+        if asked is not None and asked > delay:
+            delay, code = min(asked, MAX_ASKED_DEFER), RETRY_AFTER
+        when = to_ts(utcnow() + timedelta(seconds=delay))
+        if code == RETRY_AFTER:
+            self.asked = (delay, when)
         keys = [Key(r.series_id, r.ts, r.revision) for r in rows]
         self.wait_acks()
         self.result.deferred += self.store.defer(keys, when, f"{code}: {exc}", code=code)
@@ -939,7 +968,8 @@ def run_send(
         result.run_id = store.start_run("send")
         bind(stage="send", run=result.run_id)
         started = time.monotonic()
-        sender = Sender(config, store, client, result, sleep=sleep)
+        ends_at = clock() + max_seconds if max_seconds is not None else None
+        sender = Sender(config, store, client, result, sleep=sleep, clock=clock, ends_at=ends_at)
         try:
             try:
                 _drain(store, sender, max_batches, max_seconds, clock)
@@ -947,6 +977,11 @@ def run_send(
                 sender.close()
         except SinkTransientError as exc:
             result.error = f"GridPulse unavailable: {exc}"
+            if sender.asked is not None:
+                result.error += (
+                    f" (Retry-After {sender.asked[0]:g}s, the run's budget had "
+                    f"{sender.budget_left:g}s left: deferred until {sender.asked[1]})"
+                )
             store.finish_run(result.run_id, "failed", result.counts(), result.error)
             _log_failed("send", result.run_id, started, result.counts(), result.error)
             raise SendFailed(result.error) from None
