@@ -26,6 +26,7 @@ from outbox.errors import (
     BatchRejectedError,
     OutboxError,
     PayloadTooLargeError,
+    RejectsEverythingError,
     SinkTransientError,
     SourceFatalError,
 )
@@ -745,6 +746,8 @@ class Sender:
         # The retry budget the last POST had, and the Retry-After deferral it ended in.
         self.budget_left = self.policy.deadline
         self.asked: tuple[float, str] | None = None
+        # Rows GridPulse refused alone in a row with one code, none accepted since.
+        self._refused: tuple[str, int] = ("", 0)
         self._pages: dict[int, list[dict[str, Any]]] = {}
         # Compress ahead when the client can take a body compressed ahead (test doubles
         # that only implement post_batch(batch_id, body) get the plain body).
@@ -806,20 +809,42 @@ class Sender:
         failed). Each step sends the first half alone: if it is accepted the bad row
         is in the second half; if not, the second half is left pending, untested, for
         a later batch. A single row that fails alone is dead with the server's words.
+        While GridPulse has refused every row tried since it last accepted one, the first
+        step sends the first row alone instead of half: a GridPulse that refuses
+        everything costs two requests a row, and the circuit breaker stops the run.
         """
         suspect, error, alone = list(rows), exc, len(rows) == 1
+        accepted = False
         while len(suspect) > 1:
-            half = suspect[: math.ceil(len(suspect) / 2)]
+            first = 1 if self._refused[1] and not accepted else math.ceil(len(suspect) / 2)
+            half = suspect[:first]
             try:
                 outcome = self._post(half)
             except BatchRejectedError as again:
                 suspect, error, alone = half, again, len(half) == 1
                 continue
             self._settle(half, outcome)
+            accepted = accepted or outcome.accepted > 0
             suspect, alone = suspect[len(half) :], False
         code = error.code or f"HTTP_{error.status}"
         message = str(error) if alone else f"rejected by bisection (its sibling passed): {error}"
         self._dead(suspect, code, message)
+        if not accepted:
+            self._count_refused(code, len(suspect))
+
+    def _count_refused(self, code: str, rows: int) -> None:
+        """Count rows refused with no row accepted; stop the run at the breaker's limit."""
+        seen, count = self._refused
+        count = count + rows if code == seen else rows
+        self._refused = (code, count)
+        limit = self.config.gridpulse.circuit_breaker_rows
+        if count >= limit:
+            raise RejectsEverythingError(
+                f"GridPulse rejects everything (code {code}): {count} rows in a row refused "
+                f"alone, none accepted; they are dead, the rest stay pending "
+                f"(outbox requeue --code {code} once GridPulse accepts them)",
+                code,
+            )
 
     def _post(self, rows: Sequence[Claimed], batch: Batch | None = None) -> IngestResult:
         batch = batch or self.prepare(rows)
@@ -893,6 +918,8 @@ class Sender:
         self.result.rejected += self.store.record_outcome(acked, rejected)
         self.result.batches += 1
         self.result.sent += len(rows)
+        if outcome.accepted:
+            self._refused = ("", 0)
         if acked:
             if self._acks is None:
                 self._acks = ThreadPoolExecutor(1, thread_name_prefix="outbox-acks")

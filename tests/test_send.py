@@ -16,7 +16,7 @@ from factories import obs, series_row, ts
 from freezegun import freeze_time
 
 from outbox.config import Config
-from outbox.errors import SinkAuthError, SinkConflictError
+from outbox.errors import RejectsEverythingError, SinkAuthError, SinkConflictError
 from outbox.gridpulse import GridPulseClient
 from outbox.pipeline import SendFailed, run_send
 from outbox.store import Key, Store, file_lock
@@ -425,3 +425,48 @@ def test_retry_after_past_the_budget_is_one_line_exit_1(store: Store, db_path) -
     assert "429 RATE_LIMITED" in errors[0] and "Retry-After 3600s" in errors[0]
     assert errors[0].endswith("; rows stay pending") and KEY not in said.stderr
     assert store.count_due() == 0 and states(store) == {"pending": 3}
+
+
+@pytest.mark.parametrize("bad", [2, 3])
+def test_circuit_breaker_needs_k_rows_refused_with_none_accepted(store: Store, bad: int) -> None:
+    rows = stage(store, 20)
+    poisoned = {rows[i][1] for i in range(bad)}  # the oldest rows, adjacent
+    requests: list[int] = []
+
+    def refuse_poisoned(request: httpx.Request) -> httpx.Response:
+        observations = body_of(request)["observations"]
+        requests.append(len(observations))
+        if any(o["ts"] in poisoned for o in observations):
+            return httpx.Response(
+                422, json={"error": {"code": "POISONED", "message": "no", "details": {}}}
+            )
+        return accept_all(request)
+
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(side_effect=refuse_poisoned)
+        if bad < 3:
+            result = send(store, make_config())
+            assert result.acked == 20 - bad and states(store) == {"acked": 18, "dead": 2}
+            return
+        with pytest.raises(RejectsEverythingError, match=r"rejects everything \(code POISONED\)"):
+            send(store, make_config())
+    assert states(store) == {"dead": 3, "pending": 17}
+    # 20 -> 10 -> 5 -> 3 -> 2 -> 1, then 19 and 1 alone, then 18 and 1 alone.
+    assert requests == [20, 10, 5, 3, 2, 1, 19, 1, 18, 1]
+
+
+def test_an_accepted_row_resets_the_circuit_breaker(store: Store) -> None:
+    rows = stage(store, 12)
+    poisoned = {rows[i][1] for i in (0, 1, 3, 4, 6, 7)}  # never three in a row
+
+    def refuse_poisoned(request: httpx.Request) -> httpx.Response:
+        if any(o["ts"] in poisoned for o in body_of(request)["observations"]):
+            return httpx.Response(
+                422, json={"error": {"code": "POISONED", "message": "no", "details": {}}}
+            )
+        return accept_all(request)
+
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(side_effect=refuse_poisoned)
+        result = send(store, make_config())
+    assert (result.acked, result.rejected) == (6, 6)

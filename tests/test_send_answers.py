@@ -8,6 +8,7 @@ receiver (a subprocess) to show that what the refused run left is delivered exac
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sqlite3
 from collections.abc import Callable
@@ -181,3 +182,34 @@ def test_consistent_answer_with_rejections_is_an_acknowledgement(db: Path) -> No
     assert done.returncode == 0, done.stderr
     assert states(db) == {"acked": SAMPLE_ROWS - 6, "dead": 6}
     assert len(gp.batches) == 3
+
+
+def refuse_all(batch: dict[str, Any]) -> Reply:
+    return Reply(400, {"error": {"code": "SCHEMA_CHANGED", "message": "no", "details": {}}})
+
+
+@pytest.mark.parametrize("limit", [3, 5])
+def test_gridpulse_refusing_every_batch_trips_the_circuit_breaker(db: Path, limit: int) -> None:
+    env_ = env(db, "")
+    env_["OUTBOX__GRIDPULSE__BATCH_SIZE"] = "5000"  # the whole backlog in one batch
+    if limit != 3:  # 3 is the default
+        env_["OUTBOX__GRIDPULSE__CIRCUIT_BREAKER_ROWS"] = str(limit)
+    with scripted_gridpulse(refuse_all) as gp:
+        env_["GRIDPULSE_BASE_URL"] = gp.base_url
+        stopped = outbox("send", env=env_)
+    said = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 1, said
+    assert "Traceback" not in said
+    [line] = error_lines(stopped.stderr)
+    assert line.startswith("error: GridPulse rejects everything (code SCHEMA_CHANGED): "), line
+    assert states(db) == {"dead": limit, "pending": SAMPLE_ROWS - limit}
+    # The first bisection halves down to one row (ceil(log2(n)) requests after the batch's
+    # own); each further row costs its batch's request and one alone.
+    first = 1 + math.ceil(math.log2(SAMPLE_ROWS))
+    assert len(gp.batches) == first + 2 * (limit - 1)
+    assert [len(b["observations"]) for b in gp.batches[first:]] == [
+        SAMPLE_ROWS - 1,
+        1,
+        SAMPLE_ROWS - 2,
+        1,
+    ] + [n for k in range(3, limit) for n in (SAMPLE_ROWS - k, 1)]
