@@ -444,7 +444,11 @@ def send(
         return 0
     if dry_run:
         batches = math.ceil(result.due / g.batch_size) if result.due else 0
-        typer.echo(f"dry run: {result.due} rows due, {batches} batches to {g.base_url}")
+        later = f" until {result.waiting_until}" if result.waiting else ""
+        typer.echo(
+            f"dry run: {result.due} due now, {result.waiting} deferred{later}; "
+            f"{batches} batches to {g.base_url}"
+        )
         return 0
     typer.echo(
         f"send run {result.run_id}: {result.sent} rows in {result.batches} batches, "

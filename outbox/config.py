@@ -153,6 +153,11 @@ class GridPulseConfig(_Model):
     retry_budget_seconds: float = Field(300.0, ge=0)
     defer_initial_seconds: float = Field(60.0, ge=0)
     defer_max_seconds: float = Field(1800.0, ge=0)
+    # Rows in a row GridPulse refuses alone (400/422, one code, none accepted) before a
+    # send stops as "GridPulse rejects everything": a real bad row is usually alone and
+    # its neighbours pass; three in a row with no row accepted is a broken GridPulse, and
+    # each more costs two requests and one more row wrongly dead per run.
+    circuit_breaker_rows: int = Field(3, ge=1)
     gzip: bool = True
     send_source_data: bool = False
     verify_tls: bool = True

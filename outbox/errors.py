@@ -30,6 +30,9 @@ Tree::
         +-- SinkConflictError (Terminal)      409: Idempotency-Key reused (a bug)
         +-- BatchRejectedError (Terminal)     400/422 for a whole batch: bisect
         +-- PayloadTooLargeError (Terminal)   413: halve the batch
+        +-- ProtocolError (Terminal)          a 200 that does not account for the batch:
+                                              no row changes state, the run stops
+        +-- RejectsEverythingError (Terminal) 400/422 for every row tried: the run stops
 
     KeyboardInterrupt
     +-- Interrupted                   exit 128 + signal  SIGTERM (systemd stop) or SIGINT
@@ -157,6 +160,25 @@ class BatchRejectedError(SinkError, TerminalError):
 
 class PayloadTooLargeError(SinkError, TerminalError):
     """GridPulse answered 413: the batch must be smaller."""
+
+
+class ProtocolError(SinkError, TerminalError):
+    """GridPulse answered 200 with something that is not a consistent acknowledgement.
+
+    No row of the batch changes state (not acked, not dead, not deferred); the run stops,
+    since a GridPulse that answers wrongly answers the same way again, and the next send
+    retries the batch.
+    """
+
+
+class RejectsEverythingError(SinkError, TerminalError):
+    """GridPulse refused row after row alone with one code and accepted none: the
+    circuit breaker (``gridpulse.circuit_breaker_rows``) stops the run, the rest stays
+    pending."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Interrupted(KeyboardInterrupt):

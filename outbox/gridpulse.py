@@ -6,8 +6,9 @@ by marker: :class:`~outbox.errors.TransientError` subclasses are retried with ba
 terminal ones are not. Status mapping for :meth:`GridPulseClient.post_batch`:
 
 ====================================  ==============================================
-200 with a valid result               :class:`IngestResult`
-200 that is not the result shape      :class:`~outbox.errors.SinkTransientError`
+200 that accounts for the batch       :class:`IngestResult`
+200 that does not (see                :class:`~outbox.errors.ProtocolError`
+:func:`check_result`)                 (no row changes state; not retried)
 400, 422                              :class:`~outbox.errors.BatchRejectedError`
 401, 403                              :class:`~outbox.errors.SinkAuthError`
 409                                   :class:`~outbox.errors.SinkConflictError`
@@ -40,6 +41,7 @@ from outbox import USER_AGENT
 from outbox.errors import (
     BatchRejectedError,
     PayloadTooLargeError,
+    ProtocolError,
     RateLimitedError,
     SinkAuthError,
     SinkConflictError,
@@ -72,6 +74,7 @@ _PLAIN_KEYS = frozenset(WIRE_FIELDS)
 _FULL_KEYS = frozenset(WIRE_FIELDS + OPTIONAL_WIRE_FIELDS)
 _GZIP_WBITS = 31  # zlib's "gzip container" window setting
 _MAX_MESSAGE = 500
+_MAX_SHOWN = 80  # characters of an answer's value quoted in a protocol error
 
 
 @dataclass(frozen=True)
@@ -178,12 +181,19 @@ class GridPulseClient:
         return self._compress(body) if self._gzip else body
 
     def post_batch(
-        self, batch_id: str, body: bytes, *, packed: bytes | None = None
+        self,
+        batch_id: str,
+        body: bytes,
+        *,
+        packed: bytes | None = None,
+        keys: Sequence[Sequence[Any]] | None = None,
     ) -> IngestResult:
         """Send one encoded batch (from :func:`encode_batch`) and return GridPulse's result.
 
-        ``packed`` is ``pack(body)`` when the caller computed it ahead. Raises the error of
-        the module's status table; never retries.
+        ``packed`` is ``pack(body)`` when the caller computed it ahead. ``keys`` are the
+        rows sent, in order (each item's first two fields ``series_id`` and ``ts``): with
+        them the answer must pass :func:`check_result`, without them only its shape and
+        batch id are checked. Raises the error of the module's status table; never retries.
         """
         headers = self._headers()
         headers["Content-Type"] = "application/json"
@@ -195,11 +205,12 @@ class GridPulseClient:
         response = self._send("POST", INGEST_PATH, content=body, headers=headers)
         if response.status_code != 200:
             raise self._ingest_error(response)
-        result = _parse_ingest_result(self._json(response))
-        if result.batch_id != batch_id:
-            raise SinkTransientError(
-                f"GridPulse answered batch {result.batch_id!r} for batch {batch_id!r}", status=200
-            )
+        try:
+            result = parse_ingest_result(_ingest_json(response, batch_id), batch_id)
+            if keys is not None:
+                check_result(result, batch_id, keys)
+        except ProtocolError as exc:
+            raise ProtocolError(self._clean(str(exc))) from None
         log.debug(
             "batch %s: %d accepted, %d rejected", batch_id, result.accepted, len(result.rejected)
         )
@@ -366,23 +377,93 @@ def _expect_object(payload: Any, what: str) -> dict:
     return payload
 
 
-def _parse_ingest_result(payload: Any) -> IngestResult:
-    """Validate the 200 body of an ingest; a wrong shape is treated as transient."""
-    payload = _expect_object(payload, "ingest result")
-    batch_id, accepted, rejected = (
-        payload.get("batch_id"),
-        payload.get("accepted"),
-        payload.get("rejected"),
+def _inconsistent(batch_id: str, what: str) -> ProtocolError:
+    return ProtocolError(
+        f"GridPulse's answer to batch {batch_id} is inconsistent: {what}; "
+        "no row changed, the next send retries"
     )
-    if not isinstance(batch_id, str) or not _is_count(accepted) or not isinstance(rejected, list):
-        raise SinkTransientError(
-            "GridPulse ingest result lacks batch_id (string), accepted (count) or rejected (array)",
-            status=200,
+
+
+def _shown(value: Any) -> str:
+    """A value of the answer as JSON, cut short (it is quoted in a one-line error)."""
+    try:
+        text = orjson.dumps(value).decode()
+    except TypeError:
+        text = repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+
+
+def _ingest_json(response: httpx.Response, batch_id: str) -> Any:
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        raise _inconsistent(batch_id, f"it is not JSON ({_shown(response.text)})") from None
+
+
+def parse_ingest_result(payload: Any, batch_id: str) -> IngestResult:
+    """GridPulse's 200 answer to batch ``batch_id`` as an :class:`IngestResult`.
+
+    Raises :class:`~outbox.errors.ProtocolError` when the answer is not the contract's
+    shape (``accepted`` a non-negative integer, not a boolean; ``rejected`` an array of
+    rejections) or names another batch.
+    """
+    if not isinstance(payload, dict):
+        raise _inconsistent(batch_id, f"it is not a JSON object ({_shown(payload)})")
+    if payload.get("batch_id") != batch_id:
+        raise _inconsistent(batch_id, f"it names batch {_shown(payload.get('batch_id'))}")
+    if "accepted" not in payload:
+        raise _inconsistent(batch_id, "accepted is missing")
+    accepted, rejected = payload["accepted"], payload.get("rejected")
+    if not _is_count(accepted):
+        raise _inconsistent(batch_id, f"accepted is {_shown(accepted)}, not a count")
+    if not isinstance(rejected, list):
+        raise _inconsistent(batch_id, f"rejected is {_shown(rejected)}, not an array")
+    return IngestResult(
+        batch_id, accepted, tuple(_parse_rejection(item, batch_id) for item in rejected)
+    )
+
+
+def check_result(result: IngestResult, batch_id: str, keys: Sequence[Sequence[Any]]) -> None:
+    """Raise :class:`~outbox.errors.ProtocolError` unless ``result`` accounts for the batch.
+
+    ``keys`` are the rows sent, in order; each item's first two fields are ``series_id``
+    and ``ts`` (a ``(series_id, ts)`` pair or a claimed store row). The answer is an
+    acknowledgement only if it names this batch, every rejection's index is in range,
+    distinct, and names the ``series_id`` and ``ts`` of the row at that index, and
+    ``accepted`` + the rejections = the rows sent. The work is per rejection, not per row.
+    """
+    if result.batch_id != batch_id:
+        raise _inconsistent(batch_id, f"it names batch {_shown(result.batch_id)}")
+    sent = len(keys)
+    seen: set[int] = set()
+    for rej in result.rejected:
+        index = rej.index
+        if not 0 <= index < sent:
+            raise _inconsistent(
+                batch_id, f"rejection index {index} is outside the {sent} rows sent"
+            )
+        if index in seen:
+            raise _inconsistent(batch_id, f"index {index} is rejected twice")
+        seen.add(index)
+        row = keys[index]
+        if rej.series_id != row[0]:
+            raise _inconsistent(
+                batch_id,
+                f"rejection {index} names series {_shown(rej.series_id)}, "
+                f"row {index} sent is {row[0]}",
+            )
+        if rej.ts != row[1]:
+            raise _inconsistent(
+                batch_id,
+                f"rejection {index} names ts {_shown(rej.ts)}, row {index} sent has ts {row[1]}",
+            )
+    if result.accepted + len(seen) != sent:
+        raise _inconsistent(
+            batch_id, f"accepted {result.accepted} + rejected {len(seen)} != {sent} rows sent"
         )
-    return IngestResult(batch_id, accepted, tuple(_parse_rejection(item) for item in rejected))
 
 
-def _parse_rejection(item: Any) -> Rejection:
+def _parse_rejection(item: Any, batch_id: str) -> Rejection:
     if (
         isinstance(item, dict)
         and _is_count(item.get("index"))
@@ -396,9 +477,7 @@ def _parse_rejection(item: Any) -> Rejection:
             item["code"],
             message if isinstance(message, str) else "",
         )
-    raise SinkTransientError(
-        f"GridPulse rejection entry has the wrong shape: {item!r:.200}", status=200
-    )
+    raise _inconsistent(batch_id, f"a rejection has the wrong shape: {_shown(item)}")
 
 
 def _is_count(value: Any) -> bool:

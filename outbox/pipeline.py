@@ -26,10 +26,17 @@ from outbox.errors import (
     BatchRejectedError,
     OutboxError,
     PayloadTooLargeError,
+    RejectsEverythingError,
     SinkTransientError,
     SourceFatalError,
 )
-from outbox.gridpulse import GridPulseClient, IngestResult, batch_id_of, encode_batch
+from outbox.gridpulse import (
+    GridPulseClient,
+    IngestResult,
+    batch_id_of,
+    check_result,
+    encode_batch,
+)
 from outbox.logsetup import bind, quote, scoped
 from outbox.normalize import SKIP_REASONS, Normalized, normalize_page, stream_key
 from outbox.readahead import Elided, SharedFlag, can_fork, forked_read_ahead, read_ahead
@@ -65,6 +72,11 @@ ROUTE_DATASETS: dict[str, dict[str, str | None]] = {
 MERGE_WINDOW = timedelta(days=7)
 UNAVAILABLE = "SINK_UNAVAILABLE"
 SERVER_ERROR = "SERVER_ERROR"
+# Rows waiting for the time GridPulse asked for (Retry-After): not made due by a
+# health check, since GridPulse said when, and it may be up yet not ready for them.
+RETRY_AFTER = "SINK_RETRY_AFTER"
+# A longer Retry-After is more likely a broken header than a plan: wait a day, then ask.
+MAX_ASKED_DEFER = 86400.0
 
 
 def retry_policy(cfg: RetryConfig, deadline: float = 0.0) -> RetryPolicy:
@@ -782,7 +794,15 @@ def _describe(exc: BaseException) -> str:
 
 @dataclass
 class SendResult:
-    """Counts of one send run."""
+    """Counts of one send run.
+
+    Each count says what this run recorded, never what it only tried: ``sent`` counts
+    the rows whose outcome GridPulse gave and the run committed (acknowledged, rejected
+    per row, or dead after a bisection or a 413), ``batches`` the 200 answers whose
+    outcome committed, ``acked`` the rows marked acknowledged, ``deferred`` the rows
+    given a later attempt. ``requests`` and ``bytes`` count every POST attempt, answered
+    or not.
+    """
 
     run_id: int = 0
     batches: int = 0
@@ -795,6 +815,8 @@ class SendResult:
     skipped: bool = False
     holder: int | None = None
     due: int = 0
+    waiting: int = 0
+    waiting_until: str | None = None
     error: str | None = None
 
     def counts(self) -> dict[str, Any]:
@@ -834,6 +856,8 @@ class Sender:
         result: SendResult,
         *,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        ends_at: float | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -844,12 +868,25 @@ class Sender:
             config.gridpulse.retry, deadline=config.gridpulse.retry_budget_seconds
         )
         self.sleep = sleep
+        self.clock = clock
+        # When the run must end (``--max-seconds``, on ``clock``): no retry waits past it.
+        self.ends_at = ends_at
+        # The retry budget the last POST had, and the Retry-After deferral it ended in.
+        self.budget_left = self.policy.deadline
+        self.asked: tuple[float, str] | None = None
+        # Rows GridPulse refused alone in a row with one code, none accepted since.
+        self._refused: tuple[str, int] = ("", 0)
         self._pages: dict[int, list[dict[str, Any]]] = {}
         # Compress ahead when the client can take a body compressed ahead (test doubles
         # that only implement post_batch(batch_id, body) get the plain body).
         self._pack: Callable[[bytes], bytes] | None = None
-        if "packed" in inspect.signature(client.post_batch).parameters:
+        takes = inspect.signature(client.post_batch).parameters
+        if "packed" in takes:
             self._pack = getattr(client, "pack", None)
+        # The client checks the answer against the rows sent when it takes them; for one
+        # that does not, the same check runs here: only an answer that accounts for every
+        # row of its batch settles any row.
+        self._client_checks = "keys" in takes
         # Recorded acks are applied to their rows on this thread while the next POST is
         # in flight; one application at a time, finished before any other write.
         self._acks: ThreadPoolExecutor | None = None
@@ -900,20 +937,42 @@ class Sender:
         failed). Each step sends the first half alone: if it is accepted the bad row
         is in the second half; if not, the second half is left pending, untested, for
         a later batch. A single row that fails alone is dead with the server's words.
+        While GridPulse has refused every row tried since it last accepted one, the first
+        step sends the first row alone instead of half: a GridPulse that refuses
+        everything costs two requests a row, and the circuit breaker stops the run.
         """
         suspect, error, alone = list(rows), exc, len(rows) == 1
+        accepted = False
         while len(suspect) > 1:
-            half = suspect[: math.ceil(len(suspect) / 2)]
+            first = 1 if self._refused[1] and not accepted else math.ceil(len(suspect) / 2)
+            half = suspect[:first]
             try:
                 outcome = self._post(half)
             except BatchRejectedError as again:
                 suspect, error, alone = half, again, len(half) == 1
                 continue
             self._settle(half, outcome)
+            accepted = accepted or outcome.accepted > 0
             suspect, alone = suspect[len(half) :], False
         code = error.code or f"HTTP_{error.status}"
         message = str(error) if alone else f"rejected by bisection (its sibling passed): {error}"
         self._dead(suspect, code, message)
+        if not accepted:
+            self._count_refused(code, len(suspect))
+
+    def _count_refused(self, code: str, rows: int) -> None:
+        """Count rows refused with no row accepted; stop the run at the breaker's limit."""
+        seen, count = self._refused
+        count = count + rows if code == seen else rows
+        self._refused = (code, count)
+        limit = self.config.gridpulse.circuit_breaker_rows
+        if count >= limit:
+            raise RejectsEverythingError(
+                f"GridPulse rejects everything (code {code}): {count} rows in a row refused "
+                f"alone, none accepted; they are dead, the rest stay pending "
+                f"(outbox requeue --code {code} once GridPulse accepts them)",
+                code,
+            )
 
     def _post(self, rows: Sequence[Claimed], batch: Batch | None = None) -> IngestResult:
         batch = batch or self.prepare(rows)
@@ -922,16 +981,29 @@ class Sender:
         def attempt() -> IngestResult:
             self.result.requests += 1
             self.result.bytes += len(body)
+            if self._client_checks:
+                return self.client.post_batch(batch_id, body, packed=packed, keys=rows)
             if packed is None:
-                return self.client.post_batch(batch_id, body)
-            return self.client.post_batch(batch_id, body, packed=packed)  # type: ignore[call-arg]
+                answer = self.client.post_batch(batch_id, body)
+            else:
+                answer = self.client.post_batch(batch_id, body, packed=packed)  # type: ignore[call-arg]
+            check_result(answer, batch_id, rows)
+            return answer
 
-        self.result.batches += 1
-        self.result.sent += len(rows)
         crashpoint("send.before_post")
-        outcome = call_with_retry(self.policy, attempt, sleep=self.sleep)
+        outcome = call_with_retry(self._policy_now(), attempt, sleep=self.sleep)
         crashpoint("send.after_post")
         return outcome
+
+    def _policy_now(self) -> RetryPolicy:
+        """The retry policy of the next POST: the budget, or less if the run ends sooner."""
+        left = self.policy.deadline
+        if self.ends_at is not None:
+            # A deadline of 0 means none: a run with no time left still gets no wait.
+            run_left = max(self.ends_at - self.clock(), 1e-3)
+            left = run_left if left <= 0 else min(left, run_left)
+        self.budget_left = left
+        return self.policy if left == self.policy.deadline else replace(self.policy, deadline=left)
 
     def _wire(self, r: Claimed) -> dict[str, Any]:
         obs = {
@@ -960,10 +1032,8 @@ class Sender:
         return data[row] if row is not None and 0 <= row < len(data) else None
 
     def _settle(self, rows: Sequence[Claimed], outcome: IngestResult) -> None:
-        bad = {}
-        for rej in outcome.rejected:
-            if 0 <= rej.index < len(rows):
-                bad[rej.index] = rej
+        # The answer passed check_result: every rejection names one distinct row sent.
+        bad = {rej.index: rej for rej in outcome.rejected}
         # Plain (series_id, ts, revision) tuples: what a Key holds, built at half the cost.
         acked = [(r.series_id, r.ts, r.revision) for i, r in enumerate(rows) if i not in bad]
         rejected = [
@@ -974,6 +1044,10 @@ class Sender:
         # in flight); marking its rows acked overlaps that POST.
         self.wait_acks()
         self.result.rejected += self.store.record_outcome(acked, rejected)
+        self.result.batches += 1
+        self.result.sent += len(rows)
+        if outcome.accepted:
+            self._refused = ("", 0)
         if acked:
             if self._acks is None:
                 self._acks = ThreadPoolExecutor(1, thread_name_prefix="outbox-acks")
@@ -998,16 +1072,23 @@ class Sender:
         keys = [(Key(r.series_id, r.ts, r.revision), code, message) for r in rows]
         self.wait_acks()
         self.result.rejected += self.store.record_outcome([], keys)
+        self.result.sent += len(rows)
 
     def defer(self, rows: Sequence[Claimed], exc: SinkTransientError) -> None:
-        """Leave ``rows`` pending with a growing, capped next attempt time."""
+        """Leave ``rows`` pending with a growing, capped next attempt time, or until the
+        time GridPulse asked for with ``Retry-After`` when that is later."""
         gp = self.config.gridpulse
         attempts = max((r.attempts for r in rows), default=0)
         delay = min(gp.defer_max_seconds, gp.defer_initial_seconds * (2**attempts))
-        when = to_ts(utcnow() + timedelta(seconds=delay))
         # A 500 from a live server may be caused by these rows: they keep their own
         # backoff. Anything else means GridPulse was unreachable or overloaded.
         code = SERVER_ERROR if exc.status in (500, 501, 505) else UNAVAILABLE
+        asked = exc.retry_after
+        if asked is not None and asked > delay:
+            delay, code = min(asked, MAX_ASKED_DEFER), RETRY_AFTER
+        when = to_ts(utcnow() + timedelta(seconds=delay))
+        if code == RETRY_AFTER:
+            self.asked = (delay, when)
         keys = [Key(r.series_id, r.ts, r.revision) for r in rows]
         self.wait_acks()
         self.result.deferred += self.store.defer(keys, when, f"{code}: {exc}", code=code)
@@ -1035,12 +1116,15 @@ def run_send(
             result.holder = lock_holder(store.lock_path("send"))
             return result
         if dry_run:
-            result.due = store.count_due(to_ts(utcnow()))
+            now = to_ts(utcnow())
+            result.due = store.count_due(now)
+            result.waiting, result.waiting_until = store.count_deferred(now)
             return result
         result.run_id = store.start_run("send")
         bind(stage="send", run=result.run_id)
         started = time.monotonic()
-        sender = Sender(config, store, client, result, sleep=sleep)
+        ends_at = clock() + max_seconds if max_seconds is not None else None
+        sender = Sender(config, store, client, result, sleep=sleep, clock=clock, ends_at=ends_at)
         try:
             try:
                 _drain(store, sender, max_batches, max_seconds, clock)
@@ -1048,6 +1132,11 @@ def run_send(
                 sender.close()
         except SinkTransientError as exc:
             result.error = f"GridPulse unavailable: {exc}"
+            if sender.asked is not None:
+                result.error += (
+                    f" (Retry-After {sender.asked[0]:g}s, the run's budget had "
+                    f"{sender.budget_left:g}s left: deferred until {sender.asked[1]})"
+                )
             store.finish_run(result.run_id, "failed", result.counts(), result.error)
             _log_failed("send", result.run_id, started, result.counts(), result.error)
             raise SendFailed(result.error) from None

@@ -2,8 +2,10 @@
 
 Retry decides by the error's marker (:class:`~outbox.errors.TransientError`), never
 by ad-hoc checks at call sites. A ``retry_after`` carried by the error (HTTP 429 or
-503 with ``Retry-After``) is honoured, capped by ``max_wait``. Tests build policies
-with zero waits so nothing sleeps.
+503 with ``Retry-After``) is honoured, capped by ``max_wait``. With a ``deadline`` the
+loop never sleeps past it: a wait (or a ``Retry-After``) that would end after the
+deadline gives up at once, and the caller decides when to try again. Tests build
+policies with zero waits so nothing sleeps.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class RetryPolicy:
 
     ``attempts`` counts the first try; ``initial``/``maximum`` bound the exponential
     backoff (with full jitter); ``max_wait`` caps a server-requested ``Retry-After``;
-    ``deadline`` (seconds, 0 = none) bounds the whole retry loop.
+    ``deadline`` (seconds, 0 = none) bounds the whole retry loop, sleeps included.
     """
 
     attempts: int = 5
@@ -73,6 +75,19 @@ def _wait(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], float]:
     return compute
 
 
+def _stop_past(deadline: float) -> Callable[[tenacity.RetryCallState], bool]:
+    """Stop when the next try would start after ``deadline``: the server's ``Retry-After``
+    counts in full (the wait may cap it, but the server will not answer sooner)."""
+
+    def past(state: tenacity.RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        asked = getattr(exc, "retry_after", None)
+        upcoming = float(asked) if asked is not None else state.upcoming_sleep
+        return (state.seconds_since_start or 0.0) + upcoming > deadline
+
+    return past
+
+
 def make_retrying(
     policy: RetryPolicy,
     *,
@@ -82,7 +97,7 @@ def make_retrying(
     """A tenacity ``Retrying`` that retries only :class:`TransientError` and re-raises it."""
     stop = tenacity.stop_after_attempt(max(1, policy.attempts))
     if policy.deadline > 0:
-        stop = stop | tenacity.stop_after_delay(policy.deadline)
+        stop = stop | _stop_past(policy.deadline)
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(TransientError),
         stop=stop,

@@ -1419,6 +1419,17 @@ class Store:
                 or 0
             )
 
+    def count_deferred(self, now: str | None = None) -> tuple[int, str | None]:
+        """Pending rows not due before a later time than ``now``, and the earliest such time."""
+        with self.read() as conn:
+            found = conn.exec_driver_sql(
+                "SELECT count(*), min(next_attempt_at) FROM observations"
+                " INDEXED BY ix_observations_pending_due"
+                " WHERE state = 'pending' AND next_attempt_at > ?",
+                (now or now_ts(),),
+            ).one()
+        return int(found[0] or 0), found[1]
+
     def requeue_dead(
         self, series_glob: str | None = None, code: str | None = None, since: str | None = None
     ) -> int:

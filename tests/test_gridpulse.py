@@ -22,6 +22,7 @@ from outbox import USER_AGENT
 from outbox.errors import (
     BatchRejectedError,
     PayloadTooLargeError,
+    ProtocolError,
     RateLimitedError,
     SinkAuthError,
     SinkConflictError,
@@ -36,6 +37,7 @@ from outbox.gridpulse import (
     IngestResult,
     Rejection,
     batch_id_of,
+    check_result,
     encode_batch,
 )
 
@@ -324,39 +326,123 @@ def test_timeout_message_names_the_request(
         client.post_batch(batch_id, body)
 
 
-def test_non_json_200_is_transient(router: respx.MockRouter, client: GridPulseClient) -> None:
-    batch_id, body, _ = batch(1)
-    router.post(INGEST).respond(200, text="<html>captive portal</html>")
-    with pytest.raises(SinkTransientError, match="not JSON") as caught:
-        client.post_batch(batch_id, body)
-    assert caught.value.status == 200
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [
-        [],
-        {"batch_id": "x", "accepted": 1},
-        {"batch_id": "x", "accepted": -1, "rejected": []},
-        {"batch_id": "x", "accepted": True, "rejected": []},
-        {"batch_id": "x", "accepted": 1, "rejected": [{"index": 0}]},
-    ],
-)
-def test_200_with_wrong_shape_is_transient(
-    router: respx.MockRouter, client: GridPulseClient, payload: Any
-) -> None:
-    router.post(INGEST).respond(200, json=payload)
-    with pytest.raises(SinkTransientError):
-        client.post_batch("x", encode_batch("x", [observation(0)]))
-
-
-def test_200_for_another_batch_is_transient(
+def test_non_json_200_is_a_protocol_error(
     router: respx.MockRouter, client: GridPulseClient
 ) -> None:
     batch_id, body, _ = batch(1)
-    router.post(INGEST).respond(200, json={"batch_id": "other", "accepted": 1, "rejected": []})
-    with pytest.raises(SinkTransientError, match="other"):
+    router.post(INGEST).respond(200, text="<html>captive portal</html>")
+    with pytest.raises(ProtocolError, match="is inconsistent: it is not JSON") as caught:
         client.post_batch(batch_id, body)
+    assert not isinstance(caught.value, TransientError)
+    assert isinstance(caught.value, TerminalError) and caught.value.exit_code == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "named"),
+    [
+        ([], "it is not a JSON object ([])"),
+        ({"batch_id": "x", "accepted": 1}, "rejected is null, not an array"),
+        ({"batch_id": "x", "rejected": []}, "accepted is missing"),
+        ({"batch_id": "x", "accepted": -1, "rejected": []}, "accepted is -1, not a count"),
+        ({"batch_id": "x", "accepted": True, "rejected": []}, "accepted is true, not a count"),
+        ({"batch_id": "x", "accepted": "1", "rejected": []}, 'accepted is "1", not a count'),
+        ({"batch_id": "x", "accepted": 1.0, "rejected": []}, "accepted is 1.0, not a count"),
+        (
+            {"batch_id": "x", "accepted": 1, "rejected": [{"index": 0}]},
+            'a rejection has the wrong shape: {"index":0}',
+        ),
+        ({"batch_id": "other", "accepted": 1, "rejected": []}, 'it names batch "other"'),
+    ],
+)
+def test_200_with_wrong_shape_is_a_protocol_error(
+    router: respx.MockRouter, client: GridPulseClient, payload: Any, named: str
+) -> None:
+    router.post(INGEST).respond(200, json=payload)
+    with pytest.raises(ProtocolError) as caught:
+        client.post_batch("x", encode_batch("x", [observation(0)]))
+    assert str(caught.value) == (
+        f"GridPulse's answer to batch x is inconsistent: {named}; "
+        "no row changed, the next send retries"
+    )
+
+
+def test_protocol_error_never_shows_the_key(
+    router: respx.MockRouter, client: GridPulseClient
+) -> None:
+    router.post(INGEST).respond(200, json={"batch_id": KEY, "accepted": 1, "rejected": []})
+    with pytest.raises(ProtocolError) as caught:
+        client.post_batch("x", encode_batch("x", [observation(0)]), keys=[("s", "t")])
+    assert KEY not in str(caught.value) and "it names batch" in str(caught.value)
+
+
+def test_post_batch_with_keys_checks_the_answer_against_them(
+    router: respx.MockRouter, client: GridPulseClient
+) -> None:
+    batch_id, body, rows = batch(3)
+    keys = [(r["series_id"], r["ts"]) for r in rows]
+    router.post(INGEST).respond(200, json={"batch_id": batch_id, "accepted": 0, "rejected": []})
+    with pytest.raises(ProtocolError, match=r"accepted 0 \+ rejected 0 != 3 rows sent"):
+        client.post_batch(batch_id, body, keys=keys)
+    assert client.post_batch(batch_id, body).accepted == 0  # without keys: the shape only
+
+
+# -- check_result: the acknowledgement rule ------------------------------------------------
+
+
+KEYS = [("EIA.PJM.demand", "2025-08-22T00:00:00Z"), ("EIA.PJM.demand", "2025-08-22T01:00:00Z")]
+
+
+def rejection(index: int, series_id: str = "EIA.PJM.demand", ts: str | None = None) -> Rejection:
+    return Rejection(index, series_id, ts or KEYS[index % 2][1], "BAD", "bad")
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        IngestResult("b", 2, ()),
+        IngestResult("b", 1, (rejection(1),)),
+        IngestResult("b", 0, (rejection(1), rejection(0))),
+    ],
+)
+def test_check_result_accepts_an_answer_that_accounts_for_every_row(
+    result: IngestResult,
+) -> None:
+    check_result(result, "b", KEYS)
+
+
+@pytest.mark.parametrize(
+    ("result", "named"),
+    [
+        (IngestResult("c", 2, ()), 'it names batch "c"'),
+        (IngestResult("b", 0, ()), "accepted 0 + rejected 0 != 2 rows sent"),
+        (IngestResult("b", 3, ()), "accepted 3 + rejected 0 != 2 rows sent"),
+        (IngestResult("b", 2, (rejection(1),)), "accepted 2 + rejected 1 != 2 rows sent"),
+        (IngestResult("b", 1, (rejection(2),)), "rejection index 2 is outside the 2 rows sent"),
+        (IngestResult("b", 0, (rejection(1), rejection(1))), "index 1 is rejected twice"),
+        (
+            IngestResult("b", 1, (rejection(1, "EIA.SPP.demand"),)),
+            'rejection 1 names series "EIA.SPP.demand", row 1 sent is EIA.PJM.demand',
+        ),
+        (
+            IngestResult("b", 1, (rejection(1, ts=KEYS[0][1]),)),
+            'rejection 1 names ts "2025-08-22T00:00:00Z", row 1 sent has ts 2025-08-22T01:00:00Z',
+        ),
+    ],
+)
+def test_check_result_refuses_an_inconsistent_answer(result: IngestResult, named: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        check_result(result, "b", KEYS)
+    assert str(caught.value) == (
+        f"GridPulse's answer to batch b is inconsistent: {named}; "
+        "no row changed, the next send retries"
+    )
+
+
+def test_check_result_takes_claimed_rows_as_keys() -> None:
+    rows = [(sid, ts, "rev", 0) for sid, ts in KEYS]  # a store row: series_id, ts, ...
+    check_result(IngestResult("b", 1, (rejection(0),)), "b", rows)
+    with pytest.raises(ProtocolError):
+        check_result(IngestResult("b", 2, (rejection(0),)), "b", rows)
 
 
 def test_unexpected_status_is_an_unmarked_sink_error(

@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.schema import CreateTable
 from starlette.exceptions import StarletteDeprecationWarning
 
-from outbox.gridpulse import batch_id_of, encode_batch
+from outbox.gridpulse import batch_id_of, check_result, encode_batch, parse_ingest_result
 from outbox.receiver import Faults, create_app, seed_catalog
 from outbox.receiver.app import MAX_DECODED_BYTES
 from outbox.receiver.db import compile_upsert, metadata, parse_series_id, to_url
@@ -363,6 +363,38 @@ def test_rejections_are_sorted_by_index(client: TestClient, db_path: Path) -> No
         (0, "UNKNOWN_SERIES"),
         (1, "VALUE_OUT_OF_RANGE"),
     ]
+
+
+def test_answers_with_rejections_account_for_every_row(db_path: Path) -> None:
+    """The receiver's answers satisfy the worker's acknowledgement rule (check_result)."""
+    seed_catalog(to_url(db_path), ["EIA.PJM.demand", "EIA.PJM.net_generation"])
+    fixed = TestClient(
+        create_app(
+            to_url(db_path),
+            KEY,
+            catalog="fixed",
+            faults=Faults.parse(["reject:series_id=EIA.PJM.net_generation:BLOCKED"]),
+        )
+    )
+    rows = [observation(i) for i in range(6)]
+    rows[1] = observation(1, value=-1.0)  # value rule
+    rows[3] = observation(3, "EIA.SPP.demand")  # not in the catalogue
+    rows[4] = observation(4, "EIA.PJM.net_generation")  # refused by the fault
+    rows.append(observation(7, value=None))  # null without quality_flag "missing"
+    with fixed:
+        for batch in (rows, rows[:1], [rows[3]], list(reversed(rows))):
+            batch_id, _ = body_of(batch)
+            response = post_rows(fixed, batch)
+            assert response.status_code == 200, response.text
+            result = parse_ingest_result(response.json(), batch_id)
+            check_result(result, batch_id, [(r["series_id"], r["ts"]) for r in batch])
+    assert result.accepted == 3 and len(result.rejected) == 4
+    assert {r.code for r in result.rejected} == {
+        "VALUE_OUT_OF_RANGE",
+        "UNKNOWN_SERIES",
+        "BLOCKED",
+        "INVALID_VALUE",
+    }
 
 
 def test_upsert_last_write_wins(client: TestClient) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,12 +13,13 @@ import orjson
 import pytest
 import respx
 from factories import obs, series_row, ts
+from freezegun import freeze_time
 
 from outbox.config import Config
-from outbox.errors import SinkAuthError, SinkConflictError
+from outbox.errors import RejectsEverythingError, SinkAuthError, SinkConflictError
 from outbox.gridpulse import GridPulseClient
 from outbox.pipeline import SendFailed, run_send
-from outbox.store import Store, file_lock
+from outbox.store import Key, Store, file_lock
 
 BASE = "http://gp.test"
 INGEST = f"{BASE}/api/v1/data/observations"
@@ -298,3 +300,173 @@ def test_dry_run_and_lock(store: Store) -> None:
             skipped = send(store, make_config())
         assert skipped.skipped and mock.calls.call_count == 0
     assert states(store) == {"pending": 4}
+
+
+def test_failed_send_counts_only_what_it_recorded(store: Store) -> None:
+    """A run that fails counts the batch it settled, not the one GridPulse never answered."""
+    stage(store, 7)
+    answers = iter([accept_all] + [lambda request: httpx.Response(503)] * 3)
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(side_effect=lambda request: next(answers)(request))
+        with pytest.raises(SendFailed):
+            send(store, make_config(batch_size=5))
+    (run,) = store.recent_runs(stage="send")
+    assert run.status == "failed"
+    assert {k: run.counts[k] for k in ("batches", "sent", "acked", "deferred", "requests")} == {
+        "batches": 1,
+        "sent": 5,
+        "acked": 5,
+        "deferred": 2,
+        "requests": 4,
+    }
+
+
+def test_dry_run_counts_deferred_rows_with_the_earliest_retry(store: Store, db_path) -> None:
+    from typer.testing import CliRunner
+
+    from outbox.cli import app
+
+    rows = stage(store, 6)
+    store.defer([Key(*r[:2], r[5]) for r in rows[4:]], "2099-03-01T00:00:00Z", "x", "X")
+    store.defer([Key(*rows[3][:2], rows[3][5])], "2099-01-01T00:00:00Z", "x", "X")
+    store.defer([Key(*rows[2][:2], rows[2][5])], "2000-01-01T00:00:00Z", "x", "X")  # due again
+    env = {"OUTBOX_DB": str(db_path), "GRIDPULSE_BASE_URL": BASE}
+    with respx.mock() as mock:  # strict: a dry run sends nothing
+        said = CliRunner().invoke(app, ["send", "--dry-run"], env=env)
+        assert mock.calls.call_count == 0
+    assert said.exit_code == 0, said.output
+    assert said.stdout == (
+        f"dry run: 3 due now, 3 deferred until 2099-01-01T00:00:00Z; 1 batches to {BASE}\n"
+    )
+    store.defer([Key(*r[:2], r[5]) for r in rows[3:]], "2000-01-01T00:00:00Z", "x", "X")
+    said = CliRunner().invoke(app, ["send", "--dry-run"], env=env)
+    assert said.stdout == f"dry run: 6 due now, 0 deferred; 1 batches to {BASE}\n"
+    assert states(store) == {"pending": 6}
+
+
+NOW = "2025-09-01T12:00:00Z"
+
+
+def rate_limited(seconds: int) -> httpx.Response:
+    return httpx.Response(
+        429,
+        headers={"Retry-After": str(seconds)},
+        json={"error": {"code": "RATE_LIMITED", "message": "slow down", "details": {}}},
+    )
+
+
+@freeze_time(NOW)
+def test_retry_after_past_the_budget_sleeps_nothing_and_defers_until_asked(store: Store) -> None:
+    stage(store, 3)
+    waits: list[float] = []
+    cfg = make_config(retry_budget_seconds=300)
+    with respx.mock() as mock:
+        route = mock.post(INGEST).mock(return_value=rate_limited(3600))
+        with pytest.raises(SendFailed) as failed:
+            send(store, cfg, waits)
+    assert waits == [] and route.call_count == 1  # gave up at once: 3600 s > 300 s left
+    assert "Retry-After 3600s, the run's budget had 300s left" in str(failed.value)
+    assert "deferred until 2025-09-01T13:00:00Z" in str(failed.value)
+    for h in range(3):
+        row = store.row("EIA.PJM.demand", ts(h))
+        assert (row["state"], row["next_attempt_at"]) == ("pending", "2025-09-01T13:00:00Z")
+        assert row["last_error_code"] == "SINK_RETRY_AFTER"
+    # GridPulse's health check answering makes rows deferred because it was down due again,
+    # not those waiting for the time it asked for.
+    (down,) = stage(store, 1, ("EIA.MISO.demand",))
+    store.defer([Key(*down[:2], down[5])], "2025-09-01T12:30:00Z", "down", "SINK_UNAVAILABLE")
+    with respx.mock() as mock:
+        mock.get(f"{BASE}/api/v1/health").respond(200, json={"status": "ok"})
+        route = mock.post(INGEST).mock(side_effect=accept_all)
+        result = send(store, cfg, waits)
+    assert [o["series_id"] for o in body_of(route.calls[0].request)["observations"]] == [
+        "EIA.MISO.demand"
+    ]
+    assert result.acked == 1 and states(store) == {"pending": 3, "acked": 1}
+
+
+def test_retry_after_past_max_seconds_is_past_the_budget(store: Store) -> None:
+    stage(store, 3)
+    waits: list[float] = []
+    cfg = make_config(retry_budget_seconds=300)
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(side_effect=[rate_limited(150)])
+        with pytest.raises(SendFailed, match="budget had 100s left"):
+            send(store, cfg, waits, max_seconds=100, clock=lambda: 0.0)
+    assert waits == []
+    store.clear_deferred("SINK_RETRY_AFTER")
+    with respx.mock() as mock:  # within what is left it is honoured
+        mock.post(INGEST).mock(side_effect=[rate_limited(50), accept_all])
+        result = send(store, cfg, waits, max_seconds=100, clock=lambda: 0.0)
+    assert waits == [50.0] and result.acked == 3
+
+
+def test_retry_after_past_the_budget_is_one_line_exit_1(store: Store, db_path) -> None:
+    from typer.testing import CliRunner
+
+    from outbox.cli import app
+
+    stage(store, 3)
+    env = {
+        "OUTBOX_DB": str(db_path),
+        "GRIDPULSE_BASE_URL": BASE,
+        "GRIDPULSE_API_KEY": KEY,
+        # Were the budget not kept, each wait would last this long (not 3600 s).
+        "OUTBOX__GRIDPULSE__RETRY__MAX_RETRY_AFTER_SECONDS": "3",
+    }
+    started = time.monotonic()
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(return_value=rate_limited(3600))
+        said = CliRunner().invoke(app, ["send"], env=env)
+    assert time.monotonic() - started < 3
+    assert said.exit_code == 1, said.output
+    errors = [line for line in said.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in said.output + said.stderr
+    assert "429 RATE_LIMITED" in errors[0] and "Retry-After 3600s" in errors[0]
+    assert errors[0].endswith("; rows stay pending") and KEY not in said.stderr
+    assert store.count_due() == 0 and states(store) == {"pending": 3}
+
+
+@pytest.mark.parametrize("bad", [2, 3])
+def test_circuit_breaker_needs_k_rows_refused_with_none_accepted(store: Store, bad: int) -> None:
+    rows = stage(store, 20)
+    poisoned = {rows[i][1] for i in range(bad)}  # the oldest rows, adjacent
+    requests: list[int] = []
+
+    def refuse_poisoned(request: httpx.Request) -> httpx.Response:
+        observations = body_of(request)["observations"]
+        requests.append(len(observations))
+        if any(o["ts"] in poisoned for o in observations):
+            return httpx.Response(
+                422, json={"error": {"code": "POISONED", "message": "no", "details": {}}}
+            )
+        return accept_all(request)
+
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(side_effect=refuse_poisoned)
+        if bad < 3:
+            result = send(store, make_config())
+            assert result.acked == 20 - bad and states(store) == {"acked": 18, "dead": 2}
+            return
+        with pytest.raises(RejectsEverythingError, match=r"rejects everything \(code POISONED\)"):
+            send(store, make_config())
+    assert states(store) == {"dead": 3, "pending": 17}
+    # 20 -> 10 -> 5 -> 3 -> 2 -> 1, then 19 and 1 alone, then 18 and 1 alone.
+    assert requests == [20, 10, 5, 3, 2, 1, 19, 1, 18, 1]
+
+
+def test_an_accepted_row_resets_the_circuit_breaker(store: Store) -> None:
+    rows = stage(store, 12)
+    poisoned = {rows[i][1] for i in (0, 1, 3, 4, 6, 7)}  # never three in a row
+
+    def refuse_poisoned(request: httpx.Request) -> httpx.Response:
+        if any(o["ts"] in poisoned for o in body_of(request)["observations"]):
+            return httpx.Response(
+                422, json={"error": {"code": "POISONED", "message": "no", "details": {}}}
+            )
+        return accept_all(request)
+
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(side_effect=refuse_poisoned)
+        result = send(store, make_config())
+    assert (result.acked, result.rejected) == (6, 6)

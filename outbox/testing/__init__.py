@@ -4,6 +4,8 @@
   EIA v2 format.
 * :mod:`outbox.testing.fake_eia` - a local stand-in for the EIA v2 API, with fault
   injection.
+* :mod:`outbox.testing.scripted_gridpulse` - a local GridPulse stand-in whose answers a
+  test scripts (the answers the reference receiver never gives).
 
 The bundled one-day sample (synthetic, real format) lives in ``outbox/data/sample``.
 """
