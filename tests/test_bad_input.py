@@ -373,7 +373,7 @@ BAD_INPUTS = [
         "db current",
         ("db", "current"),
         2,
-        "{tmp}/none.db: no outbox there yet",
+        "no outbox at {tmp}/none.db",
         env=(("OUTBOX_DB", "{tmp}/none.db"),),
     ),
     Bad(

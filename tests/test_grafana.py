@@ -9,7 +9,7 @@ from pathlib import Path
 from outbox.testing import sample_dir
 from tests.durability import outbox, outbox_env
 
-DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana-dashboard.json"
+DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "gridpulse-outbox.json"
 # PromQL words that look like metric names but are functions or label values.
 _NOT_METRICS = {"time", "max", "sum", "label_values", "instance"}
 
