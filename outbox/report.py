@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from outbox.config import Config
+from outbox.config import DATASET_NAMES, Config
 from outbox.store import RunRecord, Store
 from outbox.timeutil import parse_ts, to_ts, utcnow
 
@@ -38,14 +38,6 @@ DEFAULT_DAYS = 7
 # Above this many balancing authorities the charts collapse to one per dataset with a
 # BA selector: 65 BAs x 6 datasets of small multiples is no longer a page to read.
 SELECTOR_ABOVE_BAS = 8
-DATASET_ORDER = (
-    "demand",
-    "demand_forecast",
-    "net_generation",
-    "interchange",
-    "generation",
-    "ba_interchange",
-)
 DATASET_TITLES = {
     "demand": "Demand",
     "demand_forecast": "Day-ahead demand forecast",
@@ -197,7 +189,7 @@ def _groups(
 
 
 def _rank(dataset: str) -> int:
-    return DATASET_ORDER.index(dataset) if dataset in DATASET_ORDER else len(DATASET_ORDER)
+    return DATASET_NAMES.index(dataset) if dataset in DATASET_NAMES else len(DATASET_NAMES)
 
 
 def _guess(series_id: str) -> tuple[str, str]:
@@ -392,38 +384,53 @@ def _freshness_table(rows: Sequence[dict[str, Any]]) -> str:
     )
 
 
+FINDING_COLUMNS = (
+    ("rule", "rule"),
+    ("ba", "BA"),
+    ("series_id", "series"),
+    ("start", "from"),
+    ("end", "to"),
+    ("severity", "severity"),
+    ("detail", "detail"),
+)
+REVISION_COLUMNS = (
+    ("series_id", "series"),
+    ("ts", "hour"),
+    ("old_value", "old"),
+    ("new_value", "new"),
+    ("seen_at", "seen"),
+)
+
+
 def _findings_table(data: dict) -> str:
-    if not data["findings"]:
+    return _table("findings", "Open quality findings", FINDING_COLUMNS, data["findings"])
+
+
+def _revisions_table(data: dict) -> str:
+    return _table("revisions", "Recent revisions", REVISION_COLUMNS, data["revisions"])
+
+
+def _table(
+    section: str, title: str, columns: Sequence[tuple[str, str]], rows: Sequence[dict]
+) -> str:
+    """A section with a plain HTML table of ``rows`` (none: no section at all)."""
+    if not rows:
         return ""
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
     body = "".join(
-        f"<tr><td>{html.escape(str(f['rule']))}</td><td>{html.escape(str(f['ba']))}</td>"
-        f"<td>{html.escape(str(f.get('series_id') or '-'))}</td>"
-        f"<td>{html.escape(str(f['start']))}</td><td>{html.escape(str(f['end']))}</td>"
-        f"<td>{html.escape(str(f['severity']))}</td>"
-        f"<td>{html.escape(str(f.get('detail') or ''))}</td></tr>"
-        for f in data["findings"]
+        "<tr>"
+        + "".join(f"<td>{html.escape(_cell(row.get(key)))}</td>" for key, _ in columns)
+        + "</tr>"
+        for row in rows
     )
     return (
-        '<section id="findings"><h2>Open quality findings</h2><table><thead><tr><th>rule</th>'
-        "<th>BA</th><th>series</th><th>from</th><th>to</th><th>severity</th><th>detail</th>"
+        f'<section id="{section}"><h2>{html.escape(title)}</h2><table><thead><tr>{head}'
         f"</tr></thead><tbody>{body}</tbody></table></section>"
     )
 
 
-def _revisions_table(data: dict) -> str:
-    if not data["revisions"]:
-        return ""
-    body = "".join(
-        f"<tr><td>{html.escape(str(r['series_id']))}</td><td>{html.escape(str(r['ts']))}</td>"
-        f"<td>{html.escape(str(r['old_value']))}</td><td>{html.escape(str(r['new_value']))}</td>"
-        f"<td>{html.escape(str(r['seen_at']))}</td></tr>"
-        for r in data["revisions"]
-    )
-    return (
-        '<section id="revisions"><h2>Recent revisions</h2><table><thead><tr><th>series</th>'
-        "<th>hour</th><th>old</th><th>new</th><th>seen</th></tr></thead>"
-        f"<tbody>{body}</tbody></table></section>"
-    )
+def _cell(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
 
 
 def _hours(seconds: int | None) -> str:
