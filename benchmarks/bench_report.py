@@ -27,6 +27,7 @@ from _common import (
 from outbox.pipeline import run_fetch
 from outbox.report import write_report
 from outbox.store import Store
+from outbox.testing import synth
 
 CASES = {"smoke": ((5, 48),), "full": ((5, 168), (65, 168))}
 ROUNDS = {"smoke": 2, "full": 3}
@@ -42,10 +43,21 @@ def main() -> None:
     emit(out)
 
 
-def _case(work: Path, cache: Path, bas: int, hours: int, rounds: int) -> dict[str, object]:
+def _pages(cache: Path, bas: int, hours: int) -> tuple[list[str], dict[str, object]]:
+    """Pages of the five default BAs (all their fuels and counterparties), or of ``bas``."""
+    if bas == len(synth.DEFAULT_RESPONDENTS):
+        directory = cache / f"report-default-{hours}h"
+        if not directory.is_dir():
+            synth.write_sample(directory, start=START, hours=hours)
+        rows = sum(len(v) for v in synth.read_rows(directory).values())
+        return list(synth.DEFAULT_RESPONDENTS), {"dir": str(directory), "rows": rows}
     codes = choose_bas(bas)
     rows = rows_per_hour(codes, ("region", "fuel", "interchange")) * hours
-    pages = replay_pages(cache, rows, bas=bas)
+    return codes, replay_pages(cache, rows, bas=bas)
+
+
+def _case(work: Path, cache: Path, bas: int, hours: int, rounds: int) -> dict[str, object]:
+    codes, pages = _pages(cache, bas, hours)
     db = work / f"report-{bas}.db"
     config = config_for(db).model_copy(update={"balancing_authorities": {c: c for c in codes}})
     with Store.open(db) as store:
