@@ -147,16 +147,17 @@ def _groups(
     findings: Sequence[dict[str, Any]],
     revisions: Sequence[dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    t0 = int(start.timestamp())
     n = int((end - start).total_seconds() // 3600) + 1
+    # The outbox's ts text is canonical (to_ts): each hour of the window by its text.
+    hour_of = {to_ts(start + timedelta(hours=i)): i for i in range(n)}
     series: dict[str, list[float | None]] = {}
     gaps: dict[str, set[str]] = {}
     for sid, ts, value in values:
         row = series.get(sid)
         if row is None:
             row = series[sid] = [None] * n
-        i = (int(parse_ts(ts).timestamp()) - t0) // 3600
-        if 0 <= i < n:
+        i = hour_of.get(ts)
+        if i is not None:
             row[i] = value
         if value is None:
             gaps.setdefault(sid, set()).add(ts)
