@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from outbox.config import Config
@@ -45,15 +46,19 @@ class Delivery:
 
 
 def mask(url: str) -> str:
-    """A notification URL with its secrets hidden: apprise's privacy form, no query."""
+    """A notification URL with its secrets hidden: apprise's privacy form without its query
+    and with its path as ``/***`` (a webhook's token, an ntfy topic ride in the path)."""
     try:
         plugin = _apprise().Apprise.instantiate(url)
     except Exception:  # pragma: no cover - apprise raises only on programming errors
         plugin = None
+    scheme = url.split("://", 1)[0] if "://" in url else "?"
     if plugin is None:
-        scheme = url.split("://", 1)[0] if "://" in url else "?"
         return f"{scheme}://***"
-    return plugin.url(privacy=True).split("?", 1)[0]
+    private = plugin.url(privacy=True).split("?", 1)[0]
+    rest = private.split("://", 1)[-1]
+    host, slash, path = rest.partition("/")
+    return redact(f"{scheme}://{host}" + ("/***" if slash and path.strip("/") else ""))
 
 
 def _apprise() -> Any:
@@ -122,7 +127,9 @@ def _after_run(config: Config, urls: list[str], now: datetime) -> list[Delivery]
     except Exception as exc:
         code, line = status_mod.UNKNOWN, f"UNKNOWN - {redact(str(exc))}"
     label = status_mod.LABELS[code]
-    with Store.open(config.database) as store:
+    if not Path(config.database).exists():
+        return []  # no outbox yet (a send before the first fetch): no state to keep
+    with Store.open(config.database, create=False) as store:
         state = _load(store.meta_get(META_KEY))
         due = [u for u in urls if _due(state, _digest(u), label, now, config.alerts.repeat_hours)]
         deliveries = []
@@ -202,8 +209,6 @@ def test_all(config: Config, say: Callable[[str], None]) -> int:
             config.alerts.timeout_seconds,
         )
         failed += not done.ok
-        say(
-            f"{'ok  ' if done.ok else 'FAIL'} {done.url}"
-            + (f": {done.error}" if done.error else "")
-        )
+        line = f"{'ok  ' if done.ok else 'FAIL'} {done.url}"
+        say(redact(line + (f": {done.error}" if done.error else "")))
     return 1 if failed else 0

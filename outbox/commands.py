@@ -230,8 +230,9 @@ def fill_gaps_fetch(config: Config) -> int:
 def gaps(config: Config, *, since: datetime | None, as_json: bool) -> int:
     """``outbox gaps``: missing hours per series, as ranges."""
     from outbox import gaps as gaps_mod
+    from outbox import status as status_mod
 
-    with Store.open(config.database, create=False) as store:
+    with status_mod.open_store(config) as store:  # reads only: creates and migrates nothing
         found = gaps_mod.find_gaps(config, store, since=since)
     if as_json:
         data = {"gaps": [g.to_dict() for g in found], "hours": sum(g.hours for g in found)}
@@ -447,7 +448,7 @@ def send(
         later = f" until {result.waiting_until}" if result.waiting else ""
         typer.echo(
             f"dry run: {result.due} due now, {result.waiting} deferred{later}; "
-            f"{batches} batches to {g.base_url}"
+            f"{batches} batches to {redact(g.base_url)}"
         )
         return 0
     typer.echo(
@@ -476,7 +477,7 @@ def status(config: Config, *, as_json: bool, metrics: Path | None, remote: bool)
             try:
                 model.remote = status_mod.compare_remote(model, client, g.base_url)
             except SinkError as exc:
-                print_error(f"cannot compare with GridPulse at {g.base_url}: {exc}")
+                print_error(f"cannot compare with GridPulse at {redact(g.base_url)}: {exc}")
                 return 1
     if as_json:
         typer.echo(json.dumps(model.to_dict(), indent=2))
@@ -517,7 +518,9 @@ def show(config: Config, series_id: str, ts: str) -> int:
     """``outbox show SERIES TS``: the row, its states and its raw EIA row."""
     import orjson
 
-    with Store.open(config.database, create=False) as store:
+    from outbox import status as status_mod
+
+    with status_mod.open_store(config) as store:  # reads only: creates and migrates nothing
         row = store.row(series_id, ts)
         if row is None:
             typer.echo(f"no observation {series_id} at {ts}", err=True)

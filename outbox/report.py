@@ -19,7 +19,6 @@ from __future__ import annotations
 import html
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from importlib import resources
@@ -441,21 +440,6 @@ def _hours(seconds: int | None) -> str:
 # -- writing -------------------------------------------------------------------------
 
 
-def write(path: str | os.PathLike[str], page: str) -> Path:
-    """Write ``page`` to ``path`` atomically (a reader sees the old file or the new one)."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(page)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
 def write_report(
     config: Config,
     path: str | os.PathLike[str],
@@ -464,7 +448,10 @@ def write_report(
     now: datetime | None = None,
 ) -> Path:
     """Build, render and write the report for ``config``'s outbox (as of ``now``)."""
-    return write(path, render(build(config, days=days, now=now)))
+    from outbox.files import write_atomic
+
+    page = render(build(config, days=days, now=now))
+    return write_atomic(path, page, prefix=f".{Path(path).name}.")
 
 
 def write_run_report(config: Config) -> None:

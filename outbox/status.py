@@ -15,7 +15,6 @@ import contextlib
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -137,9 +136,17 @@ class Status:
 
 
 def open_store(config: Config) -> Store:
-    """The outbox for status and ``runs``, read-only; a missing one raises NoOutboxError
-    (exit 2, UNKNOWN for ``--check``) and nothing is created."""
-    return Store.open_readonly(config.database)
+    """The outbox for the reading commands (status, runs, show, gaps, plot, report),
+    read-only: a missing one raises NoOutboxError (exit 2, UNKNOWN for ``--check``), a
+    file without our schema a StoreError; nothing is created or migrated."""
+    store = Store.open_readonly(config.database)
+    try:
+        if store.schema_version() is None:
+            raise StoreError(f"{store.path}: not an outbox (no schema): run `outbox db upgrade`")
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def read(config: Config, now: datetime | None = None, *, for_check: bool = False) -> Status:
@@ -150,8 +157,6 @@ def read(config: Config, now: datetime | None = None, *, for_check: bool = False
     from sqlalchemy.exc import DatabaseError
 
     with open_store(config) as store:
-        if store.schema_version() is None:
-            raise StoreError(f"{store.path}: not an outbox (no schema): run `outbox db upgrade`")
         try:
             return collect(config, store, now, for_check=for_check)
         except DatabaseError as exc:
@@ -555,7 +560,7 @@ def compare_remote(status: Status, client: LatestSource, base_url: str) -> dict[
         )
     disagree = sum(1 for r in rows if r["verdict"] != "ok")
     return {
-        "base_url": base_url,
+        "base_url": redact(base_url),
         "checked": len(rows),
         "agree": len(rows) - disagree,
         "disagree": disagree,
@@ -733,21 +738,9 @@ def write_metrics(status: Status, path: str | os.PathLike[str]) -> Path:
     node_exporter's textfile collector reads only ``*.prom`` files, so the temporary
     ``.outbox-metrics-*.tmp`` file is never collected half-written.
     """
-    target = Path(path)
-    text = render_metrics(status)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".outbox-metrics-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return target
+    from outbox.files import write_atomic
+
+    return write_atomic(path, render_metrics(status), prefix=".outbox-metrics-")
 
 
 def write_run_metrics(config: Config) -> None:

@@ -167,8 +167,8 @@ def test_alerts_test_reports_each_url(tmp_path: Path, hook: tuple[str, list[dict
     done = outbox("alerts", "test", env=env)
     assert done.returncode == 1
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("ok   json://user:") and "/hook" in lines[0]
-    assert lines[1] == "FAIL json://127.0.0.1:9/down: not delivered"
+    assert lines[0].startswith("ok   json://***@127.0.0.1:") and lines[0].endswith("/***")
+    assert lines[1] == "FAIL json://127.0.0.1:9/***: not delivered"  # a path may be a token
     assert HOOK_TOKEN not in done.stdout + done.stderr
     assert _titles(received) == ["gridpulse-outbox: test"]
     assert not (tmp_path / "outbox.db").exists()  # a test notification touches no outbox
@@ -178,7 +178,7 @@ def test_alerts_test_against_an_unreachable_url_is_one_line(tmp_path: Path) -> N
     env = _env(tmp_path / "outbox.db", "json://127.0.0.1:9/down")
     done = outbox("alerts", "test", env=env)
     assert done.returncode == 1
-    assert done.stdout.splitlines() == ["FAIL json://127.0.0.1:9/down: not delivered"]
+    assert done.stdout.splitlines() == ["FAIL json://127.0.0.1:9/***: not delivered"]
     assert "Traceback" not in done.stderr
 
 
@@ -206,3 +206,32 @@ def test_urls_load_from_a_file_and_stay_masked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read secret file"):
         load_config(env={"OUTBOX_ALERTS_URLS_FILE": str(tmp_path / "missing")})
     assert Config().alerts.urls == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "json://127.0.0.1:9/hook/SuperSecretToken123",
+        "jsons://hooks.example.com/services/T000/B000/SuperSecretToken123",
+        "ntfys://ntfy.sh/SuperSecretToken123",
+        "json://user:SuperSecretToken123@127.0.0.1:9/",
+    ],
+)
+def test_a_token_anywhere_in_an_alert_url_is_never_shown(tmp_path: Path, url: str) -> None:
+    assert "SuperSecretToken123" not in mask(url)
+    env = _env(tmp_path / "outbox.db", url, OUTBOX__ALERTS__TIMEOUT_SECONDS="1")
+    done = outbox("alerts", "test", env=env)
+    assert "SuperSecretToken123" not in done.stdout + done.stderr
+    shown = outbox("config", env=env)
+    assert shown.returncode == 0 and "SuperSecretToken123" not in shown.stdout + shown.stderr
+
+
+def test_a_send_before_the_first_fetch_creates_no_outbox_with_alerts_set(
+    tmp_path: Path, hook: tuple[str, list[dict]]
+) -> None:
+    url, received = hook
+    done = outbox("send", env=_env(tmp_path / "outbox.db", url))
+    assert done.returncode == 0, done.stderr
+    assert "nothing to send: no outbox at" in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no file, no lock file
+    assert received == []  # and no UNKNOWN notification about an outbox not made yet

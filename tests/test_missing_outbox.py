@@ -34,6 +34,8 @@ READERS = [
     (["requeue"], 2, "stderr"),
     (["prune"], 2, "stderr"),
     (["db", "current"], 2, "stderr"),
+    (["report", "{tmp}/report.html"], 2, "stderr"),
+    (["plot", "EIA.*"], 2, "stderr"),
     (["send"], 0, "stdout"),
     (["send", "--dry-run"], 0, "stdout"),
 ]
@@ -143,3 +145,36 @@ def test_the_creating_commands_create_it_and_the_readers_then_read_it(tmp_path: 
         [sys.executable, "-m", "outbox", "db", "current"], env=env, capture_output=True, text=True
     )
     assert current.returncode == 0 and "up to date" in current.stdout, current.stderr
+
+
+EMPTY_FILE_READERS = [
+    ["status"],
+    ["runs"],
+    ["gaps"],
+    ["show", "EIA.PJM.demand", "2025-08-22T14:00:00Z"],
+    ["plot", "EIA.*"],
+    ["report", "{tmp}/report.html"],
+]
+
+
+@pytest.mark.parametrize("argv", EMPTY_FILE_READERS, ids=lambda a: a[0])
+def test_a_file_that_is_not_an_outbox_is_read_by_no_command(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    db = tmp_path / "outbox.db"
+    db.touch()  # an empty file where the outbox should be (the README's sqlite3 mistake)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    done = subprocess.run(
+        [sys.executable, "-m", "outbox", *args],
+        env=outbox_env(db),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr  # as for any outbox that cannot be read
+    assert done.stderr.splitlines() == [
+        f"error: {db}: not an outbox (no schema): run `outbox db upgrade`"
+    ]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert db.stat().st_size == 0  # not migrated into an outbox by a reading command
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outbox.db"]

@@ -104,6 +104,7 @@ def test_report_command_writes_and_says_where(sample_outbox: Path, tmp_path: Pat
         (["report", "{tmp}/missing/r.html"], "does not exist"),
         (["report", "{tmp}"], "is a directory"),
         (["report", "{tmp}/r.html", "--days", "0"], "--days"),
+        (["report", "/proc/outbox-report.html"], "cannot write /proc/outbox-report.html"),
     ],
 )
 def test_report_bad_input_is_one_line(

@@ -262,3 +262,16 @@ def test_clients_are_built_with_the_configured_verification(
         seen.clear()
         invoke([*BACKFILL, "--dataset", "demand"], {**base, **extra})
         assert seen and set(seen) == {want}
+
+
+def test_a_password_in_the_gridpulse_url_is_never_printed(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    env = outbox_env(db)
+    assert outbox("fetch", "--replay", str(sample_dir()), env=env).returncode == 0
+    env.update(
+        GRIDPULSE_BASE_URL="http://user:s3cretTokenXYZ@127.0.0.1:9", GRIDPULSE_API_KEY=KEY_GP
+    )
+    for args in (("send", "--dry-run"), ("status", "--remote"), ("send",), ("config",)):
+        done = outbox(*args, env=env)
+        assert "s3cretTokenXYZ" not in done.stdout + done.stderr, args
+        assert "Traceback" not in done.stderr, args
