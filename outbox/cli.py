@@ -283,6 +283,9 @@ def _check_metrics_target(path: Path) -> None:
         )
     if not path.parent.is_dir():
         raise UsageError(f"--metrics {path}: directory {path.parent} does not exist")
+    from outbox.files import METRICS_HEAD, check_target
+
+    check_target(path, METRICS_HEAD, "metrics file")
 
 
 def _since(since: str | None) -> datetime | None:
@@ -604,6 +607,12 @@ def receiver(
         Faults.parse(fault or ())
     except ValueError as exc:
         _fail(UsageError(str(exc)))
+    if "://" not in db:  # a path, not a SQLAlchemy URL
+        target = Path(db)
+        if target.is_dir():
+            _fail(UsageError(f"--db {db}: is a directory; name a database file"))
+        if not target.absolute().parent.is_dir():
+            _fail(UsageError(f"--db {db}: directory {target.absolute().parent} does not exist"))
     with _errors():
         serve(db, host=host, port=port, api_key=key, catalog=catalog, faults=fault or ())
 

@@ -252,6 +252,9 @@ def report(config: Config, path: Path | None, *, days: int) -> int:
         raise UsageError(f"report path {target} is a directory; name a file")
     if not target.parent.is_dir():
         raise UsageError(f"report path {target}: directory {target.parent} does not exist")
+    from outbox.files import REPORT_HEAD, check_target
+
+    check_target(target, REPORT_HEAD, "report")  # before the outbox is even opened
     written = write_report(config, target, days=days)
     typer.echo(f"report written: {written} ({written.stat().st_size:,} bytes)")
     return 0

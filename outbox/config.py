@@ -110,11 +110,25 @@ class DatasetConfig(_Model):
     stale_critical_hours: float | None = Field(None, gt=0)
 
 
+def _printable_key(value: SecretStr | None) -> SecretStr | None:
+    """An API key travels in a header or a query string: printable ASCII, no spaces."""
+    if value is not None:
+        key = value.get_secret_value()
+        if not all(33 <= ord(c) < 127 for c in key):
+            raise ValueError(
+                "must be printable ASCII without spaces (the key is not shown; check for a "
+                "stray accent, quote or line break)"
+            )
+    return value
+
+
 class EIAConfig(_Model):
     """EIA Open Data API v2 source."""
 
     base_url: str = "https://api.eia.gov/v2"
     api_key: SecretStr | None = None
+
+    _api_key_shape = field_validator("api_key")(classmethod(lambda cls, v: _printable_key(v)))
     history_start: datetime = datetime(2025, 1, 1, tzinfo=UTC)
     timeout_seconds: float = Field(60.0, gt=0)
     connect_timeout_seconds: float = Field(10.0, gt=0)
@@ -146,6 +160,8 @@ class GridPulseConfig(_Model):
 
     base_url: str = "https://gridpulse.example"
     api_key: SecretStr | None = None
+
+    _api_key_shape = field_validator("api_key")(classmethod(lambda cls, v: _printable_key(v)))
     batch_size: int = Field(5000, ge=1, le=5000)
     timeout_seconds: float = Field(60.0, gt=0)
     connect_timeout_seconds: float = Field(10.0, gt=0)
@@ -231,7 +247,7 @@ DEFAULT_MIN_FREE_BYTES = 256 * 1024 * 1024
 class HousekeepingConfig(_Model):
     """Retention of acknowledged rows and the outbox size ceiling."""
 
-    retention_days: float = Field(90.0, gt=0)
+    retention_days: float = Field(90.0, gt=0, le=36500)
     max_rows: int | None = Field(None, ge=1)
     max_bytes: int | None = Field(None, ge=1)
     min_free_bytes: int = Field(DEFAULT_MIN_FREE_BYTES, ge=0)

@@ -15,14 +15,22 @@ from pathlib import Path
 
 from outbox.errors import DiskFullError, UsageError
 
+REPORT_HEAD = "<!doctype html>"
+METRICS_HEAD = "# HELP "
 
-def write_atomic(path: str | os.PathLike[str], text: str, *, prefix: str) -> Path:
+
+def write_atomic(
+    path: str | os.PathLike[str], text: str, *, prefix: str, replaces: str, what: str
+) -> Path:
     """Write ``text`` to ``path`` atomically (mode 0644); raise a one-line error on failure.
 
     ``prefix`` names the temporary file (``.outbox-metrics-``: node_exporter collects only
-    ``*.prom`` files, so it never reads the temporary one).
+    ``*.prom`` files, so it never reads the temporary one). An existing file is replaced
+    only if it is a regular file that starts with ``replaces`` (an earlier ``what``) or is
+    empty: a mistyped path never overwrites the outbox, its config or a device.
     """
     target = Path(path)
+    check_target(target, replaces, what)
     try:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=".tmp")
     except OSError as exc:
@@ -41,6 +49,21 @@ def write_atomic(path: str | os.PathLike[str], text: str, *, prefix: str) -> Pat
             raise _error(target, exc) from None
         raise
     return target
+
+
+def check_target(target: Path, replaces: str, what: str) -> None:
+    """Refuse (one line, exit 2) a target that is not a file an earlier ``what`` wrote."""
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        raise UsageError(f"{target}: not a regular file; name a file for the {what}")
+    if not target.exists():
+        return
+    try:
+        with target.open("rb") as existing:
+            head = existing.read(len(replaces.encode()))
+    except OSError as exc:
+        raise _error(target, exc) from None
+    if head and head != replaces.encode():
+        raise UsageError(f"{target}: exists and is not an earlier {what}; not overwriting it")
 
 
 def _error(target: Path, exc: OSError) -> Exception:

@@ -105,14 +105,30 @@ def ensure_schema(store: Store) -> None:
 
 
 def upgrade(store: Store, revision: str = "head") -> None:
-    """Run ``alembic upgrade`` on the store's own engine (our pragmas apply)."""
+    """Run ``alembic upgrade`` on the store's own engine (our pragmas apply).
+
+    A file stamped with a revision this version does not know (a newer gridpulse-outbox
+    wrote it) is a StoreError in one line, and is left as it is.
+    """
     from alembic import command
+    from alembic.util.exc import CommandError
+
+    from outbox.errors import StoreError
 
     cfg = alembic_config(store)
     with store.engine.connect() as conn:
         conn.execution_options(outbox_write=True)
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+        try:
+            command.upgrade(cfg, revision)
+        except CommandError as exc:
+            conn.rollback()
+            current = store.schema_version()
+            raise StoreError(
+                f"{store.path}: schema {current} is unknown to this version (head "
+                f"{head_revision()}): a newer gridpulse-outbox wrote it; install that version "
+                f"again ({str(exc).splitlines()[0][:120]})"
+            ) from None
         conn.commit()
 
 

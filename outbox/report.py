@@ -448,10 +448,12 @@ def write_report(
     now: datetime | None = None,
 ) -> Path:
     """Build, render and write the report for ``config``'s outbox (as of ``now``)."""
-    from outbox.files import write_atomic
+    from outbox.files import REPORT_HEAD, write_atomic
 
     page = render(build(config, days=days, now=now))
-    return write_atomic(path, page, prefix=f".{Path(path).name}.")
+    return write_atomic(
+        path, page, prefix=f".{Path(path).name}.", replaces=REPORT_HEAD, what="report"
+    )
 
 
 def write_run_report(config: Config) -> None:

@@ -738,9 +738,15 @@ def write_metrics(status: Status, path: str | os.PathLike[str]) -> Path:
     node_exporter's textfile collector reads only ``*.prom`` files, so the temporary
     ``.outbox-metrics-*.tmp`` file is never collected half-written.
     """
-    from outbox.files import write_atomic
+    from outbox.files import METRICS_HEAD, write_atomic
 
-    return write_atomic(path, render_metrics(status), prefix=".outbox-metrics-")
+    return write_atomic(
+        path,
+        render_metrics(status),
+        prefix=".outbox-metrics-",
+        replaces=METRICS_HEAD,
+        what="metrics file",
+    )
 
 
 def write_run_metrics(config: Config) -> None:

@@ -436,6 +436,34 @@ BAD_INPUTS = [
     ),
     Bad("demo", ("demo", "--keep", "{db}"), 2, "--keep {db}: not a directory"),
     Bad("report", ("report", "{tmp}/missing/r.html"), 2, "directory {tmp}/missing does not exist"),
+    # A mistyped target never overwrites the outbox (the snapshot proves it untouched).
+    Bad("report", ("report", "{db}"), 2, "{db}: exists and is not an earlier report"),
+    Bad(
+        "status",
+        ("status", "--metrics", "{db}"),
+        2,
+        "{db}: exists and is not an earlier metrics file; not overwriting it",
+    ),
+    Bad(
+        "receiver",
+        ("receiver", "--db", "{tmp}/missing/r.db", "--port", "0", "--api-key", "k"),
+        2,
+        "--db {tmp}/missing/r.db: directory {tmp}/missing does not exist",
+    ),
+    Bad(
+        "config",
+        ("config",),
+        2,
+        "housekeeping.retention_days: Input should be less than or equal to 36500",
+        env=(("OUTBOX__HOUSEKEEPING__RETENTION_DAYS", "1e308"),),
+    ),
+    Bad(
+        "send",
+        ("send",),
+        2,
+        "gridpulse.api_key: must be printable ASCII without spaces",
+        env=(("GRIDPULSE_API_KEY", "k\u00e9ySECRET"),),
+    ),
     Bad("plot", ("plot", " "), 2, "SERIES_GLOB is empty: give a pattern such as 'EIA.PJM.*'"),
     Bad(
         "alerts test",
