@@ -36,7 +36,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol, overload
 
 import orjson
 from sqlalchemy import (
@@ -238,6 +238,53 @@ ack_log = Table(
     Column("keys", Text, nullable=False),  # JSON [[series_id, ts, revision], ...]
 )
 
+# The revision ledger: one row per revision that replaced a staged row's value, quality
+# flag or units, written by the trigger tr_observations_revised (migration 0006) in the
+# upsert's own statement; a new row fires nothing.
+revisions = Table(
+    "revisions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("series_id", Text, nullable=False),
+    Column("ts", Text, nullable=False),
+    Column("old_value", Float, nullable=True),
+    Column("new_value", Float, nullable=True),
+    Column("old_revision", Text, nullable=False),
+    Column("new_revision", Text, nullable=False),
+    Column("old_quality_flag", Text, nullable=False),
+    Column("new_quality_flag", Text, nullable=False),
+    Column("old_units", Text, nullable=False),
+    Column("new_units", Text, nullable=False),
+    Column("seen_at", Text, nullable=False),
+    Column("run_id", Integer, nullable=True),
+)
+Index("ix_revisions_series_id_ts", revisions.c.series_id, revisions.c.ts)
+Index("ix_revisions_seen_at", revisions.c.seen_at)
+
+# What the data-quality rules found (outbox/quality). ``key`` is rule|ba|series|start, the
+# identity a re-check updates (last_seen) instead of adding a row.
+findings = Table(
+    "findings",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key", Text, nullable=False, unique=True),
+    Column("rule", Text, nullable=False),
+    Column("ba", Text, nullable=False),
+    Column("series_id", Text, nullable=True),
+    Column("start", Text, nullable=False),
+    Column("end", Text, nullable=False),
+    Column("severity", Text, nullable=False),
+    Column("measured", Float, nullable=True),
+    Column("expected", Float, nullable=True),
+    Column("detail", Text, nullable=False),
+    Column("first_seen", Text, nullable=False),
+    Column("last_seen", Text, nullable=False),
+    Column("resolved_at", Text, nullable=True),
+    CheckConstraint("severity IN ('info', 'warn', 'crit')", name="severity"),
+)
+Index("ix_findings_rule_ba_start", findings.c.rule, findings.c.ba, findings.c.start)
+Index("ix_findings_end", findings.c.end)
+
 _ROW_CONFLICT = """
 ON CONFLICT (series_id, ts) DO UPDATE SET
     value = excluded.value, units = excluded.units, quality_flag = excluded.quality_flag,
@@ -277,6 +324,7 @@ SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(va
        ?1, ?2, 'pending', 0
 FROM json_each(?3) WHERE true
 {_ROW_CONFLICT}"""
+_UPSERT_JSON_RETURNING = _UPSERT_JSON + "RETURNING series_id, ts"
 # Whether an upsert of these rows would write anything: a key not staged yet, or staged
 # with another revision (exactly the rows _ROW_CONFLICT does not skip).
 _ANY_CHANGE_JSON = """
@@ -414,6 +462,10 @@ WHERE NOT EXISTS (SELECT 1 FROM observations o
                     AND o.ts = json_extract(k.value, '$[1]'))
 """
 _PRUNE_ACKED = "DELETE FROM observations WHERE series_id = ? AND ts < ? AND state = 'acked'"
+_PRUNE_REVISIONS = """
+DELETE FROM revisions WHERE ts < ? AND NOT EXISTS
+    (SELECT 1 FROM observations o WHERE o.series_id = revisions.series_id AND o.ts = revisions.ts)
+"""
 AUTO_VACUUM_MODES = {0: "none", 1: "full", 2: "incremental"}
 
 ROW_COLUMNS = ("series_id", "ts", "value", "units", "quality_flag", "revision", "page_row")
@@ -815,6 +867,21 @@ def lock_holder(path: str | os.PathLike[str]) -> int | None:
         return None
 
 
+class StageChecker(Protocol):
+    """What :meth:`Store.stage` calls, inside its transaction, after writing rows
+    (the data-quality engine, outbox.quality.engine.Checker)."""
+
+    def check(
+        self,
+        cur: sqlite3.Cursor,
+        keys: list[tuple[str, str]],
+        revised_after: int,
+        run_id: int | None,
+        now: str,
+    ) -> None:
+        """Judge the rows ``keys`` just written (ledger rows after id ``revised_after``)."""
+
+
 class Store:
     """The outbox database. Open it with :meth:`Store.open`; close it with :meth:`close`."""
 
@@ -822,6 +889,7 @@ class Store:
         self.path = path
         self.engine = engine
         self.size_limit: SizeLimit | None = None
+        self.checker: StageChecker | None = None
         self._group: WriteGroup | None = None
 
     # -- lifecycle -----------------------------------------------------------------
@@ -971,23 +1039,41 @@ class Store:
             if page is not None:
                 page_id = cur.execute("SELECT coalesce(max(id), 0) + 1 FROM pages").fetchone()[0]
             _insert_series(cur, [tuple(s) for s in series_rows], now)
+            checker = self.checker
+            keys: list[tuple[str, str]] = []
             if batch is None:
-                written = self._upsert_rows(cur, rows, page_id, now)
-                crashpoint("stage.rows_written")
-                if page is not None and written:
+                # The page goes in first here too: the revision ledger's trigger reads the
+                # run of a revised row from its page.
+                if page is not None:
                     _insert_page(cur, page_id, run_id, page, now)
+                revised_after = _last_revision_id(cur) if checker is not None else 0
+                written = self._upsert_rows(cur, rows, page_id, now)
+                if page is not None and not written:
+                    cur.execute("DELETE FROM pages WHERE id = ?", (page_id,))
+                if written and checker is not None:
+                    keys = [(r[0], r[1]) for r in rows]
+                crashpoint("stage.rows_written")
             elif page is None or cur.execute(_ANY_CHANGE_JSON, (batch,)).fetchone():
                 # The page goes in before its rows: inserted after them, SQLite would scan
                 # all of observations (no index on page_id) to settle the deferred key.
                 if page is not None:
                     _insert_page(cur, page_id, run_id, page, now)
-                written = _upsert_json(cur, prepared, page_id, now)
+                revised_after = _last_revision_id(cur) if checker is not None else 0
+                if checker is None:
+                    written = _upsert_json(cur, prepared, page_id, now)
+                else:
+                    keys = _upsert_json(cur, prepared, page_id, now, returning=True)
+                    written = len(keys)
                 if page is not None and not written:  # cannot happen: the check saw a change
                     cur.execute("DELETE FROM pages WHERE id = ?", (page_id,))
                 crashpoint("stage.rows_written")
             else:
                 written = 0  # every row is staged with this revision: nothing to write
                 crashpoint("stage.rows_written")
+            if written and checker is not None:
+                # Same transaction: a row a rule dead-letters is never claimed before.
+                checker.check(cur, keys, revised_after, run_id, now)
+                crashpoint("stage.checked")
             _upsert_watermarks(cur, [_mark_row(w) for w in watermark_updates], now, run_id)
             if limit is not None and written:
                 self._check_bytes(cur, limit, pages_before)
@@ -1607,6 +1693,10 @@ class Store:
                 rows += self._executemany(
                     conn, _PRUNE_ACKED, ((sid, before) for sid in sids[i : i + batch])
                 )
+        with self.write() as conn:
+            # The ledger goes with its rows; findings about hours past retention go too.
+            conn.exec_driver_sql(_PRUNE_REVISIONS, (before,))
+            conn.exec_driver_sql('DELETE FROM findings WHERE "end" < ?', (before,))
         return rows, max(checked, 0), max(runs, 0)
 
     def sweep_pages(self, fetched_before: str | None = None, rows_before: str | None = None) -> int:
@@ -1732,11 +1822,22 @@ def _same(rows: Sequence[Sequence[Any]], at: int) -> Any:
     return None
 
 
-def _upsert_json(cur: sqlite3.Cursor, batch: RowBatch, page_id: int | None, now: str) -> int:
+@overload
+def _upsert_json(cur: sqlite3.Cursor, batch: RowBatch, page_id: int | None, now: str) -> int: ...
+@overload
+def _upsert_json(
+    cur: sqlite3.Cursor, batch: RowBatch, page_id: int | None, now: str, *, returning: Literal[True]
+) -> list[tuple[str, str]]: ...
+def _upsert_json(
+    cur: sqlite3.Cursor, batch: RowBatch, page_id: int | None, now: str, *, returning: bool = False
+) -> int | list[tuple[str, str]]:
+    """The bulk upsert; with ``returning``, the keys it wrote (for the quality checks)."""
     params = (page_id, now, batch.json, batch.units, batch.quality_flag, batch.row_is_position)
     if batch.checked:  # compiles the upsert without its CHECK code; OFF again right after
         cur.execute("PRAGMA ignore_check_constraints = ON")
     try:
+        if returning:
+            return cur.execute(_UPSERT_JSON_RETURNING, params).fetchall()
         return max(cur.execute(_UPSERT_JSON, params).rowcount, 0)
     finally:
         if batch.checked:
@@ -1821,6 +1922,11 @@ def _insert_page(
             stored,
         ),
     )
+
+
+def _last_revision_id(cur: sqlite3.Cursor) -> int:
+    """The id of the newest ledger row: the ledger rows a stage adds come after it."""
+    return int(_one(cur, "SELECT coalesce(max(id), 0) FROM revisions") or 0)
 
 
 def _one(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> Any:
