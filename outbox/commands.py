@@ -141,6 +141,12 @@ def fetch(
         f"{result.rows} rows, {result.written} written, {invalid} invalid, "
         f"{result.duplicates} duplicates"
     )
+    if result.quality is not None:
+        q = result.quality
+        typer.echo(
+            f"quality: {q.opened} findings opened, {q.resolved} resolved, "
+            f"{q.quarantined} rows quarantined"
+        )
     return 0
 
 

@@ -95,6 +95,7 @@ class FetchResult:
     invalid: Counter[str] = field(default_factory=Counter)
     skipped: bool = False
     holder: int | None = None
+    quality: Any = None  # the run's outbox.quality.engine.Checker, when checks are on
 
     def counts(self) -> dict[str, Any]:
         """The counts as stored in ``runs.counts``."""
@@ -107,6 +108,7 @@ class FetchResult:
             "invalid": _invalid(self.invalid),
             "invalid_by_reason": {k: v for k, v in self.invalid.items() if k not in SKIP_REASONS},
             "skipped": sum(v for k, v in self.invalid.items() if k in SKIP_REASONS),
+            **(self.quality.counts() if self.quality is not None else {}),
         }
 
 
@@ -562,6 +564,10 @@ def run_fetch(
         bind(stage="fetch", run=result.run_id)
         started = time.monotonic()
         fetcher = Fetcher(config, store, result.run_id, result, now=now)
+        if config.quality.enabled:
+            from outbox.quality.engine import Checker
+
+            store.checker = result.quality = Checker(config)
         try:
             if replay is not None:
                 fetcher.stage_replay(replay)
@@ -583,6 +589,8 @@ def run_fetch(
             store.finish_run(result.run_id, "failed", result.counts(), _describe(exc))
             _log_failed("fetch", result.run_id, started, result.counts(), _describe(exc))
             raise
+        finally:
+            store.checker = None
         store.finish_run(result.run_id, "ok", result.counts())
     log.info(
         "fetch done run=%d seconds=%.3f requests=%d pages=%d rows=%d written=%d invalid=%d"

@@ -31,7 +31,7 @@ import os
 import sqlite3
 import threading
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
@@ -699,6 +699,7 @@ class WriteGroup:
         self._conn: Connection | None = None
         self._open = False
         self._broken = False
+        self.before_commit: Callable[[Connection], None] | None = None
 
     @contextmanager
     def savepoint(self) -> Iterator[Connection]:
@@ -731,8 +732,19 @@ class WriteGroup:
             self._rollback()
 
     def commit(self) -> None:
-        """Commit every write block so far (nothing to do when there is none)."""
+        """Commit every write block so far (nothing to do when there is none).
+
+        ``before_commit`` runs first, in the same transaction; if it fails the whole
+        group rolls back (the quality checks of its rows go with them, or neither).
+        """
         if self._open and self._conn is not None:
+            if self.before_commit is not None:
+                try:
+                    self.before_commit(self._conn)
+                except BaseException:
+                    self._broken = True
+                    self._rollback()
+                    raise
             self._open = False
             self._conn.commit()
 
@@ -881,6 +893,18 @@ class StageChecker(Protocol):
     ) -> None:
         """Judge the rows ``keys`` just written (ledger rows after id ``revised_after``)."""
 
+    def defer(
+        self, keys: list[tuple[str, str]], revised_after: int, run_id: int | None, now: str
+    ) -> None:
+        """Remember rows a stage in a write group wrote, to judge at :meth:`flush`."""
+
+    def deferred(self) -> bool:
+        """Whether rows wait for :meth:`flush`."""
+        ...
+
+    def flush(self, cur: sqlite3.Cursor) -> None:
+        """Judge every deferred row (the write group is about to commit)."""
+
 
 class Store:
     """The outbox database. Open it with :meth:`Store.open`; close it with :meth:`close`."""
@@ -975,12 +999,22 @@ class Store:
         if self._group is not None:
             raise StoreError("write groups do not nest")
         group = WriteGroup(self.engine)
+        group.before_commit = self._flush_checks
         self._group = group
         try:
             yield group
         finally:
             self._group = None
             group.close()
+
+    def _flush_checks(self, conn: Connection) -> None:
+        """Run the quality checks deferred by the stages of a write group (before it commits)."""
+        checker = self.checker
+        if checker is not None and checker.deferred():
+            cur = self.cursor(conn)
+            checker.flush(cur)
+            cur.close()
+            crashpoint("stage.checked")
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -1070,7 +1104,8 @@ class Store:
             else:
                 written = 0  # every row is staged with this revision: nothing to write
                 crashpoint("stage.rows_written")
-            if written and checker is not None:
+            grouped = self._group is not None and self._group.thread == threading.get_ident()
+            if written and checker is not None and not grouped:
                 # Same transaction: a row a rule dead-letters is never claimed before.
                 checker.check(cur, keys, revised_after, run_id, now)
                 crashpoint("stage.checked")
@@ -1079,6 +1114,9 @@ class Store:
                 self._check_bytes(cur, limit, pages_before)
             cur.close()
             crashpoint("stage.before_commit")
+        if written and checker is not None and grouped:
+            # In a write group the checks run once, on every page's rows, before it commits.
+            checker.defer(keys, revised_after, run_id, now)
         if limit is not None:
             limit.rows += written if growth is None else growth
         return StageResult(written=written, page_id=page_id if written else None, offered=len(rows))
