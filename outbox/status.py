@@ -123,6 +123,7 @@ class Status:
     warnings: list[str] = field(default_factory=list)
     check: Check | None = None
     remote: dict[str, Any] | None = None
+    quality: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for ``--json`` (stable keys, documented in docs/status.md)."""
@@ -195,6 +196,9 @@ def collect(
         invalid_last_fetch=_invalid(runs["fetch"]),
     )
     _add_queue_head(status, store, now)
+    from outbox.quality.ledger import summary as quality_summary
+
+    status.quality = quality_summary(store, now)
     status.missing = _missing(config, status.groups, runs["fetch"])
     if not config.eia.verify_tls or not config.gridpulse.verify_tls:
         status.warnings.append("TLS verification is turned off in the config")
@@ -392,6 +396,7 @@ def evaluate(config: Config, status: Status) -> tuple[int, str]:
                     f"{stage} failed {n} runs in a row ({_at(crit, limit)})",
                 )
             )
+    problems.extend(_quality_problems(config, status.quality))
     problems.extend((WARNING, w) for w in status.warnings)
     if not problems:
         t = status.totals
@@ -402,6 +407,24 @@ def evaluate(config: Config, status: Status) -> tuple[int, str]:
     code = max(level for level, _ in problems)
     problems.sort(key=lambda p: -p[0])
     return code, f"{LABELS[code]} - " + "; ".join(text for _, text in problems)
+
+
+def _quality_problems(config: Config, quality: dict[str, Any]) -> list[tuple[int, str]]:
+    """Open findings at or above ``quality.check_{warning,critical}_severity``."""
+    order = ("info", "warn", "crit")
+    by = quality.get("open_by_severity") or {}
+    for level, floor in (
+        (CRITICAL, config.quality.check_critical_severity),
+        (WARNING, config.quality.check_warning_severity),
+    ):
+        if floor == "off":
+            continue
+        n = sum(by.get(sev, 0) for sev in order[order.index(floor) :])
+        if n:
+            noun = "finding" if n == 1 else "findings"
+            worst = quality.get("worst_rule")
+            return [(level, f"{n} open quality {noun} at {floor} or worse (worst: {worst})")]
+    return []
 
 
 def _at(crit: bool, limit: int) -> str:
@@ -538,6 +561,8 @@ _METRICS: dict[str, str] = {
     "outbox_last_run_success": "Whether the last finished run per stage succeeded (1) or not.",
     "outbox_last_success_timestamp_seconds": "End of the last successful run per stage.",
     "outbox_consecutive_failed_runs": "Failed runs since the last successful one, per stage.",
+    "outbox_quality_findings": "Open data-quality findings per rule, BA and severity.",
+    "outbox_revisions_total": "Revisions of staged rows recorded in the ledger.",
 }
 _LEVELS = {FRESH_OK: 0, FRESH_WARNING: 1, FRESH_CRITICAL: 2, FRESH_NO_DATA: 3}
 
@@ -561,6 +586,7 @@ def render_metrics(status: Status) -> str:
         )
     _add_groups(samples, status.groups)
     _add_runs(samples, status)
+    _add_quality(samples, status.quality)
     lines = []
     for name, rows in samples.items():
         if not rows:
@@ -591,6 +617,15 @@ def _add_global(samples: dict[str, list[Sample]], status: Status) -> None:
     )
     _add_ts(samples["outbox_next_retry_timestamp_seconds"], {}, status.next_retry_at)
     samples["outbox_last_fetch_invalid_rows"].append(({}, status.invalid_last_fetch))
+
+
+def _add_quality(samples: dict[str, list[Sample]], quality: dict[str, Any]) -> None:
+    if not quality:
+        return
+    for g in quality.get("open_by_rule", []):
+        labels = {"rule": g["rule"], "ba": g["ba"], "severity": g["severity"]}
+        samples["outbox_quality_findings"].append((labels, g["n"]))
+    samples["outbox_revisions_total"].append(({}, quality.get("revisions_total", 0)))
 
 
 def _add_groups(samples: dict[str, list[Sample]], groups: Sequence[Group]) -> None:
@@ -779,6 +814,8 @@ def _summary_lines(status: Status, now: datetime) -> list[Any]:
         names = ", ".join(f"{m['dataset']} {m['ba']}" for m in status.missing)
         lines.append(Text(f"no data yet: {names}", style="yellow"))
     lines.append(Text(_queue_line(status, now)))
+    if status.quality:
+        lines.append(Text(quality_line(status.quality)))
     for stage in STAGES:
         lines.append(_run_line(status, stage, now))
     schema = status.outbox_schema or "none"
@@ -794,6 +831,20 @@ def _summary_lines(status: Status, now: datetime) -> list[Any]:
         style = {OK: "green", WARNING: "yellow", CRITICAL: "bold red"}.get(status.check.code, "")
         lines.append(Text(f"check: {status.check.summary}", style=style))
     return lines
+
+
+def quality_line(quality: dict[str, Any]) -> str:
+    """``quality: 3 open findings (1 crit, 2 warn; worst repeated_day); 5 rows revised
+    in the last 24 h``."""
+    n = quality.get("open", 0)
+    revised = quality.get("revised_last_24h", 0)
+    tail = f"{revised:,} rows revised in the last 24 h"
+    if not n:
+        return f"quality: no open findings; {tail}"
+    by = quality.get("open_by_severity") or {}
+    parts = ", ".join(f"{by[sev]} {sev}" for sev in ("crit", "warn", "info") if by.get(sev))
+    noun = "finding" if n == 1 else "findings"
+    return f"quality: {n} open {noun} ({parts}; worst {quality.get('worst_rule')}); {tail}"
 
 
 def _queue_line(status: Status, now: datetime) -> str:
