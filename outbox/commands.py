@@ -463,9 +463,13 @@ def show(config: Config, series_id: str, ts: str) -> int:
                 index = row.get("page_row")
                 if index is not None and 0 <= index < len(data):
                     source = data[index]
+        from outbox.quality.ledger import history
+
+        revised = history(store, series_id, ts)
     out = {"observation": row, "eia_row": source}
     if page_info is not None:
         out["page"] = {k: page_info[k] for k in ("id", "route", "url", "fetched_at", "run_id")}
+    out["revisions"] = revised
     typer.echo(json.dumps(out, indent=2, default=str))
     return 0
 
