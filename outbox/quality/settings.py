@@ -84,7 +84,7 @@ class Resolver:
         self._cache: dict[tuple[str, str | None, str | None], Settings] = {}
 
     def get(self, rule: str, dataset: str | None = None, ba: str | None = None) -> Settings:
-        """Default, then ``quality.rules.<rule>``, its ``datasets.<dataset>``, its ``bas.<ba>``."""
+        """Defaults, ``quality.rules.<rule>``, its ``datasets.<dataset>``, its ``bas.<ba>``."""
         key = (rule, dataset, ba)
         found = self._cache.get(key)
         if found is None:
@@ -92,14 +92,16 @@ class Resolver:
         return found
 
     def _resolve(self, rule: str, dataset: str | None, ba: str | None) -> Settings:
+        # The rule's defaults, the rule's settings, the dataset's defaults, the dataset's
+        # settings, the BA's settings: a rule-wide setting does not undo a dataset default
+        # (``flat_line: {window_hours: 8}`` leaves generation at 24 h).
         dataset = dataset or SUBJECT_DATASET.get(rule)
-        out = DEFAULTS[rule]
+        cfg = self.config.rules.get(rule)
+        out = _merge(DEFAULTS[rule], cfg)
         if dataset is not None:
             out = _merge(out, DATASET_DEFAULTS.get(rule, {}).get(dataset))
-        cfg = self.config.rules.get(rule)
         if cfg is None:
             return out
-        out = _merge(out, cfg)
         if dataset is not None:
             out = _merge(out, cfg.datasets.get(dataset))
         if ba is not None:
