@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -512,3 +513,54 @@ def test_bundled_sample_day_findings(tmp_path: Path) -> None:
 def test_real_bodies_are_where_the_tests_expect_them() -> None:
     assert all((REAL / name).is_file() for name in PACW_FILES)
     shutil.which("sqlite3")  # nothing to assert: only the bodies matter
+
+
+def test_sigkill_fetch_with_quarantine_on_never_lets_a_quarantined_row_out(
+    tmp_path: Path,
+) -> None:
+    """Kill `fetch` at random times and at the stage's crash points with spikes planted and
+    `action: quarantine`; send whatever each kill left committed. No spike ever reaches
+    the reference receiver, and after a clean rerun every spike is dead as QUALITY_SPIKE."""
+    import random
+
+    from durability import await_run, route_rows, spawn, work_seconds, write_replay
+
+    data = route_rows(96)
+    spikes = {("PJM", "2025-06-01T10"), ("MISO", "2025-06-02T20"), ("ERCO", "2025-06-03T06")}
+    keys = set()
+    names = {"PJM": "PJM", "MISO": "MISO", "ERCO": "ERCOT"}
+    for rows in data.values():
+        for r in rows:
+            if (r.get("respondent"), r["period"]) in spikes and r.get("type") == "D":
+                r["value"] = scale(r["value"], 1.8)
+                keys.add((f"EIA.{names[r['respondent']]}.demand", f"{r['period']}:00:00Z"))
+    assert len(keys) == 3
+    directory = write_replay(tmp_path / "replay", data, page_length=500)
+    rng = random.Random(13)
+    plan = [("stage.rows_written", 2), ("stage.checked", 1), ("stage.before_commit", 3)]
+    plan += [(None, 0)] * 3
+    with running_receiver(tmp_path, api_key=KEY_GP) as receiver:
+        base = outbox_env(
+            tmp_path / "w.db",
+            receiver=receiver,
+            OUTBOX__QUALITY__RULES__SPIKE__ACTION="quarantine",
+            OUTBOX__EIA__REPLAY_COMMIT_ROWS="2000",
+        )
+        work = work_seconds("fetch", "--replay", str(directory), env=base, db=tmp_path / "w.db")
+        for trial, (point, after) in enumerate(plan):
+            db = tmp_path / f"t{trial}.db"
+            env = {**base, "OUTBOX_DB": str(db)}
+            if point is None:
+                proc = spawn("fetch", "--replay", str(directory), env=env)
+                await_run(db, proc)
+                time.sleep(rng.uniform(0, work))
+                proc.kill()
+            else:
+                crash = {"OUTBOX_CRASH_AT": point, "OUTBOX_CRASH_AFTER": str(after)}
+                proc = spawn("fetch", "--replay", str(directory), env={**env, **crash})
+            proc.wait(120)
+            for args in (("send",), ("fetch", "--replay", str(directory)), ("send",)):
+                done = outbox(*args, env=env)
+                assert done.returncode == 0, done.stderr
+            assert not keys & set(receiver_rows(receiver.base_url, KEY_GP)), trial
+            assert {_state(db, k) for k in keys} == {("dead", "QUALITY_SPIKE")}
