@@ -190,7 +190,7 @@ class Checker:
 
         rows: list[Any] = []
         for ba, (lo, hi) in scope.items():
-            bounds = (hour_ts(lo - self.context), hour_ts(hi + self.context))
+            bounds = (hour_ts(lo - self.context[0]), hour_ts(hi + self.context[1]))
             rows.extend(cur.execute(_FRAME, (ba, *bounds)).fetchall())
         if not rows:
             return None

@@ -92,7 +92,7 @@ def _enabled_bas(rule: str, resolver: Resolver, bas: Iterable[str]) -> dict[str,
 def _by_hour(frame: pd.DataFrame, ds: str) -> pd.Series:
     """One value per (ba, h) of the BA-level series of dataset ``ds`` (no subtype)."""
     rows = frame[(frame["ds"] == ds)]
-    return rows.groupby(["ba", "h"])["v"].first()
+    return rows.set_index(["ba", "h"])["v"]
 
 
 def _hourly_finding(
@@ -161,9 +161,25 @@ def _compare(
     return out
 
 
-def _series_of(frame: pd.DataFrame) -> dict[tuple[str, str], list[str]]:
-    """(ba, ds) -> its series ids in the frame."""
-    return {k: sorted(v) for k, v in frame.groupby(["ba", "ds"])["sid"].unique().items()}
+class _SeriesOf:
+    """(ba, ds) -> its series ids in the frame, read only when a finding needs them."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+        self._map: dict[tuple[str, str], list[str]] | None = None
+
+    def get(self, key: tuple[str, str], default: list[str]) -> list[str]:
+        if self._map is None:
+            pairs = self.frame[["ba", "ds", "sid"]].drop_duplicates()
+            found: dict[tuple[str, str], list[str]] = {}
+            for ba, ds, sid in pairs.itertuples(index=False):
+                found.setdefault((ba, ds), []).append(sid)
+            self._map = {k: sorted(v) for k, v in found.items()}
+        return self._map.get(key, default)
+
+
+def _series_of(frame: pd.DataFrame) -> _SeriesOf:
+    return _SeriesOf(frame)
 
 
 def balance(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
@@ -303,22 +319,34 @@ def _runs(frame: pd.DataFrame, flag: pd.Series) -> pd.DataFrame:
 
     ``frame`` must be sorted by (sid, h).
     """
-    rows = frame[flag.to_numpy()]
+    import numpy as np
+    import pandas as pd
+
+    columns = ["sid", "ba", "ds", "start", "end", "n", "v", "distinct"]
+    rows = frame[np.asarray(flag, dtype=bool)]
     if rows.empty:
-        return rows.assign(start=[], end=[], n=[])
-    new = (rows["sid"] != rows["sid"].shift()) | (rows["h"] != rows["h"].shift() + 1)
-    run = new.cumsum()
-    grouped = rows.groupby(run)
-    return grouped.agg(
-        sid=("sid", "first"),
-        ba=("ba", "first"),
-        ds=("ds", "first"),
-        start=("h", "min"),
-        end=("h", "max"),
-        n=("h", "size"),
-        v=("v", "first"),
-        distinct=("v", "nunique"),
+        return pd.DataFrame(columns=columns).astype({"n": int})
+    sid, h = rows["sid"].to_numpy(), rows["h"].to_numpy()
+    first = np.r_[True, (sid[1:] != sid[:-1]) | (h[1:] != h[:-1] + 1)]
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], len(rows)] - 1
+    n = ends - starts + 1
+    v = rows["v"].to_numpy()
+    out = pd.DataFrame(
+        {
+            "sid": sid[starts],
+            "ba": rows["ba"].to_numpy()[starts],
+            "ds": rows["ds"].to_numpy()[starts],
+            "start": h[starts],
+            "end": h[ends],
+            "n": n,
+            "v": v[starts],
+        }
     )
+    out["distinct"] = [
+        len(set(v[a : b + 1].tolist())) if b > a else 1 for a, b in zip(starts, ends, strict=True)
+    ]
+    return out
 
 
 def _series_rule(
@@ -495,11 +523,11 @@ FRAME_RULES: dict[str, Callable[[pd.DataFrame, Scope, Resolver], Outcome]] = {
 }
 
 
-def context_hours(resolver: Resolver) -> int:
-    """Hours of rows each side of the written ones that the frame rules need."""
-    return max(
-        48,
-        _widest(resolver, "flat_line"),
-        _widest(resolver, "repeated_day") + 24,
-        _widest(resolver, "spike") + 3,
-    )
+def context_hours(resolver: Resolver) -> tuple[int, int]:
+    """Hours of rows (before, after) the written ones that the frame rules need: a
+    repeated day's comparisons reach a day back past a run of ``window_hours``, a flat
+    line's run its window either way, a spike's scale its window back (and 2 h on)."""
+    repeated, flat = _widest(resolver, "repeated_day"), _widest(resolver, "flat_line")
+    before = max(repeated + 24, flat, _widest(resolver, "spike") + 3)
+    after = max(24, flat, 2)
+    return before, after
