@@ -564,3 +564,23 @@ def test_sigkill_fetch_with_quarantine_on_never_lets_a_quarantined_row_out(
                 assert done.returncode == 0, done.stderr
             assert not keys & set(receiver_rows(receiver.base_url, KEY_GP)), trial
             assert {_state(db, k) for k in keys} == {("dead", "QUALITY_SPIKE")}
+
+
+def test_overrides_go_rule_then_dataset_then_ba() -> None:
+    from outbox.config import QualityConfig
+    from outbox.quality.settings import Resolver
+
+    cfg = QualityConfig(
+        rules={
+            "flat_line": {"window_hours": 8, "bas": {"PJM": {"action": "quarantine"}}},
+            "spike": {"threshold": 10, "datasets": {"demand": {"threshold": 12}}},
+        }
+    )
+    r = Resolver(cfg)
+    assert r.get("flat_line", "demand").window_hours == 8
+    assert r.get("flat_line", "generation").window_hours == 24  # the dataset default stands
+    assert r.get("flat_line", "demand", "PJM").action == "quarantine"
+    assert r.get("flat_line", "demand", "MISO").action == "warn"
+    assert r.get("spike", "demand", "PJM").threshold == 12
+    assert r.get("spike", "net_generation").threshold == 10
+    assert not r.get("spike", "generation").enabled
