@@ -149,16 +149,17 @@ class Checker:
     ) -> None:
         """Judge the rows ``keys`` a stage just wrote (see the module docstring)."""
         self._know(cur, {k[0] for k in keys})
-        scope = self._scope(keys)
+        scopes = self._scopes(keys)
         outcome = Outcome()
-        if scope:
+        for scope in scopes:
             frame = self._frame(cur, scope)
             for rule, judge in FRAME_RULES.items():
                 if frame is not None and not frame.empty:
                     _extend(outcome, judge(frame, scope, self.resolver))
                 else:
                     outcome.evaluated.extend(_whole(rule, scope))
-            _extend(outcome, self._dropped(cur, scope))
+        if scopes:
+            _extend(outcome, self._dropped(cur, {ba: r for s in scopes for ba, r in s.items()}))
         _extend(outcome, self._large_revisions(cur, revised_after))
         self._store(cur, outcome, set(keys), now)
 
@@ -170,20 +171,33 @@ class Checker:
         for sid, ba, type_, sub in cur.execute("SELECT series_id, ba, type, subtype FROM series"):
             self._series[sid] = (ba, dataset_of(type_, sub))
 
-    def _scope(self, keys: list[tuple[str, str]]) -> Scope:
-        bounds: dict[str, list[str]] = {}
+    def _scopes(self, keys: list[tuple[str, str]]) -> list[Scope]:
+        """The hours written, per BA, as runs of hours that share their context: hours
+        further apart than the context (pages of two routes in one write group) are
+        judged apart, so that nothing in between is read. The i-th scope holds the i-th
+        run of every BA."""
+        hours: dict[str, set[str]] = defaultdict(set)
+        series = self._series
         for sid, ts in keys:
-            known = self._series.get(sid)
-            if known is None:
-                continue
-            b = bounds.get(known[0])
-            if b is None:
-                bounds[known[0]] = [ts, ts]
-            elif ts < b[0]:
-                b[0] = ts
-            elif ts > b[1]:
-                b[1] = ts
-        return {ba: (ts_hour(lo), ts_hour(hi)) for ba, (lo, hi) in bounds.items()}
+            known = series.get(sid)
+            if known is not None:
+                hours[known[0]].add(ts)
+        gap = sum(self.context) + 1
+        scopes: list[Scope] = []
+        for ba, stamps in hours.items():
+            ordered = sorted(ts_hour(ts) for ts in stamps)
+            runs, lo, prev = [], ordered[0], ordered[0]
+            for h in ordered[1:]:
+                if h - prev > gap:
+                    runs.append((lo, prev))
+                    lo = h
+                prev = h
+            runs.append((lo, prev))
+            for i, run in enumerate(runs):
+                if i == len(scopes):
+                    scopes.append({})
+                scopes[i][ba] = run
+        return scopes
 
     def _frame(self, cur: sqlite3.Cursor, scope: Scope) -> pd.DataFrame | None:
         import pandas as pd
