@@ -18,6 +18,7 @@ import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from outbox.config import Config
@@ -30,9 +31,12 @@ if TYPE_CHECKING:
 EVERY_HOUR = (-(2**40), 2**40)
 REGION_GROUP = frozenset({"demand", "net_generation", "interchange"})
 
+# CROSS JOIN keeps series as the outer loop (SQLite does not reorder it): a primary-key
+# range of observations per series, where a plain JOIN let the planner scan observations.
 _FRAME = """
 SELECT s.series_id, s.ba, s.type, s.subtype, CAST(strftime('%s', o.ts) AS INTEGER) / 3600, o.value
-FROM series s JOIN observations o ON o.series_id = s.series_id AND o.ts >= ?2 AND o.ts <= ?3
+FROM series s CROSS JOIN observations o
+    ON o.series_id = s.series_id AND o.ts >= ?2 AND o.ts <= ?3
 WHERE (s.ba = ?1 OR (s.type = 'interchange' AND s.subtype = ?1)) AND o.value IS NOT NULL
 """
 _NEWEST = """
@@ -79,6 +83,7 @@ def hour_ts(h: int) -> str:
     return datetime.fromtimestamp(h * 3600, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@lru_cache(maxsize=1 << 16)
 def ts_hour(ts: str) -> int:
     """Hours since the epoch of an RFC 3339 ``...Z`` timestamp."""
     when = datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
