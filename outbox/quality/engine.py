@@ -217,7 +217,8 @@ class Checker:
         frame = frame.drop_duplicates(["sid", "h"])
         ds = frame["type"].where(frame["type"] != "interchange", "interchange")
         ds = ds.mask((frame["type"] == "interchange") & frame["sub"].notna(), "ba_interchange")
-        frame = frame.assign(ds=ds).drop(columns="type")
+        # Categorical: the rules filter on the dataset many times (string compares are slow).
+        frame = frame.assign(ds=ds.astype("category")).drop(columns="type")
         return frame.sort_values(["sid", "h"], kind="stable").reset_index(drop=True)
 
     def _dropped(self, cur: sqlite3.Cursor, scope: Scope) -> Outcome:
