@@ -4,7 +4,6 @@ the revision ledger; resolution; quarantine end to end with the reference receiv
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import time
 from collections.abc import Callable
@@ -512,7 +511,6 @@ def test_bundled_sample_day_findings(tmp_path: Path) -> None:
 
 def test_real_bodies_are_where_the_tests_expect_them() -> None:
     assert all((REAL / name).is_file() for name in PACW_FILES)
-    shutil.which("sqlite3")  # nothing to assert: only the bodies matter
 
 
 def test_sigkill_fetch_with_quarantine_on_never_lets_a_quarantined_row_out(
