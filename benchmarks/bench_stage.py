@@ -97,15 +97,22 @@ def run_floor(files: list[Path], database: Path) -> int:
 # -- ours -------------------------------------------------------------------------------
 
 
-def run_ours(directory: Path, database: Path, fresh: bool, cpu: list[float]) -> tuple[float, Any]:
+def run_ours(
+    directory: Path, database: Path, fresh: bool, cpu: list[float], checks: bool = True
+) -> tuple[float, Any]:
     """run_fetch(replay=directory) and closing the store (as the floor closes its
     connection, checkpoint included), timed without opening it (migrations).
 
     Appends the CPU seconds (all threads, and the read-ahead process) to ``cpu``.
+    ``checks=False`` turns the data-quality checks off (``quality.enabled: false``).
     """
     if fresh:
         c.remove_db(database)
     store = Store.open(database)
+    config = c.config_for(database)
+    if not checks:
+        quality = config.quality.model_copy(update={"enabled": False})
+        config = config.model_copy(update={"quality": quality})
 
     def run() -> Any:
         try:
@@ -267,10 +274,10 @@ def main() -> None:
         floor_db, ours_db, cli_db = work / "floor.db", work / "ours.db", work / "cli.db"
         old_files, old_rows = subset(files, cfg["old_rows"])
         runs: dict[str, list[float]] = {
-            k: [] for k in ("floor", "ours", "restage", "cli", "old", "queue")
+            k: [] for k in ("floor", "ours", "ours_no_checks", "restage", "cli", "old", "queue")
         }
         written: dict[str, int] = {}
-        cpu: dict[str, list[float]] = {"floor": [], "ours": [], "restage": []}
+        cpu: dict[str, list[float]] = {"floor": [], "ours": [], "ours_no_checks": [], "restage": []}
         queued = 0
         for i in range(rounds):
             c.log(f"round {i + 1}/{rounds}: {n} rows in {len(files)} files")
@@ -286,6 +293,10 @@ def main() -> None:
             seconds, again = run_ours(directory, ours_db, False, cpu["restage"])
             runs["restage"].append(seconds)
             written["restage"] = again.written
+            # Side by side: the same stage with the quality checks off.
+            seconds, plain = run_ours(directory, ours_db, True, cpu["ours_no_checks"], False)
+            runs["ours_no_checks"].append(seconds)
+            written["ours_no_checks"] = plain.written
             if not args.no_cli:
                 runs["cli"].append(run_cli(directory, cli_db))
             if not (args.ours_only or args.no_old):
@@ -297,6 +308,8 @@ def main() -> None:
                 runs["queue"].append(seconds)
         result = report(args.size, info, runs, written, old_rows, queued)
         result["cpu_seconds"] = {k: c.median(v) for k, v in cpu.items() if v}
+        per_round = [a / b for a, b in zip(runs["ours"], runs["ours_no_checks"], strict=True)]
+        result["ratios"]["checks_on_over_off"] = round(c.median(per_round), 3)
         if cpu["floor"]:
             result["ratios"]["ours_over_floor_cpu"] = c.ratio(
                 c.median(cpu["ours"]), c.median(cpu["floor"])
@@ -330,6 +343,9 @@ def report(
         "python": sys.version.split()[0],
         "sqlite": sqlite3.sqlite_version,
         "ours": c.figure(n, runs["ours"], written=written["ours"]),
+        "ours_no_checks": c.figure(
+            n, runs["ours_no_checks"], written=written["ours_no_checks"], note="quality off"
+        ),
         "restage": c.figure(n, runs["restage"], written=written["restage"]),
     }
     if runs["cli"]:

@@ -383,6 +383,56 @@ def show(
         raise typer.Exit(commands.show(_config(), series_id, when))
 
 
+def _since(since: str | None) -> str | None:
+    try:
+        return to_ts(parse_bound(since)) if since else None
+    except ValueError:
+        raise UsageError(f"--since {since!r}: not a date or RFC 3339 time") from None
+
+
+@app.command()
+def revisions(
+    since: Annotated[
+        str | None, typer.Option(help="Only revisions seen at or after this date or time.")
+    ] = None,
+    series: Annotated[
+        str | None, typer.Option(help="Only series matching this glob (EIA.PJM.*).")
+    ] = None,
+    min_change: Annotated[
+        float | None,
+        typer.Option("--min-change", min=0, metavar="PCT", help="Only changes of PCT % or more."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """List what EIA revised: old and new value of every revised row, when, which run."""
+    from outbox.quality import report
+
+    with _errors():
+        lo = _since(since)
+        report.revisions(_config(), since=lo, series=series, min_change=min_change, as_json=as_json)
+
+
+@app.command()
+def quality(
+    since: Annotated[
+        str | None, typer.Option(help="Only findings reaching this date or time or later.")
+    ] = None,
+    rule: Annotated[str | None, typer.Option(help="Only this rule (e.g. spike).")] = None,
+    ba: Annotated[str | None, typer.Option(help="Only this BA (GridPulse code).")] = None,
+    open_only: Annotated[bool, typer.Option("--open", help="Only unresolved findings.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """List data-quality findings about EIA's numbers (never edits; docs/quality.md)."""
+    from outbox.config import QUALITY_RULES
+    from outbox.quality import report
+
+    with _errors():
+        lo = _since(since)
+        if rule is not None and rule not in QUALITY_RULES:
+            raise UsageError(f"--rule {rule}: unknown; known: {', '.join(QUALITY_RULES)}")
+        report.findings(_config(), since=lo, rule=rule, ba=ba, open_only=open_only, as_json=as_json)
+
+
 @app.command()
 def requeue(
     series: Annotated[

@@ -162,6 +162,12 @@ def fetch(
         f"{result.rows} rows, {result.written} written, {invalid} invalid, "
         f"{result.duplicates} duplicates{skipped}"
     )
+    if result.quality is not None:
+        q = result.quality
+        typer.echo(
+            f"quality: {q.opened} findings opened, {q.resolved} resolved, "
+            f"{q.quarantined} rows quarantined"
+        )
     return 0
 
 
@@ -538,10 +544,14 @@ def show(config: Config, series_id: str, ts: str) -> int:
                 index = row.get("page_row")
                 if index is not None and 0 <= index < len(data):
                     source = data[index]
+        from outbox.quality.ledger import history
+
+        revised = history(store, series_id, ts)
         around = _around(store, series_id, row["ts"])
     out = {"observation": row, "eia_row": source, "around": around}
     if page_info is not None:
         out["page"] = {k: page_info[k] for k in ("id", "route", "url", "fetched_at", "run_id")}
+    out["revisions"] = revised
     typer.echo(json.dumps(out, indent=2, default=str))
     return 0
 

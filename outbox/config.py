@@ -254,6 +254,76 @@ class HousekeepingConfig(_Model):
     """Free space fetch leaves on the outbox's file system (0: no floor)."""
 
 
+QUALITY_RULES = (
+    "balance",
+    "interchange_sum",
+    "antisymmetry",
+    "fuel_sum",
+    "repeated_day",
+    "flat_line",
+    "spike",
+    "negative_generation",
+    "dropped_series",
+    "large_revision",
+)
+SEVERITIES = ("info", "warn", "crit")
+
+
+class RuleSettings(_Model):
+    """Settings of one quality rule; a field left unset keeps the rule's default.
+
+    Which fields a rule reads is in docs/quality.md: ``tolerance`` is a fraction (of
+    demand, of NG, ...), ``min_mw`` an absolute floor in MW, ``threshold`` the rule's
+    limit (a z-score, hours, MW, a fraction), ``window_hours`` its window.
+    """
+
+    enabled: bool | None = None
+    action: Literal["warn", "quarantine"] | None = None
+    severity: Literal["info", "warn", "crit"] | None = None
+    tolerance: float | None = Field(None, ge=0)
+    min_mw: float | None = Field(None, ge=0)
+    threshold: float | None = Field(None, ge=0)
+    window_hours: int | None = Field(None, ge=1, le=24 * 31)
+
+
+class RuleConfig(RuleSettings):
+    """One rule: its settings, overridden per dataset, then per BA (GridPulse code)."""
+
+    datasets: dict[str, RuleSettings] = Field(default_factory=dict)
+    bas: dict[str, RuleSettings] = Field(default_factory=dict)
+    exempt_fuels: list[str] | None = None
+    """negative_generation: fuels allowed to be negative (storage); default in docs."""
+
+    @field_validator("datasets")
+    @classmethod
+    def _known(cls, value: dict[str, RuleSettings]) -> dict[str, RuleSettings]:
+        unknown = sorted(set(value) - set(DATASET_NAMES))
+        if unknown:
+            raise ValueError(f"unknown dataset {unknown[0]!r}; known: {', '.join(DATASET_NAMES)}")
+        return value
+
+
+class QualityConfig(_Model):
+    """Data-quality checks on staged rows (outbox/quality, docs/quality.md)."""
+
+    enabled: bool = True
+    check_warning_severity: Literal["info", "warn", "crit", "off"] = "crit"
+    check_critical_severity: Literal["info", "warn", "crit", "off"] = "off"
+    rules: dict[str, RuleConfig] = Field(default_factory=dict)
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _rules(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - set(QUALITY_RULES))
+            if unknown:
+                raise ValueError(f"unknown rule {unknown[0]!r}; known: {', '.join(QUALITY_RULES)}")
+            return {k: (v or {}) for k, v in value.items()}
+        return value
+
+
 class Config(_Model):
     """The whole configuration of one outbox; see config.yaml for every key."""
 
@@ -265,6 +335,7 @@ class Config(_Model):
     status: StatusConfig = Field(default_factory=StatusConfig)
     housekeeping: HousekeepingConfig = Field(default_factory=HousekeepingConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
     metrics_path: str | None = None
     report_path: str | None = None
     log_format: Literal["logfmt", "json"] = "logfmt"

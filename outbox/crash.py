@@ -10,6 +10,8 @@ Points:
 
 * ``fetch.page_fetched``        a page is in memory, nothing of it staged
 * ``stage.rows_written``        rows upserted inside the open transaction
+* ``stage.checked``             the quality checks of the staged rows ran (findings and
+                               quarantined rows written), not committed
 * ``stage.before_commit``       rows, page and watermark written, not committed
 * ``send.after_claim``          a batch is claimed, nothing posted
 * ``send.before_post``          a batch is encoded and about to be posted

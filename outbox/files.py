@@ -16,7 +16,7 @@ from pathlib import Path
 from outbox.errors import DiskFullError, UsageError
 
 REPORT_HEAD = "<!doctype html>"
-METRICS_HEAD = "# HELP "
+METRICS_HEAD = "#"  # a textfile starts with a comment (ours: # HELP)
 
 
 def write_atomic(

@@ -113,6 +113,7 @@ class FetchResult:
     that EIA never returned a row for although asked)."""
     skipped: bool = False
     holder: int | None = None
+    quality: Any = None  # the run's outbox.quality.engine.Checker, when checks are on
 
     def counts(self) -> dict[str, Any]:
         """The counts as stored in ``runs.counts``."""
@@ -127,6 +128,7 @@ class FetchResult:
             "skipped": sum(v for k, v in self.invalid.items() if k in SKIP_REASONS),
             "skipped_by_reason": {k: v for k, v in self.invalid.items() if k in SKIP_REASONS},
             "asked_through": dict(sorted(self.asked.items())),
+            **(self.quality.counts() if self.quality is not None else {}),
         }
 
     def note_asked(self, req: eia_mod.EIARequest, now: datetime) -> None:
@@ -659,6 +661,10 @@ def run_fetch(
         bind(stage="fetch", run=result.run_id)
         started = time.monotonic()
         fetcher = Fetcher(config, store, result.run_id, result, now=now)
+        if config.quality.enabled:
+            from outbox.quality.engine import Checker
+
+            store.checker = result.quality = Checker(config)
         try:
             if replay is not None:
                 fetcher.stage_replay(replay)
@@ -683,6 +689,8 @@ def run_fetch(
             store.finish_run(result.run_id, "failed", result.counts(), _describe(exc))
             _log_failed("fetch", result.run_id, started, result.counts(), _describe(exc))
             raise
+        finally:
+            store.checker = None
         store.finish_run(result.run_id, "ok", result.counts())
     log.info(
         "fetch done run=%d seconds=%.3f requests=%d pages=%d rows=%d written=%d invalid=%d"

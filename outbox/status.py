@@ -126,6 +126,7 @@ class Status:
     check: Check | None = None
     remote: dict[str, Any] | None = None
     alerts: dict[str, int] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for ``--json`` (stable keys, documented in docs/status.md)."""
@@ -205,6 +206,9 @@ def collect(
         invalid_last_fetch=_invalid(runs["fetch"]),
     )
     _add_queue_head(status, store, now)
+    from outbox.quality.ledger import summary as quality_summary
+
+    status.quality = quality_summary(store, now)
     status.missing = _missing(config, status.groups, runs["fetch"], status.stream_progress)
     status.warnings.extend(_never_answered(config, store, status))
     from outbox.alerts import META_KEY, counters
@@ -466,6 +470,7 @@ def evaluate(config: Config, status: Status) -> tuple[int, str]:
                 f"{size_text(floor)}: fetch stages nothing below it)",
             )
         )
+    problems.extend(_quality_problems(config, status.quality))
     problems.extend((WARNING, w) for w in status.warnings)
     if not problems:
         t = status.totals
@@ -476,6 +481,24 @@ def evaluate(config: Config, status: Status) -> tuple[int, str]:
     code = max(level for level, _ in problems)
     problems.sort(key=lambda p: -p[0])
     return code, f"{LABELS[code]} - " + "; ".join(text for _, text in problems)
+
+
+def _quality_problems(config: Config, quality: dict[str, Any]) -> list[tuple[int, str]]:
+    """Open findings at or above ``quality.check_{warning,critical}_severity``."""
+    order = ("info", "warn", "crit")
+    by = quality.get("open_by_severity") or {}
+    for level, floor in (
+        (CRITICAL, config.quality.check_critical_severity),
+        (WARNING, config.quality.check_warning_severity),
+    ):
+        if floor == "off":
+            continue
+        n = sum(by.get(sev, 0) for sev in order[order.index(floor) :])
+        if n:
+            noun = "finding" if n == 1 else "findings"
+            worst = quality.get("worst_rule")
+            return [(level, f"{n} open quality {noun} at {floor} or worse (worst: {worst})")]
+    return []
 
 
 def _at(crit: bool, limit: int) -> str:
@@ -615,6 +638,8 @@ _METRICS: dict[str, str] = {
     "outbox_consecutive_failed_runs": "Failed runs since the last successful one, per stage.",
     "outbox_alerts_sent_total": "Notifications delivered on a change of the verdict.",
     "outbox_alert_failures_total": "Notifications that failed (each retried at the next run).",
+    "outbox_quality_findings": "Open data-quality findings per rule, BA and severity.",
+    "outbox_revisions_total": "Revisions of staged rows recorded in the ledger.",
 }
 _LEVELS = {FRESH_OK: 0, FRESH_WARNING: 1, FRESH_CRITICAL: 2, FRESH_NO_DATA: 3}
 
@@ -638,6 +663,7 @@ def render_metrics(status: Status) -> str:
         )
     _add_groups(samples, status.groups)
     _add_runs(samples, status)
+    _add_quality(samples, status.quality)
     lines = []
     for name, rows in samples.items():
         if not rows:
@@ -672,6 +698,15 @@ def _add_global(samples: dict[str, list[Sample]], status: Status) -> None:
     samples["outbox_last_fetch_invalid_rows"].append(({}, status.invalid_last_fetch))
     samples["outbox_alerts_sent_total"].append(({}, status.alerts.get("sent", 0)))
     samples["outbox_alert_failures_total"].append(({}, status.alerts.get("failures", 0)))
+
+
+def _add_quality(samples: dict[str, list[Sample]], quality: dict[str, Any]) -> None:
+    if not quality:
+        return
+    for g in quality.get("open_by_rule", []):
+        labels = {"rule": g["rule"], "ba": g["ba"], "severity": g["severity"]}
+        samples["outbox_quality_findings"].append((labels, g["n"]))
+    samples["outbox_revisions_total"].append(({}, quality.get("revisions_total", 0)))
 
 
 def _add_groups(samples: dict[str, list[Sample]], groups: Sequence[Group]) -> None:
@@ -856,6 +891,8 @@ def _summary_lines(status: Status, now: datetime) -> list[Any]:
         )
     lines.extend(_missing_lines(status.missing, now))
     lines.append(Text(_queue_line(status, now)))
+    if status.quality:
+        lines.append(Text(quality_line(status.quality)))
     for stage in STAGES:
         lines.append(_run_line(status, stage, now))
     schema = status.outbox_schema or "none"
@@ -890,6 +927,20 @@ def _missing_lines(missing: Sequence[dict[str, str | None]], now: datetime) -> l
         when = compact_ts(through, now)
         lines.append(Text(f"no data at EIA through {when}: {names}", style="yellow"))
     return lines
+
+
+def quality_line(quality: dict[str, Any]) -> str:
+    """``quality: 3 open findings (1 crit, 2 warn; worst repeated_day); 5 rows revised
+    in the last 24 h``."""
+    n = quality.get("open", 0)
+    revised = quality.get("revised_last_24h", 0)
+    tail = f"{revised:,} rows revised in the last 24 h"
+    if not n:
+        return f"quality: no open findings; {tail}"
+    by = quality.get("open_by_severity") or {}
+    parts = ", ".join(f"{by[sev]} {sev}" for sev in ("crit", "warn", "info") if by.get(sev))
+    noun = "finding" if n == 1 else "findings"
+    return f"quality: {n} open {noun} ({parts}; worst {quality.get('worst_rule')}); {tail}"
 
 
 def _queue_line(status: Status, now: datetime) -> str:

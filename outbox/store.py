@@ -43,7 +43,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol, overload
 
 import orjson
 from sqlalchemy import (
@@ -264,6 +264,53 @@ ack_log = Table(
     Column("keys", Text, nullable=False),  # JSON [[series_id, ts, revision], ...]
 )
 
+# The revision ledger: one row per revision that replaced a staged row's value, quality
+# flag or units, written by the trigger tr_observations_revised (migration 0006) in the
+# upsert's own statement; a new row fires nothing.
+revisions = Table(
+    "revisions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("series_id", Text, nullable=False),
+    Column("ts", Text, nullable=False),
+    Column("old_value", Float, nullable=True),
+    Column("new_value", Float, nullable=True),
+    Column("old_revision", Text, nullable=False),
+    Column("new_revision", Text, nullable=False),
+    Column("old_quality_flag", Text, nullable=False),
+    Column("new_quality_flag", Text, nullable=False),
+    Column("old_units", Text, nullable=False),
+    Column("new_units", Text, nullable=False),
+    Column("seen_at", Text, nullable=False),
+    Column("run_id", Integer, nullable=True),
+)
+Index("ix_revisions_series_id_ts", revisions.c.series_id, revisions.c.ts)
+Index("ix_revisions_seen_at", revisions.c.seen_at)
+
+# What the data-quality rules found (outbox/quality). ``key`` is rule|ba|series|start, the
+# identity a re-check updates (last_seen) instead of adding a row.
+findings = Table(
+    "findings",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key", Text, nullable=False, unique=True),
+    Column("rule", Text, nullable=False),
+    Column("ba", Text, nullable=False),
+    Column("series_id", Text, nullable=True),
+    Column("start", Text, nullable=False),
+    Column("end", Text, nullable=False),
+    Column("severity", Text, nullable=False),
+    Column("measured", Float, nullable=True),
+    Column("expected", Float, nullable=True),
+    Column("detail", Text, nullable=False),
+    Column("first_seen", Text, nullable=False),
+    Column("last_seen", Text, nullable=False),
+    Column("resolved_at", Text, nullable=True),
+    CheckConstraint("severity IN ('info', 'warn', 'crit')", name="severity"),
+)
+Index("ix_findings_rule_ba_start", findings.c.rule, findings.c.ba, findings.c.start)
+Index("ix_findings_end", findings.c.end)
+
 _ROW_CONFLICT = """
 ON CONFLICT (series_id, ts) DO UPDATE SET
     value = excluded.value, units = excluded.units, quality_flag = excluded.quality_flag,
@@ -311,6 +358,7 @@ SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(va
        ?1, ?2, 'pending', 0
 FROM json_each(?3) WHERE true
 {_ROW_CONFLICT}"""
+_UPSERT_JSON_RETURNING = _UPSERT_JSON + "RETURNING series_id, ts"
 # Whether an upsert of these rows would write anything: a key not staged yet, or staged
 # with another revision (exactly the rows _ROW_CONFLICT does not skip).
 _ANY_CHANGE_JSON = """
@@ -448,6 +496,10 @@ WHERE NOT EXISTS (SELECT 1 FROM observations o
                     AND o.ts = json_extract(k.value, '$[1]'))
 """
 _PRUNE_ACKED = "DELETE FROM observations WHERE series_id = ? AND ts < ? AND state = 'acked'"
+_PRUNE_REVISIONS = """
+DELETE FROM revisions WHERE ts < ? AND NOT EXISTS
+    (SELECT 1 FROM observations o WHERE o.series_id = revisions.series_id AND o.ts = revisions.ts)
+"""
 AUTO_VACUUM_MODES = {0: "none", 1: "full", 2: "incremental"}
 # The key of ``runs.counts`` that holds a run's measured duration in seconds.
 RUN_SECONDS = "seconds"
@@ -711,6 +763,7 @@ class WriteGroup:
         self._open = False
         self._broken = False
         self._on_commit: list[Callable[[], None]] = []
+        self.before_commit: Callable[[Connection], None] | None = None
 
     def on_commit(self, action: Callable[[], None]) -> None:
         """Run ``action`` once the blocks written so far are committed; never if they
@@ -748,9 +801,20 @@ class WriteGroup:
             self._rollback()
 
     def commit(self) -> None:
-        """Commit every write block so far (nothing to do when there is none)."""
+        """Commit every write block so far (nothing to do when there is none).
+
+        ``before_commit`` runs first, in the same transaction; if it fails the whole
+        group rolls back (the quality checks of its rows go with them, or neither).
+        """
         actions, self._on_commit = self._on_commit, []
         if self._open and self._conn is not None:
+            if self.before_commit is not None:
+                try:
+                    self.before_commit(self._conn)
+                except BaseException:
+                    self._broken = True
+                    self._rollback()
+                    raise
             self._open = False
             with disk_full_as_error(self.path or "the outbox"):
                 self._conn.commit()
@@ -1003,6 +1067,33 @@ def _user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
+class StageChecker(Protocol):
+    """What :meth:`Store.stage` calls, inside its transaction, after writing rows
+    (the data-quality engine, outbox.quality.engine.Checker)."""
+
+    def check(
+        self,
+        cur: sqlite3.Cursor,
+        keys: list[tuple[str, str]],
+        revised_after: int,
+        run_id: int | None,
+        now: str,
+    ) -> None:
+        """Judge the rows ``keys`` just written (ledger rows after id ``revised_after``)."""
+
+    def defer(
+        self, keys: list[tuple[str, str]], revised_after: int, run_id: int | None, now: str
+    ) -> None:
+        """Remember rows a stage in a write group wrote, to judge at :meth:`flush`."""
+
+    def deferred(self) -> bool:
+        """Whether rows wait for :meth:`flush`."""
+        ...
+
+    def flush(self, cur: sqlite3.Cursor) -> None:
+        """Judge every deferred row (the write group is about to commit)."""
+
+
 class Store:
     """The outbox database. Open it with :meth:`Store.open`; close it with :meth:`close`."""
 
@@ -1010,6 +1101,7 @@ class Store:
         self.path = path
         self.engine = engine
         self.size_limit: SizeLimit | None = None
+        self.checker: StageChecker | None = None
         self._group: WriteGroup | None = None
         # Monotonic start of each run this process started and is timing (see start_run).
         self._run_clocks: dict[int, float] = {}
@@ -1129,6 +1221,7 @@ class Store:
         if self._group is not None:
             raise StoreError("write groups do not nest")
         group = WriteGroup(self.engine, self.path)
+        group.before_commit = self._flush_checks
         self._group = group
         try:
             yield group
@@ -1136,6 +1229,15 @@ class Store:
             self._group = None
             with disk_full_as_error(self.path):
                 group.close()
+
+    def _flush_checks(self, conn: Connection) -> None:
+        """Run the quality checks deferred by the stages of a write group (before it commits)."""
+        checker = self.checker
+        if checker is not None and checker.deferred():
+            cur = self.cursor(conn)
+            checker.flush(cur)
+            cur.close()
+            crashpoint("stage.checked")
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -1200,29 +1302,51 @@ class Store:
             if page is not None:
                 page_id = cur.execute("SELECT coalesce(max(id), 0) + 1 FROM pages").fetchone()[0]
             _insert_series(cur, [tuple(s) for s in series_rows], now)
+            checker = self.checker
+            keys: list[tuple[str, str]] = []
             if batch is None:
-                written = self._upsert_rows(cur, rows, page_id, now)
-                crashpoint("stage.rows_written")
-                if page is not None and written:
+                # The page goes in first here too: the revision ledger's trigger reads the
+                # run of a revised row from its page.
+                if page is not None:
                     _insert_page(cur, page_id, run_id, page, now)
+                revised_after = _last_revision_id(cur) if checker is not None else 0
+                written = self._upsert_rows(cur, rows, page_id, now)
+                if page is not None and not written:
+                    cur.execute("DELETE FROM pages WHERE id = ?", (page_id,))
+                if written and checker is not None:
+                    keys = [(r[0], r[1]) for r in rows]
+                crashpoint("stage.rows_written")
             elif page is None or cur.execute(_ANY_CHANGE_JSON, (batch,)).fetchone():
                 # The page goes in before its rows: inserted after them, SQLite would scan
                 # all of observations (no index on page_id) to settle the deferred key.
                 if page is not None:
                     _insert_page(cur, page_id, run_id, page, now)
-                written = _upsert_json(cur, prepared, page_id, now)
+                revised_after = _last_revision_id(cur) if checker is not None else 0
+                if checker is None:
+                    written = _upsert_json(cur, prepared, page_id, now)
+                else:
+                    keys = _upsert_json(cur, prepared, page_id, now, returning=True)
+                    written = len(keys)
                 if page is not None and not written:  # cannot happen: the check saw a change
                     cur.execute("DELETE FROM pages WHERE id = ?", (page_id,))
                 crashpoint("stage.rows_written")
             else:
                 written = 0  # every row is staged with this revision: nothing to write
                 crashpoint("stage.rows_written")
+            grouped = self._group is not None and self._group.thread == threading.get_ident()
+            if written and checker is not None and not grouped:
+                # Same transaction: a row a rule dead-letters is never claimed before.
+                checker.check(cur, keys, revised_after, run_id, now)
+                crashpoint("stage.checked")
             _upsert_watermarks(cur, [_mark_row(w) for w in watermark_updates], now, run_id)
             _upsert_progress(cur, progress_updates, now, run_id)
             if limit is not None and written:
                 self._check_bytes(cur, limit, pages_before)
             cur.close()
             crashpoint("stage.before_commit")
+        if written and checker is not None and grouped:
+            # In a write group the checks run once, on every page's rows, before it commits.
+            checker.defer(keys, revised_after, run_id, now)
         if limit is not None:
             limit.rows += written if growth is None else growth
         return StageResult(written=written, page_id=page_id if written else None, offered=len(rows))
@@ -2015,6 +2139,10 @@ class Store:
                 rows += self._executemany(
                     conn, _PRUNE_ACKED, ((sid, before) for sid in sids[i : i + batch])
                 )
+        with self.write() as conn:
+            # The ledger goes with its rows; findings about hours past retention go too.
+            conn.exec_driver_sql(_PRUNE_REVISIONS, (before,))
+            conn.exec_driver_sql('DELETE FROM findings WHERE "end" < ?', (before,))
         return rows, max(checked, 0), max(runs, 0)
 
     def sweep_pages(self, fetched_before: str | None = None, rows_before: str | None = None) -> int:
@@ -2140,11 +2268,22 @@ def _same(rows: Sequence[Sequence[Any]], at: int) -> Any:
     return None
 
 
-def _upsert_json(cur: sqlite3.Cursor, batch: RowBatch, page_id: int | None, now: str) -> int:
+@overload
+def _upsert_json(cur: sqlite3.Cursor, batch: RowBatch, page_id: int | None, now: str) -> int: ...
+@overload
+def _upsert_json(
+    cur: sqlite3.Cursor, batch: RowBatch, page_id: int | None, now: str, *, returning: Literal[True]
+) -> list[tuple[str, str]]: ...
+def _upsert_json(
+    cur: sqlite3.Cursor, batch: RowBatch, page_id: int | None, now: str, *, returning: bool = False
+) -> int | list[tuple[str, str]]:
+    """The bulk upsert; with ``returning``, the keys it wrote (for the quality checks)."""
     params = (page_id, now, batch.json, batch.units, batch.quality_flag, batch.row_is_position)
     if batch.checked:  # compiles the upsert without its CHECK code; OFF again right after
         cur.execute("PRAGMA ignore_check_constraints = ON")
     try:
+        if returning:
+            return cur.execute(_UPSERT_JSON_RETURNING, params).fetchall()
         return max(cur.execute(_UPSERT_JSON, params).rowcount, 0)
     finally:
         if batch.checked:
@@ -2241,6 +2380,11 @@ def _insert_page(
 
 def _run_record(r: Sequence[Any]) -> RunRecord:
     return RunRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5] or "{}"), r[6], r[7])
+
+
+def _last_revision_id(cur: sqlite3.Cursor) -> int:
+    """The id of the newest ledger row: the ledger rows a stage adds come after it."""
+    return int(_one(cur, "SELECT coalesce(max(id), 0) FROM revisions") or 0)
 
 
 def _one(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> Any:

@@ -512,7 +512,7 @@ def test_metrics_parse_strictly_and_carry_the_model(outbox_dir: Path) -> None:
     assert value("outbox_last_run_success", stage="fetch") == 1
     assert value("outbox_last_fetch_invalid_rows") == 2
     assert value("outbox_check_status") == 1
-    assert value("outbox_info", version=_version(), schema="0005", schema_head="0005") == 1
+    assert value("outbox_info", version=_version(), schema="0006", schema_head="0006") == 1
     # Disabled groups export their age but no freshness level.
     assert not [s for s in families["outbox_freshness_level"].samples if s.labels["ba"] == "MISO"]
 
@@ -549,7 +549,9 @@ def test_metrics_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(status_mod.os, "fsync", broken_fsync)
-    with pytest.raises(OSError, match="No space left"):
+    from outbox.errors import DiskFullError
+
+    with pytest.raises(DiskFullError, match=f"disk full writing {target}"):
         status_mod.write_metrics(model, target)
     assert target.read_text() == status_mod.render_metrics(model)  # the old file is intact
     assert sorted(p.name for p in tmp_path.iterdir() if "metrics" in p.name) == []

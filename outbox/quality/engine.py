@@ -1,0 +1,369 @@
+"""The quality engine: judge the rows a stage wrote, in the stage's transaction.
+
+:class:`Checker` is what :meth:`outbox.store.Store.stage` calls after its upsert. It reads
+the rows around the hours written (per BA, :func:`outbox.quality.rules.context_hours`
+each side, never the whole outbox), runs the rules, and then, in the same transaction:
+
+* stores each finding, or updates the open one it repeats (``last_seen``, ``end``);
+* resolves the open findings in the hours a rule evaluated that it did not find again;
+* dead-letters the rows a ``quarantine`` rule judged, among those this stage wrote, with
+  code ``QUALITY_<RULE>``; a resolved finding puts its rows back to pending.
+
+A kill at any point loses the check together with the rows it judged.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from outbox.config import Config
+from outbox.quality.rules import FRAME_RULES, Evaluated, Finding, Outcome, Scope, context_hours
+from outbox.quality.settings import Resolver
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+EVERY_HOUR = (-(2**40), 2**40)
+REGION_GROUP = frozenset({"demand", "net_generation", "interchange"})
+
+# CROSS JOIN keeps series as the outer loop (SQLite does not reorder it): a primary-key
+# range of observations per series, where a plain JOIN let the planner scan observations.
+_FRAME = """
+SELECT s.series_id, s.ba, s.type, s.subtype, CAST(strftime('%s', o.ts) AS INTEGER) / 3600, o.value
+FROM series s CROSS JOIN observations o
+    ON o.series_id = s.series_id AND o.ts >= ?2 AND o.ts <= ?3
+WHERE (s.ba = ?1 OR (s.type = 'interchange' AND s.subtype = ?1)) AND o.value IS NOT NULL
+"""
+_NEWEST = """
+SELECT s.series_id, s.type, s.subtype,
+       (SELECT max(o.ts) FROM observations o WHERE o.series_id = s.series_id)
+FROM series s WHERE s.ba = ?
+"""
+_REVISED = """
+SELECT series_id, ts, old_value, new_value FROM revisions WHERE id > ? ORDER BY id
+"""
+_OPEN = """
+SELECT id, key, rule, ba, series_id, start, "end" FROM findings
+WHERE resolved_at IS NULL AND ba = ?
+"""
+_INSERT = """
+INSERT INTO findings (key, rule, ba, series_id, start, "end", severity, measured, expected,
+                      detail, first_seen, last_seen)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)
+ON CONFLICT (key) DO UPDATE SET
+    "end" = excluded."end", severity = excluded.severity, measured = excluded.measured,
+    expected = excluded.expected, detail = excluded.detail, last_seen = excluded.last_seen,
+    resolved_at = NULL
+"""
+_UPDATE = """
+UPDATE findings SET "end" = max("end", ?2), severity = ?3, measured = ?4, expected = ?5,
+       detail = ?6, last_seen = ?7
+WHERE id = ?1
+"""
+_RESOLVE = "UPDATE findings SET resolved_at = ?2, last_seen = ?2 WHERE id = ?1"
+_QUARANTINE = """
+UPDATE observations SET state = 'dead', last_error_code = ?1, last_error = ?2,
+       next_attempt_at = NULL
+WHERE series_id = ?3 AND ts = ?4 AND state = 'pending'
+"""
+_RELEASE = """
+UPDATE observations SET state = 'pending', attempts = 0, next_attempt_at = NULL,
+       last_error = NULL, last_error_code = NULL
+WHERE series_id = ?1 AND ts >= ?2 AND ts <= ?3 AND state = 'dead' AND last_error_code = ?4
+"""
+
+
+def hour_ts(h: int) -> str:
+    """RFC 3339 of an hour counted from the epoch."""
+    return datetime.fromtimestamp(h * 3600, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@lru_cache(maxsize=1 << 16)
+def ts_hour(ts: str) -> int:
+    """Hours since the epoch of an RFC 3339 ``...Z`` timestamp."""
+    when = datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    return int(when.timestamp()) // 3600
+
+
+def dataset_of(type_: str, subtype: str | None) -> str:
+    """The dataset of a series from its type and subtype."""
+    if type_ == "interchange":
+        return "ba_interchange" if subtype else "interchange"
+    return type_
+
+
+def quality_code(rule: str) -> str:
+    """The dead-letter code of a row a rule quarantined: ``QUALITY_SPIKE``."""
+    return f"QUALITY_{rule.upper()}"
+
+
+class Checker:
+    """Runs the rules on what each stage wrote; counts what it opened and resolved."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.resolver = Resolver(config.quality)
+        self.context = context_hours(self.resolver)
+        self.opened = 0
+        self.resolved = 0
+        self.quarantined = 0
+        self._series: dict[str, tuple[str, str]] = {}  # series_id -> (ba, dataset)
+        self._keys: list[tuple[str, str]] = []
+        self._revised_after: int | None = None
+        self._now = ""
+
+    def counts(self) -> dict[str, int]:
+        """What the checks did, for ``runs.counts``."""
+        return {
+            "findings_opened": self.opened,
+            "findings_resolved": self.resolved,
+            "quarantined": self.quarantined,
+        }
+
+    def defer(
+        self, keys: list[tuple[str, str]], revised_after: int, run_id: int | None, now: str
+    ) -> None:
+        """Keep rows a grouped stage wrote for :meth:`flush` (before the group commits)."""
+        self._keys.extend(keys)
+        if self._revised_after is None:
+            self._revised_after = revised_after
+        self._now = now
+
+    def deferred(self) -> bool:
+        """Whether deferred rows wait for :meth:`flush`."""
+        return bool(self._keys)
+
+    def flush(self, cur: sqlite3.Cursor) -> None:
+        """Judge the deferred rows together."""
+        keys, self._keys = self._keys, []
+        after, self._revised_after = self._revised_after or 0, None
+        self.check(cur, keys, after, None, self._now)
+
+    def check(
+        self,
+        cur: sqlite3.Cursor,
+        keys: list[tuple[str, str]],
+        revised_after: int,
+        run_id: int | None,
+        now: str,
+    ) -> None:
+        """Judge the rows ``keys`` a stage just wrote (see the module docstring)."""
+        self._know(cur, {k[0] for k in keys})
+        scopes = self._scopes(keys)
+        outcome = Outcome()
+        for scope in scopes:
+            frame = self._frame(cur, scope)
+            for rule, judge in FRAME_RULES.items():
+                if frame is not None and not frame.empty:
+                    _extend(outcome, judge(frame, scope, self.resolver))
+                else:
+                    outcome.evaluated.extend(_whole(rule, scope))
+        if scopes:
+            _extend(outcome, self._dropped(cur, {ba: r for s in scopes for ba, r in s.items()}))
+        _extend(outcome, self._large_revisions(cur, revised_after))
+        self._store(cur, outcome, set(keys), now)
+
+    # -- reading -------------------------------------------------------------------
+
+    def _know(self, cur: sqlite3.Cursor, sids: Iterable[str]) -> None:
+        if all(s in self._series for s in sids):
+            return
+        for sid, ba, type_, sub in cur.execute("SELECT series_id, ba, type, subtype FROM series"):
+            self._series[sid] = (ba, dataset_of(type_, sub))
+
+    def _scopes(self, keys: list[tuple[str, str]]) -> list[Scope]:
+        """The hours written, per BA, as runs of hours that share their context: hours
+        further apart than the context (pages of two routes in one write group) are
+        judged apart, so that nothing in between is read. The i-th scope holds the i-th
+        run of every BA."""
+        hours: dict[str, set[str]] = defaultdict(set)
+        series = self._series
+        for sid, ts in keys:
+            known = series.get(sid)
+            if known is not None:
+                hours[known[0]].add(ts)
+        gap = sum(self.context) + 1
+        scopes: list[Scope] = []
+        for ba, stamps in hours.items():
+            ordered = sorted(ts_hour(ts) for ts in stamps)
+            runs, lo, prev = [], ordered[0], ordered[0]
+            for h in ordered[1:]:
+                if h - prev > gap:
+                    runs.append((lo, prev))
+                    lo = h
+                prev = h
+            runs.append((lo, prev))
+            for i, run in enumerate(runs):
+                if i == len(scopes):
+                    scopes.append({})
+                scopes[i][ba] = run
+        return scopes
+
+    def _frame(self, cur: sqlite3.Cursor, scope: Scope) -> pd.DataFrame | None:
+        import pandas as pd
+
+        rows: list[Any] = []
+        for ba, (lo, hi) in scope.items():
+            bounds = (hour_ts(lo - self.context[0]), hour_ts(hi + self.context[1]))
+            rows.extend(cur.execute(_FRAME, (ba, *bounds)).fetchall())
+        if not rows:
+            return None
+        frame = pd.DataFrame(rows, columns=["sid", "ba", "type", "sub", "h", "v"])
+        frame = frame.drop_duplicates(["sid", "h"])
+        ds = frame["type"].where(frame["type"] != "interchange", "interchange")
+        ds = ds.mask((frame["type"] == "interchange") & frame["sub"].notna(), "ba_interchange")
+        # Categorical: the rules filter on the dataset many times (string compares are slow).
+        frame = frame.assign(ds=ds.astype("category")).drop(columns="type")
+        return frame.sort_values(["sid", "h"], kind="stable").reset_index(drop=True)
+
+    def _dropped(self, cur: sqlite3.Cursor, scope: Scope) -> Outcome:
+        """dropped_series: a series ``threshold`` hours behind the BA's others of its kind."""
+        out = Outcome()
+        for ba in scope:
+            out.evaluated.append(Evaluated("dropped_series", ba, *EVERY_HOUR))
+            groups: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+            for sid, type_, sub, newest in cur.execute(_NEWEST, (ba,)):
+                ds = dataset_of(type_, sub)
+                if newest is None or ds == "demand_forecast":
+                    continue
+                group = "region" if ds in REGION_GROUP else ds
+                groups[group].append((sid, ds, ts_hour(newest)))
+            for members in groups.values():
+                newest_of_group = max(m[2] for m in members)
+                for sid, ds, newest in members:
+                    s = self.resolver.get("dropped_series", ds, ba)
+                    behind = newest_of_group - newest
+                    if s.enabled and behind > s.threshold:
+                        text = (
+                            f"no rows after {hour_ts(newest)} while the BA's other {ds} series"
+                            f" reach {hour_ts(newest_of_group)} ({behind} h behind)"
+                        )
+                        out.findings.append(
+                            Finding(
+                                "dropped_series",
+                                ba,
+                                sid,
+                                newest + 1,
+                                newest_of_group,
+                                s.severity,
+                                "warn",
+                                float(behind),
+                                s.threshold,
+                                text,
+                            )
+                        )
+        return out
+
+    def _large_revisions(self, cur: sqlite3.Cursor, revised_after: int) -> Outcome:
+        """large_revision: the revisions this stage recorded, against their old values."""
+        out = Outcome()
+        for sid, ts, old, new in cur.execute(_REVISED, (revised_after,)).fetchall():
+            known = self._series.get(sid)
+            if known is None:
+                continue
+            ba, ds = known
+            h = ts_hour(ts)
+            out.evaluated.append(Evaluated("large_revision", ba, h, h, sid))
+            s = self.resolver.get("large_revision", ds, ba)
+            if not s.enabled or old == new:
+                continue
+            if old is None or new is None:
+                large, text = True, f"revised from {old} to {new}"
+            else:
+                limit = max(s.min_mw, s.threshold * abs(old))
+                large = abs(new - old) > limit
+                change = f"{(new - old) / abs(old):+.0%}" if old else "from 0"
+                text = f"revised {old:g} -> {new:g} MW ({change}; limit {limit:g} MW)"
+            if large:
+                out.findings.append(
+                    Finding("large_revision", ba, sid, h, h, s.severity, s.action, new, old, text)
+                )
+                out.findings[-1] = _judging(out.findings[-1], (sid,))
+        return out
+
+    # -- writing -------------------------------------------------------------------
+
+    def _store(
+        self, cur: sqlite3.Cursor, outcome: Outcome, written: set[tuple[str, str]], now: str
+    ) -> None:
+        bas = {e.ba for e in outcome.evaluated} | {f.ba for f in outcome.findings}
+        open_by: dict[tuple[str, str], list[list[Any]]] = defaultdict(list)
+        for ba in bas:
+            for fid, _key, rule, fba, sid, start, end in cur.execute(_OPEN, (ba,)).fetchall():
+                open_by[(rule, fba)].append([fid, sid, ts_hour(start), ts_hour(end), False])
+        for f in outcome.findings:
+            self._put(cur, f, open_by[(f.rule, f.ba)], now)
+            if f.action == "quarantine":
+                self._quarantine(cur, f, written)
+        for e in outcome.evaluated:
+            for item in open_by.get((e.rule, e.ba), []):
+                fid, sid, start, end, seen = item
+                if seen or start > e.hi or end < e.lo:
+                    continue
+                if e.series_id is not None and sid != e.series_id:
+                    continue
+                item[4] = True  # resolved once, however many scopes cover it
+                cur.execute(_RESOLVE, (fid, now))
+                self.resolved += 1
+                self._release(cur, e.rule, e.ba, sid, start, end)
+
+    def _put(self, cur: sqlite3.Cursor, f: Finding, open_: list[list[Any]], now: str) -> None:
+        values = (f.severity, f.measured, f.expected, f.detail, now)
+        for item in open_:
+            fid, sid, start, end, _seen = item
+            if sid == f.series_id and start <= f.end + 1 and end >= f.start - 1:
+                item[4] = True
+                cur.execute(_UPDATE, (fid, hour_ts(f.end), *values))
+                return
+        key = f"{f.rule}|{f.ba}|{f.series_id or ''}|{hour_ts(f.start)}"
+        cur.execute(
+            _INSERT,
+            (key, f.rule, f.ba, f.series_id, hour_ts(f.start), hour_ts(f.end), *values),
+        )
+        self.opened += 1
+
+    def _quarantine(self, cur: sqlite3.Cursor, f: Finding, written: set[tuple[str, str]]) -> None:
+        code = quality_code(f.rule)
+        hours = [hour_ts(h) for h in range(f.start, f.end + 1)]
+        params = [
+            (code, f"{f.rule}: {f.detail}", sid, ts)
+            for sid in f.judged
+            for ts in hours
+            if (sid, ts) in written
+        ]
+        if params:
+            cur.executemany(_QUARANTINE, params)
+            self.quarantined += max(cur.rowcount, 0)
+
+    def _release(
+        self, cur: sqlite3.Cursor, rule: str, ba: str, sid: str | None, start: int, end: int
+    ) -> None:
+        if sid is not None:
+            related = [sid]
+            if rule == "antisymmetry":
+                parts = sid.split(".")
+                related.append(f"{parts[0]}.{parts[3]}.interchange.{parts[1]}")
+        else:
+            related = [s for s, (b, _ds) in self._series.items() if b == ba]
+        code, lo, hi = quality_code(rule), hour_ts(start), hour_ts(end)
+        cur.executemany(_RELEASE, [(s, lo, hi, code) for s in related])
+
+
+def _extend(into: Outcome, other: Outcome) -> None:
+    into.findings.extend(other.findings)
+    into.evaluated.extend(other.evaluated)
+
+
+def _whole(rule: str, scope: Scope) -> list[Evaluated]:
+    return [Evaluated(rule, ba, lo, hi) for ba, (lo, hi) in scope.items()]
+
+
+def _judging(f: Finding, judged: tuple[str, ...]) -> Finding:
+    from dataclasses import replace
+
+    return replace(f, judged=judged)
