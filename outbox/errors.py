@@ -172,9 +172,9 @@ class ProtocolError(SinkError, TerminalError):
 
 
 class RejectsEverythingError(SinkError, TerminalError):
-    """GridPulse refused row after row alone with one code and accepted none: the
-    circuit breaker (``gridpulse.circuit_breaker_rows``) stops the run, the rest stays
-    pending."""
+    """GridPulse refused row after row alone with one code and accepted none, and then a
+    row from outside that run alone with the same code: the circuit breaker
+    (``gridpulse.circuit_breaker_rows``) stops the run, the rest stays pending."""
 
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message)

@@ -947,7 +947,9 @@ class Sender:
         a later batch. A single row that fails alone is dead with the server's words.
         While GridPulse has refused every row tried since it last accepted one, the first
         step sends the first row alone instead of half: a GridPulse that refuses
-        everything costs two requests a row, and the circuit breaker stops the run.
+        everything costs two requests a row, and the circuit breaker stops the run once
+        a row from outside the refused run is refused alone as well (see
+        :meth:`_count_refused`).
         """
         suspect, error, alone = list(rows), exc, len(rows) == 1
         accepted = False
@@ -966,21 +968,59 @@ class Sender:
         message = str(error) if alone else f"rejected by bisection (its sibling passed): {error}"
         self._dead(suspect, code, message)
         if not accepted:
-            self._count_refused(code, len(suspect))
+            # With no row accepted the bisection only sent first halves: the dead row is
+            # the batch's first, and its last row (when it has another) is untested.
+            self._count_refused(code, len(suspect), rows[-1] if len(rows) > 1 else None)
 
-    def _count_refused(self, code: str, rows: int) -> None:
-        """Count rows refused with no row accepted; stop the run at the breaker's limit."""
+    def _count_refused(self, code: str, rows: int, beyond: Claimed | None) -> None:
+        """Count rows refused with no row accepted; at the breaker's limit, probe.
+
+        K refused rows in a row may be one bad stretch of the queue (one hour of one BA:
+        its demand, forecast and generation rows are neighbours), not a GridPulse that
+        refuses everything. So before stopping the run one row from outside the refused
+        run goes alone: ``beyond`` (the refused batch's last row), else the newest due
+        row. Accepted (or answered 200 at all): the count starts again and the run goes
+        on; the refused rows stay dead, each was refused alone. Refused with another
+        code: that row is dead and the count starts at it. Refused with the same code:
+        that row is dead too (refused alone, like any other) and the run stops, with at
+        most K + 1 rows dead.
+        """
         seen, count = self._refused
         count = count + rows if code == seen else rows
         self._refused = (code, count)
         limit = self.config.gridpulse.circuit_breaker_rows
-        if count >= limit:
+        if count < limit:
+            return
+        probe = beyond or self.store.newest_due(to_ts(utcnow()))
+        if probe is None:  # no row left to try: nothing for the breaker to save
+            return
+        try:
+            outcome = self._post([probe])
+        except PayloadTooLargeError as exc:  # too large alone: dead, as in deliver
+            self._dead([probe], "PAYLOAD_TOO_LARGE", str(exc))
+            self._refused = ("", 0)
+            return
+        except BatchRejectedError as exc:
+            again = exc.code or f"HTTP_{exc.status}"
+            self._dead([probe], again, str(exc))
+            if again != code:
+                self._refused = (again, 1)
+                return
             raise RejectsEverythingError(
                 f"GridPulse rejects everything (code {code}): {count} rows in a row refused "
-                f"alone, none accepted; they are dead, the rest stay pending "
+                f"alone, none accepted, and a row from outside that run ({probe.series_id} "
+                f"{probe.ts}) refused alone too; they are dead, the rest stay pending "
                 f"(outbox requeue --code {code} once GridPulse accepts them)",
                 code,
-            )
+            ) from None
+        self._settle([probe], outcome)
+        self._refused = ("", 0)
+        log.info(
+            "circuit breaker probe answered, the run goes on code=%s refused=%d probe=%s",
+            code,
+            count,
+            quote(f"{probe.series_id} {probe.ts}"),
+        )
 
     def _post(self, rows: Sequence[Claimed], batch: Batch | None = None) -> IngestResult:
         batch = batch or self.prepare(rows)

@@ -411,6 +411,16 @@ WHERE o.state = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <=
 ORDER BY o.ts, o.series_id
 LIMIT ?
 """
+# The newest due row: the circuit breaker's probe when the refused batch holds no other row.
+_NEWEST_DUE = """
+SELECT o.series_id, o.ts, o.value, o.units, o.quality_flag, o.revision, o.attempts,
+       s.ba, s.type, s.subtype, o.page_id, o.page_row
+FROM observations o INDEXED BY ix_observations_pending_due
+JOIN series s ON s.series_id = o.series_id
+WHERE o.state = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)
+ORDER BY o.ts DESC, o.series_id DESC
+LIMIT 1
+"""
 _ACK = """
 UPDATE observations SET state = 'acked', acked_revision = revision, acked_at = ?,
        last_error = NULL, last_error_code = NULL, next_attempt_at = NULL
@@ -1405,6 +1415,14 @@ class Store:
                 rows = cur.execute(_CLAIM_AFTER, (now, after[0], after[1], limit)).fetchall()
             cur.close()
         return [Claimed._make(r) for r in rows]
+
+    def newest_due(self, now: str | None = None) -> Claimed | None:
+        """The pending row due at ``now`` ordered last (newest ts, then series_id), if any."""
+        with self.read() as conn:
+            cur = self.cursor(conn)
+            row = cur.execute(_NEWEST_DUE, (now or now_ts(),)).fetchone()
+            cur.close()
+        return Claimed._make(row) if row is not None else None
 
     def ack(self, keys: Iterable[Sequence[str]], now: str | None = None) -> int:
         """Mark sent rows ``acked``; rows whose revision changed meanwhile stay pending."""

@@ -427,32 +427,165 @@ def test_retry_after_past_the_budget_is_one_line_exit_1(store: Store, db_path) -
     assert store.count_due() == 0 and states(store) == {"pending": 3}
 
 
-@pytest.mark.parametrize("bad", [2, 3])
-def test_circuit_breaker_needs_k_rows_refused_with_none_accepted(store: Store, bad: int) -> None:
-    rows = stage(store, 20)
-    poisoned = {rows[i][1] for i in range(bad)}  # the oldest rows, adjacent
-    requests: list[int] = []
+def refusing(
+    refused: Callable[[dict[str, Any]], str | None], requests: list[list[int]], hours: list[str]
+) -> Callable[[httpx.Request], httpx.Response]:
+    """A GridPulse answering 422 with the code ``refused`` gives for any row of the batch
+    (None: the row is fine); ``requests`` gets each batch's rows as hour indexes."""
 
-    def refuse_poisoned(request: httpx.Request) -> httpx.Response:
+    def answer(request: httpx.Request) -> httpx.Response:
         observations = body_of(request)["observations"]
-        requests.append(len(observations))
-        if any(o["ts"] in poisoned for o in observations):
+        requests.append([hours.index(o["ts"]) for o in observations])
+        codes = [c for o in observations if (c := refused(o)) is not None]
+        if codes:
             return httpx.Response(
-                422, json={"error": {"code": "POISONED", "message": "no", "details": {}}}
+                422, json={"error": {"code": codes[0], "message": "no", "details": {}}}
             )
         return accept_all(request)
 
+    return answer
+
+
+def sizes(requests: list[list[int]]) -> list[int]:
+    return [len(r) for r in requests]
+
+
+@pytest.mark.parametrize("bad", [2, 3, 4])
+def test_k_bad_rows_at_the_head_are_dead_and_the_rest_delivered(store: Store, bad: int) -> None:
+    """K adjacent bad rows (one bad hour of one BA) are not a GridPulse refusing everything."""
+    rows = stage(store, 20)
+    hours = [r[1] for r in rows]
+    poisoned = set(hours[:bad])  # the oldest rows, adjacent
+    requests: list[list[int]] = []
+    answer = refusing(lambda o: "POISONED" if o["ts"] in poisoned else None, requests, hours)
     with respx.mock() as mock:
-        mock.post(INGEST).mock(side_effect=refuse_poisoned)
-        if bad < 3:
-            result = send(store, make_config())
-            assert result.acked == 20 - bad and states(store) == {"acked": 18, "dead": 2}
-            return
-        with pytest.raises(RejectsEverythingError, match=r"rejects everything \(code POISONED\)"):
+        mock.post(INGEST).mock(side_effect=answer)
+        result = send(store, make_config())
+    assert (result.acked, result.rejected) == (20 - bad, bad)
+    assert states(store) == {"acked": 20 - bad, "dead": bad}
+    with store.read() as conn:
+        dead = conn.exec_driver_sql("SELECT ts FROM observations WHERE state = 'dead'").scalars()
+        assert sorted(dead) == hours[:bad]
+    # The first bisection: 20 -> 10 -> 5 -> 3 -> 2 -> 1; then each next row in its batch
+    # and alone.
+    head = [20, 10, 5, 3, 2, 1, 19, 1]
+    if bad == 2:
+        assert sizes(requests) == [*head, 18]
+        return
+    # The third refused row reaches K = 3: the batch's last row (hour 19) goes alone,
+    # is accepted, the count starts again and the rest is delivered.
+    assert sizes(requests[:11]) == [*head, 18, 1, 1] and requests[10] == [19]
+    assert result.requests == len(requests)
+    if bad == 3:
+        assert requests[11:] == [list(range(3, 19))]
+        return
+    # The fourth bad row is found by a bisection of its own (16 -> 8 -> 4 -> 2 -> 1).
+    assert sizes(requests[11:]) == [16, 8, 4, 2, 1, 15] and requests[-1] == list(range(4, 19))
+
+
+def test_circuit_breaker_trips_when_a_row_from_outside_the_run_is_refused_too(
+    store: Store,
+) -> None:
+    rows = stage(store, 20)
+    hours = [r[1] for r in rows]
+    requests: list[list[int]] = []
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(side_effect=refusing(lambda o: "POISONED", requests, hours))
+        with pytest.raises(RejectsEverythingError) as raised:
             send(store, make_config())
-    assert states(store) == {"dead": 3, "pending": 17}
-    # 20 -> 10 -> 5 -> 3 -> 2 -> 1, then 19 and 1 alone, then 18 and 1 alone.
-    assert requests == [20, 10, 5, 3, 2, 1, 19, 1, 18, 1]
+    message = str(raised.value)
+    assert message.startswith("GridPulse rejects everything (code POISONED): 3 rows in a row")
+    assert f"EIA.PJM.demand {hours[19]}" in message and "--code POISONED" in message
+    # 20 -> 10 -> 5 -> 3 -> 2 -> 1, then 19 and 1 alone, 18 and 1 alone, then the probe:
+    # the batch's last row alone, refused with the same code, dead like any row refused
+    # alone (K + 1 = 4 dead).
+    assert sizes(requests) == [20, 10, 5, 3, 2, 1, 19, 1, 18, 1, 1]
+    assert requests[-1] == [19]
+    assert states(store) == {"dead": 4, "pending": 16}
+    with store.read() as conn:
+        dead = conn.exec_driver_sql("SELECT ts FROM observations WHERE state = 'dead'").scalars()
+        assert sorted(dead) == [*hours[:3], hours[19]]
+
+
+def test_a_probe_refused_with_another_code_restarts_the_count(store: Store) -> None:
+    rows = stage(store, 20)
+    hours = [r[1] for r in rows]
+
+    def code(o: dict[str, Any]) -> str | None:
+        i = hours.index(o["ts"])
+        return "POISONED" if i < 3 else "OTHER" if i == 19 else None
+
+    requests: list[list[int]] = []
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(side_effect=refusing(code, requests, hours))
+        result = send(store, make_config())
+    assert sizes(requests) == [20, 10, 5, 3, 2, 1, 19, 1, 18, 1, 1, 16]
+    assert requests[10] == [19] and requests[11] == list(range(3, 19))
+    assert (result.acked, result.rejected) == (16, 4)
+    with store.read() as conn:
+        codes = dict(
+            conn.exec_driver_sql(
+                "SELECT ts, last_error_code FROM observations WHERE state = 'dead'"
+            ).all()
+        )
+    assert codes == {**{h: "POISONED" for h in hours[:3]}, hours[19]: "OTHER"}
+
+
+@pytest.mark.parametrize("everything", [False, True])
+def test_one_row_batches_probe_the_newest_due_row(store: Store, everything: bool) -> None:
+    """A batch of one row holds no other row: the probe is the newest due row."""
+    rows = stage(store, 20)
+    hours = [r[1] for r in rows]
+    poisoned = set(hours if everything else hours[:3])
+    requests: list[list[int]] = []
+    answer = refusing(lambda o: "POISONED" if o["ts"] in poisoned else None, requests, hours)
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(side_effect=answer)
+        if everything:
+            with pytest.raises(RejectsEverythingError, match=r"rejects everything \(code"):
+                send(store, make_config(batch_size=1))
+            assert requests == [[0], [1], [2], [19]]
+            assert states(store) == {"dead": 4, "pending": 16}
+            return
+        result = send(store, make_config(batch_size=1))
+    assert requests == [[0], [1], [2], [19], *([i] for i in range(3, 19))]
+    assert (result.acked, result.rejected) == (17, 3)
+
+
+def test_a_probe_too_large_alone_is_dead_and_the_run_goes_on(store: Store) -> None:
+    rows = stage(store, 20)
+    hours = [r[1] for r in rows]
+    requests: list[list[int]] = []
+    refuse = refusing(lambda o: "POISONED" if o["ts"] in hours[:3] else None, requests, hours)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if [o["ts"] for o in body_of(request)["observations"]] == [hours[19]]:
+            requests.append([19])
+            return httpx.Response(413, json={"error": {"code": "TOO_LARGE", "message": "big"}})
+        return refuse(request)
+
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(side_effect=answer)
+        result = send(store, make_config())
+    assert sizes(requests) == [20, 10, 5, 3, 2, 1, 19, 1, 18, 1, 1, 16]
+    assert (result.acked, result.rejected) == (16, 4)
+    with store.read() as conn:
+        code = conn.exec_driver_sql(
+            "SELECT last_error_code FROM observations WHERE ts = ?", (hours[19],)
+        ).scalar()
+    assert code == "PAYLOAD_TOO_LARGE"
+
+
+def test_no_row_left_to_probe_ends_the_run_without_tripping(store: Store) -> None:
+    rows = stage(store, 3)
+    hours = [r[1] for r in rows]
+    requests: list[list[int]] = []
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(side_effect=refusing(lambda o: "POISONED", requests, hours))
+        result = send(store, make_config())
+    # 3 -> 2 -> 1, then 2 and 1 alone, then the last row alone: nothing else is due.
+    assert requests == [[0, 1, 2], [0, 1], [0], [1, 2], [1], [2]]
+    assert result.rejected == 3 and states(store) == {"dead": 3}
 
 
 def test_an_accepted_row_resets_the_circuit_breaker(store: Store) -> None:

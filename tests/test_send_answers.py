@@ -202,14 +202,65 @@ def test_gridpulse_refusing_every_batch_trips_the_circuit_breaker(db: Path, limi
     assert "Traceback" not in said
     [line] = error_lines(stopped.stderr)
     assert line.startswith("error: GridPulse rejects everything (code SCHEMA_CHANGED): "), line
-    assert states(db) == {"dead": limit, "pending": SAMPLE_ROWS - limit}
+    # K rows refused alone, then the probe (the batch's last row, the newest) refused
+    # alone with the same code: dead like any row refused alone, K + 1 in all.
+    assert states(db) == {"dead": limit + 1, "pending": SAMPLE_ROWS - limit - 1}
     # The first bisection halves down to one row (ceil(log2(n)) requests after the batch's
-    # own); each further row costs its batch's request and one alone.
+    # own); each further row costs its batch's request and one alone; the probe one more.
     first = 1 + math.ceil(math.log2(SAMPLE_ROWS))
-    assert len(gp.batches) == first + 2 * (limit - 1)
+    assert len(gp.batches) == first + 2 * (limit - 1) + 1
     assert [len(b["observations"]) for b in gp.batches[first:]] == [
         SAMPLE_ROWS - 1,
         1,
         SAMPLE_ROWS - 2,
         1,
-    ] + [n for k in range(3, limit) for n in (SAMPLE_ROWS - k, 1)]
+    ] + [n for k in range(3, limit) for n in (SAMPLE_ROWS - k, 1)] + [1]
+    newest = keys_in_order(db)[-1]
+    assert keys(gp.batches[-1]) == [newest] and newest in line
+
+
+def keys_in_order(db: Path) -> list[str]:
+    """Every row as ``series_id ts``, in the order a send claims them."""
+    with sqlite3.connect(db) as con:
+        found = con.execute("SELECT series_id, ts FROM observations ORDER BY ts, series_id")
+        return [f"{sid} {ts}" for sid, ts in found]
+
+
+def keys(batch: dict[str, Any]) -> list[str]:
+    return [f"{o['series_id']} {o['ts']}" for o in batch["observations"]]
+
+
+def test_three_bad_rows_at_the_head_are_dead_and_every_good_row_delivered(db: Path) -> None:
+    """Three refused rows in a row that are neighbours in the queue (its three oldest) are
+    not a GridPulse rejecting everything: the probe from outside them is accepted."""
+    order = keys_in_order(db)
+    bad = set(order[:3])
+
+    def answer(batch: dict[str, Any]) -> Reply:
+        if bad & set(keys(batch)):
+            return Reply(400, {"error": {"code": "OUT_OF_RANGE", "message": "no", "details": {}}})
+        return answered()(batch)
+
+    with scripted_gridpulse(answer) as gp:
+        done = outbox("send", env=env(db, gp.base_url))
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said
+    assert error_lines(done.stderr) == [] and "rejects everything" not in said
+    assert states(db) == {"acked": SAMPLE_ROWS - 3, "dead": 3}
+    with sqlite3.connect(db) as con:
+        dead = con.execute(
+            "SELECT series_id, ts, last_error_code FROM observations WHERE state = 'dead'"
+        ).fetchall()
+    assert sorted(f"{sid} {ts}" for sid, ts, _ in dead) == sorted(bad)
+    assert {code for *_, code in dead} == {"OUT_OF_RANGE"}
+    # Every good row went in exactly one accepted request.
+    delivered = [k for b in gp.batches if not bad & set(keys(b)) for k in keys(b)]
+    assert sorted(delivered) == sorted(order[3:])
+    # Requests: the first bisection of 1,000 rows (1 + 10), the 2nd and 3rd rows each in
+    # their batch and alone (4), the probe (the third refused batch's last row, alone,
+    # accepted), then the 2,372 rows left in full batches.
+    first = 1 + math.ceil(math.log2(BATCH))
+    probe = first + 4
+    assert keys(gp.batches[probe]) == [order[BATCH + 1]]
+    rest = math.ceil((SAMPLE_ROWS - 4) / BATCH)
+    assert len(gp.batches) == probe + 1 + rest
