@@ -162,6 +162,10 @@ class Window:
     streams: tuple[Stream, ...]
     start: datetime
     end: datetime
+    history_from: datetime | None = None
+    """For a window of its streams' older history (:func:`plan_history`): where that
+    history starts. Its last page moves their history markers down to the window
+    start, or clears them when the window starts there."""
 
     def request(self) -> eia_mod.EIARequest:
         """The EIA request for this window."""
@@ -241,6 +245,51 @@ def plan_incremental(
             end = end_now + timedelta(hours=config.eia.forecast_horizon_hours)
         windows.extend(_group_windows(route, starts, end))
     return _chunk(windows, config.eia.backfill_chunk_hours)
+
+
+def plan_history(
+    config: Config,
+    streams: Sequence[Stream],
+    markers: dict[str, str],
+    initial: dict[str, datetime] | None = None,
+) -> list[Window]:
+    """Windows for the history still to be fetched of streams whose first rows reached
+    back to the start of the window asked (``markers``: :meth:`Store.history_markers`).
+
+    Each stream's history is fetched from ``eia.history_start`` (or GridPulse's latest
+    minus the look-back, as :func:`plan_incremental` starts a new stream) up to the hour
+    before its marker, newest chunk first, so that each chunk answered moves the marker
+    down. Streams of a route with the same range share the requests. A marker at or
+    before where the history starts (``eia.history_start`` moved later) asks nothing.
+    """
+    groups: dict[tuple[str, datetime, datetime], list[Stream]] = {}
+    for s in streams:
+        before = markers.get(s.key)
+        if before is None:
+            continue
+        lo = history_floor(config, s, initial)
+        hi = parse_ts(before) - HOUR
+        if lo <= hi:
+            groups.setdefault((s.route, lo, hi), []).append(s)
+    step = timedelta(hours=config.eia.backfill_chunk_hours)
+    out = []
+    for (route, lo, hi), chosen in groups.items():
+        while hi >= lo:
+            start = max(lo, hi - step + HOUR)
+            out.append(Window(route, tuple(chosen), start, hi, history_from=lo))
+            hi = start - HOUR
+    return out
+
+
+def history_floor(
+    config: Config, stream: Stream, initial: dict[str, datetime] | None = None
+) -> datetime:
+    """Where a stream's history starts for the outbox: ``eia.history_start``, or, for a
+    new outbox, GridPulse's latest minus the look-back."""
+    if initial and stream.key in initial:
+        lookback = timedelta(hours=config.datasets[stream.dataset].lookback_hours)
+        return max(initial[stream.key] - lookback, config.eia.history_start)
+    return config.eia.history_start
 
 
 def _known_through(key: str, marks: dict[str, str], progress: dict[str, str]) -> str | None:
@@ -356,6 +405,10 @@ class Fetcher:
         self.result = result
         self.marks = store.watermarks()
         self.progress = store.stream_progress()
+        # As the run found it: a stream answered before this run may since have been
+        # published with history (see _history_found).
+        self.answered = frozenset(self.progress)
+        self.history = store.history_markers()
         self.ba_codes = config.eia_to_gridpulse
         self.configured = frozenset(config.balancing_authorities.values())
         self.now = now or utcnow()
@@ -372,8 +425,10 @@ class Fetcher:
         The window's last page also records, for each of its streams, that EIA answered
         the window completely (:meth:`_asked`), in the same transaction.
         ``advance=False`` (gap fills) stages the rows and never moves a watermark or the
-        stream progress.
+        stream progress. A window of older history (``window.history_from``) moves no
+        watermark either: its last page moves its streams' history markers instead.
         """
+        backfill = backfill or window.history_from is not None
         req = window.request()
         self.result.note_asked(req, self.now)
         seen: dict[str, str] = {}
@@ -392,7 +447,18 @@ class Fetcher:
             if advance and cap != "":
                 updates = self._advances(window, seen, cap, backfill=backfill)
             asked = self._asked(window, backfill=backfill) if advance and page.last else []
-            self._stage(page, norm, updates, progress=asked)
+            history = self._history_found(window, norm) if advance and not backfill else {}
+            if advance and page.last and window.history_from is not None:
+                history = self._history_fetched(window)
+            self._stage(page, norm, updates, progress=asked, history=history)
+            for key, before in history.items():
+                if window.history_from is None and before is not None:
+                    log.info(
+                        "first rows reach back to the window start, older history to fetch"
+                        " stream=%s before=%s",
+                        key,
+                        before,
+                    )
 
     def stage_replay(self, directory: Path) -> None:
         """Stage every saved EIA response under ``directory`` (the route from each body).
@@ -528,6 +594,34 @@ class Fetcher:
                 out.append(ProgressUpdate(s.key, s.dataset, s.respondent, through))
         return out
 
+    def _history_found(self, window: Window, norm: Normalized) -> dict[str, str | None]:
+        """History markers for streams whose first rows this page brings and reach back
+        to the window's start.
+
+        A stream with no watermark that EIA had answered with no rows (it has progress)
+        is asked again from its progress minus the look-back; if its first rows begin at
+        the window start, EIA may have published older hours with them, which no later
+        window would ask for. The marker records that they are still to be fetched
+        (:func:`plan_history`), in the transaction that stages the first rows and their
+        watermark.
+        """
+        out: dict[str, str | None] = {}
+        start = to_ts(window.start)
+        if window.start <= self.config.eia.history_start:
+            return out
+        for s in window.streams:
+            if s.key in self.marks or s.key not in self.answered or s.key in self.history:
+                continue
+            if norm.stream_min.get(s.key) == start:
+                out[s.key] = start
+        return out
+
+    def _history_fetched(self, window: Window) -> dict[str, str | None]:
+        """The history markers of a window of older history once EIA answered it."""
+        assert window.history_from is not None
+        rest = to_ts(window.start) if window.start > window.history_from else None
+        return {s.key: rest for s in window.streams if s.key in self.history}
+
     @staticmethod
     def _prepare(
         page: eia_mod.EIAPage, norm: Normalized, *, precompress: bool = False
@@ -563,6 +657,7 @@ class Fetcher:
         prepared: tuple[PageRecord, RowBatch] | None = None,
         *,
         progress: Sequence[ProgressUpdate] = (),
+        history: dict[str, str | None] | None = None,
     ) -> None:
         record, rows = prepared or self._prepare(page, norm)
         series_rows = [
@@ -574,6 +669,7 @@ class Fetcher:
             page=record,
             watermark_updates=updates,
             progress_updates=progress,
+            history_updates=history,
             run_id=self.run_id,
         )
         # Pages staged ahead are compressed ahead too while pages keep bringing new rows
@@ -583,6 +679,11 @@ class Fetcher:
             self.marks[u.stream] = u.last_ts
         for p in progress:
             self.progress[p.stream] = p.asked_through
+        for stream, before in (history or {}).items():
+            if before is None:
+                self.history.pop(stream, None)
+            else:
+                self.history[stream] = before
 
         def count() -> None:
             self.result.pages += 1
@@ -681,6 +782,8 @@ def run_fetch(
                     windows = plan_incremental(
                         config, streams, fetcher.marks, now, initial, fetcher.progress
                     )
+                    # Then the older history of streams whose first rows came with some.
+                    windows += plan_history(config, streams, fetcher.history, initial)
                     for i, window in enumerate(windows):
                         fetcher.stage_window(client, window, backfill=False)
                         if progress:

@@ -14,6 +14,9 @@ Semantics (the contract every stage relies on):
 * ``stream_progress`` records how far EIA has been asked for a stream and answered
   completely; it advances in the transaction of a request's last page and never moves
   backwards either.
+* A ``meta`` key ``history:<stream>`` records that a stream's history before that hour
+  is still to be fetched (its first rows reached back to the start of the window asked);
+  it is written with those rows and cleared with the last page of that history.
 * :meth:`Store.ack`, :meth:`Store.reject` and :meth:`Store.defer` only touch a row whose
   current revision is the one that was sent; a revision staged meanwhile stays pending.
 * Delivered-through of a series is the newest ``ts`` such that every staged row at or
@@ -310,6 +313,9 @@ findings = Table(
 )
 Index("ix_findings_rule_ba_start", findings.c.rule, findings.c.ba, findings.c.start)
 Index("ix_findings_end", findings.c.end)
+
+# meta key prefix of a stream's history marker (Store.history_markers).
+HISTORY_PREFIX = "history:"
 
 _ROW_CONFLICT = """
 ON CONFLICT (series_id, ts) DO UPDATE SET
@@ -1284,11 +1290,13 @@ class Store:
         page: PageRecord | None = None,
         watermark_updates: Iterable[WatermarkUpdate] = (),
         progress_updates: Iterable[ProgressUpdate] = (),
+        history_updates: Mapping[str, str | None] | None = None,
         run_id: int | None = None,
         now: str | None = None,
     ) -> StageResult:
-        """Upsert observation rows, the page they came from, watermarks and stream
-        progress atomically.
+        """Upsert observation rows, the page they came from, watermarks, stream
+        progress and history markers (stream -> hour, None to clear; see
+        :meth:`history_markers`) atomically.
 
         ``rows`` are tuples in :data:`ROW_COLUMNS` order (or a :class:`RowBatch` of
         them); ``series_rows`` in :data:`SERIES_COLUMNS` order. The page is stored only
@@ -1350,6 +1358,8 @@ class Store:
                 crashpoint("stage.checked")
             _upsert_watermarks(cur, [_mark_row(w) for w in watermark_updates], now, run_id)
             _upsert_progress(cur, progress_updates, now, run_id)
+            for stream, before in (history_updates or {}).items():
+                _set_meta(cur, HISTORY_PREFIX + stream, before)
             if limit is not None and written:
                 self._check_bytes(cur, limit, pages_before)
             cur.close()
@@ -1380,6 +1390,20 @@ class Store:
         with self.read() as conn:
             rows = conn.exec_driver_sql("SELECT stream, asked_through FROM stream_progress")
             return {r[0]: r[1] for r in rows.all()}
+
+    def history_markers(self) -> dict[str, str]:
+        """stream -> the hour before which its history is still to be fetched.
+
+        Recorded when a stream's first rows reach back to the start of the window that
+        was asked (EIA may hold older hours too), in the transaction of those rows;
+        cleared with the last page of the windows that fetch the older hours.
+        """
+        with self.read() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?",
+                (len(HISTORY_PREFIX), HISTORY_PREFIX),
+            ).all()
+        return {r[0].removeprefix(HISTORY_PREFIX): r[1] for r in rows}
 
     def progress_rows(self) -> list[dict[str, Any]]:
         """Every stream_progress row as a dict (for status; none on a schema from before
@@ -2369,6 +2393,17 @@ def _upsert_progress(
     rows = [(u.stream, u.dataset, u.respondent, u.asked_through, now, run_id) for u in updates]
     if rows:
         cur.executemany(_PROGRESS_UPSERT, rows)
+
+
+def _set_meta(cur: sqlite3.Cursor, key: str, value: str | None) -> None:
+    if value is None:
+        cur.execute("DELETE FROM meta WHERE key = ?", (key,))
+    else:
+        cur.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
 
 def _insert_page(

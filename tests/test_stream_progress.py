@@ -244,6 +244,130 @@ def test_a_new_ba_picks_up_its_first_rows_on_the_run_after_they_appear(
     assert store.watermarks()["demand:GENX"] == to_ts(floor_hour(appear))
 
 
+def genx_demand(db: Path) -> list[str]:
+    con = sqlite3.connect(db)
+    staged = [
+        r[0]
+        for r in con.execute(
+            "SELECT ts FROM observations WHERE series_id = ? ORDER BY ts", ("EIA.GENX.demand",)
+        )
+    ]
+    con.close()
+    return staged
+
+
+APPEAR = NOW + timedelta(hours=2)
+# The first hour of GENX's demand when EIA starts publishing it at APPEAR with ten days of
+# history: more than the 72 h look-back from where the stream was answered (08-22T11).
+GENX_FIRST = floor_hour(APPEAR) - timedelta(hours=239)
+
+
+def publish_genx_demand(fake: FakeEIA, now: datetime, since: datetime = GENX_FIRST) -> None:
+    """EIA's region rows at ``now``, GENX's demand among them from ``since``."""
+    rows = published(now, also=frozenset({"demand:GENX"}))[ROUTE_REGION]
+    first = since.strftime("%Y-%m-%dT%H")
+    fake.set_rows(
+        ROUTE_REGION,
+        [r for r in rows if stream_of(ROUTE_REGION, r) != "demand:GENX" or r["period"] >= first],
+    )
+
+
+def test_a_new_ba_with_more_history_than_the_look_back_gets_all_of_it_by_the_next_run(
+    store: Store, db_path: Path, fake: FakeEIA, http: httpx.Client
+) -> None:
+    cfg = config(fake.base_url or "")
+    fetch(store, cfg, http, fake, NOW)
+    fetch(store, cfg, http, fake, NOW + timedelta(hours=1))
+    publish_genx_demand(fake, APPEAR)
+    third = fetch(store, cfg, http, fake, APPEAR)
+    # One request per route, as before: the rows from the window start on are staged
+    # (76 of the 240 hours), and, with them, that the hours before it are still to fetch.
+    assert Counter(route for route, _ in third) == {r: 1 for r in ROUTES}
+    window_start = datetime(2025, 8, 19, 11, tzinfo=UTC)
+    staged = genx_demand(db_path)
+    assert staged[0] == to_ts(window_start) and len(staged) == 76
+    assert store.history_markers() == {"demand:GENX": to_ts(window_start)}
+    # The next run fetches GENX's demand from history start to that hour, newest first,
+    # in 744-hour chunks (two: 899 hours), besides its one request per route.
+    later = APPEAR + timedelta(hours=1)
+    publish_genx_demand(fake, later)
+    fourth = fetch(store, cfg, http, fake, later)
+    assert Counter(route for route, _ in fourth) == {
+        ROUTE_REGION: 3,
+        ROUTE_FUEL: 1,
+        ROUTE_INTERCHANGE: 1,
+    }
+    history = [
+        q for route, q in fourth if route == ROUTE_REGION and q["facets[respondent][]"] == "GENX"
+    ]
+    assert [(q["start"], q["end"]) for q in history] == [
+        ("2025-07-19T11", "2025-08-19T10"),
+        ("2025-07-13T00", "2025-07-19T10"),
+    ]
+    staged = genx_demand(db_path)
+    assert staged[0] == to_ts(GENX_FIRST) and staged[-1] == to_ts(floor_hour(later))
+    assert len(staged) == 241  # the 240 hours published at 14:00, and 15:00
+    assert store.history_markers() == {}
+    # From then on, one request per route again.
+    last = later + timedelta(hours=1)
+    publish_genx_demand(fake, last)
+    assert Counter(r for r, _ in fetch(store, cfg, http, fake, last)) == {r: 1 for r in ROUTES}
+    assert len(genx_demand(db_path)) == 242
+
+
+def test_a_new_ba_whose_rows_begin_inside_the_window_needs_no_more_requests(
+    store: Store, db_path: Path, fake: FakeEIA, http: httpx.Client
+) -> None:
+    cfg = config(fake.base_url or "")
+    fetch(store, cfg, http, fake, NOW)
+    fetch(store, cfg, http, fake, NOW + timedelta(hours=1))
+    since = floor_hour(APPEAR) - timedelta(hours=47)  # after the window start, 08-19T11
+    publish_genx_demand(fake, APPEAR, since)
+    fetch(store, cfg, http, fake, APPEAR)
+    assert len(genx_demand(db_path)) == 48 and store.history_markers() == {}
+    later = APPEAR + timedelta(hours=1)
+    publish_genx_demand(fake, later, since)
+    assert Counter(r for r, _ in fetch(store, cfg, http, fake, later)) == {r: 1 for r in ROUTES}
+    assert len(genx_demand(db_path)) == 49
+
+
+def test_the_history_marker_commits_with_the_first_rows_and_moves_down_chunk_by_chunk(
+    store: Store, db_path: Path, fake: FakeEIA, http: httpx.Client
+) -> None:
+    cfg = config(fake.base_url or "")
+    fetch(store, cfg, http, fake, NOW)
+    fetch(store, cfg, http, fake, NOW + timedelta(hours=1))
+    publish_genx_demand(fake, APPEAR)
+    # The page with GENX's first rows is refused: neither they, their watermark nor the
+    # marker are written.
+    store.limit_size(max_rows=store.count_rows() + 1, max_bytes=None)
+    with pytest.raises(OutboxFullError):
+        fetch(store, cfg, http, fake, APPEAR)
+    assert genx_demand(db_path) == [] and store.history_markers() == {}
+    assert "demand:GENX" not in store.watermarks()
+    store.limit_size(None, None)
+    fetch(store, cfg, http, fake, APPEAR)
+    assert store.history_markers() == {"demand:GENX": "2025-08-19T11:00:00Z"}
+    # The next run fails after the newer history chunk: the marker has moved down to it.
+    later = APPEAR + timedelta(hours=1)
+    publish_genx_demand(fake, later)
+
+    def fail_after_the_first_history_chunk(done: int, total: int, window: object) -> None:
+        if done == total - 1:
+            fake.fail_next(status=500)
+
+    with pytest.raises(SourceTransientError):
+        fetch(store, cfg, http, fake, later, progress=fail_after_the_first_history_chunk)
+    assert store.history_markers() == {"demand:GENX": "2025-07-19T11:00:00Z"}
+    # The run after asks for the rest only, once, and clears the marker.
+    again = fetch(store, cfg, http, fake, later)
+    history = [q for r, q in again if r == ROUTE_REGION and q["facets[respondent][]"] == "GENX"]
+    assert [(q["start"], q["end"]) for q in history] == [("2025-07-13T00", "2025-07-19T10")]
+    assert store.history_markers() == {}
+    staged = genx_demand(db_path)
+    assert staged[0] == to_ts(GENX_FIRST) and len(staged) == 241
+
+
 def test_a_run_far_behind_resumes_after_the_last_window_eia_answered(
     store: Store, db_path: Path, fake: FakeEIA, http: httpx.Client
 ) -> None:
