@@ -43,7 +43,8 @@ from outbox.store import (
     Store,
     disk_free_bytes,
     lock_file,
-    lock_holder,
+    lock_held,
+    lock_pid,
     readonly_reason,
     write_problem,
 )
@@ -168,7 +169,7 @@ def check_database(
             Finding("schema", SKIP, "database unreadable"),
             locks,
         ]
-    return [*_reset(path, problem or "unreadable", locks, now()), locks]
+    return [*_reset(path, problem or "unreadable", now()), locks]
 
 
 def _open_sound(path: Path) -> tuple[str | None, Store | None]:
@@ -220,12 +221,30 @@ def _known_revision(revision: str) -> bool:
 
 
 def check_locks(path: Path) -> Finding:
-    """Which stages hold their lock now (a running fetch or send is normal)."""
-    states = []
+    """Which stages hold their lock now (a running fetch or send is normal).
+
+    A held lock whose pid cannot be read is ``held (pid unknown)``, never idle. A lock
+    file this user cannot open at all (mode 0600 under the units' ``UMask=0077``, owned
+    by the service's user) counts as held, as :func:`lock_held` has it: whether it is
+    cannot be told from here, and the hint says so.
+    """
+    states, unreadable = [], []
     for stage in STAGES:
-        pid = lock_holder(lock_file(path, stage))
-        states.append(f"{stage} {'idle' if pid is None else f'running (pid {pid})'}")
-    return Finding("locks", OK, ", ".join(states))
+        lock = lock_file(path, stage)
+        if not lock_held(lock):
+            states.append(f"{stage} idle")
+            continue
+        pid = lock_pid(lock)
+        states.append(f"{stage} {'held (pid unknown)' if pid is None else f'running (pid {pid})'}")
+        if pid is None and not os.access(lock, os.R_OK):
+            unreadable.append(lock.name)
+    hint = ""
+    if unreadable:
+        hint = (
+            f"{', '.join(unreadable)} not readable by this user, so counted as held: run "
+            "doctor as the services' user (or root) to see whether a stage runs"
+        )
+    return Finding("locks", OK, ", ".join(states), hint)
 
 
 def check_disk(config: Config) -> Finding:
@@ -248,8 +267,8 @@ def check_disk(config: Config) -> Finding:
     return Finding("disk", OK, detail)
 
 
-def _reset(path: Path, problem: str, locks: Finding, when: datetime) -> list[Finding]:
-    if "running" in locks.detail:
+def _reset(path: Path, problem: str, when: datetime) -> list[Finding]:
+    if any(lock_held(lock_file(path, stage)) for stage in STAGES):
         hint = "stop the fetch/send timers first, then run `outbox doctor --reset` again"
         return [
             Finding("database", FAIL, f"{path}: unreadable ({problem}) and in use", hint),

@@ -108,9 +108,6 @@ class FetchResult:
     invalid: Counter[str] = field(default_factory=Counter)
     unconfigured: Counter[str] = field(default_factory=Counter)
     """EIA respondent -> rows a replay skipped because that BA is not configured."""
-    asked: dict[str, str] = field(default_factory=dict)
-    """EIA respondent -> the newest hour this run asked EIA for (status warns of a BA
-    that EIA never returned a row for although asked)."""
     skipped: bool = False
     holder: int | None = None
     quality: Any = None  # the run's outbox.quality.engine.Checker, when checks are on
@@ -127,17 +124,8 @@ class FetchResult:
             "invalid_by_reason": {k: v for k, v in self.invalid.items() if k not in SKIP_REASONS},
             "skipped": sum(v for k, v in self.invalid.items() if k in SKIP_REASONS),
             "skipped_by_reason": {k: v for k, v in self.invalid.items() if k in SKIP_REASONS},
-            "asked_through": dict(sorted(self.asked.items())),
             **(self.quality.counts() if self.quality is not None else {}),
         }
-
-    def note_asked(self, req: eia_mod.EIARequest, now: datetime) -> None:
-        """Remember that EIA was asked for ``req``'s respondents through its end (or now:
-        a forecast window reaches into the future)."""
-        end = to_ts(min(req.end, floor_hour(now)))
-        for respondent in req.respondents:
-            if end > self.asked.get(respondent, ""):
-                self.asked[respondent] = end
 
 
 @dataclass(frozen=True)
@@ -430,7 +418,6 @@ class Fetcher:
         """
         backfill = backfill or window.history_from is not None
         req = window.request()
-        self.result.note_asked(req, self.now)
         seen: dict[str, str] = {}
         datasets = {s.dataset for s in window.streams}
         for page in client.iter_pages(req):

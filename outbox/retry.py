@@ -63,8 +63,16 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+# Where the wait planned for an attempt is kept on tenacity's RetryCallState.
+_PLANNED = "_outbox_planned_wait"
+
+
 def _wait(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], float]:
-    def compute(state: tenacity.RetryCallState) -> float:
+    """The wait before the next try, drawn once per attempt: the stop check
+    (:func:`_stop_past`) and tenacity's sleep get the same jittered value whichever asks
+    first (tenacity before 8.3 checks the stop before computing the wait)."""
+
+    def draw(state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         asked = getattr(exc, "retry_after", None)
         if asked is not None:
@@ -72,17 +80,31 @@ def _wait(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], float]:
         ceiling = min(policy.maximum, policy.initial * (2 ** (state.attempt_number - 1)))
         return random.uniform(0, ceiling) if ceiling > 0 else 0.0
 
+    def compute(state: tenacity.RetryCallState) -> float:
+        planned = getattr(state, _PLANNED, None)
+        if planned is not None and planned[0] == state.attempt_number:
+            return planned[1]
+        wait = draw(state)
+        setattr(state, _PLANNED, (state.attempt_number, wait))
+        return wait
+
     return compute
 
 
-def _stop_past(deadline: float) -> Callable[[tenacity.RetryCallState], bool]:
+def _stop_past(
+    deadline: float, wait: Callable[[tenacity.RetryCallState], float]
+) -> Callable[[tenacity.RetryCallState], bool]:
     """Stop when the next try would start after ``deadline``: the server's ``Retry-After``
-    counts in full (the wait may cap it, but the server will not answer sooner)."""
+    counts in full (the wait may cap it, but the server will not answer sooner).
+
+    The wait is asked for here (the value tenacity then sleeps, see :func:`_wait`) rather
+    than read from ``state.upcoming_sleep``, which tenacity sets before the stop check
+    only from 8.3 on."""
 
     def past(state: tenacity.RetryCallState) -> bool:
         exc = state.outcome.exception() if state.outcome else None
         asked = getattr(exc, "retry_after", None)
-        upcoming = float(asked) if asked is not None else state.upcoming_sleep
+        upcoming = float(asked) if asked is not None else wait(state)
         return (state.seconds_since_start or 0.0) + upcoming > deadline
 
     return past
@@ -95,13 +117,14 @@ def make_retrying(
     before_sleep: Callable[[tenacity.RetryCallState], None] | None = None,
 ) -> tenacity.Retrying:
     """A tenacity ``Retrying`` that retries only :class:`TransientError` and re-raises it."""
+    wait = _wait(policy)
     stop = tenacity.stop_after_attempt(max(1, policy.attempts))
     if policy.deadline > 0:
-        stop = stop | _stop_past(policy.deadline)
+        stop = stop | _stop_past(policy.deadline, wait)
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(TransientError),
         stop=stop,
-        wait=_wait(policy),
+        wait=wait,
         sleep=sleep,
         reraise=True,
         before_sleep=before_sleep,

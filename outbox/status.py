@@ -210,7 +210,7 @@ def collect(
 
     status.quality = quality_summary(store, now)
     status.missing = _missing(config, status.groups, runs["fetch"], status.stream_progress)
-    status.warnings.extend(_never_answered(config, store, status))
+    status.warnings.extend(_never_answered(config, status))
     from outbox.alerts import META_KEY, counters
 
     status.alerts = counters(store.meta_get(META_KEY))
@@ -317,13 +317,12 @@ def _missing(
     ]
 
 
-# Fetch runs looked at for what EIA was asked (a day of hourly runs, and the daily ones).
-ASKED_RUNS = 30
-
-
-def _never_answered(config: Config, store: Store, status: Status) -> list[str]:
-    """A configured BA that EIA has never returned a row for, although a recent ok fetch
-    asked for it, while another BA has data: most likely a wrong code."""
+def _never_answered(config: Config, status: Status) -> list[str]:
+    """A configured BA that EIA has never returned a row for (no series, no watermark),
+    although EIA has been asked for its streams and answered (``stream_progress``), while
+    another BA has data: most likely a wrong code. The hour named is the newest
+    ``asked_through`` of its streams, the one the table's "no data at EIA through" shows
+    for that stream."""
     have = {g.ba for g in status.groups}
     have |= {
         config.eia_to_gridpulse.get(w["respondent"], w["respondent"]) for w in status.watermarks
@@ -332,13 +331,11 @@ def _never_answered(config: Config, store: Store, status: Status) -> list[str]:
     others = sorted(have & set(config.balancing_authorities))
     if not silent or not others:
         return []
-    asked: dict[str, tuple[str, int]] = {}
-    for run in store.recent_runs(limit=ASKED_RUNS, stage="fetch"):
-        if run.status != "ok":
-            continue
-        for respondent, through in (run.counts.get("asked_through") or {}).items():
-            if through > asked.get(respondent, ("", 0))[0]:
-                asked[respondent] = (through, run.id)
+    asked: dict[str, tuple[str, int | None]] = {}
+    for p in status.stream_progress:
+        through = p["asked_through"]
+        if through > asked.get(p["respondent"], ("", None))[0]:
+            asked[p["respondent"]] = (through, p["run_id"])
     verb = "has" if len(others) == 1 else "have"
     warnings = []
     for ba in silent:
@@ -346,9 +343,10 @@ def _never_answered(config: Config, store: Store, status: Status) -> list[str]:
         if code in asked:
             through, run_id = asked[code]
             named = ba if ba == code else f"{ba} (EIA {code})"
+            run = "" if run_id is None else f" (fetch run {run_id})"
             warnings.append(
                 f"{named} has never had a row: EIA returned none for it through "
-                f"{through} (fetch run {run_id}) while {', '.join(others[:3])} {verb} "
+                f"{through}{run} while {', '.join(others[:3])} {verb} "
                 "data; check the code in balancing_authorities"
             )
     return warnings

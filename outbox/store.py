@@ -990,9 +990,17 @@ def lock_held(path: str | os.PathLike[str]) -> bool:
 
 
 def lock_holder(path: str | os.PathLike[str]) -> int | None:
-    """The pid holding the lock file ``path``, or None when nobody holds it (reads only)."""
+    """The pid holding the lock file ``path``, or None when nobody holds it or its pid
+    cannot be read (reads only): to tell the two apart, ask :func:`lock_held`."""
     if not lock_held(path):
         return None
+    return lock_pid(path)
+
+
+def lock_pid(path: str | os.PathLike[str]) -> int | None:
+    """The pid written in the lock file ``path``, or None when it cannot be read (a file
+    of mode 0600 owned by another user, none written yet). Says nothing of whether the
+    lock is held: see :func:`lock_held`."""
     try:
         return int(Path(path).read_text().strip() or 0) or None
     except (OSError, ValueError):

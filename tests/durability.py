@@ -152,6 +152,41 @@ def fake_eia_process(directory: Path, api_key: str = KEY_EIA) -> Iterator[str]:
             proc.stdout.close()
 
 
+# A process holding a stage lock as a running fetch or send does (under the units'
+# UMask=0077, so the file is mode 0600), or with nothing written in it: a pid not readable.
+_HOLD_LOCK = """
+import fcntl, os, sys
+os.umask(0o077)
+if sys.argv[2] == "pid":
+    from outbox.store import file_lock
+    held = file_lock(sys.argv[1], blocking=False)
+    assert held.__enter__()
+else:
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def lock_held_by_child(lock: Path, *, write_pid: bool = True) -> Iterator[int]:
+    """A child process holds the lock file ``lock`` (mode 0600) until the block ends;
+    yields its pid. ``write_pid=False``: it locks the file without writing its pid."""
+    command = [sys.executable, "-c", _HOLD_LOCK, str(lock), "pid" if write_pid else "none"]
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "held\n"
+        yield proc.pid
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 # -- reading outboxes ------------------------------------------------------------------
 
 

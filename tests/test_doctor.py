@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import respx
+from durability import lock_held_by_child
 from freezegun import freeze_time
 from typer.testing import CliRunner
 
@@ -337,6 +338,44 @@ def test_reset_refuses_while_a_stage_holds_its_lock(workdir: Path) -> None:
         locks=f"OK    locks     fetch idle, send running (pid {os.getpid()})",
     )
     assert db.read_bytes() == GARBAGE
+
+
+@pytest.mark.parametrize("write_pid", [True, False])
+def test_a_held_lock_is_never_idle_even_when_its_pid_cannot_be_read(
+    workdir: Path, write_pid: bool
+) -> None:
+    """A fetch holding its lock (file mode 0600) is running with its pid, or, when the
+    pid cannot be read, held (pid unknown): never idle."""
+    lock = workdir / "outbox.db.fetch.lock"
+    with lock_held_by_child(lock, write_pid=write_pid) as pid:
+        assert lock.stat().st_mode & 0o777 == 0o600
+        with respx.mock(assert_all_called=True) as router, freeze_time(NOW):
+            routes(router, auth_answer(), httpx.Response(200, json=eia_page()))
+            code, text = doctor()
+    fetch = f"running (pid {pid})" if write_pid else "held (pid unknown)"
+    assert (code, text) == (0, lines(locks=f"OK    locks     fetch {fetch}, send idle"))
+
+
+def test_reset_refuses_while_a_lock_is_held_by_a_pid_it_cannot_read(workdir: Path) -> None:
+    db = workdir / "outbox.db"
+    db.unlink()
+    db.write_bytes(GARBAGE)
+    with (
+        lock_held_by_child(workdir / "outbox.db.send.lock", write_pid=False),
+        respx.mock(assert_all_called=True) as router,
+        freeze_time(NOW),
+    ):
+        routes(router, auth_answer(), httpx.Response(200, json=eia_page()))
+        code, text = doctor("--reset")
+    assert code == 1
+    assert text == lines(
+        database="FAIL  database  outbox.db: unreadable (file is not a database) and in use; "
+        "hint: stop the fetch/send timers first, then run `outbox doctor --reset` again",
+        schema="SKIP  schema    database unreadable",
+        locks="OK    locks     fetch idle, send held (pid unknown)",
+    )
+    assert db.read_bytes() == GARBAGE
+    assert sorted(p.name for p in workdir.iterdir() if ".broken-" in p.name) == []
 
 
 def test_doctor_is_in_help_and_readme() -> None:

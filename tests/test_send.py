@@ -603,3 +603,56 @@ def test_an_accepted_row_resets_the_circuit_breaker(store: Store) -> None:
         mock.post(INGEST).mock(side_effect=refuse_poisoned)
         result = send(store, make_config())
     assert (result.acked, result.rejected) == (6, 6)
+
+
+def test_a_backoff_past_the_budget_stops_without_sleeping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backoff draws of 5 s then 40 s against a 30 s budget: one sleep of 5 s, then the
+    loop gives up rather than sleep past it."""
+    from outbox.errors import SinkTransientError
+    from outbox.retry import RetryPolicy, call_with_retry
+
+    draws = iter([5.0, 40.0])
+    monkeypatch.setattr("outbox.retry.random.uniform", lambda low, high: next(draws))
+    calls: list[int] = []
+    sleeps: list[float] = []
+
+    def fail() -> None:
+        calls.append(1)
+        raise SinkTransientError("GridPulse unavailable")
+
+    policy = RetryPolicy(attempts=5, initial=64.0, maximum=64.0, deadline=30.0)
+    with pytest.raises(SinkTransientError):
+        call_with_retry(policy, fail, sleep=sleeps.append)
+    assert (len(calls), sleeps) == (2, [5.0])
+
+
+@pytest.mark.parametrize("stop_first", [True, False])
+def test_the_budget_check_and_the_sleep_see_one_draw_in_either_order(
+    monkeypatch: pytest.MonkeyPatch, stop_first: bool
+) -> None:
+    """tenacity before 8.3 asks the stop before it computes the wait (and has no
+    ``upcoming_sleep``): the deadline check draws the wait itself, and the sleep gets that
+    same jittered value, not a second draw."""
+    import sys
+
+    import tenacity
+
+    from outbox.errors import SinkTransientError
+    from outbox.retry import RetryPolicy, make_retrying
+
+    draws = iter([40.0, 5.0])
+    monkeypatch.setattr("outbox.retry.random.uniform", lambda low, high: next(draws))
+    policy = RetryPolicy(attempts=5, initial=64.0, maximum=64.0, deadline=30.0)
+    retrying = make_retrying(policy, sleep=lambda seconds: None)
+    state = tenacity.RetryCallState(retrying, fn=None, args=(), kwargs={})
+    try:
+        raise SinkTransientError("GridPulse unavailable")
+    except SinkTransientError:
+        state.set_exception(sys.exc_info())  # type: ignore[arg-type]
+    if stop_first:
+        stopped, wait = retrying.stop(state), retrying.wait(state)
+    else:
+        wait = retrying.wait(state)
+        state.upcoming_sleep = wait  # as tenacity 8.3 and later do before the stop
+        stopped = retrying.stop(state)
+    assert (stopped, wait) == (True, 40.0)  # 40 s > the 30 s budget, drawn once

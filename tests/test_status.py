@@ -847,6 +847,7 @@ def test_a_configured_ba_eia_never_returned_a_row_for_is_a_warning(tmp_path: Pat
             run_fetch(config, store, client=eia_client(config, http), bas=["PJM"], now=now)
             assert status_mod.read(config, now=now).warnings == []  # XXXX not asked for
             run_fetch(config, store, client=eia_client(config, http), now=now)
+            assert "asked_through" not in store.recent_runs(limit=1)[0].counts  # progress has it
         asked = [q for q in fake.requests if "XXXX" in q]
     assert asked  # the second run asked EIA for XXXX, and EIA answered with no rows
 
@@ -871,6 +872,35 @@ def test_a_configured_ba_eia_never_returned_a_row_for_is_a_warning(tmp_path: Pat
     table = runner.invoke(app, ["-c", str(cfg), "status"], env={"COLUMNS": "400"})
     assert table.exit_code == 0, table.output
     assert f"warning: {warning}" in table.output.splitlines()
+
+
+def test_the_never_answered_warning_is_built_from_stream_progress(tmp_path: Path) -> None:
+    """One warning per silent BA, with the newest asked_through of its streams (the hour
+    the table's "no data at EIA through" line shows), whatever the runs' counts say; a
+    silent BA EIA has not been asked for (no progress rows) is not warned of."""
+    db = tmp_path / "o.db"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"database: {db}\nbalancing_authorities: {{PJM: PJM, TYPO: XXXX, NEW: NEW}}\n")
+    sid = "EIA.PJM.demand"
+    with Store.open(db) as store:
+        run_id = store.start_run("fetch")
+        store.stage(
+            [obs(sid, 0)],
+            series_rows=[series_row(sid)],
+            page=page(),
+            progress_updates=[
+                ProgressUpdate("demand:XXXX", "demand", "XXXX", ts(7)),
+                ProgressUpdate("demand_forecast:XXXX", "demand_forecast", "XXXX", ts(9)),
+            ],
+            run_id=run_id,
+        )
+        store.finish_run(run_id, "ok", {"asked_through": {"XXXX": ts(1)}})
+    model = status_mod.read(load_config(cfg), now=parse_ts(ts(10)))
+    assert model.warnings == [
+        f"TYPO (EIA XXXX) has never had a row: EIA returned none for it through {ts(9)} "
+        f"(fetch run {run_id}) while PJM has data; check the code in balancing_authorities"
+    ]
+    assert model.check is not None and model.check.code == status_mod.WARNING
 
 
 def test_run_durations_are_shown_as_measured(

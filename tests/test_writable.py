@@ -23,9 +23,10 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from durability import outbox_env, tables
+from durability import lock_held_by_child, outbox_env, tables
 
 from outbox.config import Config
+from outbox.doctor import check_locks
 from outbox.pipeline import run_fetch
 from outbox.store import Store, readonly_reason, write_problem
 from outbox.testing import sample_dir
@@ -199,6 +200,54 @@ def test_doctor_names_a_directory_it_cannot_write(workdir: Path) -> None:
     assert database.startswith("FAIL")
     assert f"directory {workdir}: not writable by nobody (owned by root, mode 0755)" in database
     assert "--reset" not in done.stdout
+
+
+def check_locks_as_nobody(db: Path) -> str:
+    """``check_locks`` in a forked process that became uid 65534 with no capabilities
+    (setuid from root drops them all), as an operator's own account runs doctor: its
+    line."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os.write(write, check_locks(db).line().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as out:
+        line = out.read().decode()
+    os.waitpid(pid, 0)
+    return line
+
+
+def test_a_lock_another_user_holds_is_held_never_idle(workdir: Path) -> None:
+    """A fetch running as the service user holds its lock file, mode 0600 (UMask=0077):
+    doctor as another user cannot read the pid, and says so instead of "idle"."""
+    db = workdir / "outbox.db"
+    seed(db)
+    lock = workdir / "outbox.db.fetch.lock"
+    lock.unlink()  # seeding left one of mode 0644: the service creates it under its umask
+    unknown = (
+        "OK    locks     fetch held (pid unknown), send idle; hint: outbox.db.fetch.lock not "
+        "readable by this user, so counted as held: run doctor as the services' user (or "
+        "root) to see whether a stage runs"
+    )
+    with lock_held_by_child(lock) as holder:
+        assert lock.stat().st_mode & 0o777 == 0o600
+        assert check_locks_as_nobody(db) == unknown
+        running = f"OK    locks     fetch running (pid {holder}), send idle"
+        assert check_locks(db).line() == running  # root reads the pid
+        done = as_nobody("doctor", env=env_for(db), cwd=workdir)
+    shown = next(line for line in done.stdout.splitlines() if line.split()[1] == "locks")
+    # The setpriv fallback keeps CAP_DAC_READ_SEARCH: that process can read the pid.
+    assert shown == (unknown if _plain_uid_can_run_python() else running), done.stdout
+    # Released, the file still cannot be read: held as far as that user can tell.
+    assert check_locks_as_nobody(db) == unknown
+    assert check_locks(db).line() == "OK    locks     fetch idle, send idle"
 
 
 def test_root_still_writes_a_file_another_user_owns(workdir: Path) -> None:
