@@ -278,15 +278,18 @@ def _freshness(g: Any) -> dict[str, Any]:
 
 
 def _findings(store: Store) -> list[dict[str, Any]]:
-    if not store.table_exists("findings"):
-        return []
-    return list(store.quality_findings(open_only=True))  # type: ignore[attr-defined]
+    """Open data-quality findings (none on an outbox from before the ledger)."""
+    from outbox.quality.ledger import findings
+
+    return findings(store, open_only=True)
 
 
 def _revisions(store: Store, since: str) -> list[dict[str, Any]]:
-    if not store.table_exists("revisions"):
-        return []
-    return list(store.recent_revisions(since=since, limit=RECENT_REVISIONS))  # type: ignore[attr-defined]
+    """The newest revisions of hours in the window, newest last."""
+    from outbox.quality.ledger import revisions
+
+    # A revision of an hour in the window is seen after that hour: seen_at >= since.
+    return [r for r in revisions(store, since=since) if r["ts"] >= since][-RECENT_REVISIONS:]
 
 
 # -- rendering -----------------------------------------------------------------------

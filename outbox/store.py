@@ -2157,14 +2157,6 @@ class Store:
             cur.close()
         return staged, acked
 
-    def table_exists(self, name: str) -> bool:
-        """Whether the outbox has table ``name`` (parts added by later migrations)."""
-        with self.read() as conn:
-            found = conn.exec_driver_sql(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
-            ).first()
-        return found is not None
-
     # -- housekeeping --------------------------------------------------------------
 
     def prune_before(self, before: str, batch: int = 256) -> tuple[int, int, int]:

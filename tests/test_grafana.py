@@ -11,7 +11,7 @@ from tests.durability import outbox, outbox_env
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "gridpulse-outbox.json"
 # PromQL words that look like metric names but are functions or label values.
-_NOT_METRICS = {"time", "max", "sum", "label_values", "instance"}
+_NOT_METRICS = {"time", "max", "sum", "rate", "by", "label_values", "instance"}
 
 
 def _queried(dashboard: dict) -> set[str]:
@@ -29,8 +29,17 @@ def test_every_metric_the_dashboard_queries_exists(tmp_path: Path) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     queried = _queried(dashboard)
     assert len(queried) >= 12  # freshness, backlog, dead, runs, failures, alerts, size...
+    from test_quality import at, edit_rows, sample_pages, scale
+
     env = outbox_env(tmp_path / "outbox.db")
     assert outbox("fetch", "--replay", str(sample_dir()), env=env).returncode == 0
+    # A revision that breaks PJM's balance: a finding and a ledger row to export.
+    raised = edit_rows(
+        at("2025-08-21T12", respondent="PJM", type="D"),
+        lambda r: r.update(value=scale(r["value"], 1.3)),
+    )
+    revised = sample_pages(tmp_path / "revised", raised)
+    assert outbox("fetch", "--replay", str(revised), env=env).returncode == 0
     env.update(GRIDPULSE_BASE_URL="http://127.0.0.1:9", GRIDPULSE_API_KEY="k")
     assert outbox("send", env=env).returncode == 1  # a finished run of each stage
     metrics = tmp_path / "outbox.prom"

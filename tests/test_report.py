@@ -275,3 +275,28 @@ def test_many_bas_show_one_ba_at_a_time(tmp_path: Path) -> None:
     finally:
         browser.close()
         pw.stop()
+
+
+def test_findings_and_revisions_are_marked_and_listed(tmp_path: Path) -> None:
+    from test_quality import at, edit_rows, replay, sample_pages, scale
+
+    db = tmp_path / "o.db"
+    replay(db, sample_pages(tmp_path / "clean"))
+    raised = edit_rows(
+        at("2025-08-21T12", respondent="PJM", type="D"),
+        lambda r: r.update(value=scale(r["value"], 1.3)),
+    )
+    replay(db, sample_pages(tmp_path / "revised", raised))  # EIA revises PJM's 12:00
+    data = build(_config(db))
+    assert any(f["rule"] == "balance" and f["ba"] == "PJM" for f in data["findings"])
+    assert [(r["series_id"], r["ts"]) for r in data["revisions"]] == [
+        ("EIA.PJM.demand", "2025-08-21T12:00:00Z")
+    ]
+    marks = {g["id"]: g["marks"] for g in data["groups"]}
+    kinds = {(m["kind"], m["ts"]) for m in marks["demand-PJM"]}
+    assert ("revision", "2025-08-21T12:00:00Z") in kinds
+    assert ("finding", "2025-08-21T12:00:00Z") in kinds  # balance: the BA's groups
+    assert marks["demand-CAISO"] == []
+    page = render(data)
+    assert '<section id="findings">' in page and '<section id="revisions">' in page
+    assert "<td>balance</td><td>PJM</td>" in page
