@@ -383,11 +383,10 @@ def show(
         raise typer.Exit(commands.show(_config(), series_id, when))
 
 
-def _since(since: str | None) -> str | None:
-    try:
-        return to_ts(parse_bound(since)) if since else None
-    except ValueError:
-        raise UsageError(f"--since {since!r}: not a date or RFC 3339 time") from None
+def _since_ts(since: str | None) -> str | None:
+    """``--since`` as outbox ts text (None when not given)."""
+    bound = _since(since)
+    return to_ts(bound) if bound else None
 
 
 @app.command()
@@ -408,7 +407,7 @@ def revisions(
     from outbox.quality import report
 
     with _errors():
-        lo = _since(since)
+        lo = _since_ts(since)
         report.revisions(_config(), since=lo, series=series, min_change=min_change, as_json=as_json)
 
 
@@ -427,7 +426,7 @@ def quality(
     from outbox.quality import report
 
     with _errors():
-        lo = _since(since)
+        lo = _since_ts(since)
         if rule is not None and rule not in QUALITY_RULES:
             raise UsageError(f"--rule {rule}: unknown; known: {', '.join(QUALITY_RULES)}")
         report.findings(_config(), since=lo, rule=rule, ba=ba, open_only=open_only, as_json=as_json)

@@ -8,9 +8,11 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from outbox.cli import app
+from outbox.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -86,3 +88,23 @@ def test_bad_usage_exits_2(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "is before --start" in result.output
     result = runner.invoke(app, ["runs", "--stage", "nope"], env=env)
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["requeue", "--since", "2025-08-21"], "requeued 0 dead rows"),
+        (["gaps", "--since", "2025-08-21T00:00:00Z"], "no missing hours"),
+        (["revisions", "--since", "2025-08-21"], "0 revisions of 0 rows"),
+        (["quality", "--since", "2025-08-21"], "0 findings, 0 open"),
+    ],
+)
+def test_since_is_taken_by_every_command_that_has_it(
+    tmp_path: Path, argv: list[str], expected: str
+) -> None:
+    db = tmp_path / "outbox.db"
+    Store.open(db).close()
+    result = runner.invoke(app, argv, env={"OUTBOX_DB": str(db)})
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 0, result.output
+    assert expected in result.output
