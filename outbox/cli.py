@@ -705,7 +705,29 @@ def main() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
         signal.signal(signal.SIGINT, _on_sigterm)
+    from typer._click.exceptions import ClickException
+    from typer.exceptions import Abort
+
     try:
-        app()
+        code = app(standalone_mode=False)
     except BrokenPipeError:  # `outbox status | head`
         sys.stderr.close()
+        return
+    except ClickException as exc:
+        # Click's usage errors are a box of lines: one line here, as for every failure.
+        if exc.format_message().strip():  # (none when no_args_is_help printed the help)
+            print_error(_usage_line(exc))
+        sys.exit(exc.exit_code)
+    except Abort:
+        print_error("aborted")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_line(exc: Any) -> str:
+    """A Click usage error as one line: what was wrong, and where the help is."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return message
+    return f"{ctx.command_path}: {message} (see `{ctx.command_path} --help`)"

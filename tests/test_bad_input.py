@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -537,3 +540,29 @@ def test_every_command_has_a_bad_input_case() -> None:
     assert {"fetch", "send", "db upgrade", "timers print", "receiver"} <= commands
     covered = {bad.command for bad in BAD_INPUTS}
     assert commands - covered == set(), "commands without a bad-input case"
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["runs", "--limit", "0"], "error: outbox runs: Invalid value for '--limit'"),
+        (["bogus"], "error: outbox: No such command 'bogus'. (see `outbox --help`)"),
+        (["status", "--nope"], "error: outbox status: No such option: --nope"),
+        (["send", "--max-seconds", "abc"], "error: outbox send: Invalid value for '--max-seconds'"),
+        (["plot"], "error: outbox plot: Missing argument 'SERIES_GLOB'."),
+    ],
+)
+def test_usage_errors_are_one_line(tmp_path: Path, argv: list[str], line: str) -> None:
+    """Click's own usage errors (a box of lines by default) reach the user as one line."""
+    done = subprocess.run(
+        [sys.executable, "-m", "outbox", *argv],
+        env={**os.environ, "OUTBOX_DB": str(tmp_path / "outbox.db")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    said = done.stderr.replace("python -m outbox", "outbox")  # the program as it was run
+    assert len(said.splitlines()) == 1 and said.startswith(line), said
+    assert not (tmp_path / "outbox.db").exists()
