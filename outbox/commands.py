@@ -628,6 +628,8 @@ def demo(keep: Path, *, show_sample_dir: bool = False) -> int:
     typer.echo("look inside:")
     typer.echo(f"  sqlite3 {db} 'select count(*) from observations'")
     typer.echo(f"  sqlite3 -header -column {db} 'select * from series_status limit 10'")
-    typer.echo(f"  outbox -c {cfg} status")
+    typer.echo(
+        f"  outbox -c {cfg} status      # as of today: the 2025 sample day shows as stale (CRIT)"
+    )
     typer.echo(f"  outbox -c {cfg} show EIA.PJM.demand 2025-08-21T14:00:00Z")
     return 0
