@@ -468,6 +468,8 @@ BAD_INPUTS = [
         env=(("GRIDPULSE_API_KEY", "k\u00e9ySECRET"),),
     ),
     Bad("plot", ("plot", " "), 2, "SERIES_GLOB is empty: give a pattern such as 'EIA.PJM.*'"),
+    Bad("quality", ("quality", "--rule", "bogus"), 2, "--rule bogus: unknown; known: balance"),
+    Bad("revisions", ("revisions", "--since", "garbage"), 2, "--since 'garbage': not a date"),
     Bad(
         "alerts test",
         ("alerts", "test"),

@@ -395,7 +395,7 @@ def test_replay_stages_only_configured_bas_and_counts_the_rest(tmp_path: Path) -
         if r.get("respondent", r.get("fromba")) == "SWPP"
     )
     assert swpp > swpp_from > 0  # SWPP is also a counterparty of other BAs' interchange
-    assert done.stdout.strip().endswith(
+    assert done.stdout.splitlines()[0].endswith(  # (the quality line follows it)
         f"; {swpp_from:,} rows skipped (unconfigured_ba {swpp_from:,}: SWPP); "
         "configured: CISO, ERCO, MISO, PJM"
     ), done.stdout

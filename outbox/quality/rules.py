@@ -461,7 +461,8 @@ def spike(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
     same_next = np.r_[same_prev[1:], False]
     prev = np.r_[np.nan, v[:-1]]
     nxt = np.r_[v[1:], np.nan]
-    prev2 = np.r_[np.nan, np.nan, v[:-2]]
+    # (as long as v: a frame of one row has one "two hours before")
+    prev2 = np.r_[np.full(min(2, len(v)), np.nan), v[:-2]]
     same_prev2 = same_prev & np.r_[False, same_prev[:-1]]
     resid = np.where(
         same_prev & same_next,
