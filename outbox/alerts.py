@@ -118,12 +118,13 @@ def after_run(config: Config, *, now: datetime | None = None) -> list[Delivery]:
 
 def _after_run(config: Config, urls: list[str], now: datetime) -> list[Delivery]:
     from outbox import status as status_mod
-    from outbox.report import reasons
     from outbox.store import Store
 
+    reasons: list[str] = []
     try:
         model = status_mod.read(config, now, for_check=True)
         code, line = status_mod.evaluate(config, model)
+        reasons = [text for _, text in status_mod.problems(config, model)]
     except Exception as exc:
         code, line = status_mod.UNKNOWN, f"UNKNOWN - {redact(str(exc))}"
     label = status_mod.LABELS[code]
@@ -134,7 +135,7 @@ def _after_run(config: Config, urls: list[str], now: datetime) -> list[Delivery]
         due = [u for u in urls if _due(state, _digest(u), label, now, config.alerts.repeat_hours)]
         deliveries = []
         if due:
-            body = message(label, line, reasons(line), config.report_path)
+            body = message(label, line, reasons, config.report_path)
             for url in due:
                 done = notify(url, f"{TITLE}: {label}", body, label, config.alerts.timeout_seconds)
                 deliveries.append(done)

@@ -106,7 +106,12 @@ def build(config: Config, *, days: int = DEFAULT_DAYS, now: datetime | None = No
         "t0": int(start.timestamp()),
         "step": 3600,
         "n": int((end - start).total_seconds() // 3600) + 1,
-        "verdict": {"code": code, "label": label, "summary": line, "reasons": reasons(line)},
+        "verdict": {
+            "code": code,
+            "label": label,
+            "summary": line,
+            "reasons": [text for _, text in status_mod.problems(config, model)],
+        },
         "totals": model.totals,
         "groups": groups,
         "bas": bas,
@@ -118,23 +123,6 @@ def build(config: Config, *, days: int = DEFAULT_DAYS, now: datetime | None = No
         "revisions": revisions,
         "tz": {ba: tz for ba, tz in BA_TIMEZONES.items() if ba in bas},
     }
-
-
-def reasons(line: str) -> list[str]:
-    """The problems of a ``--check`` line: its "; "-separated parts outside parentheses."""
-    _, _, rest = line.partition(" - ")
-    if not rest or line.startswith("OK"):
-        return []
-    parts, depth, current = [], 0, ""
-    for i, char in enumerate(rest):
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if char == ";" and depth == 0 and rest[i + 1 : i + 2] == " ":
-            parts.append(current.strip())
-            current = ""
-            continue
-        current += char
-    parts.append(current.strip())
-    return [p for p in parts if p]
 
 
 def _groups(

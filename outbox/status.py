@@ -422,7 +422,20 @@ LABELS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"
 
 
 def evaluate(config: Config, status: Status) -> tuple[int, str]:
-    """The monitoring verdict: (exit code, one summary line naming what is wrong).
+    """The monitoring verdict: (exit code, one summary line naming what is wrong)."""
+    found = problems(config, status)
+    if not found:
+        t = status.totals
+        return OK, (
+            f"OK - {t.get('series', 0)} series, {t.get('pending', 0)} pending, "
+            f"{t.get('dead', 0)} dead"
+        )
+    code = found[0][0]
+    return code, f"{LABELS[code]} - " + "; ".join(text for _, text in found)
+
+
+def problems(config: Config, status: Status) -> list[tuple[int, str]]:
+    """What makes the verdict: (WARNING or CRITICAL, text) pairs, the worst first.
 
     Problems, each WARNING or CRITICAL by its thresholds: a stale dataset x BA (per
     dataset: ``datasets.<name>.stale_*_hours`` or publication lag + 6 h / + 24 h), the
@@ -431,12 +444,12 @@ def evaluate(config: Config, status: Status) -> tuple[int, str]:
     stale; an empty outbox is OK.
     """
     th = config.status
-    problems = _stale_problems(status.groups)
+    found = _stale_problems(status.groups)
     age = status.oldest_pending_age_seconds
     if age is not None and age > th.oldest_pending_warning_hours * 3600:
         crit = age > th.oldest_pending_critical_hours * 3600
         limit = th.oldest_pending_critical_hours if crit else th.oldest_pending_warning_hours
-        problems.append(
+        found.append(
             (
                 CRITICAL if crit else WARNING,
                 f"oldest pending row waiting {age_text(age)} "
@@ -448,12 +461,12 @@ def evaluate(config: Config, status: Status) -> tuple[int, str]:
         crit = dead >= th.dead_rows_critical
         limit = th.dead_rows_critical if crit else th.dead_rows_warning
         rows = "row" if dead == 1 else "rows"
-        problems.append((CRITICAL if crit else WARNING, f"{dead} dead {rows} ({_at(crit, limit)})"))
+        found.append((CRITICAL if crit else WARNING, f"{dead} dead {rows} ({_at(crit, limit)})"))
     for stage, n in status.consecutive_failures.items():
         if n >= th.failed_runs_warning:
             crit = n >= th.failed_runs_critical
             limit = th.failed_runs_critical if crit else th.failed_runs_warning
-            problems.append(
+            found.append(
                 (
                     CRITICAL if crit else WARNING,
                     f"{stage} failed {n} runs in a row ({_at(crit, limit)})",
@@ -461,24 +474,17 @@ def evaluate(config: Config, status: Status) -> tuple[int, str]:
             )
     floor, free = config.housekeeping.min_free_bytes, status.disk_free_bytes
     if floor and free is not None and free < floor:
-        problems.append(
+        found.append(
             (
                 WARNING,
                 f"disk space low: {size_text(free)} free (housekeeping.min_free_bytes "
                 f"{size_text(floor)}: fetch stages nothing below it)",
             )
         )
-    problems.extend(_quality_problems(config, status.quality))
-    problems.extend((WARNING, w) for w in status.warnings)
-    if not problems:
-        t = status.totals
-        return OK, (
-            f"OK - {t.get('series', 0)} series, {t.get('pending', 0)} pending, "
-            f"{t.get('dead', 0)} dead"
-        )
-    code = max(level for level, _ in problems)
-    problems.sort(key=lambda p: -p[0])
-    return code, f"{LABELS[code]} - " + "; ".join(text for _, text in problems)
+    found.extend(_quality_problems(config, status.quality))
+    found.extend((WARNING, w) for w in status.warnings)
+    found.sort(key=lambda p: -p[0])
+    return found
 
 
 def _quality_problems(config: Config, quality: dict[str, Any]) -> list[tuple[int, str]]:
