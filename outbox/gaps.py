@@ -17,6 +17,7 @@ a ``missing`` observation, which fills the gap.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -236,6 +237,18 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     return redact(str(exc) or type(exc).__name__)
+
+
+def report(config: Config, *, since: datetime | None, as_json: bool) -> str:
+    """``outbox gaps``: missing hours per series, as ranges (plain text or JSON)."""
+    from outbox.status import open_store
+
+    with open_store(config) as store:  # reads only: creates and migrates nothing
+        found = find_gaps(config, store, since=since)
+    if as_json:
+        data = {"gaps": [g.to_dict() for g in found], "hours": sum(g.hours for g in found)}
+        return json.dumps(data, indent=2)
+    return render(found)
 
 
 def render(gaps: Sequence[Gap]) -> str:

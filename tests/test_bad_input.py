@@ -29,8 +29,8 @@ from typer.testing import CliRunner
 from outbox.cli import app
 from outbox.config import Config
 from outbox.pipeline import run_fetch
+from outbox.sample import sample_dir
 from outbox.store import Store
-from outbox.testing import sample_dir
 from outbox.testing.fake_eia import FakeEIA
 
 BAD = Path(__file__).parent / "data" / "bad"

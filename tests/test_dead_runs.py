@@ -22,8 +22,8 @@ from durability import KEY_GP, connect, outbox, outbox_env, route_rows, spawn, w
 
 from outbox import status as status_mod
 from outbox.config import load_config
+from outbox.sample.receiver import running_receiver
 from outbox.store import Store, file_lock, lock_file
-from outbox.testing.receiver_proc import running_receiver
 
 
 def runs_table(db: Path) -> list[tuple]:

@@ -24,14 +24,14 @@ from durability import await_run, work_seconds
 from outbox.config import Config
 from outbox.gridpulse import batch_id_of
 from outbox.pipeline import run_fetch
-from outbox.store import Store
-from outbox.testing import sample_dir
-from outbox.testing.receiver_proc import (
+from outbox.sample import sample_dir
+from outbox.sample.receiver import (
     Receiver,
     receiver_batches,
     receiver_rows,
     running_receiver,
 )
+from outbox.store import Store
 from outbox.testing.synth import ROUTES, make_rows, write_pages
 
 KEY = "e2e-gridpulse-key-42"

@@ -21,7 +21,7 @@ from outbox.eia import (
 from outbox.errors import SourceFatalError, SourceTransientError
 from outbox.normalize import normalize_page
 from outbox.retry import RetryPolicy
-from outbox.testing import sample_dir
+from outbox.sample import sample_dir
 from outbox.testing.fake_eia import FakeEIA
 from outbox.testing.synth import DEFAULT_RESPONDENTS, make_rows, read_rows
 

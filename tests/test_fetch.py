@@ -21,8 +21,8 @@ from outbox.config import Config
 from outbox.normalize import revision_of
 from outbox.pipeline import run_fetch
 from outbox.readahead import can_fork
+from outbox.sample import sample_dir
 from outbox.store import Key, Store
-from outbox.testing import sample_dir
 from outbox.testing.fake_eia import FakeEIA
 from outbox.testing.synth import ROUTES, make_rows, read_rows, write_pages
 
@@ -356,7 +356,7 @@ def test_backfill_in_chunks_resumes_after_kill(tmp_path: Path) -> None:
 
 
 def test_new_outbox_starts_at_gridpulse_latest(tmp_path: Path) -> None:
-    from outbox.testing.receiver_proc import running_receiver
+    from outbox.sample.receiver import running_receiver
 
     with running_receiver(tmp_path, api_key="gp-key-1234") as receiver:
         seed = tmp_path / "seed.db"

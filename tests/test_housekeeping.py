@@ -20,11 +20,11 @@ from outbox import pipeline
 from outbox.cli import app
 from outbox.config import Config, load_config
 from outbox.errors import OutboxFullError
-from outbox.housekeeping import PAGE_SWEEP_INTERVAL, page_margin, prune
 from outbox.normalize import normalize_page
 from outbox.pipeline import SendResult
+from outbox.sample import sample_dir
+from outbox.stages.housekeeping import PAGE_SWEEP_INTERVAL, page_margin, prune
 from outbox.store import WAL_AUTOCHECKPOINT_PAGES, EncodedRows, Key, PageRecord, RowBatch, Store
-from outbox.testing import sample_dir
 from outbox.testing.synth import ROUTE_REGION, SAMPLE_START, make_pages, make_rows, write_sample
 from outbox.timeutil import to_ts
 

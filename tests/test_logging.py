@@ -16,9 +16,9 @@ import pytest
 
 from outbox import logsetup
 from outbox.logsetup import bind, log_scope, print_error, setup_logging
-from outbox.testing import sample_dir
+from outbox.sample import sample_dir
+from outbox.sample.receiver import running_receiver
 from outbox.testing.fake_eia import FakeEIA
-from outbox.testing.receiver_proc import running_receiver
 from outbox.testing.synth import read_rows
 
 EIA_KEY = "eia-live-key-0123456789"

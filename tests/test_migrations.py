@@ -209,7 +209,7 @@ def test_a_schema_from_a_newer_version_is_one_line_and_left_alone(tmp_path: Path
 
     from durability import outbox_env
 
-    from outbox.testing import sample_dir
+    from outbox.sample import sample_dir
 
     db = tmp_path / "outbox.db"
     Store.open(db).close()

@@ -42,9 +42,9 @@ from outbox.eia import EIAClient
 from outbox.gridpulse import GridPulseClient, IngestResult
 from outbox.pipeline import SendFailed, run_fetch, run_send
 from outbox.retry import RetryPolicy
+from outbox.sample.receiver import receiver_rows, running_receiver
 from outbox.store import Store
 from outbox.testing.fake_eia import FakeEIA
-from outbox.testing.receiver_proc import receiver_rows, running_receiver
 from outbox.testing.synth import ROUTES, make_rows
 from outbox.timeutil import to_ts
 

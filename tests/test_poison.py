@@ -29,8 +29,8 @@ from outbox.config import Config
 from outbox.errors import BatchRejectedError
 from outbox.gridpulse import IngestResult, Rejection
 from outbox.pipeline import run_fetch, run_send
+from outbox.sample.receiver import receiver_rows, running_receiver
 from outbox.store import Store
-from outbox.testing.receiver_proc import receiver_rows, running_receiver
 
 REJECTED = ("EIA.PJM.generation.geothermal", "EIA.SPP.generation.geothermal")
 POISON = "EIA.MISO.generation.geothermal"

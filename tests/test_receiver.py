@@ -23,7 +23,7 @@ from outbox.gridpulse import batch_id_of, check_result, encode_batch, parse_inge
 from outbox.receiver import Faults, create_app, seed_catalog
 from outbox.receiver.app import MAX_DECODED_BYTES
 from outbox.receiver.db import compile_upsert, metadata, parse_series_id, to_url
-from outbox.testing.receiver_proc import receiver_batches
+from outbox.sample.receiver import receiver_batches
 
 with warnings.catch_warnings():
     # Starlette 1.x prefers the httpx2 fork for its TestClient and warns once on import

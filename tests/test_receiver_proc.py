@@ -10,7 +10,7 @@ import pytest
 
 from outbox.errors import SinkTransientError
 from outbox.gridpulse import GridPulseClient, batch_id_of, encode_batch
-from outbox.testing.receiver_proc import receiver_batches, receiver_rows, running_receiver
+from outbox.sample.receiver import receiver_batches, receiver_rows, running_receiver
 
 
 def observation(i: int, series_id: str = "EIA.PJM.demand", value: float = 1.0) -> dict:

@@ -20,9 +20,9 @@ from durability import outbox, outbox_env, states, tables
 
 from outbox.config import Config
 from outbox.pipeline import run_fetch
+from outbox.sample import sample_dir
+from outbox.sample.receiver import receiver_batches, receiver_rows, running_receiver
 from outbox.store import Store
-from outbox.testing import sample_dir
-from outbox.testing.receiver_proc import receiver_batches, receiver_rows, running_receiver
 from outbox.testing.scripted_gridpulse import Reply, scripted_gridpulse
 
 KEY = "answers-gridpulse-key-93c1"

@@ -23,8 +23,8 @@ from durability import (
 
 from outbox.config import Config
 from outbox.pipeline import run_fetch
+from outbox.sample.receiver import running_receiver
 from outbox.store import Store
-from outbox.testing.receiver_proc import running_receiver
 
 
 def test_sigint_during_send_says_interrupted_by_sigint(tmp_path: Path) -> None:

@@ -558,7 +558,7 @@ def test_metrics_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_metrics_written_after_each_fetch_and_send_run(tmp_path: Path) -> None:
-    from outbox.testing import sample_dir
+    from outbox.sample import sample_dir
 
     prom = tmp_path / "outbox.prom"
     env = {
@@ -824,7 +824,7 @@ def test_a_configured_ba_eia_never_returned_a_row_for_is_a_warning(tmp_path: Pat
 
     from outbox.commands import eia_client
     from outbox.pipeline import run_fetch
-    from outbox.testing import sample_dir
+    from outbox.sample import sample_dir
     from outbox.testing.fake_eia import FakeEIA
     from outbox.testing.synth import read_rows
 
@@ -909,7 +909,7 @@ def test_run_durations_are_shown_as_measured(
     """A fetch that takes 2.39 s is shown as 2.39s by `runs` and status, not as the 2 s its
     whole-second timestamps span."""
     from outbox.pipeline import Fetcher
-    from outbox.testing import sample_dir
+    from outbox.sample import sample_dir
 
     env = {"OUTBOX_DB": str(tmp_path / "outbox.db"), "OUTBOX__EIA__REPLAY_READ_AHEAD": "thread"}
     stage_replay = Fetcher.stage_replay

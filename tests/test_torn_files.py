@@ -41,8 +41,8 @@ from durability import (
 
 from outbox.config import Config
 from outbox.pipeline import run_fetch, run_send
+from outbox.sample.receiver import running_receiver
 from outbox.store import Store
-from outbox.testing.receiver_proc import running_receiver
 
 HOURS = 48
 CHUNKS = {"ci": 3, "soak": 12}

@@ -28,8 +28,8 @@ from durability import lock_held_by_child, outbox_env, tables
 from outbox.config import Config
 from outbox.doctor import check_locks
 from outbox.pipeline import run_fetch
+from outbox.sample import sample_dir
 from outbox.store import Store, readonly_reason, write_problem
-from outbox.testing import sample_dir
 
 NOBODY = 65534
 UNREACHABLE = "http://127.0.0.1:9"  # discard port: nothing listens, nothing is reached

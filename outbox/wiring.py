@@ -1,0 +1,117 @@
+"""Build what a command needs from the config: HTTP clients, the clients of EIA and
+GridPulse, the store, and the refresh after a stage run.
+
+The heavy imports (httpx, the clients, the stages) live inside the builders, so that
+``outbox status`` and the other reading commands start without them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from outbox import USER_AGENT
+from outbox.config import Config
+from outbox.logsetup import log_scope
+from outbox.store import Store
+
+if TYPE_CHECKING:
+    import httpx
+
+    from outbox.eia import EIAClient
+    from outbox.gridpulse import GridPulseClient
+
+DOCTOR_TIMEOUT_SECONDS = 20.0
+
+
+class _HttpSection(Protocol):
+    """A config section that reaches a server (``eia``, ``gridpulse``)."""
+
+    timeout_seconds: float
+    connect_timeout_seconds: float
+    verify_tls: bool
+
+
+def http_client(timeout: float, connect: float, verify: bool) -> httpx.Client:
+    """One pooled HTTP client for a run."""
+    import httpx
+
+    return httpx.Client(
+        timeout=httpx.Timeout(timeout, connect=connect),
+        headers={"User-Agent": USER_AGENT},
+        verify=verify,
+        follow_redirects=False,
+    )
+
+
+def http_for(section: _HttpSection) -> httpx.Client:
+    """The HTTP client with ``section``'s timeouts and TLS verification."""
+    return http_client(section.timeout_seconds, section.connect_timeout_seconds, section.verify_tls)
+
+
+def doctor_http(verify: bool) -> httpx.Client:
+    """The HTTP client of ``outbox doctor``'s reachability checks."""
+    return http_client(DOCTOR_TIMEOUT_SECONDS, DOCTOR_TIMEOUT_SECONDS / 2, verify)
+
+
+def eia_client(config: Config, http: httpx.Client) -> EIAClient:
+    """The EIA client for a live fetch (needs the key)."""
+    from outbox.eia import EIAClient
+    from outbox.pipeline import retry_policy
+
+    e = config.eia
+    return EIAClient(
+        http,
+        e.base_url,
+        config.require_eia_key(),
+        page_length=e.page_length,
+        retry=retry_policy(e.retry),
+        max_per_second=e.max_requests_per_second,
+        max_per_hour=e.max_requests_per_hour,
+    )
+
+
+def gridpulse_client(config: Config, http: httpx.Client) -> GridPulseClient:
+    """The GridPulse ingest client (needs the key)."""
+    from outbox.gridpulse import GridPulseClient
+
+    g = config.gridpulse
+    return GridPulseClient(http, g.base_url, config.require_gridpulse_key(), gzip=g.gzip)
+
+
+def open_store(config: Config, *, create: bool) -> Store:
+    """The configured outbox, read-write; without ``create`` a missing one is an error
+    (exit 2). The reading commands open it read-only (``status.open_store``)."""
+    return Store.open(config.database, create=create)
+
+
+def after_run(config: Config) -> None:
+    """Refresh ``metrics_path`` and ``report_path`` and push the alerts, after a stage run."""
+    from outbox.report import write_run_report
+    from outbox.status import write_run_metrics
+
+    write_run_metrics(config)
+    write_run_report(config)
+    if config.alerts.urls:
+        from outbox.alerts import after_run as alert_after_run
+
+        alert_after_run(config)
+
+
+def observed(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Wrap a stage command: its log lines carry ``stage`` (and the run id the pipeline
+    binds), and :func:`after_run` follows it, whether it succeeded or not."""
+
+    def wrap(command: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(command)
+        def run(config: Config, *args: Any, **kwargs: Any) -> int:
+            with log_scope(stage=stage):
+                try:
+                    return command(config, *args, **kwargs)
+                finally:
+                    after_run(config)
+
+        return run
+
+    return wrap
