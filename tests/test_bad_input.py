@@ -13,8 +13,6 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -23,7 +21,7 @@ from typing import Any
 import orjson
 import pytest
 import typer
-from durability import KEY_EIA, KEY_GP, tables
+from durability import KEY_EIA, KEY_GP, outbox, tables
 from typer.testing import CliRunner
 
 from outbox.cli import app
@@ -556,13 +554,7 @@ def test_every_command_has_a_bad_input_case() -> None:
 )
 def test_usage_errors_are_one_line(tmp_path: Path, argv: list[str], line: str) -> None:
     """Click's own usage errors (a box of lines by default) reach the user as one line."""
-    done = subprocess.run(
-        [sys.executable, "-m", "outbox", *argv],
-        env={**os.environ, "OUTBOX_DB": str(tmp_path / "outbox.db")},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = outbox(*argv, env={**os.environ, "OUTBOX_DB": str(tmp_path / "outbox.db")}, timeout=60)
     assert done.returncode == 2
     assert done.stdout == ""
     said = done.stderr.replace("python -m outbox", "outbox")  # the program as it was run

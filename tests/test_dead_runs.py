@@ -13,8 +13,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -195,12 +193,7 @@ def test_status_probes_a_lock_without_creating_or_writing_it(tmp_path: Path) -> 
     lock = lock_file(db, "send")
     assert not lock.exists()
     env = outbox_env(db)
-    done = subprocess.run(
-        [sys.executable, "-m", "outbox", "status", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    done = outbox("status", "--json", env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["last_runs"]["send"]["status"] == "failed"
     assert not lock.exists()

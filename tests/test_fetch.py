@@ -15,7 +15,7 @@ from urllib.parse import unquote
 
 import orjson
 import pytest
-from durability import await_run, processes_naming, work_seconds
+from durability import await_run, outbox, processes_naming, work_seconds
 
 from outbox.config import Config
 from outbox.normalize import revision_of
@@ -54,14 +54,8 @@ def tables(db: Path) -> dict[str, list[tuple]]:
 
 
 def outbox_cmd(*args: str, env: dict[str, str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "outbox", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        **kw,
-    )
+    """``python -m outbox ARGS`` with ``env`` over this process's environment."""
+    return outbox(*args, env={**os.environ, **env}, timeout=120, **kw)
 
 
 def test_replay_of_sample_then_again_writes_nothing(store: Store, db_path: Path) -> None:

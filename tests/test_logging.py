@@ -7,12 +7,12 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from durability import outbox
 
 from outbox import logsetup
 from outbox.logsetup import bind, log_scope, print_error, setup_logging
@@ -27,16 +27,6 @@ WRONG_EIA_KEY = "eia-wrong-key-abcdefgh"
 WRONG_GP_KEY = "gp-wrong-key-zyxwvuts"
 SECRETS = (EIA_KEY, GP_KEY, WRONG_EIA_KEY, WRONG_GP_KEY)
 LOGFMT_LINE = re.compile(r'^ts=\S+Z level=(debug|info|warning|error) logger=\S+ msg="[^\n]*$')
-
-
-def outbox(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "outbox", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +71,8 @@ def run_all(fmt: str, tmp_path: Path, services: tuple[str, str]) -> list[tuple[s
     ]
     out = []
     for what, args, changed in steps:
-        done = outbox("-v", "--log-format", fmt, *args, env={**env, **changed})
+        env_now = {**os.environ, **env, **changed}
+        done = outbox("-v", "--log-format", fmt, *args, env=env_now, timeout=120)
         out.append((what, done.returncode, done.stdout, done.stderr))
     return [(what, code, stdout + stderr) for what, code, stdout, stderr in out] + [
         (what + " (stderr)", code, stderr) for what, code, _, stderr in out

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import respx
+from durability import outbox
 from factories import mark, obs, page, series_row, ts
 from freezegun import freeze_time
 from prometheus_client.parser import text_string_to_metric_families
@@ -267,14 +268,7 @@ def test_piped_output_keeps_every_line_whole(outbox_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
 
     def piped(*args: str) -> tuple[int, list[str]]:
-        done = subprocess.run(
-            [sys.executable, "-m", "outbox", "-c", "config.yaml", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=outbox_dir,
-            timeout=60,
-        )
+        done = outbox("-c", "config.yaml", *args, env=env, cwd=outbox_dir, timeout=60)
         assert "Traceback" not in done.stderr, done.stderr
         return done.returncode, done.stdout.splitlines()
 

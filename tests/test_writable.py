@@ -23,7 +23,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from durability import lock_held_by_child, outbox_env, tables
+from durability import lock_held_by_child, outbox, outbox_env, tables
 
 from outbox.config import Config
 from outbox.doctor import check_locks
@@ -87,14 +87,7 @@ def as_nobody(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Complete
 
 
 def run_as_root(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "outbox", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return outbox(*args, env=env, cwd=cwd, timeout=120)
 
 
 @pytest.fixture
