@@ -1,4 +1,5 @@
-"""Command bodies behind the CLI: build clients, open the store, run a stage, print.
+"""The fetch and send command bodies behind ``outbox fetch`` and ``outbox send`` (the
+stages take them over; every other command calls its module from :mod:`outbox.cli`).
 
 Each function returns the process exit code; errors derive from OutboxError and are
 mapped to exit codes by the CLI.
