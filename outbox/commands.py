@@ -23,7 +23,7 @@ from outbox.logsetup import print_error
 from outbox.redact import redact
 from outbox.store import Store
 from outbox.timeutil import to_ts
-from outbox.wiring import eia_client, gridpulse_client, observed
+from outbox.wiring import eia_client, gridpulse_client, gridpulse_sink, observed
 
 if TYPE_CHECKING:
     from outbox.pipeline import Window
@@ -253,8 +253,8 @@ def send(
     dry_run: bool = False,
 ) -> int:
     """``outbox send``; before the first fetch has created the outbox, nothing to do."""
-    from outbox.pipeline import SendFailed, run_send
     from outbox.stages import housekeeping
+    from outbox.stages import send as send_stage
 
     if not dry_run:
         config.require_gridpulse_key()  # a config error (exit 2) even before the first fetch
@@ -266,22 +266,21 @@ def send(
         )
         return 0
     g = config.gridpulse
-    key_needed = not dry_run
     with (
         Store.open(config.database, create=False) as store,
         _http(g.timeout_seconds, g.connect_timeout_seconds, g.verify_tls) as http,
     ):
-        client = gridpulse_client(config, http) if key_needed else None
+        sink = None if dry_run else gridpulse_sink(config, http)
         try:
-            result = run_send(
+            result = send_stage.run_send(
                 config,
                 store,
-                client,  # type: ignore[arg-type]
+                sink,
                 max_batches=max_batches,
                 max_seconds=max_seconds,
                 dry_run=dry_run,
             )
-        except SendFailed as exc:
+        except send_stage.SendFailed as exc:
             print_error(f"{exc}; rows stay pending")
             return 1
         if not (result.skipped or dry_run):

@@ -23,9 +23,10 @@ from pathlib import Path
 
 from outbox.config import Config
 from outbox.errors import OutboxError, UsageError
-from outbox.pipeline import FetchResult, SendResult, run_fetch, run_send
+from outbox.pipeline import FetchResult, run_fetch
 from outbox.sample import SAMPLE_HOURS, SAMPLE_START, sample_dir
 from outbox.sample.receiver import ReceiverStartError, receiver_rows, running_receiver
+from outbox.stages.send import SendResult, run_send
 from outbox.status import Status, collect
 from outbox.store import Store
 from outbox.timeutil import utcnow
@@ -179,7 +180,7 @@ def _run(
 ) -> tuple[FetchResult, SendResult, int, Status]:
     import httpx
 
-    from outbox.gridpulse import GridPulseClient
+    from outbox.sinks.gridpulse import GridPulseClient, GridPulseSink
     from outbox.stages import housekeeping
 
     with Store.open(cfg.database) as store:
@@ -190,7 +191,7 @@ def _run(
         )
         with httpx.Client(timeout=30) as http:
             client = GridPulseClient(http, base_url, key)
-            sent = run_send(cfg, store, client)
+            sent = run_send(cfg, store, GridPulseSink(client))
         say(f"send: {sent.sent} rows in {sent.batches} batches, {sent.acked} acknowledged")
         housekeeping.prune(cfg, store)  # as every `outbox send` ends
         acked = store.count_state("acked")

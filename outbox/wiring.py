@@ -1,5 +1,5 @@
 """Build what a command needs from the config: HTTP clients, the clients of EIA and
-GridPulse, the store, and the refresh after a stage run.
+GridPulse, the GridPulse sink, the store, and the refresh after a stage run.
 
 The heavy imports (httpx, the clients, the stages) live inside the builders, so that
 ``outbox status`` and the other reading commands start without them.
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import httpx
 
     from outbox.eia import EIAClient
-    from outbox.gridpulse import GridPulseClient
+    from outbox.sinks.gridpulse import GridPulseClient, GridPulseSink
 
 DOCTOR_TIMEOUT_SECONDS = 20.0
 
@@ -58,7 +58,7 @@ def doctor_http(verify: bool) -> httpx.Client:
 def eia_client(config: Config, http: httpx.Client) -> EIAClient:
     """The EIA client for a live fetch (needs the key)."""
     from outbox.eia import EIAClient
-    from outbox.pipeline import retry_policy
+    from outbox.retry import retry_policy
 
     e = config.eia
     return EIAClient(
@@ -74,7 +74,7 @@ def eia_client(config: Config, http: httpx.Client) -> EIAClient:
 
 def gridpulse_client(config: Config, http: httpx.Client) -> GridPulseClient:
     """The GridPulse ingest client (needs the key)."""
-    from outbox.gridpulse import GridPulseClient
+    from outbox.sinks.gridpulse import GridPulseClient
 
     g = config.gridpulse
     return GridPulseClient(http, g.base_url, config.require_gridpulse_key(), gzip=g.gzip)
@@ -115,3 +115,10 @@ def observed(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
         return run
 
     return wrap
+
+
+def gridpulse_sink(config: Config, http: httpx.Client) -> GridPulseSink:
+    """The sink ``outbox send`` delivers to: GridPulse ingest v1 (needs the key)."""
+    from outbox.sinks.gridpulse import GridPulseSink
+
+    return GridPulseSink(gridpulse_client(config, http))

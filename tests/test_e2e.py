@@ -22,7 +22,6 @@ import pytest
 from durability import await_run, outbox, outbox_env, work_seconds
 
 from outbox.config import Config
-from outbox.gridpulse import batch_id_of
 from outbox.pipeline import run_fetch
 from outbox.sample import sample_dir
 from outbox.sample.receiver import (
@@ -31,6 +30,7 @@ from outbox.sample.receiver import (
     receiver_rows,
     running_receiver,
 )
+from outbox.sinks.gridpulse import batch_id_of
 from outbox.store import Store
 from outbox.testing.synth import ROUTES, make_rows, write_pages
 

@@ -20,11 +20,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.schema import CreateTable
 from starlette.exceptions import StarletteDeprecationWarning
 
-from outbox.gridpulse import batch_id_of, check_result, encode_batch, parse_ingest_result
 from outbox.receiver import Faults, create_app, seed_catalog
 from outbox.receiver.app import MAX_DECODED_BYTES
 from outbox.receiver.db import compile_upsert, metadata, to_url
 from outbox.sample.receiver import receiver_batches
+from outbox.sinks.gridpulse import batch_id_of, check_result, encode_batch, parse_ingest_result
 
 with warnings.catch_warnings():
     # Starlette 1.x prefers the httpx2 fork for its TestClient and warns once on import

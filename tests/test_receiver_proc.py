@@ -10,8 +10,8 @@ import pytest
 from factories import wire_observation
 
 from outbox.errors import SinkTransientError
-from outbox.gridpulse import GridPulseClient, batch_id_of, encode_batch
 from outbox.sample.receiver import receiver_batches, receiver_rows, running_receiver
+from outbox.sinks.gridpulse import GridPulseClient, batch_id_of, encode_batch
 
 
 def send(client: GridPulseClient, rows: list[dict]):

@@ -9,14 +9,12 @@ Exit codes: 0 ok; 1 the run failed (EIA or GridPulse unreachable, rows deferred)
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from typing import Any
 
 from outbox.cli.app import app
-from outbox.errors import Interrupted
 from outbox.logsetup import print_error
+from outbox.stages.runs import interrupt_on_signals
 
 # The commands register on the app as their modules load: this order is `outbox --help`'s.
 # isort: off
@@ -28,20 +26,16 @@ from outbox.cli import ops  # noqa: F401
 __all__ = ["app", "main"]
 
 
-def _on_sigterm(signum: int, _frame: object) -> None:
-    # Only the first signal interrupts: the run must be able to record itself as failed.
-    signal.signal(signum, signal.SIG_IGN)
-    raise Interrupted(signum)
-
-
 def main() -> None:
     """Console-script entry point."""
     # systemd stops a service with SIGTERM, a terminal with SIGINT (Ctrl-C): turn each into
     # an exception naming it, so the stage rolls back its open transaction, records the run
     # as failed and the last line says why (exit 143 / 130).
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-        signal.signal(signal.SIGINT, _on_sigterm)
+    with interrupt_on_signals():
+        _main()
+
+
+def _main() -> None:
     from typer._click.exceptions import ClickException
     from typer.exceptions import Abort
 
