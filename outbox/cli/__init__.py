@@ -5,6 +5,12 @@ Exit codes: 0 ok; 1 the run failed (EIA or GridPulse unreachable, rows deferred)
 143 stopped by SIGTERM (130: SIGINT), the run recorded as failed.
 ``status --check`` uses the monitoring convention instead: 0 OK, 1 WARNING,
 2 CRITICAL, 3 UNKNOWN.
+
+A package, not one module, only because twenty commands' option declarations outgrow one
+file: :mod:`~outbox.cli.app` (the app, global options, errors to exits),
+:mod:`~outbox.cli.options` (every check of an option's value), and the commands in
+:mod:`~outbox.cli.stages`, :mod:`~outbox.cli.reads` and :mod:`~outbox.cli.ops`. The work
+is in the library; :mod:`outbox.wiring` builds what a command needs from the config.
 """
 
 from __future__ import annotations
