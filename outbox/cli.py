@@ -446,7 +446,7 @@ def requeue(
         config = _config()
         lo = to_ts(bound) if bound else None
         with _open(config, create=False) as store:
-            n = store.requeue_dead(series, code, lo)
+            n = store.delivery.requeue_dead(series, code, lo)
         typer.echo(f"requeued {n} dead rows")
 
 
@@ -589,7 +589,7 @@ def db_upgrade() -> None:
 @db_app.command("current")
 def db_current() -> None:
     """Print the schema version of the outbox (without changing it)."""
-    from outbox.migrate import head_revision
+    from outbox.store.migrate import head_revision
 
     with _errors():
         config = _config()

@@ -109,8 +109,8 @@ def find_gaps(
     floor = floor_hour(now - timedelta(days=config.housekeeping.retention_days))
     lo = max(since, floor) if since is not None else floor
     shortest_lag = min(config.publication_lag(name) for name in DATASET_NAMES)
-    missing = store.missing_hours(to_ts(lo), to_ts(now - timedelta(hours=shortest_lag)))
-    sources = store.series_sources()
+    missing = store.reads.missing_hours(to_ts(lo), to_ts(now - timedelta(hours=shortest_lag)))
+    sources = store.reads.series_sources()
     gaps: list[Gap] = []
     for sid, rows in groupby(missing, key=itemgetter(0)):
         try:
@@ -197,13 +197,13 @@ def run_fill_gaps(
             result.fetch.skipped = True
             result.fetch.holder = lock_holder(store.lock_path("fetch"))
             return result
-        run_id = result.fetch.run_id = store.start_run("fetch")
+        run_id = result.fetch.run_id = store.runs.start_run("fetch")
         try:
             _fill(config, store, client, result, now)
         except BaseException as exc:
-            store.finish_run(run_id, "failed", result.counts(), _describe(exc))
+            store.runs.finish_run(run_id, "failed", result.counts(), _describe(exc))
             raise
-        store.finish_run(run_id, "ok", result.counts())
+        store.runs.finish_run(run_id, "ok", result.counts())
     log.info(
         "fill-gaps done run=%d gap_hours=%d requests=%d filled=%d checked=%d",
         result.fetch.run_id,
@@ -223,13 +223,13 @@ def _fill(
     now: datetime | None,
 ) -> None:
     gaps = find_gaps(config, store, now=now)
-    plan = plan_fill(gaps, store.series_sources(), max_hours=config.eia.backfill_chunk_hours)
+    plan = plan_fill(gaps, store.reads.series_sources(), max_hours=config.eia.backfill_chunk_hours)
     result.gap_hours = sum(g.hours for g in gaps)
     result.windows = len(plan)
     fetcher = Fetcher(config, store, result.fetch.run_id, result.fetch)
     for request in plan:
         fetcher.stage_window(client, request.window, backfill=True, advance=False)
-        result.checked += store.mark_checked(request.hours)
+        result.checked += store.staging.mark_checked(request.hours)
 
 
 def _describe(exc: BaseException) -> str:

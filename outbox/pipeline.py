@@ -391,12 +391,12 @@ class Fetcher:
         self.store = store
         self.run_id = run_id
         self.result = result
-        self.marks = store.watermarks()
-        self.progress = store.stream_progress()
+        self.marks = store.staging.watermarks()
+        self.progress = store.staging.stream_progress()
         # As the run found it: a stream answered before this run may since have been
         # published with history (see _history_found).
         self.answered = frozenset(self.progress)
-        self.history = store.history_markers()
+        self.history = store.staging.history_markers()
         self.ba_codes = config.eia_to_gridpulse
         self.configured = frozenset(config.balancing_authorities.values())
         self.now = now or utcnow()
@@ -650,7 +650,7 @@ class Fetcher:
         series_rows = [
             (s.series_id, s.ba, s.type, s.subtype, s.units, s.route, s.facets) for s in norm.series
         ]
-        staged = self.store.stage(
+        staged = self.store.staging.stage(
             rows,
             series_rows=series_rows,
             page=record,
@@ -745,14 +745,14 @@ def run_fetch(
             result.skipped = True
             result.holder = lock_holder(store.lock_path("fetch"))
             return result
-        result.run_id = store.start_run("fetch")
+        result.run_id = store.runs.start_run("fetch")
         bind(stage="fetch", run=result.run_id)
         started = time.monotonic()
         fetcher = Fetcher(config, store, result.run_id, result, now=now)
         if config.quality.enabled:
             from outbox.quality.engine import Checker
 
-            store.checker = result.quality = Checker(config)
+            store.staging.checker = result.quality = Checker(config)
         try:
             if replay is not None:
                 fetcher.stage_replay(replay)
@@ -776,12 +776,12 @@ def run_fetch(
                         if progress:
                             progress(i + 1, len(windows), window)
         except BaseException as exc:
-            store.finish_run(result.run_id, "failed", result.counts(), _describe(exc))
+            store.runs.finish_run(result.run_id, "failed", result.counts(), _describe(exc))
             _log_failed("fetch", result.run_id, started, result.counts(), _describe(exc))
             raise
         finally:
-            store.checker = None
-        store.finish_run(result.run_id, "ok", result.counts())
+            store.staging.checker = None
+        store.runs.finish_run(result.run_id, "ok", result.counts())
     log.info(
         "fetch done run=%d seconds=%.3f requests=%d pages=%d rows=%d written=%d invalid=%d"
         " duplicates=%d skipped=%d%s",
@@ -1081,7 +1081,7 @@ class Sender:
         limit = self.config.gridpulse.circuit_breaker_rows
         if count < limit:
             return
-        probe = beyond or self.store.newest_due(to_ts(utcnow()))
+        probe = beyond or self.store.delivery.newest_due(to_ts(utcnow()))
         if probe is None:  # no row left to try: nothing for the breaker to save
             return
         try:
@@ -1163,7 +1163,7 @@ class Sender:
         if page_id not in self._pages:
             import orjson
 
-            found = self.store.page_body(page_id)
+            found = self.store.reads.page_body(page_id)
             data = orjson.loads(found[1]) if found else {}
             self._pages = {page_id: (data.get("response") or {}).get("data") or []}
         data = self._pages[page_id]
@@ -1181,7 +1181,7 @@ class Sender:
         # The outcome commits before the next POST (a kill re-delivers at most the batch
         # in flight); marking its rows acked overlaps that POST.
         self.wait_acks()
-        self.result.rejected += self.store.record_outcome(acked, rejected)
+        self.result.rejected += self.store.delivery.record_outcome(acked, rejected)
         self.result.batches += 1
         self.result.sent += len(rows)
         if outcome.accepted:
@@ -1189,7 +1189,7 @@ class Sender:
         if acked:
             if self._acks is None:
                 self._acks = ThreadPoolExecutor(1, thread_name_prefix="outbox-acks")
-            self._applying = self._acks.submit(self.store.apply_acks)
+            self._applying = self._acks.submit(self.store.delivery.apply_acks)
 
     def wait_acks(self) -> None:
         """Wait until the recorded acks are applied to their rows (raises what that raised)."""
@@ -1209,7 +1209,7 @@ class Sender:
     def _dead(self, rows: Sequence[Claimed], code: str, message: str) -> None:
         keys = [(Key(r.series_id, r.ts, r.revision), code, message) for r in rows]
         self.wait_acks()
-        self.result.rejected += self.store.record_outcome([], keys)
+        self.result.rejected += self.store.delivery.record_outcome([], keys)
         self.result.sent += len(rows)
 
     def defer(self, rows: Sequence[Claimed], exc: SinkTransientError) -> None:
@@ -1229,7 +1229,7 @@ class Sender:
             self.asked = (delay, when)
         keys = [Key(r.series_id, r.ts, r.revision) for r in rows]
         self.wait_acks()
-        self.result.deferred += self.store.defer(keys, when, f"{code}: {exc}", code=code)
+        self.result.deferred += self.store.delivery.defer(keys, when, f"{code}: {exc}", code=code)
 
 
 @scoped
@@ -1255,10 +1255,10 @@ def run_send(
             return result
         if dry_run:
             now = to_ts(utcnow())
-            result.due = store.count_due(now)
-            result.waiting, result.waiting_until = store.count_deferred(now)
+            result.due = store.delivery.count_due(now)
+            result.waiting, result.waiting_until = store.delivery.count_deferred(now)
             return result
-        result.run_id = store.start_run("send")
+        result.run_id = store.runs.start_run("send")
         bind(stage="send", run=result.run_id)
         started = time.monotonic()
         ends_at = clock() + max_seconds if max_seconds is not None else None
@@ -1275,15 +1275,15 @@ def run_send(
                     f" (Retry-After {sender.asked[0]:g}s, the run's budget had "
                     f"{sender.budget_left:g}s left: deferred until {sender.asked[1]})"
                 )
-            store.finish_run(result.run_id, "failed", result.counts(), result.error)
+            store.runs.finish_run(result.run_id, "failed", result.counts(), result.error)
             _log_failed("send", result.run_id, started, result.counts(), result.error)
             raise SendFailed(result.error) from None
         except BaseException as exc:
             result.error = _describe(exc)
-            store.finish_run(result.run_id, "failed", result.counts(), result.error)
+            store.runs.finish_run(result.run_id, "failed", result.counts(), result.error)
             _log_failed("send", result.run_id, started, result.counts(), result.error)
             raise
-        store.finish_run(result.run_id, "ok", result.counts())
+        store.runs.finish_run(result.run_id, "ok", result.counts())
     log.info(
         "send done run=%d seconds=%.3f batches=%d requests=%d sent=%d acked=%d rejected=%d"
         " bytes=%d",
@@ -1309,11 +1309,11 @@ def _drain(
     started = clock()
     # Acks a killed send recorded and did not apply: applied before anything is claimed,
     # or their rows would go again in other batches.
-    store.apply_acks()
-    if store.has_deferred(UNAVAILABLE) and sender.client.health():
+    store.delivery.apply_acks()
+    if store.delivery.has_deferred(UNAVAILABLE) and sender.client.health():
         # GridPulse is back: rows deferred only because it was down are due again, so
         # the backlog drains oldest first instead of behind newer rows.
-        store.clear_deferred(UNAVAILABLE)
+        store.delivery.clear_deferred(UNAVAILABLE)
     rounds = 0
     # A worker thread claims and encodes the next batch while this one is posted and its
     # outcome recorded; it claims behind the batch in flight, which stays pending until
@@ -1349,6 +1349,6 @@ def _drain(
 def _claims(store: Store, sender: Sender) -> Iterator[list[Claimed]]:
     """Successive batches of due rows, oldest first, each claimed behind the one before."""
     after: tuple[str, str] | None = None
-    while rows := store.claim(sender.batch_size, to_ts(utcnow()), after=after):
+    while rows := store.delivery.claim(sender.batch_size, to_ts(utcnow()), after=after):
         yield rows
         after = (rows[-1].ts, rows[-1].series_id)

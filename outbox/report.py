@@ -81,7 +81,7 @@ def build(config: Config, *, days: int = DEFAULT_DAYS, now: datetime | None = No
     model = status_mod.read(config, now)
     code, line = status_mod.evaluate(config, model)
     with status_mod.open_store(config) as store:
-        oldest, newest = store.ts_range()
+        oldest, newest = store.reads.ts_range()
         end = parse_ts(newest) if newest else now.replace(minute=0, second=0, microsecond=0)
         # The last ``days`` of staged data, not of the calendar: an outbox behind (or a
         # replayed past day) still shows its newest values; no wider than the data.
@@ -89,10 +89,10 @@ def build(config: Config, *, days: int = DEFAULT_DAYS, now: datetime | None = No
         if oldest is not None:
             start = max(start, parse_ts(oldest))
         since, until = to_ts(start), to_ts(end)
-        values = store.values_between(since, until)
-        absent = store.missing_hours(since, until)
-        staged, acked = store.flow_by_minute()
-        runs = store.recent_runs(limit=RECENT_RUNS)
+        values = store.reads.values_between(since, until)
+        absent = store.reads.missing_hours(since, until)
+        staged, acked = store.reads.flow_by_minute()
+        runs = store.runs.recent_runs(limit=RECENT_RUNS)
         findings = _findings(store)
         revisions = _revisions(store, since)
     dataset_of = {s.series_id: (s.dataset, s.ba) for s in model.series}

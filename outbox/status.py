@@ -175,12 +175,12 @@ def collect(
     left empty. With millions of rows pending the probe then answers in well under a
     second, where the full status sorts the pending index by series.
     """
-    from outbox.migrate import head_revision
+    from outbox.store.migrate import head_revision
 
     now = now or utcnow()
-    states = store.series_states(pending=not for_check)
+    states = store.reads.series_states(pending=not for_check)
     series = [_series_status(s) for s in states]
-    runs = {stage: store.run_summary(stage) for stage in STAGES}
+    runs = {stage: store.runs.run_summary(stage) for stage in STAGES}
     status = Status(
         schema_version=SCHEMA_VERSION,
         generated_at=to_ts(now),
@@ -191,15 +191,17 @@ def collect(
         schema_head=head_revision(),
         totals={
             "series": len(series),
-            "pending": store.count_pending() if for_check else sum(s.pending for s in series),
+            "pending": store.delivery.count_pending()
+            if for_check
+            else sum(s.pending for s in series),
             "dead": sum(s.dead for s in series),
-            "acks_unapplied": store.unapplied_acks(),
+            "acks_unapplied": store.delivery.unapplied_acks(),
         },
         next_retry_at=min((s.next_attempt_at for s in states if s.next_attempt_at), default=None),
         groups=_groups(config, store, series, now),
         series=series,
-        watermarks=store.watermark_rows(),
-        stream_progress=store.progress_rows(),
+        watermarks=store.staging.watermark_rows(),
+        stream_progress=store.staging.progress_rows(),
         last_runs={stage: run_dict(runs[stage].last) for stage in STAGES},
         last_success={stage: _finished(runs[stage].last_ok) for stage in STAGES},
         consecutive_failures={stage: runs[stage].consecutive_failures for stage in STAGES},
@@ -276,7 +278,7 @@ def _group_delivered(store: Store, rows: Sequence[SeriesStatus], g: Group) -> st
         return g.newest_staged
     if len(rows) == 1:
         return rows[0].delivered_through
-    return store.newest_before([s.series_id for s in rows], g.oldest_pending)
+    return store.reads.newest_before([s.series_id for s in rows], g.oldest_pending)
 
 
 def _freshness_state(g: Group) -> str:
@@ -353,7 +355,7 @@ def _never_answered(config: Config, status: Status) -> list[str]:
 
 
 def _add_queue_head(status: Status, store: Store, now: datetime) -> None:
-    head = store.queue_head()
+    head = store.reads.queue_head()
     if head is None:
         return
     status.oldest_pending_series, status.oldest_pending, status.oldest_pending_since = head
