@@ -5,7 +5,7 @@ SQL in primary-key order (fast; no fetch involved), ~1,000 series:
 
 * ``status``: N rows, mostly acknowledged, the newest hours pending, a few dead; timed:
   ``outbox status --json`` as a subprocess, and :func:`outbox.status.read` in-process.
-* ``claim``: N rows, every one pending; timed: :meth:`Store.claim` of one 5,000-row batch
+* ``claim``: N rows, every one pending; timed: :meth:`Delivery.claim` of one 5,000-row batch
   (first call on a freshly opened store, and the median of repeated calls), and
   ``outbox status --check`` on it (the monitoring probe with the largest backlog).
 

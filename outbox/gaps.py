@@ -10,7 +10,7 @@ A gap hour is an hour absent between two staged hours of one series that
 ``fetch --fill-gaps`` groups the gap hours per EIA route, merges hours no more than
 :data:`MERGE_HOURS` apart into one range (across respondents and types), and makes one
 request per range covering the respondents (and region-data types) that need it. Pages go
-through the same :class:`~outbox.pipeline.Fetcher` / ``Store.stage`` path as any fetch,
+through the same :class:`~outbox.pipeline.Fetcher` / ``store.staging.stage`` path as any fetch,
 but a gap fill never moves a watermark. A row EIA returns with a null value is staged as
 a ``missing`` observation, which fills the gap.
 """

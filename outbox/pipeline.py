@@ -242,7 +242,7 @@ def plan_history(
     initial: dict[str, datetime] | None = None,
 ) -> list[Window]:
     """Windows for the history still to be fetched of streams whose first rows reached
-    back to the start of the window asked (``markers``: :meth:`Store.history_markers`).
+    back to the start of the window asked (``markers``: :meth:`Staging.history_markers`).
 
     Each stream's history is fetched from ``eia.history_start`` (or GridPulse's latest
     minus the look-back, as :func:`plan_incremental` starts a new stream) up to the hour

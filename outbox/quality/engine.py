@@ -1,6 +1,6 @@
 """The quality engine: judge the rows a stage wrote, in the stage's transaction.
 
-:class:`Checker` is what :meth:`outbox.store.Store.stage` calls after its upsert. It reads
+:class:`Checker` is what :meth:`outbox.store.stage.Staging.stage` calls after its upsert. It reads
 the rows around the hours written (per BA, :func:`outbox.quality.rules.context_hours`
 each side, never the whole outbox), runs the rules, and then, in the same transaction:
 

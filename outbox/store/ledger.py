@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The error of a run whose process died without recording its end (see Store.start_run).
+# The error of a run whose process died without recording its end (see RunLedger.start_run).
 PROCESS_GONE = "process gone"
 # The key of ``runs.counts`` that holds a run's measured duration in seconds.
 RUN_SECONDS = "seconds"

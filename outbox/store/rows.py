@@ -61,7 +61,7 @@ class PageRecord:
 
     def precompress(self) -> PageRecord:
         """This record with its stored form computed now (zlib releases the GIL), so that
-        :meth:`Store.stage` does not compress inside its transaction."""
+        :meth:`Staging.stage` does not compress inside its transaction."""
         return replace(self, compressed=zlib.compress(self.body, PAGE_LEVEL))
 
     def detached(self) -> PageRecord:
@@ -72,7 +72,7 @@ class PageRecord:
 
 @dataclass(frozen=True)
 class RowBatch:
-    """Observation rows made ready for :meth:`Store.stage` ahead of its transaction.
+    """Observation rows made ready for :meth:`Staging.stage` ahead of its transaction.
 
     :meth:`of` does the per-row Python work of a stage (the JSON array SQLite reads the
     rows from, the checks that let SQLite skip the CHECK constraints), so that a caller

@@ -168,7 +168,7 @@ meta = Table(
     Column("value", Text, nullable=False),
 )
 
-# Batch acknowledgements recorded but not yet applied to their rows (see Store.record_outcome):
+# Batch acknowledgements recorded but not yet applied to their rows (see Delivery.record_outcome):
 # a send records a batch's acks in one small row before its next POST, and applies them to
 # observations while that POST is in flight. Empty whenever no send is running, unless a
 # send was killed; the next send applies what it finds first.

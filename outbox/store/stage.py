@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from outbox.store.handle import Store
 
 PAGE_ENCODING = "zlib"
-# meta key prefix of a stream's history marker (Store.history_markers).
+# meta key prefix of a stream's history marker (Staging.history_markers).
 HISTORY_PREFIX = "history:"
 
 _ROW_CONFLICT = """
@@ -71,7 +71,7 @@ ON CONFLICT (stream) DO UPDATE SET
     run_id = excluded.run_id
 WHERE excluded.asked_through > stream_progress.asked_through
 """
-# Bulk forms of the three statements above, used by Store.stage: one statement over a JSON
+# Bulk forms of the three statements above, used by Staging.stage: one statement over a JSON
 # array of row arrays (json_each) instead of an executemany. SQLite then does a page in one
 # step, without a Python round trip per row, and the GIL stays released for the whole page
 # (the fetch pipeline normalizes the next page meanwhile). Same statements, same order of
@@ -132,7 +132,7 @@ WHERE NOT EXISTS (SELECT 1 FROM observations o
 
 @dataclass(frozen=True)
 class StageResult:
-    """What one :meth:`Store.stage` call wrote."""
+    """What one :meth:`Staging.stage` call wrote."""
 
     written: int
     page_id: int | None
@@ -141,7 +141,7 @@ class StageResult:
 
 @dataclass
 class SizeLimit:
-    """The ceiling :meth:`Store.stage` enforces (``housekeeping.max_rows``/``max_bytes``).
+    """The ceiling :meth:`Staging.stage` enforces (``housekeeping.max_rows``/``max_bytes``).
 
     ``rows`` is counted once when the limit is set and then grows by what each stage
     call writes (a revised row counts as growth: an upper bound, so the limit errs on
@@ -156,7 +156,7 @@ class SizeLimit:
 
 
 class StageChecker(Protocol):
-    """What :meth:`Store.stage` calls, inside its transaction, after writing rows
+    """What :meth:`Staging.stage` calls, inside its transaction, after writing rows
     (the data-quality engine, outbox.quality.engine.Checker)."""
 
     def check(
