@@ -162,8 +162,8 @@ class Delivery:
 
     def apply_acks(self) -> int:
         """Mark the rows of every recorded batch acknowledgement ``acked``; returns how
-        many rows changed (a row revised since it was sent stays pending, as with
-        :meth:`ack`). Safe to call at any time, from one thread at a time."""
+        many rows changed (a row revised since it was sent stays pending). Safe to call
+        at any time, from one thread at a time."""
         with self._store.read() as conn:  # the usual case: nothing recorded, no write lock taken
             if conn.exec_driver_sql("SELECT 1 FROM ack_log LIMIT 1").first() is None:
                 return 0

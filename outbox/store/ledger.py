@@ -84,7 +84,7 @@ class RunLedger:
         :meth:`finish_run`, which stores the measured duration as ``counts.seconds``:
         ``started_at``/``finished_at`` keep whole seconds (the format every reader knows).
 
-        Call it holding the stage's lock (:meth:`lock_path`). A run of the stage still
+        Call it holding the stage's lock (:meth:`Store.lock_path`). A run of the stage still
         ``running`` then belongs to a process that is gone (SIGKILL, out of memory, power
         loss): a live one would hold the lock. Each such run is recorded as failed,
         ``process gone (pid N)``, with the time it was found as its ``finished_at``.
