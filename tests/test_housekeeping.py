@@ -16,13 +16,13 @@ from factories import ack, obs, page, reject, series_row, ts
 from freezegun import freeze_time
 from typer.testing import CliRunner
 
-from outbox import pipeline
 from outbox.cli import app
 from outbox.config import Config, load_config
 from outbox.errors import OutboxFullError
 from outbox.housekeeping import PAGE_SWEEP_INTERVAL, page_margin, prune
 from outbox.normalize import normalize_page
-from outbox.pipeline import SendResult
+from outbox.stages import send as send_stage
+from outbox.stages.send import SendResult
 from outbox.store import Key, PageRecord, RowBatch, Store
 from outbox.store.engine import WAL_AUTOCHECKPOINT_PAGES
 from outbox.store.rows import EncodedRows
@@ -224,7 +224,7 @@ def test_send_prunes_at_its_end(db_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with Store.open(db_path) as store:
         _stage_old(store, ts(6))
         ack(store, [_key(h) for h in range(6)])
-    monkeypatch.setattr(pipeline, "run_send", lambda *a, **k: SendResult(run_id=1))
+    monkeypatch.setattr(send_stage, "run_send", lambda *a, **k: SendResult(run_id=1))
     env = {"OUTBOX_DB": str(db_path), "GRIDPULSE_API_KEY": "k" * 20}
     result = runner.invoke(app, ["send"], env=env)
     assert result.exit_code == 0, result.output
