@@ -21,8 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from outbox import __version__
-from outbox.config import DATASET_NAMES, Config
+from outbox import __version__, datasets
+from outbox.config import Config
 from outbox.errors import StoreError
 from outbox.normalize import stream_key
 from outbox.redact import redact
@@ -33,11 +33,6 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 STAGES = ("fetch", "send")
-TYPE_TO_DATASET = {
-    "demand": "demand",
-    "demand_forecast": "demand_forecast",
-    "net_generation": "net_generation",
-}
 # Freshness states of a dataset x BA group.
 FRESH_OK, FRESH_WARNING, FRESH_CRITICAL = "ok", "warning", "critical"
 FRESH_DISABLED, FRESH_NO_DATA = "disabled", "no_data"
@@ -45,11 +40,7 @@ FRESH_DISABLED, FRESH_NO_DATA = "disabled", "no_data"
 
 def dataset_of_series(s: SeriesState) -> str:
     """Which configured dataset a series belongs to."""
-    if s.type == "generation":
-        return "generation"
-    if s.type == "interchange":
-        return "interchange" if s.subtype is None else "ba_interchange"
-    return TYPE_TO_DATASET.get(s.type, s.type)
+    return datasets.of_series(s.type, s.subtype)
 
 
 @dataclass(frozen=True)
@@ -404,7 +395,7 @@ def _age(ts: str | None, now: datetime) -> int | None:
 
 
 def _order(dataset: str) -> int:
-    return DATASET_NAMES.index(dataset) if dataset in DATASET_NAMES else len(DATASET_NAMES)
+    return datasets.order(dataset)
 
 
 def _size(path: os.PathLike[str] | str) -> int:

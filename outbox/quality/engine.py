@@ -92,9 +92,9 @@ def ts_hour(ts: str) -> int:
 
 def dataset_of(type_: str, subtype: str | None) -> str:
     """The dataset of a series from its type and subtype."""
-    if type_ == "interchange":
-        return "ba_interchange" if subtype else "interchange"
-    return type_
+    from outbox import datasets
+
+    return datasets.of_series(type_, subtype or None)
 
 
 def quality_code(rule: str) -> str:
