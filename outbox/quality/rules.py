@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from outbox import datasets
 from outbox.quality.settings import Resolver
 
 if TYPE_CHECKING:
@@ -359,8 +360,6 @@ def _series_rule(
     after: int,
 ) -> Outcome:
     out = Outcome(evaluated=_evaluated(rule, scope, before, after))
-    from outbox import datasets
-
     shortest = min(resolver.get(rule, ds).window_hours for ds in datasets.names())
     shortest = min([shortest, *(resolver.get(rule, None, ba).window_hours for ba in scope)])
     for _, r in runs[runs["n"] >= shortest].iterrows():
@@ -430,8 +429,6 @@ def flat_line(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
 
 
 def _widest(resolver: Resolver, rule: str) -> int:
-    from outbox import datasets
-
     windows = [resolver.get(rule, ds).window_hours for ds in datasets.names()]
     return max(windows)
 
