@@ -359,9 +359,9 @@ def gridpulse_starts(config: Config, store: Store) -> dict[str, datetime] | None
 
 
 def _series_prefix(config: Config, dataset: str, respondent: str) -> str:
-    ba = config.eia_to_gridpulse.get(respondent, respondent)
-    kind = {"ba_interchange": "interchange.", "generation": "generation."}.get(dataset)
-    return f"EIA.{ba}.{kind}" if kind else f"EIA.{ba}.{dataset}"
+    from outbox import datasets
+
+    return datasets.series_prefix(dataset, config.eia_to_gridpulse.get(respondent, respondent))
 
 
 class _NullProgress:

@@ -10,7 +10,7 @@ A gap hour is an hour absent between two staged hours of one series that
 ``fetch --fill-gaps`` groups the gap hours per EIA route, merges hours no more than
 :data:`MERGE_HOURS` apart into one range (across respondents and types), and makes one
 request per range covering the respondents (and region-data types) that need it. Pages go
-through the same :class:`~outbox.pipeline.Fetcher` / ``store.staging.stage`` path as any fetch,
+through the same :class:`~outbox.pipeline.Fetcher` / ``Store.stage`` path as any fetch,
 but a gap fill never moves a watermark. A row EIA returns with a null value is staged as
 a ``missing`` observation, which fills the gap.
 """
@@ -25,10 +25,10 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
+from outbox import datasets as table
 from outbox import eia as eia_mod
-from outbox.config import DATASET_NAMES, Config
-from outbox.normalize import dataset_of
-from outbox.pipeline import ROUTE_DATASETS, Fetcher, FetchResult, Stream, Window
+from outbox.config import Config
+from outbox.pipeline import Fetcher, FetchResult, Stream, Window
 from outbox.redact import redact
 from outbox.store import Store, file_lock, lock_holder
 from outbox.timeutil import HOUR, floor_hour, parse_ts, to_ts, utcnow
@@ -108,7 +108,7 @@ def find_gaps(
     now = now or utcnow()
     floor = floor_hour(now - timedelta(days=config.housekeeping.retention_days))
     lo = max(since, floor) if since is not None else floor
-    shortest_lag = min(config.publication_lag(name) for name in DATASET_NAMES)
+    shortest_lag = min(config.publication_lag(name) for name in table.names())
     missing = store.reads.missing_hours(to_ts(lo), to_ts(now - timedelta(hours=shortest_lag)))
     sources = store.reads.series_sources()
     gaps: list[Gap] = []
@@ -126,7 +126,7 @@ def find_gaps(
 
 def _dataset(source: Source) -> str:
     route, facets = source
-    return dataset_of(route, facets.get("type"))
+    return table.of_row(route, facets.get(table.route(route).code_facet))
 
 
 def _runs(series_id: str, dataset: str, hours: Sequence[datetime]) -> list[Gap]:
@@ -166,7 +166,7 @@ def plan_fill(
             hours.setdefault(h, set()).add(gap.series_id)
     merge, longest = timedelta(hours=MERGE_HOURS), timedelta(hours=max_hours)
     plan = []
-    for route in ROUTE_DATASETS:
+    for route in table.routes():
         hours = by_route.get(route, {})
         ranges = _group(sorted(hours), lambda f, last, h: h - last <= merge and h - f < longest)
         for group in ranges:
@@ -179,12 +179,12 @@ def plan_fill(
 
 def _stream(route: str, source: Source) -> Stream:
     facets = source[1]
-    respondent = facets[eia_mod.RESPONDENT_FACET[route]]
+    respondent = facets[table.route(route).respondent_facet]
     return Stream(_dataset(source), respondent, route)
 
 
 def _order(stream: Stream) -> tuple[int, str]:
-    return DATASET_NAMES.index(stream.dataset), stream.respondent
+    return table.order(stream.dataset), stream.respondent
 
 
 def run_fill_gaps(

@@ -27,7 +27,8 @@ from typing import Any
 
 import orjson
 
-from outbox.config import DATASET_NAMES, Config
+from outbox import datasets as dataset_table
+from outbox.config import Config
 from outbox.store import RunRecord, Store
 from outbox.timeutil import parse_ts, to_ts, utcnow
 
@@ -37,14 +38,6 @@ DEFAULT_DAYS = 7
 # Above this many balancing authorities the charts collapse to one per dataset with a
 # BA selector: 65 BAs x 6 datasets of small multiples is no longer a page to read.
 SELECTOR_ABOVE_BAS = 8
-DATASET_TITLES = {
-    "demand": "Demand",
-    "demand_forecast": "Day-ahead demand forecast",
-    "net_generation": "Net generation",
-    "interchange": "Total interchange",
-    "generation": "Generation by fuel",
-    "ba_interchange": "Interchange by counterparty",
-}
 # How each dataset is drawn: one line, areas stacked (the fuel mix), or one line a series.
 CHART_KINDS = {"generation": "stack", "ba_interchange": "multi"}
 # Each BA's local time on hover (the five defaults and their neighbours; others show UTC).
@@ -163,7 +156,7 @@ def _groups(
                 "id": f"{dataset}-{ba}",
                 "dataset": dataset,
                 "ba": ba,
-                "title": f"{DATASET_TITLES.get(dataset, dataset)} · {ba}",
+                "title": f"{dataset_table.title(dataset)} · {ba}",
                 "kind": CHART_KINDS.get(dataset, "line"),
                 "series": [
                     {"id": sid, "label": _label(sid), "values": series[sid]} for sid in sids
@@ -177,7 +170,7 @@ def _groups(
 
 
 def _rank(dataset: str) -> int:
-    return DATASET_NAMES.index(dataset) if dataset in DATASET_NAMES else len(DATASET_NAMES)
+    return dataset_table.order(dataset)
 
 
 def _guess(series_id: str) -> tuple[str, str]:

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from outbox.config import DATASET_NAMES, Config
+from outbox import datasets
+from outbox.config import Config
 from outbox.errors import StoreError
 from outbox.normalize import stream_key
 from outbox.status.check import evaluate
@@ -36,20 +37,10 @@ from outbox.status.model import (
 from outbox.store import RunRecord, RunSummary, SeriesState, Store, disk_free_bytes
 from outbox.timeutil import parse_ts, to_ts, utcnow
 
-TYPE_TO_DATASET = {
-    "demand": "demand",
-    "demand_forecast": "demand_forecast",
-    "net_generation": "net_generation",
-}
-
 
 def dataset_of_series(s: SeriesState) -> str:
     """Which configured dataset a series belongs to."""
-    if s.type == "generation":
-        return "generation"
-    if s.type == "interchange":
-        return "interchange" if s.subtype is None else "ba_interchange"
-    return TYPE_TO_DATASET.get(s.type, s.type)
+    return datasets.of_series(s.type, s.subtype)
 
 
 def open_store(config: Config) -> Store:
@@ -299,7 +290,7 @@ def _age(ts: str | None, now: datetime) -> int | None:
 
 
 def _order(dataset: str) -> int:
-    return DATASET_NAMES.index(dataset) if dataset in DATASET_NAMES else len(DATASET_NAMES)
+    return datasets.order(dataset)
 
 
 def _size(path: os.PathLike[str] | str) -> int:
