@@ -72,7 +72,11 @@ def fetch(
             with _http(e.timeout_seconds, e.connect_timeout_seconds, e.verify_tls) as http:
                 client = eia_client(config, http)
                 initial = None
-                if start is None and not store.watermarks() and not store.stream_progress():
+                if (
+                    start is None
+                    and not store.staging.watermarks()
+                    and not store.staging.stream_progress()
+                ):
                     initial = gridpulse_starts(config, store)  # a new outbox
                 with _progress(start is not None) as progress:
                     result = run_fetch(
@@ -198,9 +202,9 @@ def gridpulse_starts(config: Config, store: Store) -> dict[str, datetime] | None
 
 
 def _series_prefix(config: Config, dataset: str, respondent: str) -> str:
-    ba = config.eia_to_gridpulse.get(respondent, respondent)
-    kind = {"ba_interchange": "interchange.", "generation": "generation."}.get(dataset)
-    return f"EIA.{ba}.{kind}" if kind else f"EIA.{ba}.{dataset}"
+    from outbox import datasets
+
+    return datasets.series_prefix(dataset, config.eia_to_gridpulse.get(respondent, respondent))
 
 
 class _NullProgress:

@@ -84,11 +84,11 @@ def plot_series(config: Config, pattern: str, *, days: int, width: int, height: 
     from outbox.status import open_store
 
     with open_store(config) as store:
-        _, newest = store.ts_range()
+        _, newest = store.reads.ts_range()
         if newest is None:
             raise UsageError("the outbox holds no rows yet: nothing to plot")
         since = to_ts(parse_ts(newest) - timedelta(days=days))
-        rows = store.values_between(since, newest, pattern)
+        rows = store.reads.values_between(since, newest, pattern)
     names = sorted({r[0] for r in rows})
     if not names:
         raise UsageError(f"no series matches {pattern!r} (series ids look like EIA.PJM.demand)")

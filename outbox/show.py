@@ -19,7 +19,7 @@ def observation(config: Config, series_id: str, ts: str) -> dict[str, Any] | Non
     from outbox.status import open_store
 
     with open_store(config) as store:  # reads only: creates and migrates nothing
-        row = store.row(series_id, ts)
+        row = store.reads.row(series_id, ts)
         if row is None:
             return None
         page_info, source = _source(store, row)
@@ -38,7 +38,7 @@ def _source(store: Store, row: dict[str, Any]) -> tuple[dict[str, Any] | None, A
 
     if row.get("page_id") is None:
         return None, None
-    found = store.page_body(row["page_id"])
+    found = store.reads.page_body(row["page_id"])
     if found is None:
         return None, None
     page_info, body = found
@@ -57,7 +57,7 @@ def _around(store: Store, series_id: str, ts: str) -> dict[str, Any]:
     hours = [at + timedelta(hours=h) for h in range(-SPARK_HOURS, SPARK_HOURS + 1)]
     found = {
         t: v
-        for _, t, v in store.values_between(
+        for _, t, v in store.reads.values_between(
             to_ts(hours[0]), to_ts(hours[-1]), literal_glob(series_id)
         )
     }

@@ -85,7 +85,7 @@ def db_upgrade() -> None:
 @db_app.command("current")
 def db_current() -> None:
     """Print the schema version of the outbox (without changing it)."""
-    from outbox.migrate import head_revision
+    from outbox.store.migrate import head_revision
 
     with mapped_errors():
         config = configured()

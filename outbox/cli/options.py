@@ -51,11 +51,12 @@ def since_bound(since: str | None) -> datetime | None:
 
 
 def check_datasets(names: list[str]) -> None:
-    from outbox.config import DATASET_NAMES
+    from outbox import datasets
 
     for name in names:
-        if name not in DATASET_NAMES:
-            raise UsageError(f"--dataset {name}: unknown; known: {', '.join(DATASET_NAMES)}")
+        if name not in datasets.names():
+            known = ", ".join(datasets.names())
+            raise UsageError(f"--dataset {name}: unknown; known: {known}")
 
 
 def since_ts(since: str | None) -> str | None:

@@ -182,7 +182,7 @@ def requeue(
         config = configured()
         lo = to_ts(bound) if bound else None
         with open_store(config, create=False) as store:
-            n = store.requeue_dead(series, code, lo)
+            n = store.delivery.requeue_dead(series, code, lo)
         typer.echo(f"requeued {n} dead rows")
 
 
@@ -200,7 +200,7 @@ def runs(
         if stage not in (None, "fetch", "send"):
             raise UsageError(f"--stage {stage}: use fetch or send")
         with status_mod.open_store(configured()) as store:
-            records = store.recent_runs(limit=limit, stage=stage, failed=failed)
+            records = store.runs.recent_runs(limit=limit, stage=stage, failed=failed)
         if as_json:
             echo_json([status_mod.run_dict(r) for r in records])
         else:
