@@ -29,7 +29,8 @@ from typing import Any
 
 import _common as c
 
-from outbox.pipeline import run_fetch
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.store import Store
 
 SETTINGS = {
@@ -100,7 +101,7 @@ def run_floor(files: list[Path], database: Path) -> int:
 def run_ours(
     directory: Path, database: Path, fresh: bool, cpu: list[float], checks: bool = True
 ) -> tuple[float, Any]:
-    """run_fetch(replay=directory) and closing the store (as the floor closes its
+    """run_fetch(ReplaySource(directory)) and closing the store (as the floor closes its
     connection, checkpoint included), timed without opening it (migrations).
 
     Appends the CPU seconds (all threads, and the read-ahead process) to ``cpu``.
@@ -116,7 +117,7 @@ def run_ours(
 
     def run() -> Any:
         try:
-            return run_fetch(c.config_for(database, directory), store, replay=directory)
+            return run_fetch(c.config_for(database, directory), store, ReplaySource(directory))
         finally:
             store.close()
 

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from outbox.config import Config
 from outbox.errors import OutboxError, UsageError
-from outbox.pipeline import FetchResult, SendResult, run_fetch, run_send
+from outbox.pipeline import SendResult, run_send
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import FetchResult, run_fetch
 from outbox.status import Status, collect
 from outbox.store import Store
 from outbox.testing import sample_dir
@@ -160,7 +162,7 @@ def _run(
     from outbox.gridpulse import GridPulseClient
 
     with Store.open(cfg.database) as store:
-        fetched = run_fetch(cfg, store, replay=sample_dir())
+        fetched = run_fetch(cfg, store, ReplaySource(sample_dir()))
         say(
             f"fetch: {fetched.pages} EIA pages, {fetched.rows} observations staged "
             f"({fetched.written} written)"

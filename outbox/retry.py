@@ -15,11 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import tenacity
 
 from outbox.errors import TransientError
+
+if TYPE_CHECKING:
+    from outbox.config import RetryConfig
 
 T = TypeVar("T")
 
@@ -43,6 +46,17 @@ class RetryPolicy:
     def no_wait(cls, attempts: int = 3) -> RetryPolicy:
         """A policy for tests: same attempts, no sleeping."""
         return cls(attempts=attempts, initial=0.0, maximum=0.0, max_wait=0.0)
+
+
+def retry_policy(cfg: RetryConfig, deadline: float = 0.0) -> RetryPolicy:
+    """The RetryPolicy for one configured retry section."""
+    return RetryPolicy(
+        attempts=cfg.attempts,
+        initial=cfg.initial_backoff_seconds,
+        maximum=cfg.max_backoff_seconds,
+        max_wait=cfg.max_retry_after_seconds,
+        deadline=deadline,
+    )
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

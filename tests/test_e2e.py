@@ -23,7 +23,8 @@ from durability import await_run, work_seconds
 
 from outbox.config import Config
 from outbox.gridpulse import batch_id_of
-from outbox.pipeline import run_fetch
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.store import Store
 from outbox.testing import sample_dir
 from outbox.testing.receiver_proc import (
@@ -125,7 +126,7 @@ def test_outage_three_failed_sends_then_one_drains_in_order(
     db = tmp_path / "outbox.db"
     env = env_for(db, receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="500")
     with Store.open(db) as store:
-        run_fetch(Config(), store, replay=sample_dir())
+        run_fetch(Config(), store, ReplaySource(sample_dir()))
     receiver.stop()
     for _ in range(3):
         failed = outbox("send", env=env)
@@ -178,13 +179,13 @@ def test_sigkilled_sender_converges_exactly(tmp_path: Path, receiver: Receiver) 
     # One uncut send of ~100 batches first: its own work (imports excluded) is the range
     # the kill times are drawn from, so they land mid-run however fast this machine is.
     with Store.open(db) as store:
-        run_fetch(Config(), store, replay=big_replay(tmp_path / "r", hours=200))
+        run_fetch(Config(), store, ReplaySource(big_replay(tmp_path / "r", hours=200)))
     work = work_seconds("send", env=env, db=db, stage="send")
     for trial in range(trials):
         # EIA revises every row between kills, so each send has ~100 batches to do.
         with Store.open(db) as store:
             pages = big_replay(tmp_path / f"r{trial}", trial + 1, 1, hours=200)
-            run_fetch(Config(), store, replay=pages)
+            run_fetch(Config(), store, ReplaySource(pages))
         extra = {}
         if trial % 3 == 0:
             extra = {
@@ -219,7 +220,7 @@ def test_batch_recorded_but_not_applied_is_not_sent_again(
     rows: the next send applies them first and sends none of those rows again."""
     db = tmp_path / "outbox.db"
     with Store.open(db) as store:
-        run_fetch(Config(), store, replay=sample_dir())
+        run_fetch(Config(), store, ReplaySource(sample_dir()))
         staged = store.count_state("pending")
     env = env_for(db, receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="500")
     crashed = outbox(
@@ -250,7 +251,7 @@ def test_batch_recorded_but_not_applied_is_not_sent_again(
 def test_two_senders_started_together(tmp_path: Path, receiver: Receiver) -> None:
     db = tmp_path / "outbox.db"
     with Store.open(db) as store:
-        run_fetch(Config(), store, replay=big_replay(tmp_path / "r"))
+        run_fetch(Config(), store, ReplaySource(big_replay(tmp_path / "r")))
     env = env_for(db, receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="1000")
     procs = [
         subprocess.Popen(

@@ -33,6 +33,7 @@ from hypothesis.stateful import (
 )
 
 import outbox.pipeline as pipeline_mod
+import outbox.stages.fetch as fetch_mod
 import outbox.store as store_mod
 from outbox.config import Config
 from outbox.errors import (
@@ -43,7 +44,9 @@ from outbox.errors import (
 )
 from outbox.gridpulse import IngestResult, Rejection
 from outbox.normalize import revision_of
-from outbox.pipeline import SendFailed, run_fetch, run_send
+from outbox.pipeline import SendFailed, run_send
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.store import Store
 from outbox.testing.synth import ROUTES, request_params_for, response_body
 from outbox.timeutil import parse_ts
@@ -212,14 +215,14 @@ class OutboxMachine(RuleBasedStateMachine):
 
     @rule(page=pages_st)
     def fetch(self, page: list[tuple[int, int, str | None]]) -> None:
-        run_fetch(_config(5), self.store, replay=self._write_page(page))
+        run_fetch(_config(5), self.store, ReplaySource(self._write_page(page)))
         self._apply_page(page)
 
     @rule(page=pages_st, point=st.sampled_from(FETCH_POINTS))
     def fetch_crashes(self, page: list[tuple[int, int, str | None]], point: str) -> None:
         directory = self._write_page(page)
         with crashing(point, 1), pytest.raises(Crash):
-            run_fetch(_config(5), self.store, replay=directory)
+            run_fetch(_config(5), self.store, ReplaySource(directory))
         self._restart()  # a crashed page leaves nothing: the model is unchanged
 
     # -- send --------------------------------------------------------------------------
@@ -384,7 +387,7 @@ class crashing:
                 raise Crash(name)
 
     def __enter__(self) -> crashing:
-        for module in (pipeline_mod, store_mod):
+        for module in (pipeline_mod, fetch_mod, store_mod):
             self.saved.append((module, module.crashpoint))
             module.crashpoint = self.hit  # type: ignore[attr-defined]
         return self
@@ -430,7 +433,7 @@ def test_flip_back_after_an_unacknowledged_delivery_is_sent_again(tmp_path: Path
             ]
             body = response_body(REGION, data, 1, request_params_for(REGION, data))
             (directory / "page.json").write_bytes(orjson.dumps(body))
-            run_fetch(_config(5), store, replay=directory)
+            run_fetch(_config(5), store, ReplaySource(directory))
             if crash is None:
                 run_send(_config(5), store, ScriptedGridPulse(held), sleep=_no_sleep)  # type: ignore[arg-type]
                 continue

@@ -1,0 +1,92 @@
+"""Build what the stages are handed, from the config: HTTP clients, sources, sinks, store.
+
+Imports of httpx and the clients are lazy here, so that the commands that only read the
+outbox start fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from outbox.config import Config
+from outbox.errors import OutboxError
+
+if TYPE_CHECKING:
+    import httpx
+
+    from outbox.ports import Source
+    from outbox.sources.eia import EIAClient
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------
+# fetch: sources
+# ---------------------------------------------------------------------------------
+
+
+def _fetch_http(timeout: float, connect: float, verify: bool) -> httpx.Client:
+    """One pooled HTTP client for a fetch run."""
+    import httpx
+
+    from outbox import USER_AGENT
+
+    return httpx.Client(
+        timeout=httpx.Timeout(timeout, connect=connect),
+        headers={"User-Agent": USER_AGENT},
+        verify=verify,
+        follow_redirects=False,
+    )
+
+
+def eia_client(config: Config, http: httpx.Client) -> EIAClient:
+    """The EIA client for a live fetch (needs the key)."""
+    from outbox.retry import retry_policy
+    from outbox.sources.eia import EIAClient
+
+    e = config.eia
+    return EIAClient(
+        http,
+        e.base_url,
+        config.require_eia_key(),
+        page_length=e.page_length,
+        retry=retry_policy(e.retry),
+        max_per_second=e.max_requests_per_second,
+        max_per_hour=e.max_requests_per_hour,
+    )
+
+
+@contextmanager
+def fetch_source(config: Config, replay: Path | None = None) -> Iterator[Source]:
+    """The source a fetch reads: the saved bodies under ``replay``, else the EIA API
+    (its HTTP client closed when the block ends)."""
+    if replay is not None:
+        from outbox.sources.replay import ReplaySource
+
+        yield ReplaySource(replay)
+        return
+    e = config.eia
+    with _fetch_http(e.timeout_seconds, e.connect_timeout_seconds, e.verify_tls) as http:
+        yield eia_client(config, http)
+
+
+def gridpulse_series(config: Config) -> list[dict[str, Any]] | None:
+    """GridPulse's series listing, where a new outbox starts each stream
+    (:func:`~outbox.stages.plan.first_starts`); None when GridPulse is not configured or
+    cannot be asked (history start applies)."""
+    if config.gridpulse.api_key is None:
+        return None
+    from outbox.gridpulse import GridPulseClient
+
+    g = config.gridpulse
+    try:
+        with _fetch_http(g.timeout_seconds, g.connect_timeout_seconds, g.verify_tls) as http:
+            client = GridPulseClient(http, g.base_url, config.require_gridpulse_key(), gzip=g.gzip)
+            return client.list_series()
+    except OutboxError as exc:
+        log.info("gridpulse latest unavailable, starting at history_start error=%s", exc)
+        return None
