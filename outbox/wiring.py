@@ -30,17 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def _fetch_http(timeout: float, connect: float, verify: bool) -> httpx.Client:
-    """One pooled HTTP client for a fetch run."""
-    import httpx
+    """One pooled HTTP client for a fetch run: the CLI's one builder (tests spy on it)."""
+    from outbox.cli import http_client  # until the HTTP builder itself lives here
 
-    from outbox import USER_AGENT
-
-    return httpx.Client(
-        timeout=httpx.Timeout(timeout, connect=connect),
-        headers={"User-Agent": USER_AGENT},
-        verify=verify,
-        follow_redirects=False,
-    )
+    return http_client(timeout, connect, verify)
 
 
 def eia_client(config: Config, http: httpx.Client) -> EIAClient:
