@@ -27,7 +27,7 @@ from outbox.store import Store
 from outbox.timeutil import to_ts
 
 if TYPE_CHECKING:
-    from outbox.stages.fetch import FetchResult
+    from outbox.stages.fetcher import FetchResult
     from outbox.stages.plan import Window
 
 # The stages (and with them httpx, the EIA and GridPulse clients) are imported by the

@@ -24,7 +24,8 @@ from outbox.config import Config
 from outbox.errors import OutboxError, UsageError
 from outbox.pipeline import SendResult, run_send
 from outbox.sources.replay import ReplaySource
-from outbox.stages.fetch import FetchResult, run_fetch
+from outbox.stages.fetch import run_fetch
+from outbox.stages.fetcher import FetchResult
 from outbox.status import Status, collect
 from outbox.store import Store
 from outbox.testing import sample_dir

@@ -40,7 +40,8 @@ from durability import (
 from outbox.config import Config
 from outbox.sources.eia import EIAClient
 from outbox.sources.replay import ReplaySource
-from outbox.stages.fetch import Fetcher, run_fetch
+from outbox.stages.fetch import run_fetch
+from outbox.stages.fetcher import Fetcher
 from outbox.store import Store
 from outbox.testing.fake_eia import FakeEIA
 from outbox.testing.synth import read_rows

@@ -33,7 +33,7 @@ from hypothesis.stateful import (
 )
 
 import outbox.pipeline as pipeline_mod
-import outbox.stages.fetch as fetch_mod
+import outbox.stages.fetcher as fetcher_mod
 import outbox.store as store_mod
 from outbox.config import Config
 from outbox.errors import (
@@ -387,7 +387,7 @@ class crashing:
                 raise Crash(name)
 
     def __enter__(self) -> crashing:
-        for module in (pipeline_mod, fetch_mod, store_mod):
+        for module in (pipeline_mod, fetcher_mod, store_mod):
             self.saved.append((module, module.crashpoint))
             module.crashpoint = self.hit  # type: ignore[attr-defined]
         return self

@@ -908,7 +908,7 @@ def test_run_durations_are_shown_as_measured(
 ) -> None:
     """A fetch that takes 2.39 s is shown as 2.39s by `runs` and status, not as the 2 s its
     whole-second timestamps span."""
-    from outbox.stages.fetch import Fetcher
+    from outbox.stages.fetcher import Fetcher
     from outbox.testing import sample_dir
 
     env = {"OUTBOX_DB": str(tmp_path / "outbox.db"), "OUTBOX__EIA__REPLAY_READ_AHEAD": "thread"}
