@@ -249,7 +249,7 @@ def check_locks(path: Path) -> Finding:
 
 def check_disk(config: Config) -> Finding:
     """Free space on the file system of the outbox, against ``housekeeping.min_free_bytes``."""
-    from outbox.status import size_text
+    from outbox.status.table import size_text
 
     path = Path(config.database)
     free = disk_free_bytes(path)
