@@ -4,7 +4,7 @@ Contenders, alternating in rounds in this one process (so machine noise hits all
 
 * ``floor``: stdlib ``json`` + ``sqlite3.executemany`` of ``(series_id, ts, value)``
   tuples into an indexed table, one executemany per file, one transaction.
-* ``ours``: :func:`outbox.pipeline.run_fetch` with ``replay=DIR`` on a fresh outbox,
+* ``ours``: :func:`outbox.stages.fetch.run_fetch` of a ``ReplaySource(DIR)`` on a fresh outbox,
   then ``restage``: the same replay again (nothing changed, nothing may be written).
 * ``ours_cli``: ``outbox fetch --replay DIR`` as a subprocess (startup and migrations
   included), fresh outbox.
