@@ -25,6 +25,7 @@ from outbox.logsetup import log_scope, print_error
 from outbox.redact import redact
 from outbox.store import Store
 from outbox.timeutil import to_ts
+from outbox.wiring import gridpulse_client, gridpulse_sink
 
 if TYPE_CHECKING:
     from outbox.stages.fetcher import FetchResult
@@ -80,14 +81,6 @@ def console() -> Any:
     if sys.stdout.isatty() or os.environ.get("COLUMNS"):
         return Console()
     return Console(width=PIPE_WIDTH)
-
-
-def gridpulse_client(config: Config, http: Any) -> Any:
-    """The GridPulse ingest client (needs the key)."""
-    from outbox.gridpulse import GridPulseClient
-
-    g = config.gridpulse
-    return GridPulseClient(http, g.base_url, config.require_gridpulse_key(), gzip=g.gzip)
 
 
 @observed("fetch")
@@ -355,7 +348,7 @@ def send(
     dry_run: bool = False,
 ) -> int:
     """``outbox send``; before the first fetch has created the outbox, nothing to do."""
-    from outbox.pipeline import SendFailed, run_send
+    from outbox.stages import send as send_stage
 
     if not dry_run:
         config.require_gridpulse_key()  # a config error (exit 2) even before the first fetch
@@ -367,22 +360,21 @@ def send(
         )
         return 0
     g = config.gridpulse
-    key_needed = not dry_run
     with (
         Store.open(config.database, create=False) as store,
         _http(g.timeout_seconds, g.connect_timeout_seconds, g.verify_tls) as http,
     ):
-        client = gridpulse_client(config, http) if key_needed else None
+        sink = None if dry_run else gridpulse_sink(config, http)
         try:
-            result = run_send(
+            result = send_stage.run_send(
                 config,
                 store,
-                client,  # type: ignore[arg-type]
+                sink,
                 max_batches=max_batches,
                 max_seconds=max_seconds,
                 dry_run=dry_run,
             )
-        except SendFailed as exc:
+        except send_stage.SendFailed as exc:
             print_error(f"{exc}; rows stay pending")
             return 1
         if not (result.skipped or dry_run):

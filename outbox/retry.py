@@ -48,17 +48,6 @@ class RetryPolicy:
         return cls(attempts=attempts, initial=0.0, maximum=0.0, max_wait=0.0)
 
 
-def retry_policy(cfg: RetryConfig, deadline: float = 0.0) -> RetryPolicy:
-    """The RetryPolicy for one configured retry section."""
-    return RetryPolicy(
-        attempts=cfg.attempts,
-        initial=cfg.initial_backoff_seconds,
-        maximum=cfg.max_backoff_seconds,
-        max_wait=cfg.max_retry_after_seconds,
-        deadline=deadline,
-    )
-
-
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date)."""
     if not value:
@@ -148,3 +137,14 @@ def make_retrying(
 def call_with_retry(policy: RetryPolicy, fn: Callable[[], T], **kwargs: object) -> T:
     """Run ``fn`` under ``policy``; the last transient error propagates when it gives up."""
     return make_retrying(policy, **kwargs)(fn)  # type: ignore[arg-type]
+
+
+def retry_policy(cfg: RetryConfig, deadline: float = 0.0) -> RetryPolicy:
+    """The RetryPolicy for one configured retry section."""
+    return RetryPolicy(
+        attempts=cfg.attempts,
+        initial=cfg.initial_backoff_seconds,
+        maximum=cfg.max_backoff_seconds,
+        max_wait=cfg.max_retry_after_seconds,
+        deadline=deadline,
+    )

@@ -1,7 +1,7 @@
-"""Build what the stages are handed, from the config: HTTP clients, sources, sinks, store.
+"""Build what a command needs from the config: clients, sources and sinks of the outside world.
 
-Imports of httpx and the clients are lazy here, so that the commands that only read the
-outbox start fast.
+The heavy imports (httpx, the clients) live inside the builders, so that ``outbox status``
+and the other reading commands start without them.
 """
 
 from __future__ import annotations
@@ -19,9 +19,25 @@ if TYPE_CHECKING:
     import httpx
 
     from outbox.ports import Source
+    from outbox.sinks.gridpulse import GridPulseClient, GridPulseSink
     from outbox.sources.eia import EIAClient
 
 log = logging.getLogger(__name__)
+
+
+def gridpulse_client(config: Config, http: httpx.Client) -> GridPulseClient:
+    """The GridPulse ingest client (needs the key)."""
+    from outbox.sinks.gridpulse import GridPulseClient
+
+    g = config.gridpulse
+    return GridPulseClient(http, g.base_url, config.require_gridpulse_key(), gzip=g.gzip)
+
+
+def gridpulse_sink(config: Config, http: httpx.Client) -> GridPulseSink:
+    """The sink ``outbox send`` delivers to: GridPulse ingest v1 (needs the key)."""
+    from outbox.sinks.gridpulse import GridPulseSink
+
+    return GridPulseSink(gridpulse_client(config, http))
 
 
 # ---------------------------------------------------------------------------------
@@ -73,13 +89,10 @@ def gridpulse_series(config: Config) -> list[dict[str, Any]] | None:
     cannot be asked (history start applies)."""
     if config.gridpulse.api_key is None:
         return None
-    from outbox.gridpulse import GridPulseClient
-
     g = config.gridpulse
     try:
         with _fetch_http(g.timeout_seconds, g.connect_timeout_seconds, g.verify_tls) as http:
-            client = GridPulseClient(http, g.base_url, config.require_gridpulse_key(), gzip=g.gzip)
-            return client.list_series()
+            return gridpulse_client(config, http).list_series()
     except OutboxError as exc:
         log.info("gridpulse latest unavailable, starting at history_start error=%s", exc)
         return None

@@ -22,7 +22,7 @@ import pytest
 from durability import await_run, work_seconds
 
 from outbox.config import Config
-from outbox.gridpulse import batch_id_of
+from outbox.sinks.gridpulse import batch_id_of
 from outbox.sources.replay import ReplaySource
 from outbox.stages.fetch import run_fetch
 from outbox.store import Store

@@ -40,9 +40,10 @@ from durability import (
 )
 
 from outbox.config import Config
-from outbox.pipeline import run_send
+from outbox.sinks.gridpulse import GridPulseSink
 from outbox.sources.replay import ReplaySource
 from outbox.stages.fetch import run_fetch
+from outbox.stages.send import run_send
 from outbox.store import Store
 from outbox.testing.receiver_proc import running_receiver
 
@@ -240,7 +241,7 @@ def recover(copy: Path, data: Path, held: dict, reference: list[tuple]) -> int:
     with Store.open(db) as store:
         assert store.quick_check() == ["ok"]
         run_fetch(config, store, ReplaySource(data))
-        run_send(config, store, recorder, sleep=lambda s: None)  # type: ignore[arg-type]
+        run_send(config, store, GridPulseSink(recorder), sleep=lambda s: None)
     assert rows(db, OBS_COLUMNS[:6]) == reference
     assert states(db) == {"acked": len(reference)}
     delivered = {**{(r[0], r[1]): r[2] for r in acked}, **recorder.held}

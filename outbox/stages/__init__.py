@@ -1,1 +1,1 @@
-"""The stages: each takes what the one before handed over and hands on what it made."""
+"""The stages: fetch (plan, stage), send, housekeeping, each over the store."""

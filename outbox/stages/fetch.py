@@ -9,15 +9,13 @@ with its watermark advances, under one rule for live and replayed pages.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
 
 from outbox.config import Config
-from outbox.errors import OutboxError, SourceFatalError
-from outbox.logsetup import bind, quote, scoped
+from outbox.errors import SourceFatalError
+from outbox.logsetup import scoped
 from outbox.normalize import SKIP_REASONS
 from outbox.ports import Source
 from outbox.redact import redact
@@ -30,7 +28,9 @@ from outbox.stages.plan import (
     plan_incremental,
     plan_streams,
 )
-from outbox.store import Store, file_lock, lock_holder
+from outbox.stages.runs import Run, recorded_run, stage_lock
+from outbox.stages.runs import describe as runs_describe
+from outbox.store import Store
 from outbox.timeutil import floor_hour, parse_ts, to_ts, utcnow
 
 log = logging.getLogger(__name__)
@@ -94,61 +94,47 @@ def run_fetch(
 def _fetch_run(
     config: Config, store: Store, result: FetchResult, now: datetime | None
 ) -> Iterator[Fetcher | None]:
-    """The run's bookkeeping: the fetch lock (None when another run holds it), the run
-    record, the quality checker, the end-of-run log line.
+    """The run's bookkeeping (:mod:`outbox.stages.runs`): the fetch lock (None when
+    another run holds it), the run record, the quality checker, the end-of-run log line.
 
-    A fill-gaps run keeps what it always had: no quality checks, no run id bound to the
-    log context, no ``fetch failed`` line, its own ``fill-gaps done`` line.
+    A fill-gaps run keeps what it always had: no quality checks, its recorded error
+    without the exception's type, its own ``fill-gaps done`` line.
     """
     fill = result.fill is not None
-    with file_lock(store.lock_path("fetch"), blocking=False) as got:
-        if not got:
-            result.skipped = True
-            result.holder = lock_holder(store.lock_path("fetch"))
+    with stage_lock(store, "fetch") as lock:
+        if not lock.held:
+            result.skipped, result.holder = True, lock.holder
             yield None
             return
-        result.run_id = store.start_run("fetch")
-        if not fill:
-            bind(stage="fetch", run=result.run_id)
-        started = time.monotonic()
-        fetcher = Fetcher(config, store, result.run_id, result, now=None if fill else now)
-        if config.quality.enabled and not fill:
-            from outbox.quality.engine import Checker
+        describe = _describe_fill if fill else runs_describe
+        with recorded_run(store, "fetch", result.counts, describe=describe) as run:
+            result.run_id = run.id
+            fetcher = Fetcher(config, store, run.id, result, now=None if fill else now)
+            if config.quality.enabled and not fill:
+                from outbox.quality.engine import Checker
 
-            store.checker = result.quality = Checker(config)
-        try:
-            yield fetcher
-        except BaseException as exc:
-            if fill:
-                store.finish_run(result.run_id, "failed", result.counts(), _describe_fill(exc))
-                raise
-            store.finish_run(result.run_id, "failed", result.counts(), _describe(exc))
-            _log_failed("fetch", result.run_id, started, result.counts(), _describe(exc))
-            raise
-        finally:
-            store.checker = None
-        store.finish_run(result.run_id, "ok", result.counts())
+                store.checker = result.quality = Checker(config)
+            try:
+                yield fetcher
+            finally:
+                store.checker = None
     if fill:
         _log_filled(result)
     else:
-        _log_done(result, started)
+        _log_done(result, run)
 
 
-def _log_done(result: FetchResult, started: float) -> None:
+def _log_done(result: FetchResult, run: Run) -> None:
     counts = result.counts()
-    log.info(
-        "fetch done run=%d seconds=%.3f requests=%d pages=%d rows=%d written=%d invalid=%d"
-        " duplicates=%d skipped=%d%s",
-        result.run_id,
-        time.monotonic() - started,
-        result.requests,
-        result.pages,
-        result.rows,
-        result.written,
-        invalid_count(result.invalid),
-        result.duplicates,
-        counts["skipped"],
-        "".join(f" {k}={v}" for k, v in sorted(counts["skipped_by_reason"].items())),
+    run.log_done(
+        requests=result.requests,
+        pages=result.pages,
+        rows=result.rows,
+        written=result.written,
+        invalid=invalid_count(result.invalid),
+        duplicates=result.duplicates,
+        skipped=counts["skipped"],
+        **dict(sorted(counts["skipped_by_reason"].items())),
     )
     if result.unconfigured:
         log.warning(
@@ -246,28 +232,6 @@ def _backfill(
 def _backfill_key(window: Window, bounds: tuple[datetime, datetime]) -> str:
     streams = ",".join(sorted(s.key for s in window.streams))
     return f"backfill:{window.route}:{to_ts(bounds[0])}:{to_ts(bounds[1])}:{streams}"
-
-
-def _log_failed(
-    stage: str, run_id: int, started: float, counts: dict[str, Any], error: str
-) -> None:
-    """The one log line of a failed run: run id, duration, counts so far, the error."""
-    numbers = " ".join(f"{k}={v}" for k, v in counts.items() if isinstance(v, int))
-    log.error(
-        "%s failed run=%d seconds=%.3f %s error=%s",
-        stage,
-        run_id,
-        time.monotonic() - started,
-        numbers,
-        quote(error),
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, KeyboardInterrupt):
-        return str(exc) or "interrupted"
-    text = str(exc) or type(exc).__name__
-    return redact(text if isinstance(exc, OutboxError) else f"{type(exc).__name__}: {text}")
 
 
 def _describe_fill(exc: BaseException) -> str:

@@ -14,7 +14,7 @@ from outbox.timeutil import parse_ts
 
 
 class LatestSource(Protocol):
-    """What ``--remote`` needs from GridPulse (a :class:`~outbox.gridpulse.GridPulseClient`)."""
+    """What ``--remote`` needs from GridPulse (a ``sinks.gridpulse.GridPulseClient``)."""
 
     def latest(self, series_id: str) -> tuple[str | None, str | None] | None:
         """``(latest_ts, revision)`` or None when GridPulse does not know the series."""

@@ -1,17 +1,27 @@
-"""The send stage: :func:`run_send` (outbox -> GridPulse).
+"""The send stage: outbox -> a :class:`~outbox.ports.Sink`, oldest row first.
 
-It records itself in ``runs`` and builds its retry policy once from the config. The
-client is passed in (tests swap the transport); the CLI builds it. (The fetch stage is
-:mod:`outbox.stages.fetch`.)
+:func:`run_send` claims due rows in batches and settles each row by the sink's answer:
+acknowledged, dead (refused for good), or deferred to a later attempt. It is the same for
+every sink: the sink says what happened with a :class:`~outbox.ports.Outcome` or one of
+the errors listed in :mod:`outbox.ports`, and the stage does
+
+* bisection on a rejected batch (:class:`~outbox.errors.BatchRejectedError`), down to
+  the rows the sink refuses alone;
+* halving on a batch too large (:class:`~outbox.errors.PayloadTooLargeError`), for the
+  rest of the run;
+* retries with backoff on a transient error, inside the run's budget, then deferral;
+* the circuit breaker: a sink that refuses row after row alone with one code, and then
+  a row from outside that run, stops the run.
+
+The run is recorded and logged by the run context (:mod:`outbox.stages.runs`).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -26,18 +36,12 @@ from outbox.errors import (
     RejectsEverythingError,
     SinkTransientError,
 )
-from outbox.gridpulse import (
-    GridPulseClient,
-    IngestResult,
-    batch_id_of,
-    check_result,
-    encode_batch,
-)
-from outbox.logsetup import bind, quote, scoped
+from outbox.logsetup import quote, scoped
+from outbox.ports import Batch, Outcome, Prepared, Sink
 from outbox.readahead import read_ahead
-from outbox.redact import redact
 from outbox.retry import RetryPolicy, call_with_retry, retry_policy
-from outbox.store import Claimed, Key, Store, file_lock
+from outbox.stages.runs import Run, describe, recorded_run, stage_lock
+from outbox.store import Claimed, Key, Store
 from outbox.timeutil import to_ts, utcnow
 
 log = logging.getLogger(__name__)
@@ -49,33 +53,6 @@ SERVER_ERROR = "SERVER_ERROR"
 RETRY_AFTER = "SINK_RETRY_AFTER"
 # A longer Retry-After is more likely a broken header than a plan: wait a day, then ask.
 MAX_ASKED_DEFER = 86400.0
-
-
-def _log_failed(
-    stage: str, run_id: int, started: float, counts: dict[str, Any], error: str
-) -> None:
-    """The one log line of a failed run: run id, duration, counts so far, the error."""
-    numbers = " ".join(f"{k}={v}" for k, v in counts.items() if isinstance(v, int))
-    log.error(
-        "%s failed run=%d seconds=%.3f %s error=%s",
-        stage,
-        run_id,
-        time.monotonic() - started,
-        numbers,
-        quote(error),
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, KeyboardInterrupt):
-        return str(exc) or "interrupted"
-    text = str(exc) or type(exc).__name__
-    return redact(text if isinstance(exc, OutboxError) else f"{type(exc).__name__}: {text}")
-
-
-# ---------------------------------------------------------------------------------
-# send
-# ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -122,23 +99,21 @@ class SendFailed(OutboxError):
     """GridPulse stayed unavailable through the run's retry budget (rows deferred)."""
 
 
-class Batch(NamedTuple):
-    """Claimed rows encoded for one POST: the batch id, the JSON body, the body as sent."""
+class Ready(NamedTuple):
+    """Claimed rows and the sink's encoding of them, ready for one delivery."""
 
     rows: list[Claimed]
-    batch_id: str
-    body: bytes
-    packed: bytes | None
+    prepared: Prepared
 
 
 class Sender:
-    """Delivers claimed rows: batching, bisection, 413 halving, deferral."""
+    """Delivers claimed rows to a sink: batching, bisection, 413 halving, deferral."""
 
     def __init__(
         self,
         config: Config,
         store: Store,
-        client: GridPulseClient,
+        sink: Sink,
         result: SendResult,
         *,
         sleep: Callable[[float], None] = time.sleep,
@@ -147,7 +122,7 @@ class Sender:
     ) -> None:
         self.config = config
         self.store = store
-        self.client = client
+        self.sink = sink
         self.result = result
         self.batch_size = config.gridpulse.batch_size
         self.policy = retry_policy(
@@ -163,41 +138,31 @@ class Sender:
         # Rows GridPulse refused alone in a row with one code, none accepted since.
         self._refused: tuple[str, int] = ("", 0)
         self._pages: dict[int, list[dict[str, Any]]] = {}
-        # Compress ahead when the client can take a body compressed ahead (test doubles
-        # that only implement post_batch(batch_id, body) get the plain body).
-        self._pack: Callable[[bytes], bytes] | None = None
-        takes = inspect.signature(client.post_batch).parameters
-        if "packed" in takes:
-            self._pack = getattr(client, "pack", None)
-        # The client checks the answer against the rows sent when it takes them; for one
-        # that does not, the same check runs here: only an answer that accounts for every
-        # row of its batch settles any row.
-        self._client_checks = "keys" in takes
         # Recorded acks are applied to their rows on this thread while the next POST is
         # in flight; one application at a time, finished before any other write.
         self._acks: ThreadPoolExecutor | None = None
         self._applying: Future[int] | None = None
 
-    def prepare(self, rows: Sequence[Claimed]) -> Batch:
-        """The batch id and request body of ``rows`` (reads pages only for source_data).
+    def prepare(self, rows: Sequence[Claimed]) -> Ready:
+        """``rows`` as the sink encodes them (reads pages only for source_data).
 
         Safe on another thread than :meth:`deliver`'s: the send pipeline encodes the
         next batch while this one is in flight.
         """
-        batch_id = batch_id_of([(r.series_id, r.ts, r.revision) for r in rows])
-        body = encode_batch(batch_id, [self._wire(r) for r in rows])
-        packed = self._pack(body) if self._pack is not None else None
-        return Batch(list(rows), batch_id, body, packed)
+        sources = None
+        if self.config.gridpulse.send_source_data:
+            sources = [self._source_row(r.page_id, r.page_row) for r in rows]
+        return Ready(list(rows), self.sink.prepare(Batch(rows, sources)))
 
-    def deliver(self, rows: Sequence[Claimed], batch: Batch | None = None) -> bool:
-        """Deliver ``rows`` (``batch``: as :meth:`prepare` encoded them, if it did).
+    def deliver(self, rows: Sequence[Claimed], prepared: Prepared | None = None) -> bool:
+        """Deliver ``rows`` (``prepared``: as :meth:`prepare` encoded them, if it did).
 
         Rows left untested by a bisection simply stay pending. Returns True when the
         rows went in one accepted request; False after a 413 or a bisection, when the
         caller must claim afresh (rows may be left pending, the batch size may be smaller).
         """
         try:
-            outcome = self._post(rows, batch)
+            outcome = self._post(rows, prepared)
         except PayloadTooLargeError as exc:
             if len(rows) == 1:
                 self._dead(rows, "PAYLOAD_TOO_LARGE", str(exc))
@@ -242,7 +207,7 @@ class Sender:
             self._settle(half, outcome)
             accepted = accepted or outcome.accepted > 0
             suspect, alone = suspect[len(half) :], False
-        code = error.code or f"HTTP_{error.status}"
+        code = error.reason
         message = str(error) if alone else f"rejected by bisection (its sibling passed): {error}"
         self._dead(suspect, code, message)
         if not accepted:
@@ -279,18 +244,8 @@ class Sender:
             self._refused = ("", 0)
             return
         except BatchRejectedError as exc:
-            again = exc.code or f"HTTP_{exc.status}"
-            self._dead([probe], again, str(exc))
-            if again != code:
-                self._refused = (again, 1)
-                return
-            raise RejectsEverythingError(
-                f"GridPulse rejects everything (code {code}): {count} rows in a row refused "
-                f"alone, none accepted, and a row from outside that run ({probe.series_id} "
-                f"{probe.ts}) refused alone too; they are dead, the rest stay pending "
-                f"(outbox requeue --code {code} once GridPulse accepts them)",
-                code,
-            ) from None
+            self._probe_refused(probe, exc, code, count)
+            return
         self._settle([probe], outcome)
         self._refused = ("", 0)
         log.info(
@@ -300,21 +255,30 @@ class Sender:
             quote(f"{probe.series_id} {probe.ts}"),
         )
 
-    def _post(self, rows: Sequence[Claimed], batch: Batch | None = None) -> IngestResult:
-        batch = batch or self.prepare(rows)
-        batch_id, body, packed = batch.batch_id, batch.body, batch.packed
+    def _probe_refused(
+        self, probe: Claimed, exc: BatchRejectedError, code: str, count: int
+    ) -> None:
+        """The breaker's probe refused alone: dead; with the same code the run stops."""
+        again = exc.reason
+        self._dead([probe], again, str(exc))
+        if again != code:
+            self._refused = (again, 1)
+            return
+        raise RejectsEverythingError(
+            f"GridPulse rejects everything (code {code}): {count} rows in a row refused "
+            f"alone, none accepted, and a row from outside that run ({probe.series_id} "
+            f"{probe.ts}) refused alone too; they are dead, the rest stay pending "
+            f"(outbox requeue --code {code} once GridPulse accepts them)",
+            code,
+        ) from None
 
-        def attempt() -> IngestResult:
+    def _post(self, rows: Sequence[Claimed], prepared: Prepared | None = None) -> Outcome:
+        ready = prepared or self.prepare(rows).prepared
+
+        def attempt() -> Outcome:
             self.result.requests += 1
-            self.result.bytes += len(body)
-            if self._client_checks:
-                return self.client.post_batch(batch_id, body, packed=packed, keys=rows)
-            if packed is None:
-                answer = self.client.post_batch(batch_id, body)
-            else:
-                answer = self.client.post_batch(batch_id, body, packed=packed)  # type: ignore[call-arg]
-            check_result(answer, batch_id, rows)
-            return answer
+            self.result.bytes += ready.size
+            return self.sink.send(ready)
 
         crashpoint("send.before_post")
         outcome = call_with_retry(self._policy_now(), attempt, sleep=self.sleep)
@@ -331,23 +295,9 @@ class Sender:
         self.budget_left = left
         return self.policy if left == self.policy.deadline else replace(self.policy, deadline=left)
 
-    def _wire(self, r: Claimed) -> dict[str, Any]:
-        obs = {
-            "series_id": r.series_id,
-            "ba": r.ba,
-            "type": r.type,
-            "subtype": r.subtype,
-            "units": r.units,
-            "ts": r.ts,
-            "value": r.value,
-            "quality_flag": r.quality_flag,
-            "revision": r.revision,
-        }
-        if self.config.gridpulse.send_source_data and r.page_id is not None:
-            obs["source_data"] = self._source_row(r.page_id, r.page_row)
-        return obs
-
-    def _source_row(self, page_id: int, row: int | None) -> dict[str, Any] | None:
+    def _source_row(self, page_id: int | None, row: int | None) -> Mapping[str, Any] | None:
+        if page_id is None:
+            return None
         if page_id not in self._pages:
             import orjson
 
@@ -357,8 +307,8 @@ class Sender:
         data = self._pages[page_id]
         return data[row] if row is not None and 0 <= row < len(data) else None
 
-    def _settle(self, rows: Sequence[Claimed], outcome: IngestResult) -> None:
-        # The answer passed check_result: every rejection names one distinct row sent.
+    def _settle(self, rows: Sequence[Claimed], outcome: Outcome) -> None:
+        # The sink accounted for the batch: every rejection names one distinct row sent.
         bad = {rej.index: rej for rej in outcome.rejected}
         # Plain (series_id, ts, revision) tuples: what a Key holds, built at half the cost.
         acked = [(r.series_id, r.ts, r.revision) for i, r in enumerate(rows) if i not in bad]
@@ -406,9 +356,9 @@ class Sender:
         gp = self.config.gridpulse
         attempts = max((r.attempts for r in rows), default=0)
         delay = min(gp.defer_max_seconds, gp.defer_initial_seconds * (2**attempts))
-        # A 500 from a live server may be caused by these rows: they keep their own
-        # backoff. Anything else means GridPulse was unreachable or overloaded.
-        code = SERVER_ERROR if exc.status in (500, 501, 505) else UNAVAILABLE
+        # Rows a live sink failed on may be the cause: they keep their own backoff.
+        # Anything else means the sink was unreachable or overloaded.
+        code = SERVER_ERROR if exc.rows_suspect else UNAVAILABLE
         asked = exc.retry_after
         if asked is not None and asked > delay:
             delay, code = min(asked, MAX_ASKED_DEFER), RETRY_AFTER
@@ -419,12 +369,25 @@ class Sender:
         self.wait_acks()
         self.result.deferred += self.store.defer(keys, when, f"{code}: {exc}", code=code)
 
+    def describe_failure(self, exc: BaseException) -> str:
+        """The error a failed run is recorded with; the sink unavailable says for how long
+        it asked to wait when that was past the run's budget."""
+        if not isinstance(exc, SinkTransientError):
+            return describe(exc)
+        error = f"GridPulse unavailable: {exc}"
+        if self.asked is not None:
+            error += (
+                f" (Retry-After {self.asked[0]:g}s, the run's budget had "
+                f"{self.budget_left:g}s left: deferred until {self.asked[1]})"
+            )
+        return error
+
 
 @scoped
 def run_send(
     config: Config,
     store: Store,
-    client: GridPulseClient,
+    sink: Sink | None,
     *,
     max_batches: int | None = None,
     max_seconds: float | None = None,
@@ -432,58 +395,40 @@ def run_send(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> SendResult:
-    """One send run: drain due rows oldest first until none is due or a limit is hit."""
-    result = SendResult()
-    with file_lock(store.lock_path("send"), blocking=False) as got:
-        if not got:
-            from outbox.store import lock_holder
+    """One send run: drain due rows oldest first until none is due or a limit is hit.
 
-            result.skipped = True
-            result.holder = lock_holder(store.lock_path("send"))
+    ``dry_run`` counts what is due and deferred, under the lock, and sends nothing (``sink``
+    may then be None). Raises :class:`SendFailed` when the sink stayed unavailable.
+    """
+    result = SendResult()
+    with stage_lock(store, "send") as lock:
+        if not lock.held:
+            result.skipped, result.holder = True, lock.holder
             return result
         if dry_run:
             now = to_ts(utcnow())
             result.due = store.count_due(now)
             result.waiting, result.waiting_until = store.count_deferred(now)
             return result
-        result.run_id = store.start_run("send")
-        bind(stage="send", run=result.run_id)
-        started = time.monotonic()
+        assert sink is not None, "a send that is not a dry run needs a sink"
         ends_at = clock() + max_seconds if max_seconds is not None else None
-        sender = Sender(config, store, client, result, sleep=sleep, clock=clock, ends_at=ends_at)
+        sender = Sender(config, store, sink, result, sleep=sleep, clock=clock, ends_at=ends_at)
+        run: Run | None = None
         try:
-            try:
-                _drain(store, sender, max_batches, max_seconds, clock)
-            finally:
-                sender.close()
-        except SinkTransientError as exc:
-            result.error = f"GridPulse unavailable: {exc}"
-            if sender.asked is not None:
-                result.error += (
-                    f" (Retry-After {sender.asked[0]:g}s, the run's budget had "
-                    f"{sender.budget_left:g}s left: deferred until {sender.asked[1]})"
-                )
-            store.finish_run(result.run_id, "failed", result.counts(), result.error)
-            _log_failed("send", result.run_id, started, result.counts(), result.error)
-            raise SendFailed(result.error) from None
+            with recorded_run(
+                store, "send", result.counts, describe=sender.describe_failure
+            ) as run:
+                result.run_id = run.id
+                try:
+                    _drain(store, sender, max_batches, max_seconds, clock)
+                finally:
+                    sender.close()
         except BaseException as exc:
-            result.error = _describe(exc)
-            store.finish_run(result.run_id, "failed", result.counts(), result.error)
-            _log_failed("send", result.run_id, started, result.counts(), result.error)
+            result.error = run.error if run is not None else None
+            if isinstance(exc, SinkTransientError):
+                raise SendFailed(result.error or str(exc)) from None
             raise
-        store.finish_run(result.run_id, "ok", result.counts())
-    log.info(
-        "send done run=%d seconds=%.3f batches=%d requests=%d sent=%d acked=%d rejected=%d"
-        " bytes=%d",
-        result.run_id,
-        time.monotonic() - started,
-        result.batches,
-        result.requests,
-        result.sent,
-        result.acked,
-        result.rejected,
-        result.bytes,
-    )
+    run.log_done(**result.counts())
     return result
 
 
@@ -498,8 +443,8 @@ def _drain(
     # Acks a killed send recorded and did not apply: applied before anything is claimed,
     # or their rows would go again in other batches.
     store.apply_acks()
-    if store.has_deferred(UNAVAILABLE) and sender.client.health():
-        # GridPulse is back: rows deferred only because it was down are due again, so
+    if store.has_deferred(UNAVAILABLE) and sender.sink.health():
+        # The sink is back: rows deferred only because it was down are due again, so
         # the backlog drains oldest first instead of behind newer rows.
         store.clear_deferred(UNAVAILABLE)
     rounds = 0
@@ -513,7 +458,7 @@ def _drain(
         sender.wait_acks()  # a pass claims from the oldest row: the rows acked are not due
         batches = read_ahead(_claims(store, sender), sender.prepare, depth=1)
         try:
-            for batch in batches:
+            for ready in batches:
                 if max_batches is not None and rounds >= max_batches:
                     return
                 if max_seconds is not None and clock() - started >= max_seconds:
@@ -522,9 +467,9 @@ def _drain(
                 rounds += 1
                 crashpoint("send.after_claim")
                 try:
-                    whole = sender.deliver(batch.rows, batch)
+                    whole = sender.deliver(ready.rows, ready.prepared)
                 except SinkTransientError as exc:
-                    sender.defer(batch.rows, exc)
+                    sender.defer(ready.rows, exc)
                     raise
                 if not whole:
                     break
