@@ -26,7 +26,8 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
-from outbox.config import DATASET_NAMES, Config
+from outbox import datasets as table
+from outbox.config import Config
 from outbox.stages.plan import dataset_of_source, group_hours
 from outbox.store import Store
 from outbox.timeutil import HOUR, floor_hour, parse_ts, to_ts, utcnow
@@ -67,9 +68,9 @@ def find_gaps(
     now = now or utcnow()
     floor = floor_hour(now - timedelta(days=config.housekeeping.retention_days))
     lo = max(since, floor) if since is not None else floor
-    shortest_lag = min(config.publication_lag(name) for name in DATASET_NAMES)
-    missing = store.missing_hours(to_ts(lo), to_ts(now - timedelta(hours=shortest_lag)))
-    sources = store.series_sources()
+    shortest_lag = min(config.publication_lag(name) for name in table.names())
+    missing = store.reads.missing_hours(to_ts(lo), to_ts(now - timedelta(hours=shortest_lag)))
+    sources = store.reads.series_sources()
     gaps: list[Gap] = []
     for sid, rows in groupby(missing, key=itemgetter(0)):
         try:

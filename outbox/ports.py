@@ -17,12 +17,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from outbox.normalize import ROUTE_FUEL, ROUTE_INTERCHANGE, ROUTE_REGION
-
 # ---------------------------------------------------------------------------------
 # Source: where the fetch stage gets pages (outbox.sources.eia, outbox.sources.replay)
 # ---------------------------------------------------------------------------------
 
+# The EIA-930 routes a Request may name (the sources' own copy: outbox.datasets, above
+# them, maps each to its datasets).
+ROUTE_REGION = "electricity/rto/region-data"
+ROUTE_FUEL = "electricity/rto/fuel-type-data"
+ROUTE_INTERCHANGE = "electricity/rto/interchange-data"
 ROUTES = (ROUTE_REGION, ROUTE_FUEL, ROUTE_INTERCHANGE)
 # Facet holding the balancing authority, per route.
 RESPONDENT_FACET = {

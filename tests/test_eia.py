@@ -16,8 +16,7 @@ import respx
 from freezegun import freeze_time
 
 from outbox.errors import SourceFatalError, SourceTransientError
-from outbox.normalize import ROUTE_FUEL, ROUTE_INTERCHANGE, ROUTE_REGION
-from outbox.ports import Request
+from outbox.ports import ROUTE_FUEL, ROUTE_INTERCHANGE, ROUTE_REGION, Request
 from outbox.retry import RetryPolicy
 from outbox.sources.eia import EIAClient, RateLimiter
 from outbox.sources.replay import iter_replay_pages

@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from outbox.errors import SourceFatalError, SourceTransientError
-from outbox.normalize import ROUTE_FUEL, ROUTE_INTERCHANGE, ROUTE_REGION, normalize_page
-from outbox.ports import Request
+from outbox.normalize import normalize_page
+from outbox.ports import ROUTE_FUEL, ROUTE_INTERCHANGE, ROUTE_REGION, Request
 from outbox.retry import RetryPolicy
 from outbox.sources.eia import EIAClient
 from outbox.sources.replay import iter_replay_pages

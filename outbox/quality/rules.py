@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from outbox import datasets
 from outbox.quality.settings import Resolver
 
 if TYPE_CHECKING:
@@ -359,9 +360,7 @@ def _series_rule(
     after: int,
 ) -> Outcome:
     out = Outcome(evaluated=_evaluated(rule, scope, before, after))
-    from outbox.config import DATASET_NAMES
-
-    shortest = min(resolver.get(rule, ds).window_hours for ds in DATASET_NAMES)
+    shortest = min(resolver.get(rule, ds).window_hours for ds in datasets.names())
     shortest = min([shortest, *(resolver.get(rule, None, ba).window_hours for ba in scope)])
     for _, r in runs[runs["n"] >= shortest].iterrows():
         if r["ba"] not in scope:
@@ -430,9 +429,7 @@ def flat_line(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
 
 
 def _widest(resolver: Resolver, rule: str) -> int:
-    from outbox.config import DATASET_NAMES
-
-    windows = [resolver.get(rule, ds).window_hours for ds in DATASET_NAMES]
+    windows = [resolver.get(rule, ds).window_hours for ds in datasets.names()]
     return max(windows)
 
 

@@ -42,8 +42,14 @@ import tenacity
 
 from outbox import USER_AGENT
 from outbox.errors import SourceFatalError, SourceTransientError
-from outbox.normalize import ROUTE_FUEL, ROUTE_INTERCHANGE, ROUTE_REGION
-from outbox.ports import RESPONDENT_FACET, Page, Request
+from outbox.ports import (
+    RESPONDENT_FACET,
+    ROUTE_FUEL,
+    ROUTE_INTERCHANGE,
+    ROUTE_REGION,
+    Page,
+    Request,
+)
 from outbox.redact import MASK, RedactingFilter, redact, register_secret
 from outbox.retry import RetryPolicy, call_with_retry, parse_retry_after
 

@@ -113,11 +113,11 @@ def _fetch_run(
             if config.quality.enabled and not fill:
                 from outbox.quality.engine import Checker
 
-                store.checker = result.quality = Checker(config)
+                store.staging.checker = result.quality = Checker(config)
             try:
                 yield fetcher
             finally:
-                store.checker = None
+                store.staging.checker = None
     if fill:
         _log_filled(result)
     else:
@@ -168,12 +168,12 @@ def _fill(
     from outbox.gaps import find_gaps
 
     gaps = find_gaps(config, store, now=now)
-    plan = plan_fill(gaps, store.series_sources(), max_hours=config.eia.backfill_chunk_hours)
+    plan = plan_fill(gaps, store.reads.series_sources(), max_hours=config.eia.backfill_chunk_hours)
     fill.gap_hours = sum(g.hours for g in gaps)
     fill.windows = len(plan)
     for request in plan:
         fetcher.stage_window(source, request.window, backfill=True, advance=False)
-        fill.checked += store.mark_checked(request.hours)
+        fill.checked += store.staging.mark_checked(request.hours)
 
 
 def check_replay_staged(config: Config, result: FetchResult) -> None:

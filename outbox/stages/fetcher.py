@@ -123,12 +123,12 @@ class Fetcher:
         self.store = store
         self.run_id = run_id
         self.result = result
-        self.marks = store.watermarks()
-        self.progress = store.stream_progress()
+        self.marks = store.staging.watermarks()
+        self.progress = store.staging.stream_progress()
         # As the run found it: a stream answered before this run may since have been
         # published with history (see _history_found).
         self.answered = frozenset(self.progress)
-        self.history = store.history_markers()
+        self.history = store.staging.history_markers()
         self.ba_codes = config.eia_to_gridpulse
         self.configured = frozenset(config.balancing_authorities.values())
         self.now = now or utcnow()
@@ -347,7 +347,7 @@ class Fetcher:
         series_rows = [
             (s.series_id, s.ba, s.type, s.subtype, s.units, s.route, s.facets) for s in norm.series
         ]
-        staged = self.store.stage(
+        staged = self.store.staging.stage(
             rows,
             series_rows=series_rows,
             page=record,

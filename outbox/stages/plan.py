@@ -20,25 +20,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from outbox.config import DATASET_NAMES, Config
+from outbox import datasets as table
+from outbox.config import Config
 from outbox.errors import UsageError
-from outbox.normalize import ROUTE_FUEL, ROUTE_INTERCHANGE, ROUTE_REGION, dataset_of, stream_key
-from outbox.ports import RESPONDENT_FACET, Request
+from outbox.normalize import stream_key
+from outbox.ports import Request
 from outbox.timeutil import HOUR, floor_hour, parse_ts, to_ts
 
 if TYPE_CHECKING:
     from outbox.gaps import Gap
 
-ROUTE_DATASETS: dict[str, dict[str, str | None]] = {
-    ROUTE_REGION: {
-        "demand": "D",
-        "demand_forecast": "DF",
-        "net_generation": "NG",
-        "interchange": "TI",
-    },
-    ROUTE_FUEL: {"generation": None},
-    ROUTE_INTERCHANGE: {"ba_interchange": None},
-}
 # Streams of one route whose start differs by less than this share one request.
 MERGE_WINDOW = timedelta(days=7)
 MERGE_HOURS = 6
@@ -79,13 +70,7 @@ class Window:
     def request(self) -> Request:
         """The EIA request for this window."""
         respondents = tuple(sorted({s.respondent for s in self.streams}))
-        codes = ROUTE_DATASETS[self.route]
-        facet_values = tuple(
-            sorted(
-                {c for s in self.streams if (c := codes[s.dataset]) is not None},
-                key=list(codes.values()).index,
-            )
-        )
+        facet_values = table.facet_codes(self.route, {s.dataset for s in self.streams})
         return Request(self.route, respondents, facet_values, self.start, self.end)
 
 
@@ -96,8 +81,8 @@ def plan_streams(
     chosen_bas = _choose_bas(config, bas)
     chosen = datasets or config.enabled_datasets()
     out = []
-    for route, codes in ROUTE_DATASETS.items():
-        for dataset in codes:
+    for route in table.routes():
+        for dataset in (ds.name for ds in table.for_route(route)):
             if dataset in chosen:
                 out.extend(Stream(dataset, eia, route) for eia in chosen_bas)
     return out
@@ -133,7 +118,7 @@ def plan_incremental(
     """
     end_now = floor_hour(now)
     windows: list[Window] = []
-    for route in ROUTE_DATASETS:
+    for route in table.routes():
         starts: list[tuple[datetime, Stream]] = []
         for s in (s for s in streams if s.route == route):
             lookback = timedelta(hours=config.datasets[s.dataset].lookback_hours)
@@ -148,7 +133,7 @@ def plan_incremental(
         if not starts:
             continue
         end = end_now
-        if any(s.dataset == "demand_forecast" for _, s in starts):
+        if any(table.by_name(s.dataset).horizon == "forecast" for _, s in starts):
             end = end_now + timedelta(hours=config.eia.forecast_horizon_hours)
         windows.extend(_group_windows(route, starts, end))
     return _chunk(windows, config.eia.backfill_chunk_hours)
@@ -211,7 +196,7 @@ def asked_cutoffs(config: Config, now: datetime) -> dict[str, str]:
     current = floor_hour(now)
     return {
         name: to_ts(current - timedelta(hours=config.publication_lag(name)))
-        for name in DATASET_NAMES
+        for name in table.names()
     }
 
 
@@ -233,7 +218,7 @@ def plan_backfill(
 ) -> list[Window]:
     """Windows for ``fetch --start/--end``: each route over the range, in chunks."""
     windows = []
-    for route in ROUTE_DATASETS:
+    for route in table.routes():
         chosen = tuple(s for s in streams if s.route == route)
         if chosen:
             windows.append(Window(route, chosen, start, end))
@@ -261,7 +246,10 @@ def latest_hours(config: Config, now: datetime) -> dict[str, datetime]:
     """
     current = floor_hour(now) + HOUR
     horizon = current + timedelta(hours=config.eia.forecast_horizon_hours)
-    return {name: horizon if name == "demand_forecast" else current for name in DATASET_NAMES}
+    return {
+        name: horizon if table.by_name(name).horizon == "forecast" else current
+        for name in table.names()
+    }
 
 
 @dataclass(frozen=True)
@@ -288,7 +276,7 @@ def plan_fill(
             hours.setdefault(h, set()).add(gap.series_id)
     merge, longest = timedelta(hours=MERGE_HOURS), timedelta(hours=max_hours)
     plan = []
-    for route in ROUTE_DATASETS:
+    for route in table.routes():
         hours = by_route.get(route, {})
         ranges = group_hours(
             sorted(hours), lambda f, last, h: h - last <= merge and h - f < longest
@@ -317,17 +305,17 @@ def group_hours(
 def dataset_of_source(source: SeriesSource) -> str:
     """The dataset of a series from its route and facets (ValueError when none fits)."""
     route, facets = source
-    return dataset_of(route, facets.get("type"))
+    return table.of_row(route, facets.get(table.route(route).code_facet))
 
 
 def _stream(route: str, source: SeriesSource) -> Stream:
     facets = source[1]
-    respondent = facets[RESPONDENT_FACET[route]]
+    respondent = facets[table.route(route).respondent_facet]
     return Stream(dataset_of_source(source), respondent, route)
 
 
 def _order(stream: Stream) -> tuple[int, str]:
-    return DATASET_NAMES.index(stream.dataset), stream.respondent
+    return table.order(stream.dataset), stream.respondent
 
 
 def first_starts(
@@ -354,9 +342,7 @@ def first_starts(
 
 
 def _series_prefix(config: Config, dataset: str, respondent: str) -> str:
-    ba = config.eia_to_gridpulse.get(respondent, respondent)
-    kind = {"ba_interchange": "interchange.", "generation": "generation."}.get(dataset)
-    return f"EIA.{ba}.{kind}" if kind else f"EIA.{ba}.{dataset}"
+    return table.series_prefix(dataset, config.eia_to_gridpulse.get(respondent, respondent))
 
 
 def with_lookback(config: Config, hours: int) -> Config:
