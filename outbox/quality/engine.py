@@ -22,6 +22,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from outbox.config import Config
+from outbox.quality.frame import SeriesInfo, read_frame
 from outbox.quality.rules import FRAME_RULES, Evaluated, Finding, Outcome, Scope, context_hours
 from outbox.quality.settings import Resolver
 
@@ -31,14 +32,6 @@ if TYPE_CHECKING:
 EVERY_HOUR = (-(2**40), 2**40)
 REGION_GROUP = frozenset({"demand", "net_generation", "interchange"})
 
-# CROSS JOIN keeps series as the outer loop (SQLite does not reorder it): a primary-key
-# range of observations per series, where a plain JOIN let the planner scan observations.
-_FRAME = """
-SELECT s.series_id, s.ba, s.type, s.subtype, CAST(strftime('%s', o.ts) AS INTEGER) / 3600, o.value
-FROM series s CROSS JOIN observations o
-    ON o.series_id = s.series_id AND o.ts >= ?2 AND o.ts <= ?3
-WHERE (s.ba = ?1 OR (s.type = 'interchange' AND s.subtype = ?1)) AND o.value IS NOT NULL
-"""
 _NEWEST = """
 SELECT s.series_id, s.type, s.subtype,
        (SELECT max(o.ts) FROM observations o WHERE o.series_id = s.series_id)
@@ -113,6 +106,7 @@ class Checker:
         self.resolved = 0
         self.quarantined = 0
         self._series: dict[str, tuple[str, str]] = {}  # series_id -> (ba, dataset)
+        self._info: dict[str, SeriesInfo] = {}
         self._keys: list[tuple[str, str]] = []
         self._revised_after: int | None = None
         self._now = ""
@@ -174,7 +168,9 @@ class Checker:
         if all(s in self._series for s in sids):
             return
         for sid, ba, type_, sub in cur.execute("SELECT series_id, ba, type, subtype FROM series"):
-            self._series[sid] = (ba, dataset_of(type_, sub))
+            ds = dataset_of(type_, sub)
+            self._series[sid] = (ba, ds)
+            self._info[sid] = SeriesInfo(ba, type_, sub, ds)
 
     def _scopes(self, keys: list[tuple[str, str]]) -> list[Scope]:
         """The hours written, per BA, as runs of hours that share their context: hours
@@ -205,21 +201,7 @@ class Checker:
         return scopes
 
     def _frame(self, cur: sqlite3.Cursor, scope: Scope) -> pd.DataFrame | None:
-        import pandas as pd
-
-        rows: list[Any] = []
-        for ba, (lo, hi) in scope.items():
-            bounds = (hour_ts(lo - self.context[0]), hour_ts(hi + self.context[1]))
-            rows.extend(cur.execute(_FRAME, (ba, *bounds)).fetchall())
-        if not rows:
-            return None
-        frame = pd.DataFrame(rows, columns=["sid", "ba", "type", "sub", "h", "v"])
-        frame = frame.drop_duplicates(["sid", "h"])
-        ds = frame["type"].where(frame["type"] != "interchange", "interchange")
-        ds = ds.mask((frame["type"] == "interchange") & frame["sub"].notna(), "ba_interchange")
-        # Categorical: the rules filter on the dataset many times (string compares are slow).
-        frame = frame.assign(ds=ds.astype("category")).drop(columns="type")
-        return frame.sort_values(["sid", "h"], kind="stable").reset_index(drop=True)
+        return read_frame(cur, self._info, scope, self.context)
 
     def _dropped(self, cur: sqlite3.Cursor, scope: Scope) -> Outcome:
         """dropped_series: a series ``threshold`` hours behind the BA's others of its kind."""

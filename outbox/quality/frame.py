@@ -1,0 +1,138 @@
+"""Reading the rows around the hours a stage wrote into the rules' frame.
+
+The frame holds, per BA of the scope, the rows of the BA's series and of the BA-to-BA
+series pointing at it, from ``before`` hours ahead of the first hour written to ``after``
+hours past the last (``Checker.context``). A series that two BAs of the scope read (A -> B
+with A and B both written) holds the union of the two windows, once.
+
+Each series is read on its own primary-key range (``series_id, ts``), values only when
+the range has every hour (the usual case: the hours follow from the first one), and the
+frame is assembled from numpy arrays: no Python object per row but the value itself.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, NamedTuple
+
+from outbox.quality.rules import Scope
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+_SPAN = """
+SELECT min(ts), max(ts), count(*) FROM observations
+WHERE series_id = ?1 AND ts >= ?2 AND ts <= ?3
+"""
+_VALUES = "SELECT value FROM observations WHERE series_id = ?1 AND ts >= ?2 AND ts <= ?3"
+_ROWS = """
+SELECT CAST(strftime('%s', ts) AS INTEGER) / 3600, value FROM observations
+WHERE series_id = ?1 AND ts >= ?2 AND ts <= ?3 AND value IS NOT NULL
+"""
+COLUMNS = ["sid", "ba", "sub", "h", "v", "ds"]
+
+
+class SeriesInfo(NamedTuple):
+    """What the frame says about a series besides its rows."""
+
+    ba: str
+    type: str
+    sub: str | None
+    ds: str
+
+
+def _ts(h: int) -> str:
+    return datetime.fromtimestamp(h * 3600, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _hour(ts: str) -> int:
+    when = datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    return int(when.timestamp()) // 3600
+
+
+def windows(
+    series: dict[str, SeriesInfo], scope: Scope, context: tuple[int, int]
+) -> dict[str, list[tuple[int, int]]]:
+    """Per series, the disjoint sorted hour ranges the scope's BAs read of it."""
+    pointing: dict[str, list[str]] = defaultdict(list)
+    own: dict[str, list[str]] = defaultdict(list)
+    for sid, info in series.items():
+        own[info.ba].append(sid)
+        if info.type == "interchange" and info.sub is not None:
+            pointing[info.sub].append(sid)
+    wanted: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for ba, (lo, hi) in scope.items():
+        window = (lo - context[0], hi + context[1])
+        for sid in own.get(ba, []) + pointing.get(ba, []):
+            wanted[sid].append(window)
+    return {sid: _merged(ranges) for sid, ranges in wanted.items()}
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    ranges = sorted(set(ranges))
+    out = [ranges[0]]
+    for lo, hi in ranges[1:]:
+        if lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _read(cur: sqlite3.Cursor, sid: str, lo: int, hi: int) -> tuple[list[int], list[float]]:
+    """(hours, values) of a series' non-missing rows in ``lo..hi``."""
+    params = (sid, _ts(lo), _ts(hi))
+    first, last, n = cur.execute(_SPAN, params).fetchone()
+    if not n:
+        return [], []
+    h0, h1 = _hour(first), _hour(last)
+    if h1 - h0 + 1 == n and first.endswith(":00:00Z") and last.endswith(":00:00Z"):
+        values = [v for (v,) in cur.execute(_VALUES, params).fetchall()]
+        if None not in values:
+            return list(range(h0, h1 + 1)), values
+        hours = [h for h, v in zip(range(h0, h1 + 1), values, strict=True) if v is not None]
+        return hours, [v for v in values if v is not None]
+    rows = cur.execute(_ROWS, params).fetchall()
+    return [h for h, _ in rows], [v for _, v in rows]
+
+
+def read_frame(
+    cur: sqlite3.Cursor,
+    series: dict[str, SeriesInfo],
+    scope: Scope,
+    context: tuple[int, int],
+) -> pd.DataFrame | None:
+    """The rules' frame for ``scope`` (see the module docstring), sorted by (sid, h)."""
+    import numpy as np
+    import pandas as pd
+
+    hours: list[int] = []
+    values: list[float] = []
+    sids: list[str] = []
+    counts: list[int] = []
+    for sid, ranges in sorted(windows(series, scope, context).items()):
+        n = 0
+        for lo, hi in ranges:
+            h, v = _read(cur, sid, lo, hi)
+            hours.extend(h)
+            values.extend(v)
+            n += len(h)
+        if n:
+            sids.append(sid)
+            counts.append(n)
+    if not sids:
+        return None
+    info = [series[s] for s in sids]
+    ds = pd.Categorical(np.repeat(np.array([i.ds for i in info], dtype=object), counts))
+    return pd.DataFrame(
+        {
+            "sid": np.repeat(np.array(sids, dtype=object), counts),
+            "ba": np.repeat(np.array([i.ba for i in info], dtype=object), counts),
+            "sub": np.repeat(np.array([i.sub for i in info], dtype=object), counts),
+            "h": np.array(hours, dtype=np.int64),
+            "v": np.array(values, dtype=np.float64),
+            "ds": ds,
+        }
+    )
