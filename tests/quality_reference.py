@@ -14,6 +14,7 @@ open findings there that it did not find again. docs/quality.md defines each rul
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -546,7 +547,7 @@ WHERE (s.ba = ?1 OR (s.type = 'interchange' AND s.subtype = ?1)) AND o.value IS 
 """
 
 
-def frame(cur, scope: Scope, context: tuple[int, int]):  # noqa: ANN001, ANN201
+def frame(cur: sqlite3.Cursor, scope: Scope, context: tuple[int, int]) -> pd.DataFrame | None:
     """The engine's frame of the rows around ``scope`` (Checker._frame at d66256b)."""
     import pandas as pd
 

@@ -19,7 +19,7 @@ import quality_reference as ref
 from outbox.config import Config
 from outbox.quality import rules
 from outbox.quality.engine import Checker, dataset_of, hour_ts
-from outbox.quality.frame import SeriesInfo, read_frame
+from outbox.quality.frame import Frame, SeriesInfo, read_frame
 from outbox.quality.settings import Resolver
 
 BAS = ("AAA", "BBB", "CCC", "DDD")
@@ -119,7 +119,7 @@ def outcome(o: object) -> tuple[list[tuple], list[tuple]]:
 def test_each_rule_finds_what_the_reference_found(rule: str, seed: int) -> None:
     frame, scope = random_frame(seed)
     resolver = Resolver(config(seed).quality)
-    new = outcome(rules.FRAME_RULES[rule](frame.copy(), scope, resolver))
+    new = outcome(rules.FRAME_RULES[rule](Frame(frame.copy(), scope), scope, resolver))
     old = outcome(ref.FRAME_RULES[rule](frame.copy(), scope, resolver))
     assert new == old
 

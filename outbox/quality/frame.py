@@ -17,10 +17,12 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, NamedTuple
 
-from outbox.quality.rules import Scope
-
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
+
+Scope = dict[str, tuple[int, int]]
+"""BA -> (first, last) hour written."""
 
 _SPAN = """
 SELECT min(ts), max(ts), count(*) FROM observations
@@ -136,3 +138,52 @@ def read_frame(
             "ds": ds,
         }
     )
+
+
+def in_scope(frame: pd.DataFrame, scope: Scope, before: int = 0, after: int = 0) -> pd.Series:
+    """Whether each row's hour is in its BA's scope, widened by ``before`` and ``after``."""
+    lo = frame["ba"].map({ba: r[0] - before for ba, r in scope.items()})
+    hi = frame["ba"].map({ba: r[1] + after for ba, r in scope.items()})
+    return (frame["h"] >= lo) & (frame["h"] <= hi)
+
+
+class Frame:
+    """A scope's frame (``rows``, sorted by sid and hour) and the parts of it the rules
+    filter out, each cut once: a dataset's rows, and those at the hours of the scope."""
+
+    def __init__(self, rows: pd.DataFrame, scope: Scope) -> None:
+        self.rows = rows
+        self.scope = scope
+        self._parts: dict[str, pd.DataFrame] | None = None
+        self._hours: dict[tuple[str, bool], pd.DataFrame] = {}
+        self._starts: np.ndarray | None = None
+
+    def of(self, ds: str) -> pd.DataFrame:
+        """The rows of dataset ``ds``, in frame order."""
+        if self._parts is None:
+            grouped = self.rows.groupby("ds", observed=True, sort=False)
+            self._parts = {str(name): part for name, part in grouped}
+        part = self._parts.get(ds)
+        return self.rows.iloc[:0] if part is None else part
+
+    def at_hours(self, ds: str, either_side: bool = False) -> pd.DataFrame:
+        """The rows of ``ds`` at hours in the scope of their BA (``either_side``: or of
+        their counterparty, for a BA-to-BA row)."""
+        key = (ds, either_side)
+        if key not in self._hours:
+            part = self.of(ds)
+            keep = in_scope(part, self.scope).fillna(False)
+            if either_side:
+                keep |= in_scope(part.assign(ba=part["sub"]), self.scope).fillna(False)
+            self._hours[key] = part[keep.to_numpy(bool)]
+        return self._hours[key]
+
+    def starts(self) -> np.ndarray:
+        """Per row, the index of the first row of its series."""
+        import numpy as np
+
+        if self._starts is None:
+            sid = self.rows["sid"].to_numpy()
+            first = np.r_[True, sid[1:] != sid[:-1]] if len(sid) else np.zeros(0, bool)
+            self._starts = np.maximum.accumulate(np.where(first, np.arange(len(sid)), 0))
+        return self._starts

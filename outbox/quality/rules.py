@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from outbox.quality.frame import Frame, Scope, in_scope
 from outbox.quality.settings import Resolver
 
 if TYPE_CHECKING:
@@ -61,20 +62,13 @@ class Outcome:
     evaluated: list[Evaluated] = field(default_factory=list)
 
 
-Scope = dict[str, tuple[int, int]]
-"""BA -> (first, last) hour written."""
-
-
 def _ts(h: int) -> str:
     from outbox.quality.engine import hour_ts
 
     return hour_ts(h)
 
 
-def _in_scope(frame: pd.DataFrame, scope: Scope, before: int = 0, after: int = 0) -> pd.Series:
-    lo = frame["ba"].map({ba: r[0] - before for ba, r in scope.items()})
-    hi = frame["ba"].map({ba: r[1] + after for ba, r in scope.items()})
-    return (frame["h"] >= lo) & (frame["h"] <= hi)
+_in_scope = in_scope
 
 
 def _evaluated(rule: str, scope: Scope, before: int = 0, after: int = 0) -> list[Evaluated]:
@@ -90,10 +84,9 @@ def _enabled_bas(rule: str, resolver: Resolver, bas: Iterable[str]) -> dict[str,
     return out
 
 
-def _by_hour(frame: pd.DataFrame, ds: str) -> pd.Series:
-    """One value per (ba, h) of the BA-level series of dataset ``ds`` (no subtype)."""
-    rows = frame[(frame["ds"] == ds)]
-    return rows.set_index(["ba", "h"])["v"]
+def _by_hour(data: Frame, ds: str) -> pd.Series:
+    """One value per (ba, h) in the scope of the BA-level series of dataset ``ds``."""
+    return data.at_hours(ds).set_index(["ba", "h"])["v"]
 
 
 def _hourly_finding(
@@ -183,11 +176,11 @@ def _series_of(frame: pd.DataFrame) -> _SeriesOf:
     return _SeriesOf(frame)
 
 
-def balance(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
+def balance(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """|NG - D - TI| beyond ``max(min_mw, tolerance * D)`` for a BA and hour."""
-    d, ng, ti = (_by_hour(frame, ds) for ds in ("demand", "net_generation", "interchange"))
+    d, ng, ti = (_by_hour(data, ds) for ds in ("demand", "net_generation", "interchange"))
     measured = (ng - d).dropna()
-    series = _series_of(frame)
+    series = _series_of(data.rows)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
         return tuple(
@@ -202,13 +195,13 @@ def balance(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
     return _compare("balance", measured, ti, d, resolver, scope, describe, judged)
 
 
-def interchange_sum(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
+def interchange_sum(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """TI vs the sum of the BA's BA-to-BA rows, where those rows were staged for the hour."""
-    ti = _by_hour(frame, "interchange")
-    flows = frame[frame["ds"] == "ba_interchange"]
+    ti = _by_hour(data, "interchange")
+    flows = data.at_hours("ba_interchange")
     total = flows.groupby(["ba", "h"])["v"].sum()
     gross = flows["v"].abs().groupby([flows["ba"], flows["h"]]).sum()
-    series = _series_of(frame)
+    series = _series_of(data.rows)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
         return tuple(series.get((ba, "interchange"), []) + series.get((ba, "ba_interchange"), []))
@@ -220,12 +213,12 @@ def interchange_sum(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Ou
     return _compare("interchange_sum", total, ti, gross, resolver, scope, describe, judged)
 
 
-def fuel_sum(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
+def fuel_sum(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """Sum of fuel-type generation vs NG, beyond ``max(min_mw, tolerance * NG)``."""
-    ng = _by_hour(frame, "net_generation")
-    fuels = frame[frame["ds"] == "generation"]
+    ng = _by_hour(data, "net_generation")
+    fuels = data.at_hours("generation")
     total = fuels.groupby(["ba", "h"])["v"].sum()
-    series = _series_of(frame)
+    series = _series_of(data.rows)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
         return tuple(series.get((ba, "net_generation"), []) + series.get((ba, "generation"), []))
@@ -236,13 +229,13 @@ def fuel_sum(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
     return _compare("fuel_sum", total, ng, ng, resolver, scope, describe, judged)
 
 
-def antisymmetry(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
+def antisymmetry(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """A -> B vs -(B -> A) for the same hour when both directions are staged.
 
     Reported once per pair, at the BA whose code sorts first, on its A -> B series.
     """
     out = Outcome(evaluated=_evaluated("antisymmetry", scope))
-    flows = frame[frame["ds"] == "ba_interchange"][["sid", "ba", "sub", "h", "v"]]
+    flows = data.at_hours("ba_interchange", either_side=True)[["sid", "ba", "sub", "h", "v"]]
     if flows.empty:
         return out
     back = flows.rename(columns={"ba": "sub", "sub": "ba", "v": "back", "sid": "back_sid"})
@@ -289,12 +282,12 @@ def _pair_in_scope(pairs: pd.DataFrame, scope: Scope) -> pd.Series:
     return a.fillna(False) | b.fillna(False)
 
 
-def negative_generation(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
+def negative_generation(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """A fuel's generation below ``-threshold`` MW (storage and pumped hydro exempt)."""
     out = Outcome(evaluated=_evaluated("negative_generation", scope))
     exempt = resolver.exempt_fuels()
-    rows = frame[(frame["ds"] == "generation") & (frame["v"] < 0) & ~frame["sub"].isin(exempt)]
-    rows = rows[_in_scope(rows, scope)]
+    fuels = data.at_hours("generation")
+    rows = fuels[(fuels["v"] < 0) & ~fuels["sub"].isin(exempt)]
     for r in rows.itertuples(index=False):
         s = resolver.get("negative_generation", "generation", r.ba)
         if s.enabled and r.v < -s.threshold:
@@ -392,14 +385,21 @@ def _series_rule(
     return out
 
 
-def repeated_day(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
+def repeated_day(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """At least ``window_hours`` (24) consecutive hours each equal to the hour a day before.
 
     A block that is one constant value is left to flat_line (an idle unit at 0 repeats).
     """
-    prev = frame[["sid", "h", "v"]].assign(h=frame["h"] + 24).rename(columns={"v": "prev"})
-    joined = frame.merge(prev, on=["sid", "h"], how="left")
-    runs = _runs(joined, joined["v"] == joined["prev"])
+    import numpy as np
+
+    frame = data.rows
+    # The row of the same series a day before, by binary search on (series, hour).
+    h = frame["h"].to_numpy()
+    key = data.starts().astype(np.int64) * (1 << 32) + (h - h.min() if len(h) else h)
+    at = np.clip(np.searchsorted(key, key - 24), 0, max(len(key) - 1, 0))
+    v = frame["v"].to_numpy()
+    flag = (key[at] == key - 24) & (v[at] == v) if len(key) else np.zeros(0, bool)
+    runs = _runs(frame, flag)
 
     def describe(r: pd.Series, s: object) -> str | None:
         if r["n"] < s.window_hours or r["distinct"] < 2:  # type: ignore[attr-defined]
@@ -413,13 +413,15 @@ def repeated_day(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outco
     return _series_rule("repeated_day", runs, scope, resolver, describe, 0, 24)
 
 
-def flat_line(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
+def flat_line(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """The same non-zero value for at least ``window_hours`` consecutive hours."""
-    same = (frame["sid"] == frame["sid"].shift()) & (frame["h"] == frame["h"].shift() + 1)
-    same &= frame["v"] == frame["v"].shift()
+    import numpy as np
+
+    frame = data.rows
+    starts, h, v = data.starts(), frame["h"].to_numpy(), frame["v"].to_numpy()
+    same = np.r_[False, (starts[1:] == starts[:-1]) & (h[1:] == h[:-1] + 1) & (v[1:] == v[:-1])]
     # A run's first hour equals nothing before it; flag it from the hour after it.
-    flag = same | same.shift(-1, fill_value=False)
-    flag &= frame["v"] != 0
+    flag = (same | np.r_[same[1:], False]) & (v != 0)
     runs = _runs(frame, flag)
 
     def describe(r: pd.Series, s: object) -> str | None:
@@ -437,7 +439,7 @@ def _widest(resolver: Resolver, rule: str) -> int:
     return max(windows)
 
 
-def spike(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
+def spike(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """A single-hour outlier: its residual against its neighbours, as a robust z-score.
 
     The residual is ``v - (prev + next) / 2`` (``v - (2 prev - prev2)`` for the newest
@@ -447,12 +449,16 @@ def spike(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
     residuals (so the hours around a spike are not spikes themselves).
     """
     import numpy as np
+    import pandas as pd
 
     out = Outcome(evaluated=_evaluated("spike", scope, 1, 2))
-    enabled = {ds for ds in frame["ds"].unique() if resolver.get("spike", ds).enabled} | {
-        ds for ds in frame["ds"].unique() for ba in scope if resolver.get("spike", ds, ba).enabled
+    present = [str(ds) for ds in data.rows["ds"].unique()]
+    enabled = {ds for ds in present if resolver.get("spike", ds).enabled} | {
+        ds for ds in present for ba in scope if resolver.get("spike", ds, ba).enabled
     }
-    f = frame[frame["ds"].isin(enabled)]
+    parts = [data.of(ds) for ds in sorted(enabled)]
+    f = pd.concat(parts).sort_index() if len(parts) > 1 else data.rows.iloc[:0]
+    f = parts[0] if len(parts) == 1 else f
     if f.empty:
         return out
     sid = f["sid"].to_numpy()
@@ -549,7 +555,7 @@ def rolling_median(
     return out
 
 
-FRAME_RULES: dict[str, Callable[[pd.DataFrame, Scope, Resolver], Outcome]] = {
+FRAME_RULES: dict[str, Callable[[Frame, Scope, Resolver], Outcome]] = {
     "balance": balance,
     "interchange_sum": interchange_sum,
     "antisymmetry": antisymmetry,
