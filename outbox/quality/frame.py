@@ -15,6 +15,7 @@ from __future__ import annotations
 import sqlite3
 from collections import defaultdict
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ def _ts(h: int) -> str:
     return datetime.fromtimestamp(h * 3600, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@lru_cache(maxsize=1 << 14)
 def _hour(ts: str) -> int:
     when = datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     return int(when.timestamp()) // 3600
@@ -141,10 +143,18 @@ def read_frame(
 
 
 def in_scope(frame: pd.DataFrame, scope: Scope, before: int = 0, after: int = 0) -> pd.Series:
-    """Whether each row's hour is in its BA's scope, widened by ``before`` and ``after``."""
-    lo = frame["ba"].map({ba: r[0] - before for ba, r in scope.items()})
-    hi = frame["ba"].map({ba: r[1] + after for ba, r in scope.items()})
-    return (frame["h"] >= lo) & (frame["h"] <= hi)
+    """Whether each row's hour is in its BA's scope, widened by ``before`` and ``after``
+    (False for a BA outside the scope)."""
+    import numpy as np
+    import pandas as pd
+
+    codes, names = pd.factorize(frame["ba"])
+    nan = float("nan")
+    bounds = [scope.get(ba, (nan, nan)) for ba in names] + [(nan, nan)]  # code -1: missing
+    lo = np.array([b[0] for b in bounds], dtype=float)[codes] - before
+    hi = np.array([b[1] for b in bounds], dtype=float)[codes] + after
+    h = frame["h"].to_numpy()
+    return pd.Series((h >= lo) & (h <= hi), index=frame.index)
 
 
 class Frame:
@@ -157,6 +167,20 @@ class Frame:
         self._parts: dict[str, pd.DataFrame] | None = None
         self._hours: dict[tuple[str, bool], pd.DataFrame] = {}
         self._starts: np.ndarray | None = None
+        self.bas: list[str] = sorted(set(rows["ba"].unique()) | set(scope))
+        """The BAs of the frame and scope, sorted: :meth:`key` numbers them."""
+
+    def key(self, part: pd.DataFrame) -> np.ndarray:
+        """One integer per row for its (ba, h), in the order of (ba, h)."""
+        import numpy as np
+        import pandas as pd
+
+        codes = pd.Categorical(part["ba"], categories=self.bas).codes.astype(np.int64)
+        return (codes << 32) | part["h"].to_numpy(np.int64)
+
+    def split_key(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(BA number, hour) of :meth:`key`'s integers."""
+        return keys >> 32, keys & 0xFFFFFFFF
 
     def of(self, ds: str) -> pd.DataFrame:
         """The rows of dataset ``ds``, in frame order."""

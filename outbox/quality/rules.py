@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from outbox.quality.frame import Frame, Scope, in_scope
-from outbox.quality.settings import Resolver
+from outbox.quality.settings import Resolver, Settings
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,8 +85,17 @@ def _enabled_bas(rule: str, resolver: Resolver, bas: Iterable[str]) -> dict[str,
 
 
 def _by_hour(data: Frame, ds: str) -> pd.Series:
-    """One value per (ba, h) in the scope of the BA-level series of dataset ``ds``."""
-    return data.at_hours(ds).set_index(["ba", "h"])["v"]
+    """One value per (ba, h) in the scope of the BA-level series of dataset ``ds``, on
+    :meth:`Frame.key` (an integer per BA and hour, in the order of (ba, h))."""
+    import pandas as pd
+
+    part = data.at_hours(ds)
+    return pd.Series(part["v"].to_numpy(), index=pd.Index(data.key(part)), name="v")
+
+
+def _sum_by_hour(data: Frame, part: pd.DataFrame, values: pd.Series) -> pd.Series:
+    """``values`` of the rows of ``part`` summed per BA and hour, on :meth:`Frame.key`."""
+    return values.groupby(data.key(part)).sum()
 
 
 def _hourly_finding(
@@ -124,31 +133,42 @@ def _compare(
     scope: Scope,
     describe: Callable[[str, int, float, float, float], str],
     judged: Callable[[str, int], tuple[str, ...]],
+    data: Frame,
 ) -> Outcome:
-    """Shared body of the identity rules: |measured - expected| beyond a per-BA limit."""
+    """Shared body of the identity rules: |measured - expected| beyond a per-BA limit.
+
+    The series are on :meth:`Frame.key` (BA and hour)."""
+    import numpy as np
+
     out = Outcome(evaluated=_evaluated(rule, scope))
     both = measured.to_frame("m").join(expected.to_frame("e"), how="inner")
     if both.empty:
         return out
     both["scale"] = scale.reindex(both.index).abs().fillna(0.0)
-    bas = _enabled_bas(rule, resolver, both.index.get_level_values(0).unique())
+    keys = both.index.to_numpy()
+    codes, hours = data.split_key(keys)
+    present = np.unique(codes)
+    bas = _enabled_bas(rule, resolver, [data.bas[c] for c in present])
     if not bas:
         return out
-    idx_ba = both.index.get_level_values(0)
-    tol = idx_ba.map({ba: s.tolerance for ba, s in bas.items()})  # type: ignore[attr-defined]
-    floor = idx_ba.map({ba: s.min_mw for ba, s in bas.items()})  # type: ignore[attr-defined]
-    limit = (both["scale"].to_numpy() * tol.to_numpy(float, na_value=float("nan"))).clip(
-        min=floor.to_numpy(float, na_value=float("nan"))
-    )
+    nan = float("nan")
+    tol = np.full(len(data.bas), nan)
+    floor = np.full(len(data.bas), nan)
+    for i, ba in enumerate(data.bas):
+        if ba in bas:
+            tol[i], floor[i] = bas[ba].tolerance, bas[ba].min_mw  # type: ignore[attr-defined]
+    limit = (both["scale"].to_numpy() * tol[codes]).clip(min=floor[codes])
     diff = (both["m"] - both["e"]).abs().to_numpy()
-    hit = both[diff > limit]
-    limits = dict(zip(both.index, limit, strict=True))
-    for (ba, h), row in hit.iterrows():
+    hit = np.flatnonzero(diff > limit)
+    m, e = both["m"].to_numpy(), both["e"].to_numpy()
+    for i in hit.tolist():
+        ba, h = data.bas[codes[i]], int(hours[i])
+        row = {"m": m[i], "e": e[i]}
         lo, hi = scope.get(ba, (h + 1, h))
         if not lo <= h <= hi:
             continue
         s = bas[ba]
-        text = describe(ba, int(h), float(row["m"]), float(row["e"]), float(limits[(ba, h)]))
+        text = describe(ba, h, float(row["m"]), float(row["e"]), float(limit[i]))
         out.findings.append(
             _hourly_finding(rule, ba, int(h), s, row["m"], row["e"], text, judged(ba, int(h)))
         )
@@ -192,15 +212,15 @@ def balance(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     def describe(ba: str, h: int, m: float, e: float, limit: float) -> str:
         return f"NG - D = {m:g} MW but TI = {e:g} MW (imbalance {m - e:+g} MW, limit {limit:g})"
 
-    return _compare("balance", measured, ti, d, resolver, scope, describe, judged)
+    return _compare("balance", measured, ti, d, resolver, scope, describe, judged, data)
 
 
 def interchange_sum(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """TI vs the sum of the BA's BA-to-BA rows, where those rows were staged for the hour."""
     ti = _by_hour(data, "interchange")
     flows = data.at_hours("ba_interchange")
-    total = flows.groupby(["ba", "h"])["v"].sum()
-    gross = flows["v"].abs().groupby([flows["ba"], flows["h"]]).sum()
+    total = _sum_by_hour(data, flows, flows["v"])
+    gross = _sum_by_hour(data, flows, flows["v"].abs())
     series = _series_of(data.rows)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
@@ -210,14 +230,14 @@ def interchange_sum(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
         n = int(((flows["ba"] == ba) & (flows["h"] == h)).sum())
         return f"sum of {n} BA-to-BA flows = {m:g} MW but TI = {e:g} MW (limit {limit:g})"
 
-    return _compare("interchange_sum", total, ti, gross, resolver, scope, describe, judged)
+    return _compare("interchange_sum", total, ti, gross, resolver, scope, describe, judged, data)
 
 
 def fuel_sum(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """Sum of fuel-type generation vs NG, beyond ``max(min_mw, tolerance * NG)``."""
     ng = _by_hour(data, "net_generation")
     fuels = data.at_hours("generation")
-    total = fuels.groupby(["ba", "h"])["v"].sum()
+    total = _sum_by_hour(data, fuels, fuels["v"])
     series = _series_of(data.rows)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
@@ -226,7 +246,7 @@ def fuel_sum(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     def describe(ba: str, h: int, m: float, e: float, limit: float) -> str:
         return f"sum of fuels = {m:g} MW but NG = {e:g} MW (limit {limit:g})"
 
-    return _compare("fuel_sum", total, ng, ng, resolver, scope, describe, judged)
+    return _compare("fuel_sum", total, ng, ng, resolver, scope, describe, judged, data)
 
 
 def antisymmetry(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
@@ -243,37 +263,55 @@ def antisymmetry(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     pairs = pairs[(pairs["ba"] < pairs["sub"]) & _pair_in_scope(pairs, scope)]
     if pairs.empty:
         return out
-    scale = pairs[["v", "back"]].abs().max(axis=1)
-    for ba in pairs["ba"].unique():
-        s = resolver.get("antisymmetry", None, ba)
-        if not s.enabled:
-            continue
-        mine = pairs[pairs["ba"] == ba]
-        limit = (scale[mine.index] * s.tolerance).clip(lower=s.min_mw)
-        hit = mine[(mine["v"] + mine["back"]).abs() > limit]
-        for i, r in hit.iterrows():
-            text = (
-                f"{r['ba']} -> {r['sub']} = {r['v']:g} MW but {r['sub']} -> {r['ba']} = "
-                f"{r['back']:g} MW (expected {-r['back']:g}, limit {limit[i]:g})"
-            )
-            out.findings.append(
-                _hourly_finding(
-                    "antisymmetry",
-                    ba,
-                    int(r["h"]),
-                    s,
-                    r["v"],
-                    -r["back"],
-                    text,
-                    (r["sid"], r["back_sid"]),
-                    series_id=r["sid"],
-                )
-            )
+    out.findings.extend(_antisymmetric(pairs, resolver))
     # The pair may have been written from either side: the BA reported holds both.
+    others: dict[str, dict[str, None]] = {}
+    for sub, ba in zip(pairs["sub"].tolist(), pairs["ba"].tolist(), strict=True):
+        others.setdefault(sub, {})[ba] = None
     for ba, (lo, hi) in scope.items():
-        for other in pairs.loc[pairs["sub"] == ba, "ba"].unique():
+        for other in others.get(ba, {}):
             out.evaluated.append(Evaluated("antisymmetry", other, lo, hi))
     return out
+
+
+def _antisymmetric(pairs: pd.DataFrame, resolver: Resolver) -> list[Finding]:
+    """The pairs beyond their BA's limit, BA by BA in order of appearance."""
+    import numpy as np
+    import pandas as pd
+
+    codes, bas = pd.factorize(pairs["ba"])
+    settings = [resolver.get("antisymmetry", None, ba) for ba in bas]
+    v, back = pairs["v"].to_numpy(), pairs["back"].to_numpy()
+    scale = np.maximum(np.abs(v), np.abs(back))
+    tol = np.array([s.tolerance for s in settings])[codes]
+    floor = np.array([s.min_mw for s in settings])[codes]
+    on = np.array([s.enabled for s in settings], dtype=bool)[codes]
+    limit = np.maximum(scale * tol, floor)
+    hit = np.flatnonzero(on & (np.abs(v + back) > limit))
+    hit = hit[np.argsort(codes[hit], kind="stable")]
+    sid, bsid = pairs["sid"].to_numpy(), pairs["back_sid"].to_numpy()
+    sub, hours = pairs["sub"].to_numpy(), pairs["h"].to_numpy()
+    found = []
+    for i in hit.tolist():
+        ba, s = bas[codes[i]], settings[codes[i]]
+        text = (
+            f"{ba} -> {sub[i]} = {v[i]:g} MW but {sub[i]} -> {ba} = "
+            f"{back[i]:g} MW (expected {-back[i]:g}, limit {limit[i]:g})"
+        )
+        found.append(
+            _hourly_finding(
+                "antisymmetry",
+                ba,
+                int(hours[i]),
+                s,
+                float(v[i]),
+                float(-back[i]),
+                text,
+                (sid[i], bsid[i]),
+                series_id=sid[i],
+            )
+        )
+    return found
 
 
 def _pair_in_scope(pairs: pd.DataFrame, scope: Scope) -> pd.Series:
@@ -357,7 +395,12 @@ def _series_rule(
 
     shortest = min(resolver.get(rule, ds).window_hours for ds in DATASET_NAMES)
     shortest = min([shortest, *(resolver.get(rule, None, ba).window_hours for ba in scope)])
-    for _, r in runs[runs["n"] >= shortest].iterrows():
+    runs = runs[runs["n"] >= shortest]
+    if not runs.empty:  # only the runs that reach the scope's hours, read row by row below
+        ends = in_scope(runs.assign(h=runs["end"]), scope, before, 10**9).to_numpy(bool)
+        starts = in_scope(runs.assign(h=runs["start"]), scope, 10**9, after).to_numpy(bool)
+        runs = runs[ends & starts]
+    for _, r in runs.iterrows():
         if r["ba"] not in scope:
             continue
         lo, hi = scope[r["ba"]]
@@ -489,14 +532,7 @@ def spike(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     )
     local_max &= same_prev & (~same_next | np.r_[same_prev[1:], False])
     cand = f[local_max & _in_scope(f, scope, 1, 2).to_numpy() & f["mad"].notna().to_numpy()]
-    for r in cand.itertuples(index=False):
-        s = resolver.get("spike", r.ds, r.ba)
-        if not s.enabled:
-            continue
-        scale = max(1.4826 * r.mad, s.tolerance * r.lvl, s.min_mw)
-        z = r.a / scale
-        if z <= s.threshold:
-            continue
+    for r, s, scale, z in _outliers(cand, resolver):
         text = (
             f"{r.v:g} MW, {r.r:+g} MW from its neighbours: robust z {z:.1f} "
             f"(threshold {s.threshold:g}, scale {scale:.0f} MW over {s.window_hours} h)"
@@ -553,6 +589,32 @@ def rolling_median(
         med = np.where(count % 2 == 1, low, (low + high) / 2)
         out[rows] = np.where(count >= max(min_periods, 1), med, np.nan)
     return out
+
+
+def _outliers(
+    cand: pd.DataFrame, resolver: Resolver
+) -> list[tuple[object, Settings, float, float]]:
+    """(row, settings, scale, z) of the spike candidates beyond their threshold, in order."""
+    import numpy as np
+
+    if cand.empty:
+        return []
+    mad, lvl, a = (cand[c].to_numpy() for c in ("mad", "lvl", "a"))
+    groups = cand.groupby(["ds", "ba"], observed=True, sort=False).indices
+    scale, z = np.full(len(cand), np.nan), np.full(len(cand), np.nan)
+    keep = np.zeros(len(cand), dtype=bool)
+    settings: dict[int, Settings] = {}
+    for (ds, ba), where in groups.items():
+        s = resolver.get("spike", str(ds), ba)
+        if not s.enabled:
+            continue
+        sc = np.maximum(np.maximum(1.4826 * mad[where], s.tolerance * lvl[where]), s.min_mw)
+        scale[where], z[where] = sc, a[where] / sc
+        keep[where] = z[where] > s.threshold
+        settings.update(dict.fromkeys(where[keep[where]].tolist(), s))
+    hits = np.flatnonzero(keep).tolist()
+    rows = list(cand.iloc[hits].itertuples(index=False))
+    return [(r, settings[i], float(scale[i]), float(z[i])) for r, i in zip(rows, hits, strict=True)]
 
 
 FRAME_RULES: dict[str, Callable[[Frame, Scope, Resolver], Outcome]] = {
