@@ -46,6 +46,7 @@ class SeriesInfo(NamedTuple):
     ds: str
 
 
+@lru_cache(maxsize=1 << 14)
 def _ts(h: int) -> str:
     return datetime.fromtimestamp(h * 3600, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -167,15 +168,15 @@ class Frame:
         self._parts: dict[str, pd.DataFrame] | None = None
         self._hours: dict[tuple[str, bool], pd.DataFrame] = {}
         self._starts: np.ndarray | None = None
+        self._ba_codes: tuple[np.ndarray, np.ndarray] | None = None
         self.bas: list[str] = sorted(set(rows["ba"].unique()) | set(scope))
         """The BAs of the frame and scope, sorted: :meth:`key` numbers them."""
 
     def key(self, part: pd.DataFrame) -> np.ndarray:
         """One integer per row for its (ba, h), in the order of (ba, h)."""
         import numpy as np
-        import pandas as pd
 
-        codes = pd.Categorical(part["ba"], categories=self.bas).codes.astype(np.int64)
+        codes = self._codes()[0][part.index.to_numpy()]
         return (codes << 32) | part["h"].to_numpy(np.int64)
 
     def split_key(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -193,14 +194,42 @@ class Frame:
     def at_hours(self, ds: str, either_side: bool = False) -> pd.DataFrame:
         """The rows of ``ds`` at hours in the scope of their BA (``either_side``: or of
         their counterparty, for a BA-to-BA row)."""
+        import numpy as np
+
         key = (ds, either_side)
         if key not in self._hours:
             part = self.of(ds)
-            keep = in_scope(part, self.scope).fillna(False)
+            pos, h = part.index.to_numpy(), part["h"].to_numpy()
+            nan = float("nan")
+            # per BA number (and -1: no BA, the last entry), the scope's first and last hour
+            bounds = [self.scope.get(ba, (nan, nan)) for ba in self.bas] + [(nan, nan)]
+            lo = np.array([b[0] for b in bounds], dtype=float)
+            hi = np.array([b[1] for b in bounds], dtype=float)
+            ba, sub = self._codes()
+            c = ba[pos]
+            keep = (h >= lo[c]) & (h <= hi[c])
             if either_side:
-                keep |= in_scope(part.assign(ba=part["sub"]), self.scope).fillna(False)
-            self._hours[key] = part[keep.to_numpy(bool)]
+                c = sub[pos]
+                keep |= (h >= lo[c]) & (h <= hi[c])
+            self._hours[key] = part[keep]
         return self._hours[key]
+
+    def _codes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per row (by position), the number in :attr:`bas` of its BA and of its
+        counterparty (-1: none), from each series' first row."""
+        import numpy as np
+
+        if self._ba_codes is None:
+            starts = self.starts()
+            first = np.flatnonzero(starts == np.arange(len(starts)))
+            counts = np.diff(np.r_[first, len(starts)])
+            number = {ba: i for i, ba in enumerate(self.bas)}
+            bas = self.rows["ba"].to_numpy()[first].tolist()
+            subs = self.rows["sub"].to_numpy()[first].tolist()
+            ba = np.array([number[b] for b in bas], dtype=np.int64)
+            sub = np.array([number.get(b, -1) if isinstance(b, str) else -1 for b in subs])
+            self._ba_codes = np.repeat(ba, counts), np.repeat(sub.astype(np.int64), counts)
+        return self._ba_codes
 
     def starts(self) -> np.ndarray:
         """Per row, the index of the first row of its series."""
