@@ -233,10 +233,8 @@ class Frame:
 
     def starts(self) -> np.ndarray:
         """Per row, the index of the first row of its series."""
-        import numpy as np
+        from outbox.quality.arrays import group_starts
 
         if self._starts is None:
-            sid = self.rows["sid"].to_numpy()
-            first = np.r_[True, sid[1:] != sid[:-1]] if len(sid) else np.zeros(0, bool)
-            self._starts = np.maximum.accumulate(np.where(first, np.arange(len(sid)), 0))
+            self._starts = group_starts(self.rows["sid"].to_numpy())
         return self._starts

@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from outbox.quality.arrays import group_starts, neighbour_residuals, rolling_median
 from outbox.quality.frame import Frame, Scope, in_scope
 from outbox.quality.settings import Resolver, Settings
 
 if TYPE_CHECKING:
-    import numpy as np
     import pandas as pd
 
 HOURLY = ("balance", "interchange_sum", "antisymmetry", "fuel_sum", "negative_generation")
@@ -504,24 +504,11 @@ def spike(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     f = parts[0] if len(parts) == 1 else f
     if f.empty:
         return out
-    sid = f["sid"].to_numpy()
-    h = f["h"].to_numpy()
-    v = f["v"].to_numpy()
-    same_prev = np.r_[False, (sid[1:] == sid[:-1]) & (h[1:] == h[:-1] + 1)]
-    same_next = np.r_[same_prev[1:], False]
-    prev = np.r_[np.nan, v[:-1]]
-    nxt = np.r_[v[1:], np.nan]
-    # (as long as v: a frame of one row has one "two hours before")
-    prev2 = np.r_[np.full(min(2, len(v)), np.nan), v[:-2]]
-    same_prev2 = same_prev & np.r_[False, same_prev[:-1]]
-    resid = np.where(
-        same_prev & same_next,
-        v - (prev + nxt) / 2,
-        np.where(same_prev2 & ~same_next, v - (2 * prev - prev2), np.nan),
-    )
+    sid, v = f["sid"].to_numpy(), f["v"].to_numpy()
+    resid, same_prev, same_next = neighbour_residuals(sid, f["h"].to_numpy(), v)
     f = f.assign(r=resid, a=np.abs(resid))
     window = max(resolver.get("spike", ds).window_hours for ds in enabled)
-    starts = _group_starts(sid)
+    starts = group_starts(sid)
     mad = rolling_median(f["a"].to_numpy(), starts, window, 6, lag=1)
     level = rolling_median(np.abs(v), starts, window, 1, lag=0)
     f = f.assign(mad=mad, lvl=level)
@@ -552,42 +539,6 @@ def spike(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
                 (r.sid,),
             )
         )
-    return out
-
-
-def _group_starts(keys: np.ndarray) -> np.ndarray:
-    """Per row, the index of the first row of its run of equal ``keys``."""
-    import numpy as np
-
-    first = np.r_[True, keys[1:] != keys[:-1]] if len(keys) else np.zeros(0, bool)
-    return np.maximum.accumulate(np.where(first, np.arange(len(keys)), 0))
-
-
-def rolling_median(
-    x: np.ndarray, starts: np.ndarray, window: int, min_periods: int, lag: int
-) -> np.ndarray:
-    """Per row ``i``, the median of the non-NaN ``x[j]`` for ``j`` in ``i - lag - window + 1
-    .. i - lag`` within its group (rows from ``starts[i]``), NaN with fewer than
-    ``min_periods`` of them: pandas' ``groupby(g)[x].transform(lambda s:
-    s.shift(lag).rolling(window, min_periods).median())``, computed on all groups at once.
-    """
-    import numpy as np
-
-    n = len(x)
-    out = np.full(n, np.nan)
-    offsets = np.arange(window) - (window - 1) - lag
-    step = max(1, 2_000_000 // max(window, 1))  # rows per block: bounded memory
-    for lo in range(0, n, step):
-        rows = np.arange(lo, min(n, lo + step))
-        idx = rows[:, None] + offsets[None, :]
-        vals = np.where(idx >= starts[rows][:, None], x[np.clip(idx, 0, None)], np.nan)
-        count = np.count_nonzero(~np.isnan(vals), axis=1)
-        ordered = np.sort(vals, axis=1)  # NaN last
-        pick = np.arange(len(rows))
-        low = ordered[pick, np.maximum(count - 1, 0) // 2]
-        high = ordered[pick, count // 2]
-        med = np.where(count % 2 == 1, low, (low + high) / 2)
-        out[rows] = np.where(count >= max(min_periods, 1), med, np.nan)
     return out
 
 
