@@ -4,7 +4,7 @@ Contenders, alternating in rounds, each against a fresh receiver subprocess on 1
 
 * ``floor``: a plain ``httpx`` loop POSTing pre-built gzip batches (the same rows, the
   same 5,000-row batches, the same bodies our sender builds) one after another.
-* ``ours``: :func:`outbox.pipeline.run_send` on a copy of an outbox holding N pending rows
+* ``ours``: :func:`outbox.stages.send.run_send` on a copy of an outbox holding N pending rows
   (claim, encode, gzip, POST, settle, batch after batch).
 
 Also measured: ``receiver_alone``, the receiver's own work per batch (gunzip, JSON,
@@ -28,8 +28,15 @@ import _common as c
 import httpx
 
 from outbox.eia import EIAClient
-from outbox.gridpulse import INGEST_PATH, GridPulseClient, batch_id_of, encode_batch
-from outbox.pipeline import run_fetch, run_send
+from outbox.pipeline import run_fetch
+from outbox.sinks.gridpulse import (
+    INGEST_PATH,
+    GridPulseClient,
+    GridPulseSink,
+    batch_id_of,
+    encode_batch,
+)
+from outbox.stages.send import run_send
 from outbox.store import Store
 from outbox.testing import synth
 from outbox.testing.fake_eia import FakeEIA
@@ -110,9 +117,9 @@ def run_ours(work: Path, template: Path, rows: int) -> float:
     shutil.copyfile(template, database)
     with running_receiver(scratch, api_key=KEY) as receiver, httpx.Client(timeout=60) as http:
         cfg = c.config_for(database, base_url=receiver.base_url)
-        client = GridPulseClient(http, receiver.base_url, KEY)
+        sink = GridPulseSink(GridPulseClient(http, receiver.base_url, KEY))
         with Store.open(database) as store:
-            seconds, result = c.timed(lambda: run_send(cfg, store, client))
+            seconds, result = c.timed(lambda: run_send(cfg, store, sink))
     if result.acked != rows:
         raise RuntimeError(f"send acked {result.acked} of {rows} rows")
     shutil.rmtree(scratch, ignore_errors=True)

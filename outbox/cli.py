@@ -14,7 +14,6 @@ import logging
 import re
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -26,8 +25,9 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from outbox import USER_AGENT, __version__
 from outbox.config import Config, load_config
-from outbox.errors import ConfigError, Interrupted, OutboxError, UsageError
+from outbox.errors import ConfigError, OutboxError, UsageError
 from outbox.logsetup import print_error, setup_logging
+from outbox.stages.runs import interrupt_on_signals
 from outbox.store import Store
 from outbox.timeutil import parse_bound, parse_ts, to_ts
 
@@ -691,20 +691,16 @@ def demo(
         raise typer.Exit(commands.demo(keep, show_sample_dir=sample_dir))
 
 
-def _on_sigterm(signum: int, _frame: object) -> None:
-    # Only the first signal interrupts: the run must be able to record itself as failed.
-    signal.signal(signum, signal.SIG_IGN)
-    raise Interrupted(signum)
-
-
 def main() -> None:
     """Console-script entry point."""
     # systemd stops a service with SIGTERM, a terminal with SIGINT (Ctrl-C): turn each into
     # an exception naming it, so the stage rolls back its open transaction, records the run
     # as failed and the last line says why (exit 143 / 130).
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-        signal.signal(signal.SIGINT, _on_sigterm)
+    with interrupt_on_signals():
+        _main()
+
+
+def _main() -> None:
     from typer._click.exceptions import ClickException
     from typer.exceptions import Abort
 

@@ -25,6 +25,7 @@ from outbox.logsetup import log_scope, print_error
 from outbox.redact import redact
 from outbox.store import Store
 from outbox.timeutil import to_ts
+from outbox.wiring import gridpulse_client, gridpulse_sink
 
 if TYPE_CHECKING:
     from outbox.pipeline import Window
@@ -84,7 +85,7 @@ def console() -> Any:
 def eia_client(config: Config, http: Any) -> Any:
     """The EIA client for a live fetch (needs the key)."""
     from outbox.eia import EIAClient
-    from outbox.pipeline import retry_policy
+    from outbox.retry import retry_policy
 
     e = config.eia
     return EIAClient(
@@ -96,14 +97,6 @@ def eia_client(config: Config, http: Any) -> Any:
         max_per_second=e.max_requests_per_second,
         max_per_hour=e.max_requests_per_hour,
     )
-
-
-def gridpulse_client(config: Config, http: Any) -> Any:
-    """The GridPulse ingest client (needs the key)."""
-    from outbox.gridpulse import GridPulseClient
-
-    g = config.gridpulse
-    return GridPulseClient(http, g.base_url, config.require_gridpulse_key(), gzip=g.gzip)
 
 
 @observed("fetch")
@@ -417,7 +410,7 @@ def send(
     dry_run: bool = False,
 ) -> int:
     """``outbox send``; before the first fetch has created the outbox, nothing to do."""
-    from outbox.pipeline import SendFailed, run_send
+    from outbox.stages import send as send_stage
 
     if not dry_run:
         config.require_gridpulse_key()  # a config error (exit 2) even before the first fetch
@@ -429,22 +422,21 @@ def send(
         )
         return 0
     g = config.gridpulse
-    key_needed = not dry_run
     with (
         Store.open(config.database, create=False) as store,
         _http(g.timeout_seconds, g.connect_timeout_seconds, g.verify_tls) as http,
     ):
-        client = gridpulse_client(config, http) if key_needed else None
+        sink = None if dry_run else gridpulse_sink(config, http)
         try:
-            result = run_send(
+            result = send_stage.run_send(
                 config,
                 store,
-                client,  # type: ignore[arg-type]
+                sink,
                 max_batches=max_batches,
                 max_seconds=max_seconds,
                 dry_run=dry_run,
             )
-        except SendFailed as exc:
+        except send_stage.SendFailed as exc:
             print_error(f"{exc}; rows stay pending")
             return 1
         if not (result.skipped or dry_run):

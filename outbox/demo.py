@@ -22,7 +22,8 @@ from pathlib import Path
 
 from outbox.config import Config
 from outbox.errors import OutboxError, UsageError
-from outbox.pipeline import FetchResult, SendResult, run_fetch, run_send
+from outbox.pipeline import FetchResult, run_fetch
+from outbox.stages.send import SendResult, run_send
 from outbox.status import Status, collect
 from outbox.store import Store
 from outbox.testing import sample_dir
@@ -157,7 +158,7 @@ def _run(
     import httpx
 
     from outbox import housekeeping
-    from outbox.gridpulse import GridPulseClient
+    from outbox.sinks.gridpulse import GridPulseClient, GridPulseSink
 
     with Store.open(cfg.database) as store:
         fetched = run_fetch(cfg, store, replay=sample_dir())
@@ -167,7 +168,7 @@ def _run(
         )
         with httpx.Client(timeout=30) as http:
             client = GridPulseClient(http, base_url, key)
-            sent = run_send(cfg, store, client)
+            sent = run_send(cfg, store, GridPulseSink(client))
         say(f"send: {sent.sent} rows in {sent.batches} batches, {sent.acked} acknowledged")
         housekeeping.prune(cfg, store)  # as every `outbox send` ends
         acked = store.count_state("acked")

@@ -249,7 +249,7 @@ def check_locks(path: Path) -> Finding:
 
 def check_disk(config: Config) -> Finding:
     """Free space on the file system of the outbox, against ``housekeeping.min_free_bytes``."""
-    from outbox.status import size_text
+    from outbox.status.table import size_text
 
     path = Path(config.database)
     free = disk_free_bytes(path)
@@ -317,7 +317,7 @@ def check_gridpulse(
     config: Config, http: httpx.Client, *, now: Callable[[], datetime] = utcnow
 ) -> list[Finding]:
     """Credentials via ``POST /api/v1/auth/worker``, then the clock against its server_time."""
-    from outbox.gridpulse import GridPulseClient
+    from outbox.sinks.gridpulse import GridPulseClient
 
     g = config.gridpulse
     key = g.api_key.get_secret_value() if g.api_key else ""

@@ -127,14 +127,25 @@ class SinkError(OutboxError):
 
 
 class SinkTransientError(SinkError, TransientError):
-    """GridPulse is down, slow or overloaded; ``status`` is the HTTP status if one came."""
+    """GridPulse is down, slow or overloaded; ``status`` is the HTTP status if one came.
+
+    ``rows_suspect``: the sink was up and failed on this very batch (GridPulse's 500,
+    501, 505), so its rows keep their own backoff; otherwise the sink was unreachable or
+    overloaded, and its rows go again as soon as it is healthy.
+    """
 
     def __init__(
-        self, message: str, retry_after: float | None = None, *, status: int | None = None
+        self,
+        message: str,
+        retry_after: float | None = None,
+        *,
+        status: int | None = None,
+        rows_suspect: bool = False,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.status = status
+        self.rows_suspect = rows_suspect
 
 
 class RateLimitedError(SinkTransientError):
@@ -152,10 +163,16 @@ class SinkConflictError(SinkError, TerminalError):
 class BatchRejectedError(SinkError, TerminalError):
     """GridPulse rejected a whole batch as malformed (400) or invalid (422)."""
 
-    def __init__(self, message: str, status: int, code: str = "") -> None:
+    def __init__(self, message: str, status: int | None = None, code: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+
+    @property
+    def reason(self) -> str:
+        """The code the refused rows are recorded dead with: the sink's error code, else
+        ``HTTP_<status>``."""
+        return self.code or (f"HTTP_{self.status}" if self.status is not None else "REJECTED")
 
 
 class PayloadTooLargeError(SinkError, TerminalError):

@@ -108,7 +108,7 @@ def _when(record: logging.LogRecord) -> str:
 
 
 class LogfmtFormatter(logging.Formatter):
-    """``ts=... level=info logger=outbox.pipeline msg="fetch done" stage=fetch run=3 rows=480``."""
+    """``ts=... level=info logger=outbox.stages.runs msg="send done" stage=send run=3 sent=48``."""
 
     def format(self, record: logging.LogRecord) -> str:
         """One logfmt line; values with spaces, quotes or control characters are quoted."""

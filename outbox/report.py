@@ -237,7 +237,7 @@ def _backlog(
 
 
 def _run(run: RunRecord) -> dict[str, Any]:
-    from outbox.status import run_seconds
+    from outbox.status.model import run_seconds
 
     counts = run.counts or {}
     rows = counts.get("staged", counts.get("acked", counts.get("rows", 0)))

@@ -15,11 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import tenacity
 
 from outbox.errors import TransientError
+
+if TYPE_CHECKING:
+    from outbox.config import RetryConfig
 
 T = TypeVar("T")
 
@@ -134,3 +137,14 @@ def make_retrying(
 def call_with_retry(policy: RetryPolicy, fn: Callable[[], T], **kwargs: object) -> T:
     """Run ``fn`` under ``policy``; the last transient error propagates when it gives up."""
     return make_retrying(policy, **kwargs)(fn)  # type: ignore[arg-type]
+
+
+def retry_policy(cfg: RetryConfig, deadline: float = 0.0) -> RetryPolicy:
+    """The RetryPolicy for one configured retry section."""
+    return RetryPolicy(
+        attempts=cfg.attempts,
+        initial=cfg.initial_backoff_seconds,
+        maximum=cfg.max_backoff_seconds,
+        max_wait=cfg.max_retry_after_seconds,
+        deadline=deadline,
+    )

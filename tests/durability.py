@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from outbox.gridpulse import IngestResult, Rejection
+from outbox.sinks.gridpulse import IngestResult, Rejection, check_result
 from outbox.testing.synth import ROUTES, make_rows, write_pages
 
 KEY_GP = "dur-gridpulse-key-4f9c2e71d0"
@@ -310,7 +310,8 @@ def latest_staged(db: Path) -> dict[Key, str]:
 
 
 class RecordingClient:
-    """An in-process stand-in for :class:`~outbox.gridpulse.GridPulseClient`.
+    """An in-process stand-in for :class:`~outbox.sinks.gridpulse.GridPulseClient`
+    (wrap it in a ``GridPulseSink``).
 
     Accepts every batch (``reject`` keys are refused per row), remembers what it holds
     and the ``ts`` of every batch in arrival order.
@@ -321,8 +322,14 @@ class RecordingClient:
         self.batches: list[list[str]] = []
         self.reject = set(reject)
 
-    def post_batch(self, batch_id: str, body: bytes) -> IngestResult:
-        """Store the batch; answer like GridPulse."""
+    def pack(self, body: bytes) -> bytes:
+        """Sent as it is."""
+        return body
+
+    def post_batch(
+        self, batch_id: str, body: bytes, *, packed: bytes | None = None, keys: Any = None
+    ) -> IngestResult:
+        """Store the batch; answer like GridPulse (an answer that passes check_result)."""
         observations = orjson.loads(body)["observations"]
         self.batches.append([o["ts"] for o in observations])
         refused = []
@@ -332,7 +339,10 @@ class RecordingClient:
                 refused.append(Rejection(i, key[0], key[1], "REJECTED", "refused by the test"))
             else:
                 self.held[key] = o["revision"]
-        return IngestResult(batch_id, len(observations) - len(refused), tuple(refused))
+        result = IngestResult(batch_id, len(observations) - len(refused), tuple(refused))
+        if keys is not None:
+            check_result(result, batch_id, keys)
+        return result
 
     def health(self) -> bool:
         """Always up."""

@@ -242,7 +242,7 @@ def test_gridpulse_base_url_may_carry_a_path_prefix(tmp_path: Path) -> None:
     import httpx
     import respx
 
-    from outbox.gridpulse import GridPulseClient
+    from outbox.sinks.gridpulse import GridPulseClient
 
     config = load_config(env={"GRIDPULSE_BASE_URL": "https://proxy.test/gridpulse/"})
     assert config.gridpulse.base_url == "https://proxy.test/gridpulse"

@@ -21,10 +21,10 @@ from starlette.exceptions import StarletteDeprecationWarning
 from starlette.routing import Route
 
 import outbox
-from outbox.gridpulse import GridPulseClient, batch_id_of, encode_batch
 from outbox.receiver import Faults, create_app, seed_catalog
 from outbox.receiver import app as receiver_app
 from outbox.receiver.db import to_url
+from outbox.sinks.gridpulse import GridPulseClient, batch_id_of, encode_batch
 
 with warnings.catch_warnings():
     # Starlette 1.x prefers the httpx2 fork for its TestClient and warns once on import

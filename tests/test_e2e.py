@@ -22,8 +22,8 @@ import pytest
 from durability import await_run, work_seconds
 
 from outbox.config import Config
-from outbox.gridpulse import batch_id_of
 from outbox.pipeline import run_fetch
+from outbox.sinks.gridpulse import batch_id_of
 from outbox.store import Store
 from outbox.testing import sample_dir
 from outbox.testing.receiver_proc import (

@@ -31,7 +31,7 @@ from outbox.errors import (
     TerminalError,
     TransientError,
 )
-from outbox.gridpulse import (
+from outbox.sinks.gridpulse import (
     WIRE_FIELDS,
     GridPulseClient,
     IngestResult,

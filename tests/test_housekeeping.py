@@ -16,13 +16,13 @@ from factories import obs, page, series_row, ts
 from freezegun import freeze_time
 from typer.testing import CliRunner
 
-from outbox import pipeline
 from outbox.cli import app
 from outbox.config import Config, load_config
 from outbox.errors import OutboxFullError
 from outbox.housekeeping import PAGE_SWEEP_INTERVAL, page_margin, prune
 from outbox.normalize import normalize_page
-from outbox.pipeline import SendResult
+from outbox.stages import send as send_stage
+from outbox.stages.send import SendResult
 from outbox.store import WAL_AUTOCHECKPOINT_PAGES, EncodedRows, Key, PageRecord, RowBatch, Store
 from outbox.testing import sample_dir
 from outbox.testing.synth import ROUTE_REGION, SAMPLE_START, make_pages, make_rows, write_sample
@@ -222,7 +222,7 @@ def test_send_prunes_at_its_end(db_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with Store.open(db_path) as store:
         _stage_old(store, ts(6))
         store.ack([_key(h) for h in range(6)])
-    monkeypatch.setattr(pipeline, "run_send", lambda *a, **k: SendResult(run_id=1))
+    monkeypatch.setattr(send_stage, "run_send", lambda *a, **k: SendResult(run_id=1))
     env = {"OUTBOX_DB": str(db_path), "GRIDPULSE_API_KEY": "k" * 20}
     result = runner.invoke(app, ["send"], env=env)
     assert result.exit_code == 0, result.output

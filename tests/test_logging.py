@@ -131,7 +131,7 @@ def test_keys_never_appear_and_every_line_is_one_event(
     assert "API_KEY_INVALID" in refused["error"] and refused["run"] == 1
     # Every line of the run carries its stage and run id, debug lines included.
     run_lines = [
-        e for e in _events(stderr["send"], fmt) if e.get("logger", "").startswith("outbox.pipeline")
+        e for e in _events(stderr["send"], fmt) if e.get("logger", "").startswith("outbox.stages")
     ]
     assert run_lines and all(e.get("run") == send_done["run"] for e in run_lines)
 

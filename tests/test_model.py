@@ -33,6 +33,7 @@ from hypothesis.stateful import (
 )
 
 import outbox.pipeline as pipeline_mod
+import outbox.stages.send as send_mod
 import outbox.store as store_mod
 from outbox.config import Config
 from outbox.errors import (
@@ -41,9 +42,10 @@ from outbox.errors import (
     RateLimitedError,
     SinkTransientError,
 )
-from outbox.gridpulse import IngestResult, Rejection
 from outbox.normalize import revision_of
-from outbox.pipeline import SendFailed, run_fetch, run_send
+from outbox.pipeline import run_fetch
+from outbox.sinks.gridpulse import GridPulseSink, IngestResult, Rejection, check_result
+from outbox.stages.send import SendFailed, run_send
 from outbox.store import Store
 from outbox.testing.synth import ROUTES, request_params_for, response_body
 from outbox.timeutil import parse_ts
@@ -97,9 +99,14 @@ class ScriptedGridPulse:
         # Every answered post: (accepted, refused), each a list of (key, revision).
         self.posts: list[tuple[list[tuple[Key, str]], list[tuple[Key, str]]]] = []
 
-    def post_batch(self, batch_id: str, body: bytes) -> IngestResult:
+    def pack(self, body: bytes) -> bytes:
+        return body
+
+    def post_batch(
+        self, batch_id: str, body: bytes, *, packed: bytes | None = None, keys: Any = None
+    ) -> IngestResult:
         obs = orjson.loads(body)["observations"]
-        keys = [((o["series_id"], o["ts"]), o["revision"]) for o in obs]
+        sent = [((o["series_id"], o["ts"]), o["revision"]) for o in obs]
         if self.max_rows is not None and len(obs) > self.max_rows:
             raise PayloadTooLargeError("GridPulse answered 413")
         if self.failures:
@@ -108,11 +115,14 @@ class ScriptedGridPulse:
                 raise RateLimitedError("GridPulse answered 429", 0.0, status=429)
             if kind == "timeout":
                 raise SinkTransientError("GridPulse timed out")
-            raise SinkTransientError(f"GridPulse answered {kind}", status=int(kind))
-        if any(k in self.poison for k, _ in keys):
+            status = int(kind)
+            raise SinkTransientError(
+                f"GridPulse answered {kind}", status=status, rows_suspect=status in (500, 501, 505)
+            )
+        if any(k in self.poison for k, _ in sent):
             raise BatchRejectedError("GridPulse answered 422 POISONED", 422, "POISONED")
         answer, taken, refused = [], [], []
-        for i, (key, rev) in enumerate(keys):
+        for i, (key, rev) in enumerate(sent):
             if key in self.reject:
                 answer.append(Rejection(i, key[0], key[1], "REJECTED", f"bad {key[1]}"))
                 refused.append((key, rev))
@@ -120,7 +130,10 @@ class ScriptedGridPulse:
                 self.held[key] = rev
                 taken.append((key, rev))
         self.posts.append((taken, refused))
-        return IngestResult(batch_id, len(taken), tuple(answer))
+        result = IngestResult(batch_id, len(taken), tuple(answer))
+        if keys is not None:
+            check_result(result, batch_id, keys)
+        return result
 
     def health(self) -> bool:
         return True
@@ -266,7 +279,7 @@ class OutboxMachine(RuleBasedStateMachine):
     def send(self, outcome: str, failures: int, pick: int, limit: int, batch_size: int) -> None:
         gp = self._gridpulse(outcome, failures, pick, limit)
         try:
-            run_send(_config(batch_size), self.store, gp, sleep=_no_sleep)  # type: ignore[arg-type]
+            run_send(_config(batch_size), self.store, GridPulseSink(gp), sleep=_no_sleep)
             failed = False
         except SendFailed:
             failed = True
@@ -286,7 +299,7 @@ class OutboxMachine(RuleBasedStateMachine):
         torn = None
         try:
             with crashing(point, after):
-                run_send(_config(batch_size), self.store, gp, sleep=_no_sleep)  # type: ignore[arg-type]
+                run_send(_config(batch_size), self.store, GridPulseSink(gp), sleep=_no_sleep)
         except Crash:
             if point in ("send.after_post", "settle.before_commit"):
                 torn = len(gp.posts) - 1  # the post in flight: answered, not recorded
@@ -384,7 +397,7 @@ class crashing:
                 raise Crash(name)
 
     def __enter__(self) -> crashing:
-        for module in (pipeline_mod, store_mod):
+        for module in (pipeline_mod, send_mod, store_mod):
             self.saved.append((module, module.crashpoint))
             module.crashpoint = self.hit  # type: ignore[attr-defined]
         return self
@@ -432,10 +445,10 @@ def test_flip_back_after_an_unacknowledged_delivery_is_sent_again(tmp_path: Path
             (directory / "page.json").write_bytes(orjson.dumps(body))
             run_fetch(_config(5), store, replay=directory)
             if crash is None:
-                run_send(_config(5), store, ScriptedGridPulse(held), sleep=_no_sleep)  # type: ignore[arg-type]
+                run_send(_config(5), store, GridPulseSink(ScriptedGridPulse(held)), sleep=_no_sleep)
                 continue
             with crashing(crash, 1), pytest.raises(Crash):
-                run_send(_config(5), store, ScriptedGridPulse(held), sleep=_no_sleep)  # type: ignore[arg-type]
+                run_send(_config(5), store, GridPulseSink(ScriptedGridPulse(held)), sleep=_no_sleep)
         row = store.row(*key)
     assert row is not None and row["state"] == "acked"
     assert held[key] == row["revision"] == revision_of(10.0, "good", "MW")

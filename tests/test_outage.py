@@ -17,6 +17,7 @@ import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -39,9 +40,10 @@ from freezegun import freeze_time
 
 from outbox.config import Config
 from outbox.eia import EIAClient
-from outbox.gridpulse import GridPulseClient, IngestResult
-from outbox.pipeline import SendFailed, run_fetch, run_send
+from outbox.pipeline import run_fetch
 from outbox.retry import RetryPolicy
+from outbox.sinks.gridpulse import GridPulseClient, GridPulseSink, IngestResult
+from outbox.stages.send import SendFailed, run_send
 from outbox.store import Store
 from outbox.testing.fake_eia import FakeEIA
 from outbox.testing.receiver_proc import receiver_rows, running_receiver
@@ -62,9 +64,9 @@ class Recording(GridPulseClient):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.posted: list[list[str]] = []
 
-    def post_batch(self, batch_id: str, body: bytes) -> IngestResult:
+    def post_batch(self, batch_id: str, body: bytes, **kwargs: Any) -> IngestResult:
         self.posted.append([o["ts"] for o in orjson.loads(body)["observations"]])
-        return super().post_batch(batch_id, body)
+        return super().post_batch(batch_id, body, **kwargs)
 
 
 def published(rows: dict[str, list[dict]], now: datetime) -> dict[str, list[dict]]:
@@ -119,7 +121,7 @@ def test_72_hours_of_503_then_one_run_drains_oldest_first(
                 head = store.queue_head()
                 before = len(gridpulse.posted)
                 with pytest.raises(SendFailed):
-                    run_send(config, store, gridpulse, sleep=_no_wait)
+                    run_send(config, store, GridPulseSink(gridpulse), sleep=_no_wait)
                 assert len(gridpulse.posted) > before
                 # Every failing run retried the oldest rows: the backlog keeps its order.
                 assert head is not None and gridpulse.posted[before][0] == head[1]
@@ -137,7 +139,7 @@ def test_72_hours_of_503_then_one_run_drains_oldest_first(
             receiver.restart()
             gridpulse = Recording(http, receiver.base_url, KEY_GP)
             clock.move_to(now + timedelta(minutes=30))
-            result = run_send(config, store, gridpulse, sleep=_no_wait)
+            result = run_send(config, store, GridPulseSink(gridpulse), sleep=_no_wait)
         assert result.acked == staged and result.rejected == 0
         assert store.count_state("pending") == 0 and store.count_state("dead") == 0
         flat = [ts for batch in gridpulse.posted for ts in batch]

@@ -20,6 +20,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from durability import KEY_GP, connect, outbox, outbox_env, route_rows, states, write_replay
@@ -27,8 +28,9 @@ from factories import obs, series_row
 
 from outbox.config import Config
 from outbox.errors import BatchRejectedError
-from outbox.gridpulse import IngestResult, Rejection
-from outbox.pipeline import run_fetch, run_send
+from outbox.pipeline import run_fetch
+from outbox.sinks.gridpulse import GridPulseSink, IngestResult, Rejection, check_result
+from outbox.stages.send import run_send
 from outbox.store import Store
 from outbox.testing.receiver_proc import receiver_rows, running_receiver
 
@@ -44,20 +46,28 @@ class Counting:
     def __init__(self, poison: set[tuple[str, str]], reject: set[tuple[str, str]]) -> None:
         self.poison, self.reject, self.requests = poison, reject, 0
 
-    def post_batch(self, batch_id: str, body: bytes) -> IngestResult:
+    def pack(self, body: bytes) -> bytes:
+        return body
+
+    def post_batch(
+        self, batch_id: str, body: bytes, *, packed: bytes | None = None, keys: Any = None
+    ) -> IngestResult:
         import orjson
 
         self.requests += 1
         observations = orjson.loads(body)["observations"]
-        keys = [(o["series_id"], o["ts"]) for o in observations]
-        if any(k in self.poison for k in keys):
+        sent = [(o["series_id"], o["ts"]) for o in observations]
+        if any(k in self.poison for k in sent):
             raise BatchRejectedError("GridPulse answered 422 POISONED_ROW", 422, "POISONED_ROW")
         refused = tuple(
             Rejection(i, k[0], k[1], "VALUE_OUT_OF_RANGE", "refused")
-            for i, k in enumerate(keys)
+            for i, k in enumerate(sent)
             if k in self.reject
         )
-        return IngestResult(batch_id, len(keys) - len(refused), refused)
+        result = IngestResult(batch_id, len(sent) - len(refused), refused)
+        if keys is not None:
+            check_result(result, batch_id, keys)
+        return result
 
     def health(self) -> bool:
         return True
@@ -72,7 +82,7 @@ def drain(tmp_path: Path, n: int, batch: int, poison_at: int | None, name: str) 
         store.stage(rows, series_rows=[series_row("EIA.PJM.demand")])
         poison = {(rows[poison_at][0], rows[poison_at][1])} if poison_at is not None else set()
         client = Counting(poison, set())
-        result = run_send(config, store, client, sleep=lambda s: None)  # type: ignore[arg-type]
+        result = run_send(config, store, GridPulseSink(client), sleep=lambda s: None)
         assert store.count_state("pending") == 0, "one drain delivers every good row"
     return client.requests, result.rejected
 

@@ -19,10 +19,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.schema import CreateTable
 from starlette.exceptions import StarletteDeprecationWarning
 
-from outbox.gridpulse import batch_id_of, check_result, encode_batch, parse_ingest_result
 from outbox.receiver import Faults, create_app, seed_catalog
 from outbox.receiver.app import MAX_DECODED_BYTES
 from outbox.receiver.db import compile_upsert, metadata, parse_series_id, to_url
+from outbox.sinks.gridpulse import batch_id_of, check_result, encode_batch, parse_ingest_result
 from outbox.testing.receiver_proc import receiver_batches
 
 with warnings.catch_warnings():

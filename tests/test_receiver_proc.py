@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from outbox.errors import SinkTransientError
-from outbox.gridpulse import GridPulseClient, batch_id_of, encode_batch
+from outbox.sinks.gridpulse import GridPulseClient, batch_id_of, encode_batch
 from outbox.testing.receiver_proc import receiver_batches, receiver_rows, running_receiver
 
 

@@ -17,8 +17,8 @@ from freezegun import freeze_time
 
 from outbox.config import Config
 from outbox.errors import RejectsEverythingError, SinkAuthError, SinkConflictError
-from outbox.gridpulse import GridPulseClient
-from outbox.pipeline import SendFailed, run_send
+from outbox.sinks.gridpulse import GridPulseClient, GridPulseSink
+from outbox.stages.send import SendFailed, run_send
 from outbox.store import Key, Store, file_lock
 
 BASE = "http://gp.test"
@@ -67,9 +67,9 @@ def states(store: Store) -> dict[str, int]:
 
 def send(store: Store, config: Config, waits: list[float] | None = None, **kw: Any):
     with httpx.Client() as http:
-        client = GridPulseClient(http, BASE, KEY)
+        sink = GridPulseSink(GridPulseClient(http, BASE, KEY))
         sleep: Callable[[float], None] = waits.append if waits is not None else lambda s: None
-        return run_send(config, store, client, sleep=sleep, **kw)
+        return run_send(config, store, sink, sleep=sleep, **kw)
 
 
 @respx.mock(assert_all_called=False)

@@ -539,7 +539,7 @@ def test_metrics_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         assert Path(src).parent == target.parent and not str(src).endswith(".prom")
         real_replace(src, dst)
 
-    monkeypatch.setattr(status_mod.os, "replace", spy)
+    monkeypatch.setattr(os, "replace", spy)
     status_mod.write_metrics(model, target)
     assert seen[0][1] == "# previous complete file\n"
     assert seen[0][2] == target.read_text() == status_mod.render_metrics(model)
@@ -548,7 +548,7 @@ def test_metrics_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     def broken_fsync(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(status_mod.os, "fsync", broken_fsync)
+    monkeypatch.setattr(os, "fsync", broken_fsync)
     from outbox.errors import DiskFullError
 
     with pytest.raises(DiskFullError, match=f"disk full writing {target}"):

@@ -40,7 +40,9 @@ from durability import (
 )
 
 from outbox.config import Config
-from outbox.pipeline import run_fetch, run_send
+from outbox.pipeline import run_fetch
+from outbox.sinks.gridpulse import GridPulseSink
+from outbox.stages.send import run_send
 from outbox.store import Store
 from outbox.testing.receiver_proc import running_receiver
 
@@ -238,7 +240,7 @@ def recover(copy: Path, data: Path, held: dict, reference: list[tuple]) -> int:
     with Store.open(db) as store:
         assert store.quick_check() == ["ok"]
         run_fetch(config, store, replay=data)
-        run_send(config, store, recorder, sleep=lambda s: None)  # type: ignore[arg-type]
+        run_send(config, store, GridPulseSink(recorder), sleep=lambda s: None)
     assert rows(db, OBS_COLUMNS[:6]) == reference
     assert states(db) == {"acked": len(reference)}
     delivered = {**{(r[0], r[1]): r[2] for r in acked}, **recorder.held}

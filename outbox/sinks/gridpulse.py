@@ -1,7 +1,10 @@
-"""GridPulse ingest API v1 client (see ``outbox/openapi.yaml``).
+"""GridPulse ingest API v1 (see ``outbox/openapi.yaml``): the client and the sink.
 
-The client speaks the wire format and maps every HTTP outcome onto the exception tree
-in :mod:`outbox.errors`; it never retries. The caller (``pipeline.run_send``) retries
+:class:`GridPulseSink` is the :class:`~outbox.ports.Sink` the send stage delivers to: it
+builds the wire format (:func:`encode_batch`, the batch id, gzip ahead of the POST) and
+takes an answer as an acknowledgement only if it passes :func:`check_result`.
+:class:`GridPulseClient` speaks HTTP and maps every outcome onto the exception tree in
+:mod:`outbox.errors`; it never retries. The caller (``stages.send.run_send``) retries
 by marker: :class:`~outbox.errors.TransientError` subclasses are retried with backoff,
 terminal ones are not. Status mapping for :meth:`GridPulseClient.post_batch`:
 
@@ -15,7 +18,8 @@ terminal ones are not. Status mapping for :meth:`GridPulseClient.post_batch`:
 413                                   :class:`~outbox.errors.PayloadTooLargeError`
 429                                   :class:`~outbox.errors.RateLimitedError`
 5xx, timeout, connection error        :class:`~outbox.errors.SinkTransientError`
-                                      (``status`` set when an HTTP status came)
+                                      (``status`` set when an HTTP status came;
+                                      ``rows_suspect`` on 500, 501, 505)
 any other status                      :class:`~outbox.errors.SinkError` (unmarked)
 ====================================  ==============================================
 
@@ -31,7 +35,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -48,6 +52,7 @@ from outbox.errors import (
     SinkError,
     SinkTransientError,
 )
+from outbox.ports import Batch, Outcome, Prepared, Refusal, SendRow
 from outbox.redact import redact
 from outbox.retry import parse_retry_after
 
@@ -75,6 +80,8 @@ _FULL_KEYS = frozenset(WIRE_FIELDS + OPTIONAL_WIRE_FIELDS)
 _GZIP_WBITS = 31  # zlib's "gzip container" window setting
 _MAX_MESSAGE = 500
 _MAX_SHOWN = 80  # characters of an answer's value quoted in a protocol error
+# 5xx answers that come from a live GridPulse failing on the batch it was sent.
+ROWS_SUSPECT = frozenset({500, 501, 505})
 
 
 @dataclass(frozen=True)
@@ -355,7 +362,9 @@ class GridPulseClient:
         if status == 429:
             return RateLimitedError(text, retry_after, status=status)
         if status >= 500:
-            return SinkTransientError(text, retry_after, status=status)
+            # A live server failing on these rows, not one down or overloaded (503 etc.).
+            suspect = status in ROWS_SUSPECT
+            return SinkTransientError(text, retry_after, status=status, rows_suspect=suspect)
         return SinkError(text)
 
     def _error_of(self, response: httpx.Response) -> tuple[str, str]:
@@ -369,6 +378,97 @@ class GridPulseClient:
 
     def _clean(self, text: str) -> str:
         return redact(text, (self._api_key,))
+
+
+class _Encoded(NamedTuple):
+    """A batch in GridPulse's wire format: its keys, batch id, body and body as sent."""
+
+    keys: list[tuple[str, str, str]]
+    batch_id: str
+    body: bytes
+    packed: bytes
+
+
+class IngestClient(Protocol):
+    """What :class:`GridPulseSink` needs of a client: :class:`GridPulseClient` (tests
+    stand in for it at the wire level)."""
+
+    def pack(self, body: bytes) -> bytes:
+        """``body`` as :meth:`post_batch` sends it."""
+        ...
+
+    def post_batch(
+        self,
+        batch_id: str,
+        body: bytes,
+        *,
+        packed: bytes | None = None,
+        keys: Sequence[Sequence[Any]] | None = None,
+    ) -> IngestResult:
+        """One POST; with ``keys`` the answer must pass :func:`check_result`."""
+        ...
+
+    def health(self) -> bool:
+        """Whether GridPulse answers its health check."""
+        ...
+
+
+class GridPulseSink:
+    """The :class:`~outbox.ports.Sink` of GridPulse ingest v1, over a :class:`GridPulseClient`.
+
+    :meth:`prepare` builds the batch id and the JSON body and compresses it ahead (on the
+    send stage's read-ahead thread); :meth:`send` posts it once and takes the answer only
+    if it accounts for the batch (:func:`check_result`). A prepared batch counts its
+    uncompressed body as its size.
+    """
+
+    def __init__(self, client: IngestClient) -> None:
+        self.client = client
+
+    def prepare(self, batch: Batch) -> Prepared:
+        """The wire form of ``batch`` (thread-safe: touches no connection)."""
+        rows, sources = batch.rows, batch.source_data
+        keys = [(r.series_id, r.ts, r.revision) for r in rows]
+        batch_id = batch_id_of(keys)
+        if sources is None:
+            observations = [_observation(r) for r in rows]
+        else:
+            observations = [_observation(r, s) for r, s in zip(rows, sources, strict=True)]
+        body = encode_batch(batch_id, observations)
+        packed = self.client.pack(body)
+        return Prepared(batch, len(body), _Encoded(keys, batch_id, body, packed))
+
+    def send(self, prepared: Prepared) -> Outcome:
+        """POST one prepared batch; raises the errors of the module's status table."""
+        wire: _Encoded = prepared.payload
+        answer = self.client.post_batch(
+            wire.batch_id, wire.body, packed=wire.packed, keys=wire.keys
+        )
+        return Outcome(
+            answer.accepted, tuple(Refusal(r.index, r.code, r.message) for r in answer.rejected)
+        )
+
+    def health(self) -> bool:
+        """Whether GridPulse answers its health check."""
+        return self.client.health()
+
+
+def _observation(row: SendRow, source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One row in wire shape (``source_data`` only when there is one)."""
+    obs = {
+        "series_id": row.series_id,
+        "ba": row.ba,
+        "type": row.type,
+        "subtype": row.subtype,
+        "units": row.units,
+        "ts": row.ts,
+        "value": row.value,
+        "quality_flag": row.quality_flag,
+        "revision": row.revision,
+    }
+    if source is not None:
+        obs["source_data"] = source
+    return obs
 
 
 def _expect_object(payload: Any, what: str) -> dict:

@@ -1,0 +1,1 @@
+"""Sinks: the destinations the send stage delivers to, each implementing ``ports.Sink``."""

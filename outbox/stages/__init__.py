@@ -1,0 +1,1 @@
+"""The stages: fetch (plan, stage), send, housekeeping, each over the store."""
