@@ -5,7 +5,7 @@ SQL in primary-key order (fast; no fetch involved), ~1,000 series:
 
 * ``status``: N rows, mostly acknowledged, the newest hours pending, a few dead; timed:
   ``outbox status --json`` as a subprocess, and :func:`outbox.status.read` in-process.
-* ``claim``: N rows, every one pending; timed: :meth:`Store.claim` of one 5,000-row batch
+* ``claim``: N rows, every one pending; timed: :meth:`Delivery.claim` of one 5,000-row batch
   (first call on a freshly opened store, and the median of repeated calls), and
   ``outbox status --check`` on it (the monitoring probe with the largest backlog).
 
@@ -25,8 +25,8 @@ from typing import Any
 import _common as c
 
 from outbox import status as status_mod
-from outbox.migrate import head_revision
 from outbox.store import Store
+from outbox.store.migrate import head_revision
 
 SETTINGS = {
     "smoke": {"series_bas": 10, "hours": 1_000, "repeats": 1},
@@ -173,8 +173,8 @@ def python_startup() -> float:
 def claims(path: Path, repeats: int) -> dict[str, Any]:
     """Claim one 5,000-row batch: first call on a fresh store, then repeated calls."""
     with Store.open(path, migrate=False) as store:
-        first, got = c.timed(lambda: store.claim(5000))
-        runs = [c.timed(lambda: store.claim(5000))[0] for _ in range(repeats)]
+        first, got = c.timed(lambda: store.delivery.claim(5000))
+        runs = [c.timed(lambda: store.delivery.claim(5000))[0] for _ in range(repeats)]
     return {
         "rows": len(got),
         "first_seconds": round(first, 4),

@@ -1,10 +1,11 @@
-"""Alembic environment: the target is outbox.store.metadata; the URL comes from our config."""
+"""Alembic environment: target outbox.store.schema.metadata; the URL comes from our config."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from outbox.store import make_engine, metadata
+from outbox.store.engine import make_engine
+from outbox.store.schema import metadata
 
 config = context.config
 

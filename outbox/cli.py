@@ -296,11 +296,12 @@ def _since(since: str | None) -> datetime | None:
 
 
 def _check_datasets(names: list[str]) -> None:
-    from outbox.config import DATASET_NAMES
+    from outbox import datasets
 
     for name in names:
-        if name not in DATASET_NAMES:
-            raise UsageError(f"--dataset {name}: unknown; known: {', '.join(DATASET_NAMES)}")
+        if name not in datasets.names():
+            known = ", ".join(datasets.names())
+            raise UsageError(f"--dataset {name}: unknown; known: {known}")
 
 
 @app.command()
@@ -446,7 +447,7 @@ def requeue(
         config = _config()
         lo = to_ts(bound) if bound else None
         with _open(config, create=False) as store:
-            n = store.requeue_dead(series, code, lo)
+            n = store.delivery.requeue_dead(series, code, lo)
         typer.echo(f"requeued {n} dead rows")
 
 
@@ -589,7 +590,7 @@ def db_upgrade() -> None:
 @db_app.command("current")
 def db_current() -> None:
     """Print the schema version of the outbox (without changing it)."""
-    from outbox.migrate import head_revision
+    from outbox.store.migrate import head_revision
 
     with _errors():
         config = _config()

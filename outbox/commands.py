@@ -131,7 +131,11 @@ def fetch(
             with _http(e.timeout_seconds, e.connect_timeout_seconds, e.verify_tls) as http:
                 client = eia_client(config, http)
                 initial = None
-                if start is None and not store.watermarks() and not store.stream_progress():
+                if (
+                    start is None
+                    and not store.staging.watermarks()
+                    and not store.staging.stream_progress()
+                ):
                     initial = gridpulse_starts(config, store)  # a new outbox
                 with _progress(start is not None) as progress:
                     result = run_fetch(
@@ -269,11 +273,11 @@ def plot(config: Config, pattern: str, *, days: int, width: int, height: int) ->
     from outbox.timeutil import parse_ts
 
     with status_mod.open_store(config) as store:
-        _, newest = store.ts_range()
+        _, newest = store.reads.ts_range()
         if newest is None:
             raise UsageError("the outbox holds no rows yet: nothing to plot")
         since = to_ts(parse_ts(newest) - timedelta(days=days))
-        rows = store.values_between(since, newest, pattern)
+        rows = store.reads.values_between(since, newest, pattern)
     names = sorted({r[0] for r in rows})
     if not names:
         raise UsageError(f"no series matches {pattern!r} (series ids look like EIA.PJM.demand)")
@@ -355,9 +359,9 @@ def gridpulse_starts(config: Config, store: Store) -> dict[str, datetime] | None
 
 
 def _series_prefix(config: Config, dataset: str, respondent: str) -> str:
-    ba = config.eia_to_gridpulse.get(respondent, respondent)
-    kind = {"ba_interchange": "interchange.", "generation": "generation."}.get(dataset)
-    return f"EIA.{ba}.{kind}" if kind else f"EIA.{ba}.{dataset}"
+    from outbox import datasets
+
+    return datasets.series_prefix(dataset, config.eia_to_gridpulse.get(respondent, respondent))
 
 
 class _NullProgress:
@@ -522,14 +526,14 @@ def show(config: Config, series_id: str, ts: str) -> int:
     from outbox import status as status_mod
 
     with status_mod.open_store(config) as store:  # reads only: creates and migrates nothing
-        row = store.row(series_id, ts)
+        row = store.reads.row(series_id, ts)
         if row is None:
             typer.echo(f"no observation {series_id} at {ts}", err=True)
             return 1
         source = None
         page_info: dict[str, Any] | None = None
         if row.get("page_id") is not None:
-            found = store.page_body(row["page_id"])
+            found = store.reads.page_body(row["page_id"])
             if found is not None:
                 page_info, body = found
                 data = (orjson.loads(body).get("response") or {}).get("data") or []
@@ -562,7 +566,7 @@ def _around(store: Store, series_id: str, ts: str) -> dict[str, Any]:
     hours = [at + timedelta(hours=h) for h in range(-SPARK_HOURS, SPARK_HOURS + 1)]
     found = {
         t: v
-        for _, t, v in store.values_between(
+        for _, t, v in store.reads.values_between(
             to_ts(hours[0]), to_ts(hours[-1]), literal_glob(series_id)
         )
     }
@@ -584,7 +588,7 @@ def runs(config: Config, *, limit: int, stage: str | None, failed: bool, as_json
     from outbox import status as status_mod
 
     with status_mod.open_store(config) as store:
-        records = store.recent_runs(limit=limit, stage=stage, failed=failed)
+        records = store.runs.recent_runs(limit=limit, stage=stage, failed=failed)
     if as_json:
         typer.echo(json.dumps([status_mod.run_dict(r) for r in records], indent=2))
         return

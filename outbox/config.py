@@ -40,37 +40,13 @@ from pydantic import (
     model_validator,
 )
 
+from outbox import datasets as table
 from outbox.errors import ConfigError
 from outbox.normalize import EIA_CODE_PATTERN
 from outbox.redact import MASK, redact, register_secret
 
 DEFAULT_CONFIG_NAME = "config.yaml"
-DATASET_NAMES = (
-    "demand",
-    "demand_forecast",
-    "net_generation",
-    "interchange",
-    "generation",
-    "ba_interchange",
-)
 DEFAULT_BAS = {"PJM": "PJM", "CAISO": "CISO", "MISO": "MISO", "ERCOT": "ERCO", "SPP": "SWPP"}
-# Hours after which EIA usually has published an hour (eia-v2.md "Publication lag").
-DEFAULT_LAGS = {
-    "demand": 2,
-    "demand_forecast": 0,
-    "net_generation": 30,
-    "interchange": 30,
-    "generation": 30,
-    "ba_interchange": 54,
-}
-DEFAULT_LOOKBACKS = {
-    "demand": 72,
-    "demand_forecast": 72,
-    "net_generation": 72,
-    "interchange": 72,
-    "generation": 96,
-    "ba_interchange": 96,
-}
 NAMED_ENV = {
     "OUTBOX_DB": ("database",),
     "EIA_BASE_URL": ("eia", "base_url"),
@@ -297,9 +273,9 @@ class RuleConfig(RuleSettings):
     @field_validator("datasets")
     @classmethod
     def _known(cls, value: dict[str, RuleSettings]) -> dict[str, RuleSettings]:
-        unknown = sorted(set(value) - set(DATASET_NAMES))
+        unknown = sorted(set(value) - set(table.names()))
         if unknown:
-            raise ValueError(f"unknown dataset {unknown[0]!r}; known: {', '.join(DATASET_NAMES)}")
+            raise ValueError(f"unknown dataset {unknown[0]!r}; known: {', '.join(table.names())}")
         return value
 
 
@@ -373,14 +349,14 @@ class Config(_Model):
             value = {}
         if not isinstance(value, Mapping):
             return value
-        unknown = sorted(set(value) - set(DATASET_NAMES))
+        unknown = sorted(set(value) - set(table.names()))
         if unknown:
-            raise ValueError(f"unknown dataset {unknown[0]!r}; known: {', '.join(DATASET_NAMES)}")
+            raise ValueError(f"unknown dataset {unknown[0]!r}; known: {', '.join(table.names())}")
         merged: dict[str, Any] = {}
-        for name in DATASET_NAMES:
+        for name in table.names():
             given = value.get(name) or {}
             if isinstance(given, Mapping):
-                given = {"lookback_hours": DEFAULT_LOOKBACKS[name], **given}
+                given = {"lookback_hours": table.by_name(name).lookback_hours, **given}
             merged[name] = given
         return merged
 
@@ -399,7 +375,7 @@ class Config(_Model):
         pairs = [
             (f"status.{w}", wv, f"status.{c}", cv) for w, wv, c, cv in self.status.threshold_pairs()
         ]
-        for name in DATASET_NAMES:
+        for name in table.names():
             ds = self.datasets[name]
             if ds.stale_warning_hours is not None or ds.stale_critical_hours is not None:
                 warn, crit = self.stale_thresholds(name)
@@ -419,12 +395,12 @@ class Config(_Model):
 
     def enabled_datasets(self) -> list[str]:
         """Names of the datasets to fetch, in canonical order."""
-        return [name for name in DATASET_NAMES if self.datasets[name].enabled]
+        return [name for name in table.names() if self.datasets[name].enabled]
 
     def publication_lag(self, dataset: str) -> int:
         """Expected hours before EIA publishes an hour of ``dataset``."""
         lag = self.datasets[dataset].publication_lag_hours
-        return DEFAULT_LAGS[dataset] if lag is None else lag
+        return table.by_name(dataset).publication_lag_hours if lag is None else lag
 
     def stale_thresholds(self, dataset: str) -> tuple[float, float]:
         """(warning, critical) age in hours of the newest staged hour of ``dataset``.

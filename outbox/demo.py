@@ -171,7 +171,7 @@ def _run(
             sent = run_send(cfg, store, GridPulseSink(client))
         say(f"send: {sent.sent} rows in {sent.batches} batches, {sent.acked} acknowledged")
         housekeeping.prune(cfg, store)  # as every `outbox send` ends
-        acked = store.count_state("acked")
+        acked = store.reads.count_state("acked")
         # The sample is a past day: show status as of the hour after it, not as of today.
         status = collect(cfg, store, now=SAMPLE_NOW)
     return fetched, sent, acked, status

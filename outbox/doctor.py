@@ -179,7 +179,7 @@ def _open_sound(path: Path) -> tuple[str | None, Store | None]:
     except StoreError as exc:
         return _reason(exc), None
     try:
-        lines = store.quick_check()
+        lines = store.upkeep.quick_check()
     except StoreError as exc:
         store.close()
         return _reason(exc), None
@@ -194,7 +194,7 @@ def _reason(exc: Exception) -> str:
 
 
 def _schema(store: Store) -> Finding:
-    from outbox.migrate import head_revision
+    from outbox.store.migrate import head_revision
 
     current, head = store.schema_version(), head_revision()
     if current == head:
@@ -212,7 +212,7 @@ def _known_revision(revision: str) -> bool:
     from alembic.script import ScriptDirectory
     from alembic.util.exc import CommandError
 
-    from outbox.migrate import alembic_config
+    from outbox.store.migrate import alembic_config
 
     try:
         return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None

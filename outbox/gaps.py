@@ -25,10 +25,10 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
+from outbox import datasets as table
 from outbox import eia as eia_mod
-from outbox.config import DATASET_NAMES, Config
-from outbox.normalize import dataset_of
-from outbox.pipeline import ROUTE_DATASETS, Fetcher, FetchResult, Stream, Window
+from outbox.config import Config
+from outbox.pipeline import Fetcher, FetchResult, Stream, Window
 from outbox.redact import redact
 from outbox.store import Store, file_lock, lock_holder
 from outbox.timeutil import HOUR, floor_hour, parse_ts, to_ts, utcnow
@@ -108,9 +108,9 @@ def find_gaps(
     now = now or utcnow()
     floor = floor_hour(now - timedelta(days=config.housekeeping.retention_days))
     lo = max(since, floor) if since is not None else floor
-    shortest_lag = min(config.publication_lag(name) for name in DATASET_NAMES)
-    missing = store.missing_hours(to_ts(lo), to_ts(now - timedelta(hours=shortest_lag)))
-    sources = store.series_sources()
+    shortest_lag = min(config.publication_lag(name) for name in table.names())
+    missing = store.reads.missing_hours(to_ts(lo), to_ts(now - timedelta(hours=shortest_lag)))
+    sources = store.reads.series_sources()
     gaps: list[Gap] = []
     for sid, rows in groupby(missing, key=itemgetter(0)):
         try:
@@ -126,7 +126,7 @@ def find_gaps(
 
 def _dataset(source: Source) -> str:
     route, facets = source
-    return dataset_of(route, facets.get("type"))
+    return table.of_row(route, facets.get(table.route(route).code_facet))
 
 
 def _runs(series_id: str, dataset: str, hours: Sequence[datetime]) -> list[Gap]:
@@ -166,7 +166,7 @@ def plan_fill(
             hours.setdefault(h, set()).add(gap.series_id)
     merge, longest = timedelta(hours=MERGE_HOURS), timedelta(hours=max_hours)
     plan = []
-    for route in ROUTE_DATASETS:
+    for route in table.routes():
         hours = by_route.get(route, {})
         ranges = _group(sorted(hours), lambda f, last, h: h - last <= merge and h - f < longest)
         for group in ranges:
@@ -179,12 +179,12 @@ def plan_fill(
 
 def _stream(route: str, source: Source) -> Stream:
     facets = source[1]
-    respondent = facets[eia_mod.RESPONDENT_FACET[route]]
+    respondent = facets[table.route(route).respondent_facet]
     return Stream(_dataset(source), respondent, route)
 
 
 def _order(stream: Stream) -> tuple[int, str]:
-    return DATASET_NAMES.index(stream.dataset), stream.respondent
+    return table.order(stream.dataset), stream.respondent
 
 
 def run_fill_gaps(
@@ -197,13 +197,13 @@ def run_fill_gaps(
             result.fetch.skipped = True
             result.fetch.holder = lock_holder(store.lock_path("fetch"))
             return result
-        run_id = result.fetch.run_id = store.start_run("fetch")
+        run_id = result.fetch.run_id = store.runs.start_run("fetch")
         try:
             _fill(config, store, client, result, now)
         except BaseException as exc:
-            store.finish_run(run_id, "failed", result.counts(), _describe(exc))
+            store.runs.finish_run(run_id, "failed", result.counts(), _describe(exc))
             raise
-        store.finish_run(run_id, "ok", result.counts())
+        store.runs.finish_run(run_id, "ok", result.counts())
     log.info(
         "fill-gaps done run=%d gap_hours=%d requests=%d filled=%d checked=%d",
         result.fetch.run_id,
@@ -223,13 +223,13 @@ def _fill(
     now: datetime | None,
 ) -> None:
     gaps = find_gaps(config, store, now=now)
-    plan = plan_fill(gaps, store.series_sources(), max_hours=config.eia.backfill_chunk_hours)
+    plan = plan_fill(gaps, store.reads.series_sources(), max_hours=config.eia.backfill_chunk_hours)
     result.gap_hours = sum(g.hours for g in gaps)
     result.windows = len(plan)
     fetcher = Fetcher(config, store, result.fetch.run_id, result.fetch)
     for request in plan:
         fetcher.stage_window(client, request.window, backfill=True, advance=False)
-        result.checked += store.mark_checked(request.hours)
+        result.checked += store.staging.mark_checked(request.hours)
 
 
 def _describe(exc: BaseException) -> str:

@@ -87,11 +87,11 @@ def prune(
     """
     now = now or utcnow()
     cutoff = to_ts(retention_cutoff(config, now))
-    rows, checked, runs = store.prune_before(cutoff)
+    rows, checked, runs = store.upkeep.prune_before(cutoff)
     pages = _sweep(config, store, now, cutoff, full=full)
-    stats = store.file_stats()  # deleting frees pages but does not shrink the file
+    stats = store.upkeep.file_stats()  # deleting frees pages but does not shrink the file
     reclaim = _reclaim(store, stats, full=full)
-    after = store.file_stats().bytes if reclaim in RECLAIMED else stats.bytes
+    after = store.upkeep.file_stats().bytes if reclaim in RECLAIMED else stats.bytes
     result = PruneResult(cutoff, rows, pages, checked, runs, stats.bytes, after, reclaim)
     log.info(
         "prune done rows=%d pages=%d checked=%d runs=%d bytes_before=%d bytes_after=%d",
@@ -107,13 +107,13 @@ def prune(
 
 def _sweep(config: Config, store: Store, now: datetime, cutoff: str, *, full: bool) -> int:
     if full:
-        swept = store.sweep_pages()
+        swept = store.upkeep.sweep_pages()
     else:
         last = store.meta_get(PAGE_SWEEP_KEY)
         if last is not None and now - parse_ts(last) < PAGE_SWEEP_INTERVAL:
             return 0
         fetched_before = to_ts(parse_ts(cutoff) - page_margin(config))
-        swept = store.sweep_pages(fetched_before, cutoff)
+        swept = store.upkeep.sweep_pages(fetched_before, cutoff)
     store.meta_set(PAGE_SWEEP_KEY, to_ts(now))
     return swept
 
@@ -122,17 +122,17 @@ def _reclaim(store: Store, stats: FileStats, *, full: bool) -> str:
     if stats.auto_vacuum == "incremental":
         crowded = stats.freelist_count > RECLAIM_FRACTION * stats.page_count
         if stats.freelist_count and (full or crowded):
-            store.incremental_vacuum()
-            store.checkpoint("TRUNCATE" if full else "PASSIVE")
+            store.upkeep.incremental_vacuum()
+            store.upkeep.checkpoint("TRUNCATE" if full else "PASSIVE")
             return INCREMENTAL
         return "nothing to hand back" if not stats.freelist_count else "free pages kept for reuse"
     if not full:
         return "free pages kept for reuse"
-    pending = store.counts()["pending"]
+    pending = store.reads.counts()["pending"]
     if pending:
         return f"no VACUUM while {pending} rows are pending; free pages are reused"
-    store.vacuum()
-    store.checkpoint("TRUNCATE")
+    store.upkeep.vacuum()
+    store.upkeep.checkpoint("TRUNCATE")
     return VACUUM
 
 
@@ -140,4 +140,4 @@ def guard_size(config: Config, store: Store) -> SizeLimit | None:
     """Arm the configured outbox ceiling and free-space floor on ``store`` (counts the
     rows once if needed)."""
     hk = config.housekeeping
-    return store.limit_size(hk.max_rows, hk.max_bytes, hk.min_free_bytes or None)
+    return store.staging.limit_size(hk.max_rows, hk.max_bytes, hk.min_free_bytes or None)

@@ -25,6 +25,8 @@ from operator import itemgetter
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from outbox import datasets as table
+
 log = logging.getLogger(__name__)
 
 
@@ -48,19 +50,6 @@ else:
     np = _OnFirstUse("numpy")
     pd = _OnFirstUse("pandas")
 
-ROUTE_REGION = "electricity/rto/region-data"
-ROUTE_FUEL = "electricity/rto/fuel-type-data"
-ROUTE_INTERCHANGE = "electricity/rto/interchange-data"
-
-DATASETS = (
-    "demand",
-    "demand_forecast",
-    "net_generation",
-    "interchange",
-    "generation",
-    "ba_interchange",
-)
-REGION_TYPES = {"D": "demand", "DF": "demand_forecast", "NG": "net_generation", "TI": "interchange"}
 FUEL_CODES = {
     "COL": "coal",
     "NG": "gas",
@@ -84,7 +73,6 @@ FUEL_CODES = {
 EIA_CODE_PATTERN = r"[A-Z0-9][A-Z0-9._-]{0,9}"
 UNITS = "MW"
 MWH_UNITS = frozenset({"megawatthours", "mwh"})
-NON_NEGATIVE = frozenset({"demand", "demand_forecast"})
 MAX_ABS_MW = 1e7
 
 # Reasons in priority order: a row failing several checks counts under the first one.
@@ -107,12 +95,6 @@ REASONS = (
 SKIP_REASONS = frozenset({"dataset_not_requested", "unconfigured_ba"})
 """Reasons in ``Normalized.invalid`` that are a deliberate skip, not bad data."""
 
-# (respondent column, series-code column) per route.
-_ROUTE_COLUMNS = {
-    ROUTE_REGION: ("respondent", "type"),
-    ROUTE_FUEL: ("respondent", "fueltype"),
-    ROUTE_INTERCHANGE: ("fromba", "toba"),
-}
 _PERIOD_PATTERN = r"\d{4}-\d{2}-\d{2}T\d{2}"
 _EIA_CODE = re.compile(EIA_CODE_PATTERN)
 _NAN_WORDS = frozenset({"nan", "+nan", "-nan"})
@@ -160,19 +142,6 @@ class Normalized:
     def count(self) -> int:
         """Number of observations."""
         return len(self.series_id)
-
-
-def dataset_of(route: str, type_code: str | None) -> str:
-    """The dataset a row belongs to; ValueError for an unknown route or region type."""
-    if route == ROUTE_FUEL:
-        return "generation"
-    if route == ROUTE_INTERCHANGE:
-        return "ba_interchange"
-    if route != ROUTE_REGION:
-        raise ValueError(f"unknown EIA route {route!r}")
-    if type_code not in REGION_TYPES:
-        raise ValueError(f"unknown region-data type {type_code!r}")
-    return REGION_TYPES[type_code]
 
 
 def stream_key(dataset: str, respondent: str) -> str:
@@ -231,8 +200,7 @@ def normalize_page(
     type or fuel code not shaped like an EIA code (:data:`EIA_CODE_PATTERN`) is a
     ``bad_code``. Within the page, the last row for a ``(series_id, ts)`` wins.
     """
-    if route not in _ROUTE_COLUMNS:
-        raise ValueError(f"unknown EIA route {route!r}")
+    table.route(route)  # ValueError for an unknown route
     if not rows:
         return _empty()
     frame = _Frame(route, rows)
@@ -249,7 +217,7 @@ class _Frame:
     """The columns of a page, each factorized where values repeat."""
 
     def __init__(self, route: str, rows: list[dict]) -> None:
-        resp_col, code_col = _ROUTE_COLUMNS[route]
+        resp_col, code_col = table.route(route).columns
         (period, resp, code, value, units), complete = _columns(
             rows, ("period", resp_col, code_col, "value", "value-units")
         )
@@ -357,13 +325,13 @@ def _series_keys(
         if not (_EIA_CODE.fullmatch(resp) and _EIA_CODE.fullmatch(code)):
             flags[5, i] = True
             continue
-        if route == ROUTE_REGION and code not in REGION_TYPES:
+        if not table.is_known_code(route, code):
             flags[1, i] = True
             continue
-        dataset = dataset_of(route, code)
+        dataset = table.of_row(route, code)
         flags[2, i] = datasets is not None and dataset not in datasets
         flags[3, i] = respondents is not None and resp not in respondents
-        flags[4, i] = dataset in NON_NEGATIVE
+        flags[4, i] = table.by_name(dataset).non_negative
         if configured is not None and resp not in configured:
             flags[6, i] = True
             continue
@@ -391,7 +359,8 @@ def _series_info(
     route: str, resp: str, code: str, dataset: str, ba_codes: Mapping[str, str]
 ) -> SeriesInfo:
     ba = ba_codes.get(resp, resp)
-    peer = ba_codes.get(code, code) if route == ROUTE_INTERCHANGE else code
+    by_peer = table.by_name(dataset).subtype == "counterparty"
+    peer = ba_codes.get(code, code) if by_peer else code
     return _series_info_of(route, resp, code, dataset, ba, peer)
 
 
@@ -400,25 +369,17 @@ def _series_info_of(
     route: str, resp: str, code: str, dataset: str, ba: str, peer: str
 ) -> SeriesInfo:
     # Cached: every page repeats the same few hundred series (SeriesInfo is immutable).
-    if route == ROUTE_REGION:
-        kind, subtype, facets = dataset, None, {"respondent": resp, "type": code}
-    elif route == ROUTE_FUEL:
-        kind, subtype, facets = (
-            "generation",
-            fuel_name(code),
-            {"respondent": resp, "fueltype": code},
-        )
-    else:
-        kind, subtype, facets = "interchange", peer, {"fromba": resp, "toba": code}
-    series_id = f"EIA.{ba}.{kind}" if subtype is None else f"EIA.{ba}.{kind}.{subtype}"
+    ds = table.by_name(dataset)
+    respondent_facet, code_facet = table.route(route).columns
+    subtype = fuel_name(code) if ds.subtype == "fuel" else peer if ds.subtype else None
     return SeriesInfo(
-        series_id=series_id,
+        series_id=table.series_id(ba, ds.series_type, subtype),
         ba=ba,
-        type=kind,
+        type=ds.series_type,
         subtype=subtype,
         units=UNITS,
         route=route,
-        facets=json.dumps(facets, separators=(",", ":")),
+        facets=json.dumps({respondent_facet: resp, code_facet: code}, separators=(",", ":")),
     )
 
 

@@ -16,8 +16,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from outbox import datasets as table
 from outbox import eia as eia_mod
-from outbox.config import DATASET_NAMES, Config
+from outbox.config import Config
 from outbox.crash import crashpoint
 from outbox.errors import (
     OutboxError,
@@ -41,16 +42,6 @@ log = logging.getLogger(__name__)
 
 # Pages a replay reads and normalizes ahead of the one being staged (bounds memory).
 READ_AHEAD = 2
-ROUTE_DATASETS: dict[str, dict[str, str | None]] = {
-    eia_mod.ROUTE_REGION: {
-        "demand": "D",
-        "demand_forecast": "DF",
-        "net_generation": "NG",
-        "interchange": "TI",
-    },
-    eia_mod.ROUTE_FUEL: {"generation": None},
-    eia_mod.ROUTE_INTERCHANGE: {"ba_interchange": None},
-}
 # Streams of one route whose start differs by less than this share one request.
 MERGE_WINDOW = timedelta(days=7)
 
@@ -123,13 +114,7 @@ class Window:
     def request(self) -> eia_mod.EIARequest:
         """The EIA request for this window."""
         respondents = tuple(sorted({s.respondent for s in self.streams}))
-        codes = ROUTE_DATASETS[self.route]
-        facet_values = tuple(
-            sorted(
-                {c for s in self.streams if (c := codes[s.dataset]) is not None},
-                key=list(codes.values()).index,
-            )
-        )
+        facet_values = table.facet_codes(self.route, {s.dataset for s in self.streams})
         return eia_mod.EIARequest(self.route, respondents, facet_values, self.start, self.end)
 
 
@@ -140,8 +125,8 @@ def plan_streams(
     chosen_bas = _choose_bas(config, bas)
     chosen = datasets or config.enabled_datasets()
     out = []
-    for route, codes in ROUTE_DATASETS.items():
-        for dataset in codes:
+    for route in table.routes():
+        for dataset in (ds.name for ds in table.for_route(route)):
             if dataset in chosen:
                 out.extend(Stream(dataset, eia, route) for eia in chosen_bas)
     return out
@@ -179,7 +164,7 @@ def plan_incremental(
     """
     end_now = floor_hour(now)
     windows: list[Window] = []
-    for route in ROUTE_DATASETS:
+    for route in table.routes():
         starts: list[tuple[datetime, Stream]] = []
         for s in (s for s in streams if s.route == route):
             lookback = timedelta(hours=config.datasets[s.dataset].lookback_hours)
@@ -194,7 +179,7 @@ def plan_incremental(
         if not starts:
             continue
         end = end_now
-        if any(s.dataset == "demand_forecast" for _, s in starts):
+        if any(table.by_name(s.dataset).horizon == "forecast" for _, s in starts):
             end = end_now + timedelta(hours=config.eia.forecast_horizon_hours)
         windows.extend(_group_windows(route, starts, end))
     return _chunk(windows, config.eia.backfill_chunk_hours)
@@ -257,7 +242,7 @@ def asked_cutoffs(config: Config, now: datetime) -> dict[str, str]:
     current = floor_hour(now)
     return {
         name: to_ts(current - timedelta(hours=config.publication_lag(name)))
-        for name in DATASET_NAMES
+        for name in table.names()
     }
 
 
@@ -279,7 +264,7 @@ def plan_backfill(
 ) -> list[Window]:
     """Windows for ``fetch --start/--end``: each route over the range, in chunks."""
     windows = []
-    for route in ROUTE_DATASETS:
+    for route in table.routes():
         chosen = tuple(s for s in streams if s.route == route)
         if chosen:
             windows.append(Window(route, chosen, start, end))
@@ -307,7 +292,10 @@ def latest_hours(config: Config, now: datetime) -> dict[str, datetime]:
     """
     current = floor_hour(now) + HOUR
     horizon = current + timedelta(hours=config.eia.forecast_horizon_hours)
-    return {name: horizon if name == "demand_forecast" else current for name in DATASET_NAMES}
+    return {
+        name: horizon if table.by_name(name).horizon == "forecast" else current
+        for name in table.names()
+    }
 
 
 class _Prepared(NamedTuple):
@@ -356,12 +344,12 @@ class Fetcher:
         self.store = store
         self.run_id = run_id
         self.result = result
-        self.marks = store.watermarks()
-        self.progress = store.stream_progress()
+        self.marks = store.staging.watermarks()
+        self.progress = store.staging.stream_progress()
         # As the run found it: a stream answered before this run may since have been
         # published with history (see _history_found).
         self.answered = frozenset(self.progress)
-        self.history = store.history_markers()
+        self.history = store.staging.history_markers()
         self.ba_codes = config.eia_to_gridpulse
         self.configured = frozenset(config.balancing_authorities.values())
         self.now = now or utcnow()
@@ -615,7 +603,7 @@ class Fetcher:
         series_rows = [
             (s.series_id, s.ba, s.type, s.subtype, s.units, s.route, s.facets) for s in norm.series
         ]
-        staged = self.store.stage(
+        staged = self.store.staging.stage(
             rows,
             series_rows=series_rows,
             page=record,
@@ -710,14 +698,14 @@ def run_fetch(
             result.skipped = True
             result.holder = lock_holder(store.lock_path("fetch"))
             return result
-        result.run_id = store.start_run("fetch")
+        result.run_id = store.runs.start_run("fetch")
         bind(stage="fetch", run=result.run_id)
         started = time.monotonic()
         fetcher = Fetcher(config, store, result.run_id, result, now=now)
         if config.quality.enabled:
             from outbox.quality.engine import Checker
 
-            store.checker = result.quality = Checker(config)
+            store.staging.checker = result.quality = Checker(config)
         try:
             if replay is not None:
                 fetcher.stage_replay(replay)
@@ -741,12 +729,12 @@ def run_fetch(
                         if progress:
                             progress(i + 1, len(windows), window)
         except BaseException as exc:
-            store.finish_run(result.run_id, "failed", result.counts(), _describe(exc))
+            store.runs.finish_run(result.run_id, "failed", result.counts(), _describe(exc))
             _log_failed("fetch", result.run_id, started, result.counts(), _describe(exc))
             raise
         finally:
-            store.checker = None
-        store.finish_run(result.run_id, "ok", result.counts())
+            store.staging.checker = None
+        store.runs.finish_run(result.run_id, "ok", result.counts())
     log.info(
         "fetch done run=%d seconds=%.3f requests=%d pages=%d rows=%d written=%d invalid=%d"
         " duplicates=%d skipped=%d%s",

@@ -27,7 +27,8 @@ from typing import Any
 
 import orjson
 
-from outbox.config import DATASET_NAMES, Config
+from outbox import datasets as dataset_table
+from outbox.config import Config
 from outbox.store import RunRecord, Store
 from outbox.timeutil import parse_ts, to_ts, utcnow
 
@@ -37,14 +38,6 @@ DEFAULT_DAYS = 7
 # Above this many balancing authorities the charts collapse to one per dataset with a
 # BA selector: 65 BAs x 6 datasets of small multiples is no longer a page to read.
 SELECTOR_ABOVE_BAS = 8
-DATASET_TITLES = {
-    "demand": "Demand",
-    "demand_forecast": "Day-ahead demand forecast",
-    "net_generation": "Net generation",
-    "interchange": "Total interchange",
-    "generation": "Generation by fuel",
-    "ba_interchange": "Interchange by counterparty",
-}
 # How each dataset is drawn: one line, areas stacked (the fuel mix), or one line a series.
 CHART_KINDS = {"generation": "stack", "ba_interchange": "multi"}
 # Each BA's local time on hover (the five defaults and their neighbours; others show UTC).
@@ -81,7 +74,7 @@ def build(config: Config, *, days: int = DEFAULT_DAYS, now: datetime | None = No
     model = status_mod.read(config, now)
     code, line = status_mod.evaluate(config, model)
     with status_mod.open_store(config) as store:
-        oldest, newest = store.ts_range()
+        oldest, newest = store.reads.ts_range()
         end = parse_ts(newest) if newest else now.replace(minute=0, second=0, microsecond=0)
         # The last ``days`` of staged data, not of the calendar: an outbox behind (or a
         # replayed past day) still shows its newest values; no wider than the data.
@@ -89,10 +82,10 @@ def build(config: Config, *, days: int = DEFAULT_DAYS, now: datetime | None = No
         if oldest is not None:
             start = max(start, parse_ts(oldest))
         since, until = to_ts(start), to_ts(end)
-        values = store.values_between(since, until)
-        absent = store.missing_hours(since, until)
-        staged, acked = store.flow_by_minute()
-        runs = store.recent_runs(limit=RECENT_RUNS)
+        values = store.reads.values_between(since, until)
+        absent = store.reads.missing_hours(since, until)
+        staged, acked = store.reads.flow_by_minute()
+        runs = store.runs.recent_runs(limit=RECENT_RUNS)
         findings = _findings(store)
         revisions = _revisions(store, since)
     dataset_of = {s.series_id: (s.dataset, s.ba) for s in model.series}
@@ -163,7 +156,7 @@ def _groups(
                 "id": f"{dataset}-{ba}",
                 "dataset": dataset,
                 "ba": ba,
-                "title": f"{DATASET_TITLES.get(dataset, dataset)} · {ba}",
+                "title": f"{dataset_table.title(dataset)} · {ba}",
                 "kind": CHART_KINDS.get(dataset, "line"),
                 "series": [
                     {"id": sid, "label": _label(sid), "values": series[sid]} for sid in sids
@@ -177,7 +170,7 @@ def _groups(
 
 
 def _rank(dataset: str) -> int:
-    return DATASET_NAMES.index(dataset) if dataset in DATASET_NAMES else len(DATASET_NAMES)
+    return dataset_table.order(dataset)
 
 
 def _guess(series_id: str) -> tuple[str, str]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import Connection
+
 from outbox.normalize import revision_of
-from outbox.store import PageRecord, WatermarkUpdate
+from outbox.store import PageRecord, Store, WatermarkUpdate
 
 T0 = datetime(2025, 8, 22, 0, tzinfo=UTC)
 REGION = "electricity/rto/region-data"
@@ -40,3 +43,25 @@ def mark(stream: str, hour: int) -> WatermarkUpdate:
     """A watermark update of ``dataset:respondent`` to hour ``hour``."""
     dataset, respondent = stream.split(":")
     return WatermarkUpdate(stream, dataset, respondent, REGION, ts(hour))
+
+
+def ack(store: Store, keys: Iterable[Sequence[str]], now: str | None = None) -> int:
+    """Acknowledge sent rows as a send does: record the batch's acks, then apply them;
+    returns the rows acknowledged (a row revised since it was sent stays pending)."""
+    store.delivery.record_outcome(keys, now=now)
+    return store.delivery.apply_acks()
+
+
+def reject(store: Store, items: Iterable[tuple[Sequence[str], str, str]]) -> int:
+    """Dead-letter rows as a send does, each item ``(key, code, message)``; returns how many."""
+    return store.delivery.record_outcome((), items)
+
+
+def delivered_through(store: Store) -> dict[str, str | None]:
+    """series_id -> delivered-through ts (None when nothing is delivered yet)."""
+    return {s.series_id: s.delivered_through for s in store.reads.series_states()}
+
+
+def total_changes(conn: Connection) -> int:
+    """SQLite's total_changes() of ``conn`` (rows written through it so far)."""
+    return int(conn.exec_driver_sql("SELECT total_changes()").scalar() or 0)

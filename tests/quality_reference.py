@@ -1,5 +1,6 @@
 """The quality rules as they were before they were made cheap (outbox/quality/rules.py
-at commit d66256b, and the engine's frame query): the reference the equivalence tests in
+at commit d66256b, and the engine's frame query; since then only the dataset list is
+read from outbox.datasets): the reference the equivalence tests in
 tests/test_quality_equivalence.py hold the current rules and frame to.
 
 The quality rules: pure functions from a frame of observations to findings.
@@ -364,9 +365,9 @@ def _series_rule(
     after: int,
 ) -> Outcome:
     out = Outcome(evaluated=_evaluated(rule, scope, before, after))
-    from outbox.config import DATASET_NAMES
+    from outbox import datasets
 
-    shortest = min(resolver.get(rule, ds).window_hours for ds in DATASET_NAMES)
+    shortest = min(resolver.get(rule, ds).window_hours for ds in datasets.names())
     shortest = min([shortest, *(resolver.get(rule, None, ba).window_hours for ba in scope)])
     for _, r in runs[runs["n"] >= shortest].iterrows():
         if r["ba"] not in scope:
@@ -435,9 +436,9 @@ def flat_line(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
 
 
 def _widest(resolver: Resolver, rule: str) -> int:
-    from outbox.config import DATASET_NAMES
+    from outbox import datasets
 
-    windows = [resolver.get(rule, ds).window_hours for ds in DATASET_NAMES]
+    windows = [resolver.get(rule, ds).window_hours for ds in datasets.names()]
     return max(windows)
 
 

@@ -17,7 +17,8 @@ from typing import ClassVar
 import pytest
 
 from outbox.alerts import META_KEY, _due, mask
-from outbox.config import DATASET_NAMES, Config, load_config
+from outbox.config import Config, load_config
+from outbox.datasets import names
 from outbox.errors import ConfigError
 from outbox.store import Store
 from outbox.testing import sample_dir
@@ -65,7 +66,7 @@ def _env(db: Path, url: str, **extra: str) -> dict[str, str]:
             **{
                 f"OUTBOX__DATASETS__{d.upper()}__STALE_{level}_HOURS": "10000000"
                 for level in ("WARNING", "CRITICAL")
-                for d in DATASET_NAMES
+                for d in names()
             },
             "OUTBOX__STATUS__FAILED_RUNS_WARNING": "1",
             "OUTBOX__STATUS__FAILED_RUNS_CRITICAL": "2",

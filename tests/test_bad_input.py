@@ -208,7 +208,7 @@ def assert_no_secret(*texts: str, db: Path | None = None) -> None:
 
 def last_run(db: Path) -> tuple[str, str]:
     with Store.open(db) as store:
-        run = store.recent_runs(limit=1, stage="fetch")[0]
+        run = store.runs.recent_runs(limit=1, stage="fetch")[0]
     return run.status, run.error or ""
 
 
@@ -302,8 +302,8 @@ def test_tolerated_by_contract_duplicates_keep_the_last(tmp_path: Path) -> None:
     assert code == 0, said
     assert "1 duplicates" in said
     with Store.open(db) as store:
-        row = store.row("EIA.PJM.demand", "2025-08-21T00:00:00Z")
-        runs = store.recent_runs(limit=1)
+        row = store.reads.row("EIA.PJM.demand", "2025-08-21T00:00:00Z")
+        runs = store.runs.recent_runs(limit=1)
     assert row is not None and row["value"] == 1.0
     assert runs[0].counts["duplicates"] == 1
 

@@ -75,7 +75,7 @@ def revise(db: Path, rng: random.Random, share: float) -> int:
         new = (value or 0.0) + rng.choice((-3.0, 2.0, 5.0))
         rows.append((sid, ts, new, "MW", "good", revision_of(new, "good", "MW"), 0))
     with Store.open(db) as store:
-        return store.stage(rows).written
+        return store.staging.stage(rows).written
 
 
 def test_senders_started_together_exactly_one_sends(tmp_path: Path, scale: str, figures) -> None:

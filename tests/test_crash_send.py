@@ -115,7 +115,7 @@ def revise(db: Path, rng: random.Random, share: float) -> int:
         new = (value or 0.0) + rng.choice((-7.0, 1.0, 13.0))
         revised.append((sid, ts, new, "MW", "good", revision_of(new, "good", "MW"), 0))
     with Store.open(db) as store:
-        return store.stage(revised).written
+        return store.staging.stage(revised).written
 
 
 def await_send(db: Path, proc: subprocess.Popen) -> None:

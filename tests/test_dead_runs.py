@@ -134,7 +134,7 @@ def test_a_run_whose_process_holds_the_lock_is_running(tmp_path: Path) -> None:
     with file_lock(lock_file(db, "fetch"), blocking=False) as got:
         assert got
         with Store.open(db) as store:
-            store.start_run("fetch", now="2025-01-01T00:00:00Z")  # long ago: age says nothing
+            store.runs.start_run("fetch", now="2025-01-01T00:00:00Z")  # long ago: age says nothing
         model = status_mod.read(config)
         assert model.last_runs["fetch"]["status"] == "running"
         assert model.consecutive_failures["fetch"] == 0
@@ -152,27 +152,27 @@ def test_a_run_whose_process_holds_the_lock_is_running(tmp_path: Path) -> None:
 def test_a_run_that_finishes_while_status_looks_is_not_called_gone(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run = store.start_run("send")
+    run = store.runs.start_run("send")
 
     def finishes_meanwhile(path: object) -> bool:
         # The run records its end and releases its lock between status's read and probe.
-        store.finish_run(run, "ok", {})
+        store.runs.finish_run(run, "ok", {})
         return False
 
-    monkeypatch.setattr("outbox.store.lock_held", finishes_meanwhile)
-    summary = store.run_summary("send")
+    monkeypatch.setattr("outbox.store.ledger.lock_held", finishes_meanwhile)
+    summary = store.runs.run_summary("send")
     assert summary.last is not None and summary.last.status == "running"  # the first read
     assert summary.consecutive_failures == 0
     monkeypatch.undo()
-    assert store.run_summary("send").last_ok is not None
+    assert store.runs.run_summary("send").last_ok is not None
 
 
 def test_start_run_fails_the_stages_leftover_runs_only(store: Store) -> None:
-    old = store.start_run("fetch", now="2025-08-22T09:00:00Z")
-    store.finish_run(old, "ok", {}, now="2025-08-22T09:01:00Z")
-    store.start_run("fetch", now="2025-08-22T10:00:00Z")
-    store.start_run("send", now="2025-08-22T10:00:00Z")
-    store.start_run("fetch", now="2025-08-22T11:00:00Z")
+    old = store.runs.start_run("fetch", now="2025-08-22T09:00:00Z")
+    store.runs.finish_run(old, "ok", {}, now="2025-08-22T09:01:00Z")
+    store.runs.start_run("fetch", now="2025-08-22T10:00:00Z")
+    store.runs.start_run("send", now="2025-08-22T10:00:00Z")
+    store.runs.start_run("fetch", now="2025-08-22T11:00:00Z")
     gone = f"process gone (pid {os.getpid()})"
     with connect(store.path) as con:
         assert con.execute("SELECT id, stage, status, finished_at, error FROM runs").fetchall() == [
@@ -182,7 +182,7 @@ def test_start_run_fails_the_stages_leftover_runs_only(store: Store) -> None:
             (4, "fetch", "running", None, None),
         ]
     with file_lock(store.lock_path("fetch"), blocking=False):  # run 4 is alive
-        records = {r.id: r for r in store.recent_runs(stage="fetch")}
+        records = {r.id: r for r in store.runs.recent_runs(stage="fetch")}
     assert records[4].status == "running" and not records[4].gone
     assert records[2].gone and status_mod.run_seconds(records[2]) is None  # end unknown
     assert status_mod.run_seconds(records[1]) == 60.0
@@ -191,7 +191,7 @@ def test_start_run_fails_the_stages_leftover_runs_only(store: Store) -> None:
 def test_status_probes_a_lock_without_creating_or_writing_it(tmp_path: Path) -> None:
     db = tmp_path / "outbox.db"
     with Store.open(db) as store:
-        store.start_run("send")
+        store.runs.start_run("send")
     lock = lock_file(db, "send")
     assert not lock.exists()
     env = outbox_env(db)

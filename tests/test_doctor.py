@@ -297,7 +297,7 @@ def test_broken_database_is_reported_then_set_aside_with_reset(workdir: Path) ->
     assert aside.read_bytes() == GARBAGE
     assert (workdir / "outbox.db.broken-20250822T120000Z-wal").read_bytes() == WAL
     with Store.open_readonly(db) as store:
-        assert store.quick_check() == ["ok"] and store.schema_version() == "0006"
+        assert store.upkeep.quick_check() == ["ok"] and store.schema_version() == "0006"
 
 
 @freeze_time(NOW)

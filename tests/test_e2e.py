@@ -132,8 +132,8 @@ def test_outage_three_failed_sends_then_one_drains_in_order(
         assert failed.returncode == 1
         assert "GridPulse unavailable" in failed.stderr and "rows stay pending" in failed.stderr
     with Store.open(db) as store:
-        assert store.count_state("pending") == 2376
-        runs = store.recent_runs(stage="send")
+        assert store.reads.count_state("pending") == 2376
+        runs = store.runs.recent_runs(stage="send")
         assert [r.status for r in runs] == ["failed"] * 3
         assert all("GridPulse unavailable" in (r.error or "") for r in runs)
         assert KEY not in " ".join(r.error or "" for r in runs)
@@ -207,7 +207,7 @@ def test_sigkilled_sender_converges_exactly(tmp_path: Path, receiver: Receiver) 
     final = outbox("send", env=env)
     assert final.returncode == 0, final.stderr
     with Store.open(db) as store:
-        assert store.count_state("pending") == 0 and store.count_state("dead") == 0
+        assert store.reads.count_state("pending") == 0 and store.reads.count_state("dead") == 0
     assert receiver_rows(receiver.base_url, KEY) == acked_rows(db)
 
 
@@ -220,7 +220,7 @@ def test_batch_recorded_but_not_applied_is_not_sent_again(
     db = tmp_path / "outbox.db"
     with Store.open(db) as store:
         run_fetch(Config(), store, replay=sample_dir())
-        staged = store.count_state("pending")
+        staged = store.reads.count_state("pending")
     env = env_for(db, receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="500")
     crashed = outbox(
         "send",
@@ -242,8 +242,10 @@ def test_batch_recorded_but_not_applied_is_not_sent_again(
     # Only the batch in flight at the kill (if one was) may go again.
     assert sum(b["times_seen"] - 1 for b in after_run.values()) <= 1
     with Store.open(db) as store:
-        assert store.unapplied_acks() == 0
-        assert store.count_state("pending") == 0 and store.count_state("acked") == staged
+        assert store.delivery.unapplied_acks() == 0
+        assert (
+            store.reads.count_state("pending") == 0 and store.reads.count_state("acked") == staged
+        )
     assert receiver_rows(receiver.base_url, KEY) == acked_rows(db)
 
 

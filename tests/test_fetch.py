@@ -16,6 +16,7 @@ from urllib.parse import unquote
 import orjson
 import pytest
 from durability import await_run, processes_naming, work_seconds
+from factories import ack, total_changes
 
 from outbox.config import Config
 from outbox.normalize import revision_of
@@ -72,13 +73,13 @@ def test_replay_of_sample_then_again_writes_nothing(store: Store, db_path: Path)
     assert first.pages == 3 and sum(first.invalid.values()) == 0
     before = tables(db_path)
     with store.read() as conn:
-        changes = store.total_changes(conn)
+        changes = total_changes(conn)
     again = run_fetch(config, store, replay=sample_dir())
     assert again.written == 0 and again.rows == expected
     assert tables(db_path) == before
     with store.read() as conn:
         # The only writes of the second run are its own `runs` row (insert + finish).
-        assert store.total_changes(conn) - changes == 2
+        assert total_changes(conn) - changes == 2
     ids = {r[0] for r in before["series"]}
     assert {
         "EIA.PJM.demand",
@@ -97,7 +98,7 @@ def test_revised_value_in_one_page_puts_exactly_that_row_back(store: Store, tmp_
     first = tmp_path / "v1"
     write_pages(first, ROUTES[0], rows)
     run_fetch(Config(), store, replay=first)
-    store.ack([Key(c.series_id, c.ts, c.revision) for c in store.claim(10_000)])
+    ack(store, [Key(c.series_id, c.ts, c.revision) for c in store.delivery.claim(10_000)])
     target = next(
         r
         for r in rows
@@ -108,7 +109,7 @@ def test_revised_value_in_one_page_puts_exactly_that_row_back(store: Store, tmp_
     write_pages(second, ROUTES[0], rows)
     result = run_fetch(Config(), store, replay=second)
     assert result.written == 1
-    pending = store.claim(10_000)
+    pending = store.delivery.claim(10_000)
     assert [(c.series_id, c.ts, c.value) for c in pending] == [
         ("EIA.CAISO.demand", "2025-08-21T13:00:00Z", float(target["value"]))
     ]
@@ -149,7 +150,7 @@ def test_fetch_subprocess_against_stand_in_eia(tmp_path: Path) -> None:
         live = {(r[0], r[1]): r[2:6] for r in staged}
         replayed = {(r[0], r[1]): r[2:6] for r in snapshot(replayed_db)}
         assert live == replayed
-        marks = store.watermarks()
+        marks = store.staging.watermarks()
     assert marks["demand:PJM"] == "2025-08-21T23:00:00Z"
     assert marks["ba_interchange:SWPP"] == "2025-08-21T23:00:00Z"
     for part in (db, Path(f"{db}-wal")):
@@ -352,7 +353,7 @@ def test_backfill_in_chunks_resumes_after_kill(tmp_path: Path) -> None:
         assert len(fake.requests) == 12 - 5
     assert len(snapshot(db)) == 2376
     with Store.open(db) as store:
-        assert store.watermarks() == {}  # a backfill never invents a watermark
+        assert store.staging.watermarks() == {}  # a backfill never invents a watermark
 
 
 def test_new_outbox_starts_at_gridpulse_latest(tmp_path: Path) -> None:
@@ -444,7 +445,7 @@ def test_replay_of_only_unconfigured_bas_fails_in_one_line_and_stages_nothing(
     assert "rows skipped (unconfigured_ba " in said[0] and ": PACW); configured: CISO" in said[0]
     assert tables(db) == before
     with Store.open(db) as store:
-        run = store.recent_runs(limit=1, stage="fetch")[0]
+        run = store.runs.recent_runs(limit=1, stage="fetch")[0]
     assert run.status == "failed" and run.error == said[0].removeprefix("error: ")
     assert run.counts["skipped_by_reason"]["unconfigured_ba"] > 0
 

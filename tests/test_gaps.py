@@ -116,7 +116,7 @@ def test_gaps_listed_then_filled_then_checked(tmp_path: Path) -> None:
         assert [g["start"] for g in json.loads(since)["gaps"]] == [_ts(60)]
 
         with Store.open(tmp_path / "outbox.db") as store:
-            marks = store.watermarks()
+            marks = store.staging.watermarks()
         # EIA now has every hour but CISO NG at hour 60; PJM demand at 40 comes back null.
         fake.set_rows(ROUTE_REGION, _rows(drop={("CISO", "NG", 60)}, null={("PJM", "D", 40)}))
         before = len(fake.requests)
@@ -139,14 +139,14 @@ def test_gaps_listed_then_filled_then_checked(tmp_path: Path) -> None:
         assert _invoke(cfg, fake.base_url, "gaps") == "no missing hours\n"
 
         with Store.open(tmp_path / "outbox.db") as store:
-            assert store.watermarks() == marks  # a gap fill never moves a watermark
-            filled = store.row("EIA.PJM.demand", _ts(10))
-            nulled = store.row("EIA.PJM.demand", _ts(40))
+            assert store.staging.watermarks() == marks  # a gap fill never moves a watermark
+            filled = store.reads.row("EIA.PJM.demand", _ts(10))
+            nulled = store.reads.row("EIA.PJM.demand", _ts(40))
             assert filled is not None and filled["quality_flag"] == "good"
             assert filled["state"] == "pending"
             assert nulled is not None and nulled["quality_flag"] == "missing"
             assert nulled["value"] is None
-            assert store.row("EIA.CAISO.net_generation", _ts(60)) is None
+            assert store.reads.row("EIA.CAISO.net_generation", _ts(60)) is None
 
         again = len(fake.requests)
         out = _invoke(cfg, fake.base_url, "fetch", "--fill-gaps")
@@ -169,7 +169,9 @@ def test_gaps_respect_publication_lag_and_retention(tmp_path: Path) -> None:
     facets = '{"respondent":"PJM","type":"D"}'
     pjm = ("EIA.PJM.demand", "PJM", "demand", None, "MW", ROUTE_REGION, facets)
     with Store.open(tmp_path / "o.db") as store:
-        store.stage([obs("EIA.PJM.demand", h) for h in (0, 1, 3, 50, 52)], series_rows=[pjm])
+        store.staging.stage(
+            [obs("EIA.PJM.demand", h) for h in (0, 1, 3, 50, 52)], series_rows=[pjm]
+        )
 
         def ranges(now: datetime) -> list[tuple[str, str]]:
             return [(g.start, g.end) for g in find_gaps(config, store, now=now)]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from factories import obs, page, series_row, ts
+from factories import ack, obs, page, reject, series_row, ts
 from freezegun import freeze_time
 from typer.testing import CliRunner
 
@@ -23,7 +23,9 @@ from outbox.housekeeping import PAGE_SWEEP_INTERVAL, page_margin, prune
 from outbox.normalize import normalize_page
 from outbox.stages import send as send_stage
 from outbox.stages.send import SendResult
-from outbox.store import WAL_AUTOCHECKPOINT_PAGES, EncodedRows, Key, PageRecord, RowBatch, Store
+from outbox.store import Key, PageRecord, RowBatch, Store
+from outbox.store.engine import WAL_AUTOCHECKPOINT_PAGES
+from outbox.store.rows import EncodedRows
 from outbox.testing import sample_dir
 from outbox.testing.synth import ROUTE_REGION, SAMPLE_START, make_pages, make_rows, write_sample
 from outbox.timeutil import to_ts
@@ -88,28 +90,28 @@ def test_prune_keeps_the_file_bounded_over_60_days(fast_dir: Path) -> None:
     day = _hourly_fetch(config)
     sizes = []
     with Store.open(db) as store:
-        assert store.file_stats().auto_vacuum == "incremental"
+        assert store.upkeep.file_stats().auto_vacuum == "incremental"
         for hour in range(SIM_DAYS * 24):
             when = SIM_START + timedelta(hours=hour)
             rows, series, body = day[hour % 24]
             hour_ts = to_ts(when)
             fetched = PageRecord(ROUTE_REGION, {}, "https://x/", 0, 0, len(rows), len(rows), body)
-            store.stage(
+            store.staging.stage(
                 [(r[0], hour_ts, *r[2:]) for r in rows],
                 series_rows=series,
                 page=fetched,
                 now=to_ts(when + timedelta(minutes=15)),
             )
             sent = when + timedelta(minutes=20)  # the send: claim, ack, then the cheap prune
-            claimed = store.claim(5000, to_ts(sent))
-            store.ack([Key(c.series_id, c.ts, c.revision) for c in claimed], to_ts(sent))
+            claimed = store.delivery.claim(5000, to_ts(sent))
+            ack(store, [Key(c.series_id, c.ts, c.revision) for c in claimed], to_ts(sent))
             prune(config, store, now=sent)
             if hour % 24 == 23:
                 sizes.append(_size(db))
-        kept = store.count_rows()
+        kept = store.staging.count_rows()
         with store.read() as conn:
             pages = conn.exec_driver_sql("SELECT count(*) FROM pages").scalar()
-        assert store.counts()["pending"] == 0
+        assert store.reads.counts()["pending"] == 0
     assert kept <= 20 * 24 * (RETENTION_DAYS + 1)
     sweep_lag = page_margin(config) + PAGE_SWEEP_INTERVAL
     assert pages <= 24 * (RETENTION_DAYS + 1) + sweep_lag / timedelta(hours=1)
@@ -131,7 +133,7 @@ def _key(hour: int, value: float | None = None) -> Key:
 def _stage_old(store: Store, when: str) -> None:
     """Hours 0..5 of one series (values 10..15) from one page fetched at ``when``."""
     rows = [obs(PJM, h, 10.0 + h) for h in range(6)]
-    store.stage(rows, series_rows=[series_row(PJM)], page=page(), now=when)
+    store.staging.stage(rows, series_rows=[series_row(PJM)], page=page(), now=when)
 
 
 def test_prune_removes_only_old_acknowledged_rows_and_orphaned_pages(db_path: Path) -> None:
@@ -140,26 +142,26 @@ def test_prune_removes_only_old_acknowledged_rows_and_orphaned_pages(db_path: Pa
     with Store.open(db_path) as store:
         _stage_old(store, ts(6))  # page 1: hours 0..5
         # page 2: a revision of hour 5 only (page 1 keeps hours 0..4); page 3: a recent row
-        store.stage([obs(PJM, 5, 99.0)], page=page(), now=ts(7))
-        store.stage([obs(PJM, 24 * 95)], page=page(), now=ts(24 * 95 + 1))
-        store.ack([_key(0), _key(1), _key(5, 99.0)])
-        store.reject([(_key(2), "X", "bad")])
+        store.staging.stage([obs(PJM, 5, 99.0)], page=page(), now=ts(7))
+        store.staging.stage([obs(PJM, 24 * 95)], page=page(), now=ts(24 * 95 + 1))
+        ack(store, [_key(0), _key(1), _key(5, 99.0)])
+        reject(store, [(_key(2), "X", "bad")])
         result = prune(config, store, now=now)
         assert (result.rows, result.pages) == (3, 1)  # hours 0, 1, 5; page 2 (hour 5's)
         assert result.cutoff == to_ts(now - timedelta(days=90))
-        left = {h: store.row(PJM, ts(h)) for h in (2, 3, 4)}
+        left = {h: store.reads.row(PJM, ts(h)) for h in (2, 3, 4)}
         assert {h: r["state"] for h, r in left.items() if r} == {
             2: "dead",
             3: "pending",
             4: "pending",
         }
-        assert store.page_body(1) is not None  # still behind the dead and pending rows
-        assert store.page_body(3) is not None
+        assert store.reads.page_body(1) is not None  # still behind the dead and pending rows
+        assert store.reads.page_body(3) is not None
         # once those rows are acknowledged and pruned, the page goes too
-        store.requeue_dead()
-        store.ack([_key(2), _key(3), _key(4)])
+        store.delivery.requeue_dead()
+        ack(store, [_key(2), _key(3), _key(4)])
         assert prune(config, store, now=now + PAGE_SWEEP_INTERVAL).rows == 3
-        assert store.page_body(1) is None
+        assert store.reads.page_body(1) is None
 
 
 def test_cheap_page_sweep_runs_at_most_every_interval(db_path: Path) -> None:
@@ -168,7 +170,7 @@ def test_cheap_page_sweep_runs_at_most_every_interval(db_path: Path) -> None:
     with Store.open(db_path) as store:
         assert prune(config, store, now=now).pages == 0  # records the sweep time
         _stage_old(store, ts(6))
-        store.ack([_key(h) for h in range(6)])
+        ack(store, [_key(h) for h in range(6)])
         soon = prune(config, store, now=now + PAGE_SWEEP_INTERVAL / 2)
         assert (soon.rows, soon.pages) == (6, 0)  # the orphaned page waits for the next sweep
         assert prune(config, store, now=now + PAGE_SWEEP_INTERVAL).pages == 1
@@ -180,13 +182,13 @@ def test_outbox_prune_prints_what_it_removed(db_path: Path) -> None:
     with Store.open(db_path) as store:
         rows = [obs(PJM, h, 10.0 + h) for h in range(6)]
         big = PageRecord(ROUTE_REGION, {}, "https://x/", 0, 0, 6, 6, body)
-        store.stage(rows, series_rows=[series_row(PJM)], page=big, now=ts(6))
-        store.ack([_key(h) for h in range(6)])
-        before = store.file_stats().bytes
+        store.staging.stage(rows, series_rows=[series_row(PJM)], page=big, now=ts(6))
+        ack(store, [_key(h) for h in range(6)])
+        before = store.upkeep.file_stats().bytes
     result = runner.invoke(app, ["prune"], env={"OUTBOX_DB": str(db_path)})
     assert result.exit_code == 0, result.output
     with Store.open(db_path) as store:
-        after = store.file_stats().bytes
+        after = store.upkeep.file_stats().bytes
     assert before - after > 190_000
     assert result.stdout == (
         "pruned 6 acknowledged rows older than 2025-10-03T12:00:00Z, 1 pages, "
@@ -204,30 +206,30 @@ def test_old_file_is_vacuumed_only_when_nothing_is_pending(db_path: Path) -> Non
     con.execute("VACUUM")
     con.close()
     with Store.open(db_path) as store:
-        assert store.file_stats().auto_vacuum == "none"
+        assert store.upkeep.file_stats().auto_vacuum == "none"
         _stage_old(store, ts(6))
-        store.stage([obs(PJM, 24 * 99)], now=ts(24 * 99))
-        store.ack([_key(h) for h in range(6)])
+        store.staging.stage([obs(PJM, 24 * 99)], now=ts(24 * 99))
+        ack(store, [_key(h) for h in range(6)])
         held = prune(config, store, full=True, now=now)
         assert held.reclaim == "no VACUUM while 1 rows are pending; free pages are reused"
-        assert store.file_stats().auto_vacuum == "none"
-        store.ack([_key(24 * 99, 100.0)])
+        assert store.upkeep.file_stats().auto_vacuum == "none"
+        ack(store, [_key(24 * 99, 100.0)])
         done = prune(config, store, full=True, now=now)
         assert done.reclaim == "VACUUM"
-        assert store.file_stats().auto_vacuum == "incremental"
-        assert store.file_stats().freelist_count == 0
+        assert store.upkeep.file_stats().auto_vacuum == "incremental"
+        assert store.upkeep.file_stats().freelist_count == 0
 
 
 def test_send_prunes_at_its_end(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with Store.open(db_path) as store:
         _stage_old(store, ts(6))
-        store.ack([_key(h) for h in range(6)])
+        ack(store, [_key(h) for h in range(6)])
     monkeypatch.setattr(send_stage, "run_send", lambda *a, **k: SendResult(run_id=1))
     env = {"OUTBOX_DB": str(db_path), "GRIDPULSE_API_KEY": "k" * 20}
     result = runner.invoke(app, ["send"], env=env)
     assert result.exit_code == 0, result.output
     with Store.open(db_path) as store:
-        assert store.count_rows() == 0
+        assert store.staging.count_rows() == 0
         assert store.meta_get("housekeeping:pages_swept_at") is not None
 
 
@@ -235,15 +237,17 @@ def test_send_prunes_at_its_end(db_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_store_refuses_a_page_past_max_rows_but_not_revisions(store: Store) -> None:
-    store.stage([obs(PJM, h) for h in range(10)], series_rows=[series_row(PJM)], page=page())
-    limit = store.limit_size(12, None)
+    store.staging.stage(
+        [obs(PJM, h) for h in range(10)], series_rows=[series_row(PJM)], page=page()
+    )
+    limit = store.staging.limit_size(12, None)
     assert limit is not None and limit.rows == 10
     revised = [obs(PJM, h, 5.0) for h in range(10)]  # revisions do not grow the outbox
-    assert store.stage([*revised, obs(PJM, 10)], page=page()).written == 11
+    assert store.staging.stage([*revised, obs(PJM, 10)], page=page()).written == 11
     assert limit.rows == 11
     with pytest.raises(OutboxFullError, match=r"11 rows staged and this page would add 2"):
-        store.stage([obs(PJM, 11), obs(PJM, 12)], page=page())
-    assert store.count_rows() == 11
+        store.staging.stage([obs(PJM, 11), obs(PJM, 12)], page=page())
+    assert store.staging.count_rows() == 11
     with store.read() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM pages").scalar() == 2
 
@@ -251,8 +255,10 @@ def test_store_refuses_a_page_past_max_rows_but_not_revisions(store: Store) -> N
 def test_a_detached_batch_stages_and_counts_exactly_as_its_rows(store: Store) -> None:
     """A page from the read-ahead process carries its rows as JSON only: the ceiling
     check decodes them when it needs the keys."""
-    store.stage([obs(PJM, h) for h in range(10)], series_rows=[series_row(PJM)], page=page())
-    limit = store.limit_size(12, None)
+    store.staging.stage(
+        [obs(PJM, h) for h in range(10)], series_rows=[series_row(PJM)], page=page()
+    )
+    limit = store.staging.limit_size(12, None)
     assert limit is not None
 
     def detached(rows: list[tuple]) -> RowBatch:
@@ -262,11 +268,11 @@ def test_a_detached_batch_stages_and_counts_exactly_as_its_rows(store: Store) ->
 
     revised = [obs(PJM, h, 5.0) for h in range(10)]
     assert [tuple(r) for r in detached(revised).rows] == [tuple(r) for r in revised]
-    assert store.stage(detached([*revised, obs(PJM, 10)]), page=page()).written == 11
+    assert store.staging.stage(detached([*revised, obs(PJM, 10)]), page=page()).written == 11
     assert limit.rows == 11
     with pytest.raises(OutboxFullError, match=r"11 rows staged and this page would add 2"):
-        store.stage(detached([obs(PJM, 11), obs(PJM, 12)]), page=page())
-    assert store.count_rows() == 11
+        store.staging.stage(detached([obs(PJM, 11), obs(PJM, 12)]), page=page())
+    assert store.staging.count_rows() == 11
 
 
 def _fetch(db: Path, directory: Path, **env: str):
@@ -290,7 +296,7 @@ def test_full_outbox_fetch_exits_4_and_evicts_nothing(tmp_path: Path, limit: str
     write_sample(next_day, start=SAMPLE_START + timedelta(days=1))
     before = _snapshot(db)
     with Store.open(db) as store:
-        ceiling = store.count_rows() if limit == "rows" else store.file_stats().bytes
+        ceiling = store.staging.count_rows() if limit == "rows" else store.upkeep.file_stats().bytes
     env = {f"OUTBOX__HOUSEKEEPING__MAX_{limit.upper()}": str(ceiling)}
 
     again = _fetch(db, sample_dir(), **env)  # nothing new: the ceiling does not bite
@@ -302,4 +308,4 @@ def test_full_outbox_fetch_exits_4_and_evicts_nothing(tmp_path: Path, limit: str
     assert "nothing was staged and nothing evicted" in full.stderr
     assert _snapshot(db) == before
     with Store.open(db) as store:
-        assert store.recent_runs(limit=1)[0].status == "failed"
+        assert store.runs.recent_runs(limit=1)[0].status == "failed"

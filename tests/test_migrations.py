@@ -10,7 +10,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from factories import obs, series_row
 
-from outbox.migrate import (
+from outbox.store import ProgressUpdate, Store
+from outbox.store.migrate import (
     alembic_head,
     downgrade,
     head_revision,
@@ -18,7 +19,7 @@ from outbox.migrate import (
     scanned_head,
     upgrade,
 )
-from outbox.store import ProgressUpdate, Store, metadata
+from outbox.store.schema import metadata
 
 TABLES = {
     "observations",
@@ -96,9 +97,11 @@ def test_0002_puts_state_last_in_the_partial_indexes_and_back(store: Store, db_p
 
 def test_0003_downgrade_applies_recorded_acks_first(store: Store, db_path: Path) -> None:
     rows = [obs("EIA.PJM.demand", h, 100.0 + h) for h in range(4)]
-    store.stage(rows, series_rows=[series_row("EIA.PJM.demand")])
-    store.record_outcome([(r[0], r[1], r[5]) for r in rows[:3]], now="2026-11-22T00:00:00Z")
-    assert store.count_state("acked") == 0 and store.unapplied_acks() == 3
+    store.staging.stage(rows, series_rows=[series_row("EIA.PJM.demand")])
+    store.delivery.record_outcome(
+        [(r[0], r[1], r[5]) for r in rows[:3]], now="2026-11-22T00:00:00Z"
+    )
+    assert store.reads.count_state("acked") == 0 and store.delivery.unapplied_acks() == 3
     downgrade(store, "0002")
     con = sqlite3.connect(db_path)
     states = con.execute("SELECT ts, state, acked_at FROM observations ORDER BY ts").fetchall()
@@ -124,7 +127,7 @@ def test_an_outbox_from_the_released_0003_is_upgraded_and_keeps_its_recorded_ack
     # 0003 as released created ack_log.rows NOT NULL; an outbox stamped 0003 with that
     # column, holding an acknowledgement a killed send recorded, must keep working.
     rows = [obs("EIA.PJM.demand", h, 100.0 + h) for h in range(4)]
-    store.stage(rows, series_rows=[series_row("EIA.PJM.demand")])
+    store.staging.stage(rows, series_rows=[series_row("EIA.PJM.demand")])
     downgrade(store, "0003")
     assert _ack_log_columns(db_path) == ["id", "acked_at", "keys", "rows"]
     con = sqlite3.connect(db_path)
@@ -137,10 +140,10 @@ def test_an_outbox_from_the_released_0003_is_upgraded_and_keeps_its_recorded_ack
     with Store.open(db_path) as reopened:  # upgraded on open
         assert reopened.schema_version() == head_revision()
         assert _ack_log_columns(db_path) == ["id", "acked_at", "keys"]
-        assert reopened.unapplied_acks() == 2
-        reopened.record_outcome([(r[0], r[1], r[5]) for r in rows[2:3]])
-        assert reopened.apply_acks() == 3
-        assert reopened.count_state("acked") == 3
+        assert reopened.delivery.unapplied_acks() == 2
+        reopened.delivery.record_outcome([(r[0], r[1], r[5]) for r in rows[2:3]])
+        assert reopened.delivery.apply_acks() == 3
+        assert reopened.reads.count_state("acked") == 3
         assert _drift(reopened) == []
 
 
@@ -156,14 +159,14 @@ def test_0004_leaves_an_ack_log_without_rows_as_it_is(store: Store, db_path: Pat
 
 def test_0005_stream_progress_goes_and_comes_back(store: Store, db_path: Path) -> None:
     progress = ProgressUpdate("demand:GENX", "demand", "GENX", "2025-08-22T10:00:00Z")
-    store.stage([], progress_updates=[progress])
-    assert store.stream_progress() == {"demand:GENX": "2025-08-22T10:00:00Z"}
+    store.staging.stage([], progress_updates=[progress])
+    assert store.staging.stream_progress() == {"demand:GENX": "2025-08-22T10:00:00Z"}
     downgrade(store, "0004")
     assert "stream_progress" not in _objects(db_path)["table"]
-    assert store.progress_rows() == []  # status may read an outbox not upgraded yet
+    assert store.staging.progress_rows() == []  # status may read an outbox not upgraded yet
     with Store.open(db_path) as reopened:  # upgraded on open: the stream is asked again
         assert reopened.schema_version() == head_revision()
-        assert reopened.stream_progress() == {}
+        assert reopened.staging.stream_progress() == {}
         assert _drift(reopened) == []
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 import pytest
+from factories import delivered_through
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -34,7 +35,8 @@ from hypothesis.stateful import (
 
 import outbox.pipeline as pipeline_mod
 import outbox.stages.send as send_mod
-import outbox.store as store_mod
+import outbox.store.deliver as deliver_mod
+import outbox.store.stage as stage_mod
 from outbox.config import Config
 from outbox.errors import (
     BatchRejectedError,
@@ -307,7 +309,7 @@ class OutboxMachine(RuleBasedStateMachine):
                 # Outcomes recorded, their rows not marked yet: the next send applies them
                 # first. In-process the crash surfaces at the sender's next wait for the
                 # acks, which may come after one more POST was answered and not recorded.
-                self.store.apply_acks()
+                self.store.delivery.apply_acks()
                 observed = {r[0]: r[3] for r in self._store_rows()}
                 last = gp.posts[-1] if gp.posts else ([], [])
                 if all(observed[k] == "pending" for k, _ in last[0] + last[1]) and any(last):
@@ -323,7 +325,7 @@ class OutboxMachine(RuleBasedStateMachine):
 
     @rule()
     def requeue(self) -> None:
-        moved = self.store.requeue_dead()
+        moved = self.store.delivery.requeue_dead()
         dead = [r for r in self.rows.values() if r.state == "dead"]
         assert moved == len(dead)
         for row in dead:
@@ -359,7 +361,7 @@ class OutboxMachine(RuleBasedStateMachine):
 
     @invariant()
     def watermarks_equal_model(self) -> None:
-        assert self.store.watermarks() == self.marks
+        assert self.store.staging.watermarks() == self.marks
 
     @invariant()
     def nothing_acked_that_gridpulse_does_not_hold(self) -> None:
@@ -380,7 +382,7 @@ class OutboxMachine(RuleBasedStateMachine):
             else:
                 before = [ts for ts, _ in mine if ts < pending[0]]
                 want[sid] = before[-1] if before else None
-        assert self.store.delivered_through() == want
+        assert delivered_through(self.store) == want
 
 
 class crashing:
@@ -397,7 +399,7 @@ class crashing:
                 raise Crash(name)
 
     def __enter__(self) -> crashing:
-        for module in (pipeline_mod, send_mod, store_mod):
+        for module in (pipeline_mod, send_mod, stage_mod, deliver_mod):
             self.saved.append((module, module.crashpoint))
             module.crashpoint = self.hit  # type: ignore[attr-defined]
         return self
@@ -449,6 +451,6 @@ def test_flip_back_after_an_unacknowledged_delivery_is_sent_again(tmp_path: Path
                 continue
             with crashing(crash, 1), pytest.raises(Crash):
                 run_send(_config(5), store, GridPulseSink(ScriptedGridPulse(held)), sleep=_no_sleep)
-        row = store.row(*key)
+        row = store.reads.row(*key)
     assert row is not None and row["state"] == "acked"
     assert held[key] == row["revision"] == revision_of(10.0, "good", "MW")

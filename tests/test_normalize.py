@@ -13,12 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from outbox.datasets import names
+from outbox.datasets import of_row as dataset_of
 from outbox.normalize import (
-    DATASETS,
     REASONS,
     Normalized,
     SeriesInfo,
-    dataset_of,
     normalize_page,
     revision_of,
     stream_key,
@@ -425,7 +425,7 @@ def test_dataset_of_and_stream_key() -> None:
     assert {dataset_of(REGION, t) for t in ("D", "DF", "NG", "TI")} | {
         "generation",
         "ba_interchange",
-    } == set(DATASETS)
+    } == set(names())
     with pytest.raises(ValueError):
         dataset_of(REGION, "CO2")
     with pytest.raises(ValueError):
@@ -508,7 +508,7 @@ def test_rows_of_unconfigured_respondents_are_skipped_and_counted_per_respondent
     assert norm.invalid == {"unconfigured_ba": 2 * per_ba}
     assert norm.unconfigured == {"PACW": per_ba, "AVA": per_ba}
     assert {s.ba for s in norm.series} == {"PJM"} and norm.count == per_ba
-    assert set(norm.stream_max) == {f"{d}:PJM" for d in DATASETS[:4]}
+    assert set(norm.stream_max) == {f"{d}:PJM" for d in names()[:4]}
     assert run(rows).invalid == {} and run(rows).count == len(rows)
 
 

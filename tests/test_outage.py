@@ -118,7 +118,7 @@ def test_72_hours_of_503_then_one_run_drains_oldest_first(
                 for route, data in published(rows, now).items():
                     fake.set_rows(route, data)
                 run_fetch(config, store, client=eia)
-                head = store.queue_head()
+                head = store.reads.queue_head()
                 before = len(gridpulse.posted)
                 with pytest.raises(SendFailed):
                     run_send(config, store, GridPulseSink(gridpulse), sleep=_no_wait)
@@ -127,11 +127,14 @@ def test_72_hours_of_503_then_one_run_drains_oldest_first(
                 assert head is not None and gridpulse.posted[before][0] == head[1]
                 first_batches.append(gridpulse.posted[before][0])
 
-            staged = store.count_rows()
+            staged = store.staging.count_rows()
             expected = sum(len(v) for v in published(rows, now).values())
             assert staged == expected, "every published row of the outage is staged"
-            assert store.count_state("pending") == staged and store.count_state("dead") == 0
-            sends = store.recent_runs(limit=hours, stage="send")
+            assert (
+                store.reads.count_state("pending") == staged
+                and store.reads.count_state("dead") == 0
+            )
+            sends = store.runs.recent_runs(limit=hours, stage="send")
             assert [r.status for r in sends] == ["failed"] * hours
             assert receiver_rows(receiver.base_url, KEY_GP) == {}
 
@@ -141,7 +144,7 @@ def test_72_hours_of_503_then_one_run_drains_oldest_first(
             clock.move_to(now + timedelta(minutes=30))
             result = run_send(config, store, GridPulseSink(gridpulse), sleep=_no_wait)
         assert result.acked == staged and result.rejected == 0
-        assert store.count_state("pending") == 0 and store.count_state("dead") == 0
+        assert store.reads.count_state("pending") == 0 and store.reads.count_state("dead") == 0
         flat = [ts for batch in gridpulse.posted for ts in batch]
         assert flat == sorted(flat), "the backlog drains oldest first"
         held = receiver_rows(receiver.base_url, KEY_GP)

@@ -79,11 +79,11 @@ def drain(tmp_path: Path, n: int, batch: int, poison_at: int | None, name: str) 
     rows = [obs("EIA.PJM.demand", h, 100.0 + h) for h in range(n)]
     config = Config.model_validate({"gridpulse": {"batch_size": batch, "retry": {"attempts": 1}}})
     with Store.open(db) as store:
-        store.stage(rows, series_rows=[series_row("EIA.PJM.demand")])
+        store.staging.stage(rows, series_rows=[series_row("EIA.PJM.demand")])
         poison = {(rows[poison_at][0], rows[poison_at][1])} if poison_at is not None else set()
         client = Counting(poison, set())
         result = run_send(config, store, GridPulseSink(client), sleep=lambda s: None)
-        assert store.count_state("pending") == 0, "one drain delivers every good row"
+        assert store.reads.count_state("pending") == 0, "one drain delivers every good row"
     return client.requests, result.rejected
 
 

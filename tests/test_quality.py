@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from durability import KEY_GP, outbox, outbox_env
+from factories import ack
 from typer.testing import CliRunner
 
 from outbox.cli import app
@@ -364,8 +365,8 @@ def test_a_replay_with_three_changed_values_records_exactly_three_revisions(tmp_
             Key(*r)
             for r in sqlite3.connect(db).execute("SELECT series_id, ts, revision FROM observations")
         ]
-        store.ack(keys)
-        store.prune_before("2025-08-21T06:00:00Z")  # PJM's 05:00 row goes, the others stay
+        ack(store, keys)
+        store.upkeep.prune_before("2025-08-21T06:00:00Z")  # PJM's 05:00 row goes, the others stay
         kept = {(r["series_id"], r["ts"]) for r in ledger.revisions(store)}
     assert kept == {
         ("EIA.MISO.net_generation", "2025-08-21T06:00:00Z"),

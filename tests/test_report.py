@@ -144,7 +144,7 @@ def test_many_bas_collapse_to_a_selector(tmp_path: Path) -> None:
 
     sids = [f"EIA.B{i:02d}.demand" for i in range(SELECTOR_ABOVE_BAS + 1)]
     with Store.open(tmp_path / "outbox.db") as store:
-        store.stage(
+        store.staging.stage(
             [obs(sid, h) for sid in sids for h in range(24)],
             series_rows=[series_row(sid) for sid in sids],
             page=page(rows=24 * len(sids)),

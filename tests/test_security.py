@@ -210,7 +210,7 @@ def test_tls_is_verified_by_default(https_eia: str, tmp_path: Path) -> None:
     code, said = invoke(list(BACKFILL), tls_env(db, https_eia, **relaxed))
     assert code == 1 and "CERTIFICATE_VERIFY_FAILED" in said, said
     with Store.open(db) as store:
-        assert store.count_rows() == 0
+        assert store.staging.count_rows() == 0
     invoke(["fetch", "--replay", str(sample_dir())], tls_env(db, https_eia))
     code, said = invoke(["send"], tls_env(db, https_eia, **relaxed))
     assert code == 1 and "CERTIFICATE_VERIFY_FAILED" in said and "rows stay pending" in said

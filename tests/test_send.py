@@ -40,7 +40,7 @@ def make_config(**gridpulse: Any) -> Config:
 
 def stage(store: Store, n: int, sids: tuple[str, ...] = ("EIA.PJM.demand",)) -> list[tuple]:
     rows = [obs(sid, h, 100.0 + h) for h in range(n) for sid in sids]
-    store.stage(rows, series_rows=[series_row(s) for s in sids])
+    store.staging.stage(rows, series_rows=[series_row(s) for s in sids])
     return rows
 
 
@@ -97,7 +97,7 @@ def test_drains_in_batches_oldest_first(store: Store, respx_mock: respx.MockRout
         "revision": obs("EIA.MISO.demand", 0, 100.0)[5],
     }
     assert states(store) == {"acked": 24}
-    (run,) = store.recent_runs(stage="send")
+    (run,) = store.runs.recent_runs(stage="send")
     assert run.status == "ok" and run.counts["acked"] == 24 and run.counts["bytes"] > 0
     again = send(store, make_config())
     assert again.requests == 0 and route.call_count == 3
@@ -127,7 +127,7 @@ def test_per_row_rejections_go_dead(store: Store, respx_mock: respx.MockRouter) 
     respx_mock.post(INGEST).mock(side_effect=reject_two)
     result = send(store, make_config())
     assert (result.acked, result.rejected) == (3, 2)
-    dead = store.row("EIA.PJM.demand", ts(1))
+    dead = store.reads.row("EIA.PJM.demand", ts(1))
     assert dead["state"] == "dead"
     assert (dead["last_error_code"], dead["last_error"]) == ("VALUE_OUT_OF_RANGE", "bad 1")
 
@@ -160,7 +160,7 @@ def test_bisection_isolates_three_bad_rows_among_5000(store: Store, status: int)
         result = send(store, make_config())
     assert states(store) == {"acked": 4997, "dead": 3}
     for sid, when in bad:
-        row = store.row(sid, when)
+        row = store.reads.row(sid, when)
         assert row["state"] == "dead" and row["last_error_code"] == "VALIDATION_FAILED"
         assert row["last_error"]
     # One halving request per level for each bad row, plus the batches the carried rows ride in.
@@ -206,8 +206,8 @@ def test_credentials_and_conflict_touch_no_row(store: Store, status: int, error:
             send(store, make_config())
     assert KEY not in str(info.value)
     assert states(store) == {"pending": 10}
-    assert all(c.attempts == 0 for c in store.claim(100))
-    (run,) = store.recent_runs()
+    assert all(c.attempts == 0 for c in store.delivery.claim(100))
+    (run,) = store.runs.recent_runs()
     assert run.status == "failed" and run.error
 
 
@@ -251,12 +251,12 @@ def test_retry_budget_exhausted_defers_and_fails(store: Store) -> None:
             send(store, cfg)
         assert route.call_count == 3  # the configured attempts, then give up
     assert states(store) == {"pending": 7}
-    deferred = store.row("EIA.PJM.demand", ts(0))
+    deferred = store.reads.row("EIA.PJM.demand", ts(0))
     assert deferred["attempts"] == 1 and deferred["next_attempt_at"] is not None
     assert deferred["last_error_code"] == "SINK_UNAVAILABLE"
-    untouched = store.row("EIA.PJM.demand", ts(6))
+    untouched = store.reads.row("EIA.PJM.demand", ts(6))
     assert untouched["attempts"] == 0 and untouched["next_attempt_at"] is None
-    (run,) = store.recent_runs()
+    (run,) = store.runs.recent_runs()
     assert run.status == "failed" and "GridPulse unavailable" in run.error
 
     # GridPulse is back: the deferred (oldest) rows go first, not behind newer ones.
@@ -276,13 +276,13 @@ def test_revision_staged_meanwhile_stays_pending(store: Store) -> None:
     stage(store, 2)
 
     def revise_then_accept(request: httpx.Request) -> httpx.Response:
-        store.stage([obs("EIA.PJM.demand", 0, 999.0)])
+        store.staging.stage([obs("EIA.PJM.demand", 0, 999.0)])
         return accept_all(request)
 
     with respx.mock() as mock:
         route = mock.post(INGEST).mock(side_effect=revise_then_accept)
         send(store, make_config(), max_batches=1)
-        row = store.row("EIA.PJM.demand", ts(0))
+        row = store.reads.row("EIA.PJM.demand", ts(0))
         assert row["state"] == "pending" and row["value"] == 999.0
         send(store, make_config())
         resent = body_of(route.calls[1].request)["observations"]
@@ -310,7 +310,7 @@ def test_failed_send_counts_only_what_it_recorded(store: Store) -> None:
         mock.post(INGEST).mock(side_effect=lambda request: next(answers)(request))
         with pytest.raises(SendFailed):
             send(store, make_config(batch_size=5))
-    (run,) = store.recent_runs(stage="send")
+    (run,) = store.runs.recent_runs(stage="send")
     assert run.status == "failed"
     assert {k: run.counts[k] for k in ("batches", "sent", "acked", "deferred", "requests")} == {
         "batches": 1,
@@ -327,9 +327,11 @@ def test_dry_run_counts_deferred_rows_with_the_earliest_retry(store: Store, db_p
     from outbox.cli import app
 
     rows = stage(store, 6)
-    store.defer([Key(*r[:2], r[5]) for r in rows[4:]], "2099-03-01T00:00:00Z", "x", "X")
-    store.defer([Key(*rows[3][:2], rows[3][5])], "2099-01-01T00:00:00Z", "x", "X")
-    store.defer([Key(*rows[2][:2], rows[2][5])], "2000-01-01T00:00:00Z", "x", "X")  # due again
+    store.delivery.defer([Key(*r[:2], r[5]) for r in rows[4:]], "2099-03-01T00:00:00Z", "x", "X")
+    store.delivery.defer([Key(*rows[3][:2], rows[3][5])], "2099-01-01T00:00:00Z", "x", "X")
+    store.delivery.defer(
+        [Key(*rows[2][:2], rows[2][5])], "2000-01-01T00:00:00Z", "x", "X"
+    )  # due again
     env = {"OUTBOX_DB": str(db_path), "GRIDPULSE_BASE_URL": BASE}
     with respx.mock() as mock:  # strict: a dry run sends nothing
         said = CliRunner().invoke(app, ["send", "--dry-run"], env=env)
@@ -338,7 +340,7 @@ def test_dry_run_counts_deferred_rows_with_the_earliest_retry(store: Store, db_p
     assert said.stdout == (
         f"dry run: 3 due now, 3 deferred until 2099-01-01T00:00:00Z; 1 batches to {BASE}\n"
     )
-    store.defer([Key(*r[:2], r[5]) for r in rows[3:]], "2000-01-01T00:00:00Z", "x", "X")
+    store.delivery.defer([Key(*r[:2], r[5]) for r in rows[3:]], "2000-01-01T00:00:00Z", "x", "X")
     said = CliRunner().invoke(app, ["send", "--dry-run"], env=env)
     assert said.stdout == f"dry run: 6 due now, 0 deferred; 1 batches to {BASE}\n"
     assert states(store) == {"pending": 6}
@@ -368,13 +370,15 @@ def test_retry_after_past_the_budget_sleeps_nothing_and_defers_until_asked(store
     assert "Retry-After 3600s, the run's budget had 300s left" in str(failed.value)
     assert "deferred until 2025-09-01T13:00:00Z" in str(failed.value)
     for h in range(3):
-        row = store.row("EIA.PJM.demand", ts(h))
+        row = store.reads.row("EIA.PJM.demand", ts(h))
         assert (row["state"], row["next_attempt_at"]) == ("pending", "2025-09-01T13:00:00Z")
         assert row["last_error_code"] == "SINK_RETRY_AFTER"
     # GridPulse's health check answering makes rows deferred because it was down due again,
     # not those waiting for the time it asked for.
     (down,) = stage(store, 1, ("EIA.MISO.demand",))
-    store.defer([Key(*down[:2], down[5])], "2025-09-01T12:30:00Z", "down", "SINK_UNAVAILABLE")
+    store.delivery.defer(
+        [Key(*down[:2], down[5])], "2025-09-01T12:30:00Z", "down", "SINK_UNAVAILABLE"
+    )
     with respx.mock() as mock:
         mock.get(f"{BASE}/api/v1/health").respond(200, json={"status": "ok"})
         route = mock.post(INGEST).mock(side_effect=accept_all)
@@ -394,7 +398,7 @@ def test_retry_after_past_max_seconds_is_past_the_budget(store: Store) -> None:
         with pytest.raises(SendFailed, match="budget had 100s left"):
             send(store, cfg, waits, max_seconds=100, clock=lambda: 0.0)
     assert waits == []
-    store.clear_deferred("SINK_RETRY_AFTER")
+    store.delivery.clear_deferred("SINK_RETRY_AFTER")
     with respx.mock() as mock:  # within what is left it is honoured
         mock.post(INGEST).mock(side_effect=[rate_limited(50), accept_all])
         result = send(store, cfg, waits, max_seconds=100, clock=lambda: 0.0)
@@ -424,7 +428,7 @@ def test_retry_after_past_the_budget_is_one_line_exit_1(store: Store, db_path) -
     assert len(errors) == 1 and "Traceback" not in said.output + said.stderr
     assert "429 RATE_LIMITED" in errors[0] and "Retry-After 3600s" in errors[0]
     assert errors[0].endswith("; rows stay pending") and KEY not in said.stderr
-    assert store.count_due() == 0 and states(store) == {"pending": 3}
+    assert store.delivery.count_due() == 0 and states(store) == {"pending": 3}
 
 
 def refusing(

@@ -120,7 +120,7 @@ def test_memory_sink_is_a_sink() -> None:
 def staged(store: Store) -> Iterator[Store]:
     """A real outbox (migrated, in tmp_path) holding 2 series x 20 hours, pending."""
     rows = [obs(sid, h, 100.0 + h) for h in range(20) for sid in SERIES]
-    store.stage(rows, series_rows=[series_row(s) for s in SERIES])
+    store.staging.stage(rows, series_rows=[series_row(s) for s in SERIES])
     yield store
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from factories import mark, obs, page, series_row, ts
+from factories import ack, mark, obs, page, reject, series_row, ts
 from freezegun import freeze_time
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
@@ -74,9 +74,9 @@ def key(series_id: str, hour: int) -> tuple[str, str, str]:
 def prepare(path: Path) -> None:
     """Stage, ack, dead-letter and defer rows; one ok fetch run and two failed sends."""
     with Store.open(path) as store:
-        run = store.start_run("fetch", now="2025-08-22T10:04:00Z")
+        run = store.runs.start_run("fetch", now="2025-08-22T10:04:00Z")
         rows = [obs(sid, h) for sid, hours in SERIES.items() for h in hours]
-        store.stage(
+        store.staging.stage(
             rows,
             series_rows=[series_row(sid) for sid in SERIES],
             page=page(),
@@ -89,24 +89,24 @@ def prepare(path: Path) -> None:
             now=STAGED_AT,
         )
         counts = {"requests": 3, "pages": 3, "rows": len(rows), "written": len(rows)}
-        store.finish_run(run, "ok", {**counts, "invalid": 2}, now="2025-08-22T10:05:30Z")
+        store.runs.finish_run(run, "ok", {**counts, "invalid": 2}, now="2025-08-22T10:05:30Z")
         acked = [
             key(sid, h)
             for sid, hours in SERIES.items()
             for h in hours
             if h not in UNACKED.get(sid, ())
         ]
-        store.ack(acked, now="2025-08-22T10:10:00Z")
-        store.reject([(key("EIA.PJM.demand", 6), "VALUE_OUT_OF_RANGE", "value -5 below 0")])
-        store.defer(
+        ack(store, acked, now="2025-08-22T10:10:00Z")
+        reject(store, [(key("EIA.PJM.demand", 6), "VALUE_OUT_OF_RANGE", "value -5 below 0")])
+        store.delivery.defer(
             [key("EIA.PJM.demand", 7), key("EIA.PJM.demand", 8)],
             "2025-08-22T12:30:00Z",
             "SINK_UNAVAILABLE: GridPulse connection failed",
             code="SINK_UNAVAILABLE",
         )
         for started in ("2025-08-22T10:10:00Z", "2025-08-22T11:10:00Z"):
-            run = store.start_run("send", now=started)
-            store.finish_run(
+            run = store.runs.start_run("send", now=started)
+            store.runs.finish_run(
                 run,
                 "failed",
                 {"batches": 1, "requests": 4, "sent": 2, "acked": 0},
@@ -205,7 +205,7 @@ def test_acks_a_stopped_send_left_unapplied_are_shown(outbox_dir: Path) -> None:
     # leaves them pending in the table; status says how many are in fact acknowledged.
     keys = [key("EIA.PJM.demand_forecast", h) for h in range(12, 22)]
     with Store.open(outbox_dir / "outbox.db") as store:
-        store.record_outcome(keys, now="2025-08-22T11:50:00Z")
+        store.delivery.record_outcome(keys, now="2025-08-22T11:50:00Z")
     model = status_mod.read(load_config("config.yaml"))
     assert model.totals == {"series": 8, "pending": 34, "dead": 1, "acks_unapplied": 10}
     shown = invoke("status", columns=120)
@@ -213,14 +213,14 @@ def test_acks_a_stopped_send_left_unapplied_are_shown(outbox_dir: Path) -> None:
     assert invoke("status", "--metrics", "outbox.prom").exit_code == 0
     assert "\noutbox_acks_unapplied_rows 10\n" in (outbox_dir / "outbox.prom").read_text()
     with Store.open(outbox_dir / "outbox.db") as store:
-        assert store.apply_acks() == 10
+        assert store.delivery.apply_acks() == 10
     model = status_mod.read(load_config("config.yaml"))
     assert model.totals == {"series": 8, "pending": 24, "dead": 1, "acks_unapplied": 0}
     assert "not yet marked" not in invoke("status", columns=120).stdout
 
 
 def test_status_reads_a_schema_from_before_the_ack_log(outbox_dir: Path) -> None:
-    from outbox.migrate import downgrade
+    from outbox.store.migrate import downgrade
 
     with Store.open(outbox_dir / "outbox.db") as store:
         downgrade(store, "0002")
@@ -262,8 +262,8 @@ def test_piped_output_keeps_every_line_whole(outbox_dir: Path) -> None:
     at 80 columns: a 200-character error and the long check line each stay on one line."""
     assert len(LONG_ERROR) > 200
     with Store.open(outbox_dir / "outbox.db") as store:
-        run = store.start_run("send", now="2025-08-22T11:40:00Z")
-        store.finish_run(run, "failed", {"batches": 1}, LONG_ERROR, now="2025-08-22T11:40:05Z")
+        run = store.runs.start_run("send", now="2025-08-22T11:40:00Z")
+        store.runs.finish_run(run, "failed", {"batches": 1}, LONG_ERROR, now="2025-08-22T11:40:05Z")
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
 
     def piped(*args: str) -> tuple[int, list[str]]:
@@ -329,9 +329,9 @@ def check(tmp_path: Path, config: str = CONFIG) -> tuple[int, str]:
 def one_series(path: Path, series_id: str, newest: int, *, acked: bool = True) -> None:
     with Store.open(path) as store:
         rows = [obs(series_id, h) for h in range(newest - 2, newest + 1)]
-        store.stage(rows, series_rows=[series_row(series_id)], now=ts(newest))
+        store.staging.stage(rows, series_rows=[series_row(series_id)], now=ts(newest))
         if acked:
-            store.ack([(r[0], r[1], r[5]) for r in rows], now=ts(newest))
+            ack(store, [(r[0], r[1], r[5]) for r in rows], now=ts(newest))
 
 
 ONLY_DEMAND = """\
@@ -411,9 +411,9 @@ def test_check_dead_rows(tmp_path: Path, dead: int, expected: tuple[int, str]) -
     db = tmp_path / "o.db"
     one_series(db, "EIA.PJM.demand", 10, acked=False)
     with Store.open(db) as store:
-        rows = store.claim(dead)
-        store.reject([((r.series_id, r.ts, r.revision), "BAD", "bad") for r in rows])
-        store.ack([(r.series_id, r.ts, r.revision) for r in store.claim(10)])
+        rows = store.delivery.claim(dead)
+        reject(store, [((r.series_id, r.ts, r.revision), "BAD", "bad") for r in rows])
+        ack(store, [(r.series_id, r.ts, r.revision) for r in store.delivery.claim(10)])
     with freeze_time(ts(11)):
         assert check(tmp_path, ONLY_DEMAND.format(db=db)) == expected
 
@@ -433,9 +433,11 @@ def test_check_consecutive_failed_runs(
     one_series(db, "EIA.PJM.demand", 10)
     with Store.open(db) as store:
         for status in ["failed"] * 5 + ["ok"] + ["failed"] * failures + ["running"]:
-            run = store.start_run("send", now=ts(10))
+            run = store.runs.start_run("send", now=ts(10))
             if status != "running":
-                store.finish_run(run, status, {}, "boom" if status == "failed" else None, ts(10))
+                store.runs.finish_run(
+                    run, status, {}, "boom" if status == "failed" else None, ts(10)
+                )
     # The last run is still going (it holds the send lock): it counts for nothing.
     with file_lock(lock_file(db, "send"), blocking=False) as got, freeze_time(ts(11)):
         assert got
@@ -847,7 +849,9 @@ def test_a_configured_ba_eia_never_returned_a_row_for_is_a_warning(tmp_path: Pat
             run_fetch(config, store, client=eia_client(config, http), bas=["PJM"], now=now)
             assert status_mod.read(config, now=now).warnings == []  # XXXX not asked for
             run_fetch(config, store, client=eia_client(config, http), now=now)
-            assert "asked_through" not in store.recent_runs(limit=1)[0].counts  # progress has it
+            assert (
+                "asked_through" not in store.runs.recent_runs(limit=1)[0].counts
+            )  # progress has it
         asked = [q for q in fake.requests if "XXXX" in q]
     assert asked  # the second run asked EIA for XXXX, and EIA answered with no rows
 
@@ -883,8 +887,8 @@ def test_the_never_answered_warning_is_built_from_stream_progress(tmp_path: Path
     cfg.write_text(f"database: {db}\nbalancing_authorities: {{PJM: PJM, TYPO: XXXX, NEW: NEW}}\n")
     sid = "EIA.PJM.demand"
     with Store.open(db) as store:
-        run_id = store.start_run("fetch")
-        store.stage(
+        run_id = store.runs.start_run("fetch")
+        store.staging.stage(
             [obs(sid, 0)],
             series_rows=[series_row(sid)],
             page=page(),
@@ -894,7 +898,7 @@ def test_the_never_answered_warning_is_built_from_stream_progress(tmp_path: Path
             ],
             run_id=run_id,
         )
-        store.finish_run(run_id, "ok", {"asked_through": {"XXXX": ts(1)}})
+        store.runs.finish_run(run_id, "ok", {"asked_through": {"XXXX": ts(1)}})
     model = status_mod.read(load_config(cfg), now=parse_ts(ts(10)))
     assert model.warnings == [
         f"TYPO (EIA XXXX) has never had a row: EIA returned none for it through {ts(9)} "

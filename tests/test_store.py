@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy.exc
-from factories import mark, obs, page, series_row, ts
+from factories import ack, delivered_through, mark, obs, page, reject, series_row, total_changes, ts
 from sqlalchemy import event
 
 from outbox.errors import StoreError
@@ -21,7 +21,7 @@ MISO = "EIA.MISO.demand"
 
 def _stage(store: Store, rows, marks=(), with_page=True):
     sids = sorted({r[0] for r in rows})
-    return store.stage(
+    return store.staging.stage(
         rows,
         series_rows=[series_row(s) for s in sids],
         page=page() if with_page else None,
@@ -30,7 +30,7 @@ def _stage(store: Store, rows, marks=(), with_page=True):
 
 
 def _state(store: Store, sid: str, hour: int) -> str:
-    row = store.row(sid, ts(hour))
+    row = store.reads.row(sid, ts(hour))
     assert row is not None
     return row["state"]
 
@@ -41,7 +41,7 @@ def _key(row: tuple) -> Key:
 
 def _total_changes(store: Store) -> int:
     with store.read() as conn:
-        return store.total_changes(conn)
+        return total_changes(conn)
 
 
 def test_restage_of_unchanged_rows_writes_nothing(store: Store, db_path: Path) -> None:
@@ -61,84 +61,86 @@ def test_restage_of_unchanged_rows_writes_nothing(store: Store, db_path: Path) -
 
 def test_new_revision_goes_back_to_pending(store: Store) -> None:
     _stage(store, [obs(PJM, 0, 10.0), obs(PJM, 1, 11.0)])
-    store.ack([_key(obs(PJM, 0, 10.0)), _key(obs(PJM, 1, 11.0))])
-    store.defer([_key(obs(PJM, 1, 11.0))], ts(5), "x")  # no-op: already acked
+    ack(store, [_key(obs(PJM, 0, 10.0)), _key(obs(PJM, 1, 11.0))])
+    store.delivery.defer([_key(obs(PJM, 1, 11.0))], ts(5), "x")  # no-op: already acked
     result = _stage(store, [obs(PJM, 0, 10.0), obs(PJM, 1, 12.5)])
     assert result.written == 1
     assert _state(store, PJM, 0) == "acked"
-    row = store.row(PJM, ts(1))
+    row = store.reads.row(PJM, ts(1))
     assert row["state"] == "pending" and row["value"] == 12.5 and row["attempts"] == 0
     assert row["acked_revision"] == obs(PJM, 1, 11.0)[5]
-    assert [c.ts for c in store.claim(10, ts(100))] == [ts(1)]
+    assert [c.ts for c in store.delivery.claim(10, ts(100))] == [ts(1)]
 
 
 def test_revision_equal_to_acked_revision_is_sent_again(store: Store) -> None:
     _stage(store, [obs(PJM, 0, 10.0)])
-    store.ack([_key(obs(PJM, 0, 10.0))])
+    ack(store, [_key(obs(PJM, 0, 10.0))])
     _stage(store, [obs(PJM, 0, 99.0)])
     assert _state(store, PJM, 0) == "pending"
     # EIA flipped back. 99.0 may have reached GridPulse unacknowledged (a crash after the
     # 2xx; tests/test_model.py), so GridPulse's copy is unknown: 10.0 travels again.
     _stage(store, [obs(PJM, 0, 10.0)])
     assert _state(store, PJM, 0) == "pending"
-    assert [c.value for c in store.claim(10, ts(100))] == [10.0]
+    assert [c.value for c in store.delivery.claim(10, ts(100))] == [10.0]
 
 
 def test_dead_row_with_new_revision_is_pending_again(store: Store) -> None:
     _stage(store, [obs(PJM, 0, -5.0)])
-    store.reject([(_key(obs(PJM, 0, -5.0)), "VALUE_OUT_OF_RANGE", "negative")])
+    reject(store, [(_key(obs(PJM, 0, -5.0)), "VALUE_OUT_OF_RANGE", "negative")])
     assert _state(store, PJM, 0) == "dead"
     _stage(store, [obs(PJM, 0, 5.0)])
-    row = store.row(PJM, ts(0))
+    row = store.reads.row(PJM, ts(0))
     assert row["state"] == "pending" and row["last_error"] is None
 
 
 def test_ack_reject_defer_ignore_stale_revision(store: Store) -> None:
     old = obs(PJM, 0, 10.0)
     _stage(store, [old, obs(PJM, 1, 11.0), obs(PJM, 2, 12.0)])
-    claimed = store.claim(10, ts(100))
+    claimed = store.delivery.claim(10, ts(100))
     assert len(claimed) == 3
     new = obs(PJM, 0, 10.5)
     _stage(store, [new])  # revised while the batch was in flight
-    assert store.ack([_key(old)]) == 0
-    assert store.reject([(_key(old), "X", "y")]) == 0
-    assert store.defer([_key(old)], ts(50), "boom") == 0
-    row = store.row(PJM, ts(0))
+    assert ack(store, [_key(old)]) == 0
+    assert reject(store, [(_key(old), "X", "y")]) == 0
+    assert store.delivery.defer([_key(old)], ts(50), "boom") == 0
+    row = store.reads.row(PJM, ts(0))
     assert row["state"] == "pending" and row["revision"] == new[5] and row["attempts"] == 0
-    assert store.ack([_key(new)]) == 1
+    assert ack(store, [_key(new)]) == 1
     assert _state(store, PJM, 0) == "acked"
 
 
 def test_defer_hides_rows_until_due_and_counts_attempts(store: Store) -> None:
     _stage(store, [obs(PJM, 0), obs(PJM, 1)])
-    assert store.defer([_key(obs(PJM, 0))], ts(10), "503", code="SINK_UNAVAILABLE") == 1
-    assert [c.ts for c in store.claim(10, ts(9))] == [ts(1)]
-    assert [c.ts for c in store.claim(10, ts(10))] == [ts(0), ts(1)]
-    assert store.next_retry_at() == ts(10)
-    assert store.has_deferred("SINK_UNAVAILABLE") and not store.has_deferred("OTHER")
-    assert store.clear_deferred("OTHER") == 0
-    assert store.clear_deferred("SINK_UNAVAILABLE") == 1
-    assert not store.has_deferred("SINK_UNAVAILABLE")
-    assert store.row(PJM, ts(0))["attempts"] == 1
-    assert store.count_due(ts(0)) == 2
+    assert store.delivery.defer([_key(obs(PJM, 0))], ts(10), "503", code="SINK_UNAVAILABLE") == 1
+    assert [c.ts for c in store.delivery.claim(10, ts(9))] == [ts(1)]
+    assert [c.ts for c in store.delivery.claim(10, ts(10))] == [ts(0), ts(1)]
+    assert store.delivery.count_deferred(ts(0)) == (1, ts(10))
+    assert store.delivery.has_deferred("SINK_UNAVAILABLE") and not store.delivery.has_deferred(
+        "OTHER"
+    )
+    assert store.delivery.clear_deferred("OTHER") == 0
+    assert store.delivery.clear_deferred("SINK_UNAVAILABLE") == 1
+    assert not store.delivery.has_deferred("SINK_UNAVAILABLE")
+    assert store.reads.row(PJM, ts(0))["attempts"] == 1
+    assert store.delivery.count_due(ts(0)) == 2
 
 
 def test_pending_and_dead_scans_read_only_their_index(store: Store, db_path: Path) -> None:
-    """Status, count_due, next_retry_at and has_deferred never read a table row per
+    """Status, count_due, count_deferred and has_deferred never read a table row per
     pending or dead row: the partial indexes cover them (migration 0002)."""
     _stage(store, [obs(PJM, h) for h in range(4)] + [obs(MISO, h) for h in range(4)])
-    store.defer([_key(obs(PJM, 1))], ts(10), "503", code="SINK_UNAVAILABLE")
-    store.reject([(_key(obs(MISO, 2)), "VALUE_OUT_OF_RANGE", "no")])
+    store.delivery.defer([_key(obs(PJM, 1))], ts(10), "503", code="SINK_UNAVAILABLE")
+    reject(store, [(_key(obs(MISO, 2)), "VALUE_OUT_OF_RANGE", "no")])
     statements: list[str] = []
     event.listen(
         store.engine, "connect", lambda dbapi, _: dbapi.set_trace_callback(statements.append)
     )
     store.engine.dispose()  # new connections: traced
-    store.series_states()
-    store.counts()
-    store.count_due(ts(5))
-    store.next_retry_at()
-    store.has_deferred("SINK_UNAVAILABLE")
+    store.reads.series_states()
+    store.reads.counts()
+    store.delivery.count_due(ts(5))
+    store.delivery.count_deferred(ts(5))
+    store.delivery.has_deferred("SINK_UNAVAILABLE")
     con = sqlite3.connect(db_path)
     uses = [
         line
@@ -154,34 +156,34 @@ def test_pending_and_dead_scans_read_only_their_index(store: Store, db_path: Pat
 
 def test_claim_orders_by_ts_then_series(store: Store) -> None:
     _stage(store, [obs(PJM, 2), obs(MISO, 2), obs(PJM, 1), obs(MISO, 3)])
-    got = [(c.ts, c.series_id) for c in store.claim(3, ts(100))]
+    got = [(c.ts, c.series_id) for c in store.delivery.claim(3, ts(100))]
     assert got == [(ts(1), PJM), (ts(2), MISO), (ts(2), PJM)]
-    first = store.claim(1, ts(100))[0]
+    first = store.delivery.claim(1, ts(100))[0]
     assert (first.ba, first.type, first.subtype, first.units) == ("PJM", "demand", None, "MW")
 
 
 def test_watermark_never_moves_back(store: Store) -> None:
     _stage(store, [obs(PJM, 10)], [mark("demand:PJM", 10)])
     _stage(store, [obs(PJM, 3)], [mark("demand:PJM", 3)])
-    assert store.watermarks() == {"demand:PJM": ts(10)}
+    assert store.staging.watermarks() == {"demand:PJM": ts(10)}
     _stage(store, [obs(PJM, 11)], [mark("demand:PJM", 11)])
-    assert store.watermarks() == {"demand:PJM": ts(11)}
+    assert store.staging.watermarks() == {"demand:PJM": ts(11)}
 
 
 def test_delivered_through_with_gaps_dead_rows_and_revisions(store: Store) -> None:
     rows = [obs(PJM, h, 100.0 + h) for h in (0, 1, 2, 4, 5, 8)]  # gaps at 3, 6, 7
     _stage(store, [*rows, obs(MISO, 0)])
-    assert store.delivered_through() == {MISO: None, PJM: None}
-    store.ack([_key(r) for r in rows[:3]])
-    assert store.delivered_through()[PJM] == ts(2)
-    store.reject([(_key(rows[3]), "BAD", "bad row")])  # hour 4 dead counts as settled
-    store.ack([_key(rows[5])])  # hour 8 acked, hour 5 still pending
-    assert store.delivered_through()[PJM] == ts(4)
+    assert delivered_through(store) == {MISO: None, PJM: None}
+    ack(store, [_key(r) for r in rows[:3]])
+    assert delivered_through(store)[PJM] == ts(2)
+    reject(store, [(_key(rows[3]), "BAD", "bad row")])  # hour 4 dead counts as settled
+    ack(store, [_key(rows[5])])  # hour 8 acked, hour 5 still pending
+    assert delivered_through(store)[PJM] == ts(4)
     _stage(store, [obs(PJM, 1, 555.0)])  # hour 1 revised: back to pending
-    assert store.delivered_through()[PJM] == ts(0)
-    store.ack([_key(obs(PJM, 1, 555.0)), _key(rows[4])])
-    assert store.delivered_through()[PJM] == ts(8)
-    state = {s.series_id: s for s in store.series_states()}[PJM]
+    assert delivered_through(store)[PJM] == ts(0)
+    ack(store, [_key(obs(PJM, 1, 555.0)), _key(rows[4])])
+    assert delivered_through(store)[PJM] == ts(8)
+    state = {s.series_id: s for s in store.reads.series_states()}[PJM]
     assert (state.pending, state.dead, state.newest_staged, state.newest_acked) == (
         0,
         1,
@@ -217,16 +219,16 @@ def test_series_states_agree_with_the_plain_view(store: Store, seed: int) -> Non
             live[sid, h] += 1
             rows.append(obs(sid, h, live[sid, h]))
         _stage(store, rows)
-        pending = store.claim(10_000)
+        pending = store.delivery.claim(10_000)
         rng.shuffle(pending)
         cut = rng.randint(0, len(pending))
-        store.ack([_key(c) for c in pending[:cut] if rng.random() < 0.9])
-        store.reject([(_key(c), "BAD", "bad") for c in pending[cut:] if rng.random() < 0.05])
+        ack(store, [_key(c) for c in pending[:cut] if rng.random() < 0.9])
+        reject(store, [(_key(c), "BAD", "bad") for c in pending[cut:] if rng.random() < 0.05])
     # And two shapes the shortcut is for: a block never sent after acknowledged rows, and
     # a series never sent at all.
     block, never = "EIA.SWPP.demand", "EIA.CISO.demand"
     _stage(store, [obs(block, h) for h in range(10)] + [obs(never, h) for h in range(5)])
-    store.ack([_key(obs(block, h)) for h in range(4)])
+    ack(store, [_key(obs(block, h)) for h in range(4)])
     with store.read() as conn:
         view = {
             r[0]: tuple(r[1:])
@@ -237,7 +239,7 @@ def test_series_states_agree_with_the_plain_view(store: Store, seed: int) -> Non
         }
     states = {
         s.series_id: (s.pending, s.dead, s.newest_staged, s.newest_acked, s.delivered_through)
-        for s in store.series_states()
+        for s in store.reads.series_states()
     }
     assert states == view
     assert states[block] == (6, 0, ts(9), ts(3), ts(3))
@@ -246,25 +248,25 @@ def test_series_states_agree_with_the_plain_view(store: Store, seed: int) -> Non
 
 def test_requeue_dead(store: Store) -> None:
     _stage(store, [obs(PJM, 0), obs(MISO, 0)])
-    store.reject([(_key(obs(PJM, 0)), "A", "a"), (_key(obs(MISO, 0)), "B", "b")])
-    assert store.requeue_dead(series_glob="EIA.PJM.*") == 1
-    assert store.requeue_dead(code="nope") == 0
+    reject(store, [(_key(obs(PJM, 0)), "A", "a"), (_key(obs(MISO, 0)), "B", "b")])
+    assert store.delivery.requeue_dead(series_glob="EIA.PJM.*") == 1
+    assert store.delivery.requeue_dead(code="nope") == 0
     assert _state(store, PJM, 0) == "pending" and _state(store, MISO, 0) == "dead"
-    assert store.counts() == {"pending": 1, "dead": 1}
+    assert store.reads.counts() == {"pending": 1, "dead": 1}
 
 
 def test_page_archive_and_row_pointer(store: Store) -> None:
     _stage(store, [obs(PJM, 0, row=0), obs(PJM, 1, row=1)])
-    row = store.row(PJM, ts(1))
-    info, body = store.page_body(row["page_id"])
+    row = store.reads.row(PJM, ts(1))
+    info, body = store.reads.page_body(row["page_id"])
     assert row["page_row"] == 1
     assert info["route"] == "electricity/rto/region-data" and body.startswith(b'{"response"')
 
 
 def test_runs_are_recorded(store: Store) -> None:
-    run = store.start_run("send")
-    store.finish_run(run, "failed", {"sent": 3}, "GET https://x/?api_key=SEKRET1 failed")
-    (rec,) = store.recent_runs()
+    run = store.runs.start_run("send")
+    store.runs.finish_run(run, "failed", {"sent": 3}, "GET https://x/?api_key=SEKRET1 failed")
+    (rec,) = store.runs.recent_runs()
     assert rec.status == "failed" and rec.counts.pop("seconds") >= 0  # measured duration
     assert rec.counts == {"sent": 3}
     assert "SEKRET1" not in rec.error and "api_key=***" in rec.error
@@ -275,9 +277,9 @@ def _writer(path: str, n: int, errors: mp.Queue) -> None:
         with Store.open(path) as s:
             for i in range(n):
                 rows = [obs(PJM, i * 10 + h, float(h)) for h in range(10)]
-                s.stage(rows, series_rows=[series_row(PJM)], page=page(i))
-                due = s.claim(5, ts(10_000))
-                s.ack([Key(c.series_id, c.ts, c.revision) for c in due])
+                s.staging.stage(rows, series_rows=[series_row(PJM)], page=page(i))
+                due = s.delivery.claim(5, ts(10_000))
+                ack(s, [Key(c.series_id, c.ts, c.revision) for c in due])
     except Exception as exc:  # reported to the parent
         errors.put(repr(exc))
 
@@ -286,9 +288,9 @@ def _reader(path: str, n: int, errors: mp.Queue) -> None:
     try:
         with Store.open(path) as s:
             for _ in range(n):
-                s.series_states()
-                s.counts()
-                s.claim(100, ts(10_000))
+                s.reads.series_states()
+                s.reads.counts()
+                s.delivery.claim(100, ts(10_000))
     except Exception as exc:
         errors.put(repr(exc))
 
@@ -334,7 +336,7 @@ def test_write_group_commits_pages_together(store: Store, db_path: Path) -> None
         _stage(store, [obs(PJM, h) for h in range(3)], [mark("demand:PJM", 2)])
         _stage(store, [obs(PJM, h) for h in range(3, 6)], [mark("demand:PJM", 5)])
         assert _committed(db_path) == (0, [])  # nothing visible before the commit
-        assert store.watermarks() == {}
+        assert store.staging.watermarks() == {}
         group.commit()
         assert _committed(db_path) == (6, [("demand:PJM", ts(5))])
         _stage(store, [obs(PJM, 6)], [mark("demand:PJM", 6)])
@@ -399,27 +401,31 @@ def test_write_group_is_per_thread_and_does_not_nest(store: Store, db_path: Path
 def test_recorded_acks_reach_their_rows_when_applied(store: Store) -> None:
     rows = [obs(PJM, h, 10.0 + h) for h in range(4)]
     _stage(store, rows)
-    dead = store.record_outcome(
+    dead = store.delivery.record_outcome(
         [_key(r) for r in rows[:3]], [(_key(rows[3]), "INVALID_VALUE", "bad")], now=ts(50)
     )
     assert dead == 1 and _state(store, PJM, 3) == "dead"  # dead-lettered at once
     assert [_state(store, PJM, h) for h in range(3)] == ["pending"] * 3
-    assert store.unapplied_acks() == 3
+    assert store.delivery.unapplied_acks() == 3
     # EIA revises hour 1 before the acks are applied: the new revision stays pending.
     _stage(store, [obs(PJM, 1, 99.0)])
-    assert store.apply_acks() == 2
+    assert store.delivery.apply_acks() == 2
     assert [_state(store, PJM, h) for h in range(3)] == ["acked", "pending", "acked"]
-    row = store.row(PJM, ts(0))
+    row = store.reads.row(PJM, ts(0))
     assert row is not None and row["acked_at"] == ts(50) and row["acked_revision"] == rows[0][5]
-    assert store.unapplied_acks() == 0 and store.apply_acks() == 0  # nothing left to apply
+    assert (
+        store.delivery.unapplied_acks() == 0 and store.delivery.apply_acks() == 0
+    )  # nothing left to apply
 
 
 def test_recorded_acks_apply_in_order_and_survive_reopen(store: Store, db_path: Path) -> None:
     _stage(store, [obs(PJM, h) for h in range(4)])
-    store.record_outcome([_key(obs(PJM, h)) for h in range(2)], now=ts(50))
-    store.record_outcome([_key(obs(PJM, h)) for h in range(2, 4)], now=ts(51))
+    store.delivery.record_outcome([_key(obs(PJM, h)) for h in range(2)], now=ts(50))
+    store.delivery.record_outcome([_key(obs(PJM, h)) for h in range(2, 4)], now=ts(51))
     store.close()
     with Store.open(db_path) as again:  # as after a kill: the log is still there
-        assert again.unapplied_acks() == 4
-        assert again.apply_acks() == 4
-        assert [again.row(PJM, ts(h))["acked_at"] for h in range(4)] == [ts(50)] * 2 + [ts(51)] * 2
+        assert again.delivery.unapplied_acks() == 4
+        assert again.delivery.apply_acks() == 4
+        assert [again.reads.row(PJM, ts(h))["acked_at"] for h in range(4)] == [ts(50)] * 2 + [
+            ts(51)
+        ] * 2

@@ -175,7 +175,7 @@ def test_five_empty_streams_are_asked_once_then_one_request_per_route(
     cfg = config(fake.base_url or "")
     first = fetch(store, cfg, http, fake, NOW)
     assert len(first) > 3  # the history, in 744-hour chunks (and pages of 5,000 rows)
-    assert EMPTY.isdisjoint(store.watermarks())
+    assert EMPTY.isdisjoint(store.staging.watermarks())
     later = NOW + timedelta(hours=1)
     fake.set_rows(ROUTE_REGION, published(later)[ROUTE_REGION])
     second = fetch(store, cfg, http, fake, later)
@@ -192,7 +192,7 @@ def test_five_empty_streams_are_asked_once_then_one_request_per_route(
     assert {k: v for k, v in asked.items() if k in EMPTY} == {
         s: cutoff(later, s.split(":")[0]) for s in EMPTY
     }
-    assert EMPTY.isdisjoint(store.watermarks())
+    assert EMPTY.isdisjoint(store.staging.watermarks())
     assert len(asked) == 3 * 6  # every configured stream answered, with rows or without
 
 
@@ -218,7 +218,7 @@ def test_a_new_ba_picks_up_its_first_rows_on_the_run_after_they_appear(
     cfg = config(fake.base_url or "")
     fetch(store, cfg, http, fake, NOW)
     fetch(store, cfg, http, fake, NOW + timedelta(hours=1))
-    assert "demand:GENX" not in store.watermarks()
+    assert "demand:GENX" not in store.staging.watermarks()
     # EIA starts publishing GENX's demand, with its last two days.
     appear = NOW + timedelta(hours=2)
     rows = published(appear, also=frozenset({"demand:GENX"}))[ROUTE_REGION]
@@ -241,7 +241,7 @@ def test_a_new_ba_picks_up_its_first_rows_on_the_run_after_they_appear(
     con.close()
     assert staged[0] == to_ts(first) and staged[-1] == to_ts(floor_hour(appear))
     assert len(staged) == 48
-    assert store.watermarks()["demand:GENX"] == to_ts(floor_hour(appear))
+    assert store.staging.watermarks()["demand:GENX"] == to_ts(floor_hour(appear))
 
 
 def genx_demand(db: Path) -> list[str]:
@@ -286,7 +286,7 @@ def test_a_new_ba_with_more_history_than_the_look_back_gets_all_of_it_by_the_nex
     window_start = datetime(2025, 8, 19, 11, tzinfo=UTC)
     staged = genx_demand(db_path)
     assert staged[0] == to_ts(window_start) and len(staged) == 76
-    assert store.history_markers() == {"demand:GENX": to_ts(window_start)}
+    assert store.staging.history_markers() == {"demand:GENX": to_ts(window_start)}
     # The next run fetches GENX's demand from history start to that hour, newest first,
     # in 744-hour chunks (two: 899 hours), besides its one request per route.
     later = APPEAR + timedelta(hours=1)
@@ -307,7 +307,7 @@ def test_a_new_ba_with_more_history_than_the_look_back_gets_all_of_it_by_the_nex
     staged = genx_demand(db_path)
     assert staged[0] == to_ts(GENX_FIRST) and staged[-1] == to_ts(floor_hour(later))
     assert len(staged) == 241  # the 240 hours published at 14:00, and 15:00
-    assert store.history_markers() == {}
+    assert store.staging.history_markers() == {}
     # From then on, one request per route again.
     last = later + timedelta(hours=1)
     publish_genx_demand(fake, last)
@@ -324,7 +324,7 @@ def test_a_new_ba_whose_rows_begin_inside_the_window_needs_no_more_requests(
     since = floor_hour(APPEAR) - timedelta(hours=47)  # after the window start, 08-19T11
     publish_genx_demand(fake, APPEAR, since)
     fetch(store, cfg, http, fake, APPEAR)
-    assert len(genx_demand(db_path)) == 48 and store.history_markers() == {}
+    assert len(genx_demand(db_path)) == 48 and store.staging.history_markers() == {}
     later = APPEAR + timedelta(hours=1)
     publish_genx_demand(fake, later, since)
     assert Counter(r for r, _ in fetch(store, cfg, http, fake, later)) == {r: 1 for r in ROUTES}
@@ -340,14 +340,14 @@ def test_the_history_marker_commits_with_the_first_rows_and_moves_down_chunk_by_
     publish_genx_demand(fake, APPEAR)
     # The page with GENX's first rows is refused: neither they, their watermark nor the
     # marker are written.
-    store.limit_size(max_rows=store.count_rows() + 1, max_bytes=None)
+    store.staging.limit_size(max_rows=store.staging.count_rows() + 1, max_bytes=None)
     with pytest.raises(OutboxFullError):
         fetch(store, cfg, http, fake, APPEAR)
-    assert genx_demand(db_path) == [] and store.history_markers() == {}
-    assert "demand:GENX" not in store.watermarks()
-    store.limit_size(None, None)
+    assert genx_demand(db_path) == [] and store.staging.history_markers() == {}
+    assert "demand:GENX" not in store.staging.watermarks()
+    store.staging.limit_size(None, None)
     fetch(store, cfg, http, fake, APPEAR)
-    assert store.history_markers() == {"demand:GENX": "2025-08-19T11:00:00Z"}
+    assert store.staging.history_markers() == {"demand:GENX": "2025-08-19T11:00:00Z"}
     # The next run fails after the newer history chunk: the marker has moved down to it.
     later = APPEAR + timedelta(hours=1)
     publish_genx_demand(fake, later)
@@ -358,12 +358,12 @@ def test_the_history_marker_commits_with_the_first_rows_and_moves_down_chunk_by_
 
     with pytest.raises(SourceTransientError):
         fetch(store, cfg, http, fake, later, progress=fail_after_the_first_history_chunk)
-    assert store.history_markers() == {"demand:GENX": "2025-07-19T11:00:00Z"}
+    assert store.staging.history_markers() == {"demand:GENX": "2025-07-19T11:00:00Z"}
     # The run after asks for the rest only, once, and clears the marker.
     again = fetch(store, cfg, http, fake, later)
     history = [q for r, q in again if r == ROUTE_REGION and q["facets[respondent][]"] == "GENX"]
     assert [(q["start"], q["end"]) for q in history] == [("2025-07-13T00", "2025-07-19T10")]
-    assert store.history_markers() == {}
+    assert store.staging.history_markers() == {}
     staged = genx_demand(db_path)
     assert staged[0] == to_ts(GENX_FIRST) and len(staged) == 241
 
@@ -395,16 +395,16 @@ def test_a_page_that_fails_to_stage_leaves_the_progress_as_it_was(
 ) -> None:
     cfg = config(fake.base_url or "")
     fetch(store, cfg, http, fake, NOW)
-    before = progress(db_path), store.watermarks(), store.count_rows()
+    before = progress(db_path), store.staging.watermarks(), store.staging.count_rows()
     later = NOW + timedelta(hours=1)
     fake.set_rows(ROUTE_REGION, published(later)[ROUTE_REGION])
     # The region window's only (and so last) page brings the new hour's rows; the ceiling
     # refuses it, and with it the progress and watermarks it carried.
-    store.limit_size(max_rows=store.count_rows() + 1, max_bytes=None)
+    store.staging.limit_size(max_rows=store.staging.count_rows() + 1, max_bytes=None)
     with pytest.raises(OutboxFullError):
         fetch(store, cfg, http, fake, later)
-    assert (progress(db_path), store.watermarks(), store.count_rows()) == before
-    store.limit_size(None, None)
+    assert (progress(db_path), store.staging.watermarks(), store.staging.count_rows()) == before
+    store.staging.limit_size(None, None)
     fetch(store, cfg, http, fake, later)
     assert progress(db_path)["demand_forecast:GENX"] == to_ts(floor_hour(later))
 
@@ -419,17 +419,19 @@ def test_stage_writes_progress_with_the_rows_never_backwards_and_not_on_failure(
         return ProgressUpdate("demand:GENX", "demand", "GENX", ts(hour))
 
     sid = "EIA.PJM.demand"
-    store.stage(
+    store.staging.stage(
         [obs(sid, 0)], series_rows=[series_row(sid)], page=page(), progress_updates=[asked(5)]
     )
-    assert store.stream_progress() == {"demand:GENX": ts(5)}
-    store.stage([], progress_updates=[asked(3)])
-    assert store.stream_progress() == {"demand:GENX": ts(5)}
+    assert store.staging.stream_progress() == {"demand:GENX": ts(5)}
+    store.staging.stage([], progress_updates=[asked(3)])
+    assert store.staging.stream_progress() == {"demand:GENX": ts(5)}
     bad = (*obs(sid, 1)[:2], None, "MW", "good", "x", 0)  # breaks a CHECK constraint
     with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
-        store.stage([bad], series_rows=[series_row(sid)], page=page(), progress_updates=[asked(9)])
-    assert store.stream_progress() == {"demand:GENX": ts(5)}
-    assert store.row(sid, ts(1)) is None
+        store.staging.stage(
+            [bad], series_rows=[series_row(sid)], page=page(), progress_updates=[asked(9)]
+        )
+    assert store.staging.stream_progress() == {"demand:GENX": ts(5)}
+    assert store.reads.row(sid, ts(1)) is None
 
 
 # -- what a user sees ------------------------------------------------------------------

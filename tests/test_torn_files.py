@@ -238,7 +238,7 @@ def recover(copy: Path, data: Path, held: dict, reference: list[tuple]) -> int:
     recorder = RecordingClient()
     config = Config.model_validate({"housekeeping": {"retention_days": 36500}})
     with Store.open(db) as store:
-        assert store.quick_check() == ["ok"]
+        assert store.upkeep.quick_check() == ["ok"]
         run_fetch(config, store, replay=data)
         run_send(config, store, GridPulseSink(recorder), sleep=lambda s: None)
     assert rows(db, OBS_COLUMNS[:6]) == reference

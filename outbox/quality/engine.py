@@ -1,6 +1,6 @@
 """The quality engine: judge the rows a stage wrote, in the stage's transaction.
 
-:class:`Checker` is what :meth:`outbox.store.Store.stage` calls after its upsert. It reads
+:class:`Checker` is what :meth:`outbox.store.stage.Staging.stage` calls after its upsert. It reads
 the rows around the hours written (per BA, :func:`outbox.quality.rules.context_hours`
 each side, never the whole outbox), runs the rules, and then, in the same transaction:
 
@@ -22,6 +22,7 @@ from functools import lru_cache
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
+from outbox import datasets
 from outbox.config import Config
 from outbox.quality.frame import Frame, SeriesInfo, read_frame
 from outbox.quality.rules import FRAME_RULES, Evaluated, Finding, Outcome, Scope, context_hours
@@ -86,9 +87,7 @@ def ts_hour(ts: str) -> int:
 
 def dataset_of(type_: str, subtype: str | None) -> str:
     """The dataset of a series from its type and subtype."""
-    if type_ == "interchange":
-        return "ba_interchange" if subtype else "interchange"
-    return type_
+    return datasets.of_series(type_, subtype or None)
 
 
 def quality_code(rule: str) -> str:

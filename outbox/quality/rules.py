@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from outbox import datasets
 from outbox.quality.arrays import group_starts, neighbour_residuals, rolling_median
 from outbox.quality.frame import Frame, Scope, in_scope
 from outbox.quality.settings import Resolver, Settings
@@ -391,9 +392,7 @@ def _series_rule(
     after: int,
 ) -> Outcome:
     out = Outcome(evaluated=_evaluated(rule, scope, before, after))
-    from outbox.config import DATASET_NAMES
-
-    shortest = min(resolver.get(rule, ds).window_hours for ds in DATASET_NAMES)
+    shortest = min(resolver.get(rule, ds).window_hours for ds in datasets.names())
     shortest = min([shortest, *(resolver.get(rule, None, ba).window_hours for ba in scope)])
     runs = runs[runs["n"] >= shortest]
     if not runs.empty:  # only the runs that reach the scope's hours, read row by row below
@@ -476,9 +475,7 @@ def flat_line(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
 
 
 def _widest(resolver: Resolver, rule: str) -> int:
-    from outbox.config import DATASET_NAMES
-
-    windows = [resolver.get(rule, ds).window_hours for ds in DATASET_NAMES]
+    windows = [resolver.get(rule, ds).window_hours for ds in datasets.names()]
     return max(windows)
 
 

@@ -12,7 +12,7 @@ A stage run looks like this (``outbox.stages.send.run_send`` is the model)::
 * :func:`stage_lock` takes the stage's lock file without waiting. Holding it is what makes
   a run recorded ``running`` alive: a run of the stage still ``running`` when the next
   one starts belongs to a process that is gone (SIGKILL, out of memory, power loss), and
-  :meth:`Store.start_run` records it failed, ``process gone (pid N)``, with a warning.
+  :meth:`RunLedger.start_run` records it failed, ``process gone (pid N)``, with a warning.
 * :func:`recorded_run` records the run (start, then ``ok`` or ``failed`` with its counts
   and the error), binds ``stage`` and ``run`` to every log line inside, and logs the one
   line of a failed run: ``send failed run=7 seconds=0.4 batches=2 ... error="..."``. Any
@@ -105,17 +105,17 @@ def recorded_run(
     turns what stopped a failed run into its recorded error (the default: :func:`describe`).
     The exception itself goes on up.
     """
-    run = Run(stage, store.start_run(stage))
+    run = Run(stage, store.runs.start_run(stage))
     bind(stage=stage, run=run.id)
     run.started = time.monotonic()
     try:
         yield run
     except BaseException as exc:
         run.error = describe(exc)
-        store.finish_run(run.id, "failed", counts(), run.error)
+        store.runs.finish_run(run.id, "failed", counts(), run.error)
         log_failed(run, counts())
         raise
-    store.finish_run(run.id, "ok", counts())
+    store.runs.finish_run(run.id, "ok", counts())
 
 
 def log_failed(run: Run, counts: Mapping[str, Any]) -> None:

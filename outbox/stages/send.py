@@ -234,7 +234,7 @@ class Sender:
         limit = self.config.gridpulse.circuit_breaker_rows
         if count < limit:
             return
-        probe = beyond or self.store.newest_due(to_ts(utcnow()))
+        probe = beyond or self.store.delivery.newest_due(to_ts(utcnow()))
         if probe is None:  # no row left to try: nothing for the breaker to save
             return
         try:
@@ -301,7 +301,7 @@ class Sender:
         if page_id not in self._pages:
             import orjson
 
-            found = self.store.page_body(page_id)
+            found = self.store.reads.page_body(page_id)
             data = orjson.loads(found[1]) if found else {}
             self._pages = {page_id: (data.get("response") or {}).get("data") or []}
         data = self._pages[page_id]
@@ -319,7 +319,7 @@ class Sender:
         # The outcome commits before the next POST (a kill re-delivers at most the batch
         # in flight); marking its rows acked overlaps that POST.
         self.wait_acks()
-        self.result.rejected += self.store.record_outcome(acked, rejected)
+        self.result.rejected += self.store.delivery.record_outcome(acked, rejected)
         self.result.batches += 1
         self.result.sent += len(rows)
         if outcome.accepted:
@@ -327,7 +327,7 @@ class Sender:
         if acked:
             if self._acks is None:
                 self._acks = ThreadPoolExecutor(1, thread_name_prefix="outbox-acks")
-            self._applying = self._acks.submit(self.store.apply_acks)
+            self._applying = self._acks.submit(self.store.delivery.apply_acks)
 
     def wait_acks(self) -> None:
         """Wait until the recorded acks are applied to their rows (raises what that raised)."""
@@ -347,7 +347,7 @@ class Sender:
     def _dead(self, rows: Sequence[Claimed], code: str, message: str) -> None:
         keys = [(Key(r.series_id, r.ts, r.revision), code, message) for r in rows]
         self.wait_acks()
-        self.result.rejected += self.store.record_outcome([], keys)
+        self.result.rejected += self.store.delivery.record_outcome([], keys)
         self.result.sent += len(rows)
 
     def defer(self, rows: Sequence[Claimed], exc: SinkTransientError) -> None:
@@ -367,7 +367,7 @@ class Sender:
             self.asked = (delay, when)
         keys = [Key(r.series_id, r.ts, r.revision) for r in rows]
         self.wait_acks()
-        self.result.deferred += self.store.defer(keys, when, f"{code}: {exc}", code=code)
+        self.result.deferred += self.store.delivery.defer(keys, when, f"{code}: {exc}", code=code)
 
     def describe_failure(self, exc: BaseException) -> str:
         """The error a failed run is recorded with; the sink unavailable says for how long
@@ -407,8 +407,8 @@ def run_send(
             return result
         if dry_run:
             now = to_ts(utcnow())
-            result.due = store.count_due(now)
-            result.waiting, result.waiting_until = store.count_deferred(now)
+            result.due = store.delivery.count_due(now)
+            result.waiting, result.waiting_until = store.delivery.count_deferred(now)
             return result
         assert sink is not None, "a send that is not a dry run needs a sink"
         ends_at = clock() + max_seconds if max_seconds is not None else None
@@ -442,11 +442,11 @@ def _drain(
     started = clock()
     # Acks a killed send recorded and did not apply: applied before anything is claimed,
     # or their rows would go again in other batches.
-    store.apply_acks()
-    if store.has_deferred(UNAVAILABLE) and sender.sink.health():
+    store.delivery.apply_acks()
+    if store.delivery.has_deferred(UNAVAILABLE) and sender.sink.health():
         # The sink is back: rows deferred only because it was down are due again, so
         # the backlog drains oldest first instead of behind newer rows.
-        store.clear_deferred(UNAVAILABLE)
+        store.delivery.clear_deferred(UNAVAILABLE)
     rounds = 0
     # A worker thread claims and encodes the next batch while this one is posted and its
     # outcome recorded; it claims behind the batch in flight, which stays pending until
@@ -482,6 +482,6 @@ def _drain(
 def _claims(store: Store, sender: Sender) -> Iterator[list[Claimed]]:
     """Successive batches of due rows, oldest first, each claimed behind the one before."""
     after: tuple[str, str] | None = None
-    while rows := store.claim(sender.batch_size, to_ts(utcnow()), after=after):
+    while rows := store.delivery.claim(sender.batch_size, to_ts(utcnow()), after=after):
         yield rows
         after = (rows[-1].ts, rows[-1].series_id)

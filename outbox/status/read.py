@@ -14,7 +14,8 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from outbox.config import DATASET_NAMES, Config
+from outbox import datasets
+from outbox.config import Config
 from outbox.errors import StoreError
 from outbox.normalize import stream_key
 from outbox.status.check import evaluate
@@ -36,20 +37,10 @@ from outbox.status.model import (
 from outbox.store import RunRecord, RunSummary, SeriesState, Store, disk_free_bytes
 from outbox.timeutil import parse_ts, to_ts, utcnow
 
-TYPE_TO_DATASET = {
-    "demand": "demand",
-    "demand_forecast": "demand_forecast",
-    "net_generation": "net_generation",
-}
-
 
 def dataset_of_series(s: SeriesState) -> str:
     """Which configured dataset a series belongs to."""
-    if s.type == "generation":
-        return "generation"
-    if s.type == "interchange":
-        return "interchange" if s.subtype is None else "ba_interchange"
-    return TYPE_TO_DATASET.get(s.type, s.type)
+    return datasets.of_series(s.type, s.subtype)
 
 
 def open_store(config: Config) -> Store:
@@ -93,8 +84,8 @@ def collect(
     second, where the full status sorts the pending index by series.
     """
     now = now or utcnow()
-    states = store.series_states(pending=not for_check)
-    runs = {stage: store.run_summary(stage) for stage in STAGES}
+    states = store.reads.series_states(pending=not for_check)
+    runs = {stage: store.runs.run_summary(stage) for stage in STAGES}
     status = _base(config, store, states, runs, now, for_check=for_check)
     _add_queue_head(status, store, now)
     from outbox.quality.ledger import summary as quality_summary
@@ -122,7 +113,7 @@ def _base(
     for_check: bool,
 ) -> Status:
     """The status as far as the series, the runs and the store's own tables tell it."""
-    from outbox.migrate import head_revision
+    from outbox.store.migrate import head_revision
 
     series = [SeriesStatus(s, dataset_of_series(s)) for s in states]
     return Status(
@@ -135,15 +126,17 @@ def _base(
         schema_head=head_revision(),
         totals={
             "series": len(series),
-            "pending": store.count_pending() if for_check else sum(s.pending for s in series),
+            "pending": store.delivery.count_pending()
+            if for_check
+            else sum(s.pending for s in series),
             "dead": sum(s.dead for s in series),
-            "acks_unapplied": store.unapplied_acks(),
+            "acks_unapplied": store.delivery.unapplied_acks(),
         },
         next_retry_at=min((s.next_attempt_at for s in states if s.next_attempt_at), default=None),
         groups=_groups(config, store, series, now),
         series=series,
-        watermarks=store.watermark_rows(),
-        stream_progress=store.progress_rows(),
+        watermarks=store.staging.watermark_rows(),
+        stream_progress=store.staging.progress_rows(),
         last_runs={stage: run_dict(runs[stage].last) for stage in STAGES},
         last_success={stage: _finished(runs[stage].last_ok) for stage in STAGES},
         consecutive_failures={stage: runs[stage].consecutive_failures for stage in STAGES},
@@ -192,7 +185,7 @@ def _group_delivered(store: Store, rows: Sequence[SeriesStatus], g: Group) -> st
         return g.newest_staged
     if len(rows) == 1:
         return rows[0].delivered_through
-    return store.newest_before([s.series_id for s in rows], g.oldest_pending)
+    return store.reads.newest_before([s.series_id for s in rows], g.oldest_pending)
 
 
 def _freshness_state(g: Group) -> str:
@@ -269,7 +262,7 @@ def _never_answered(config: Config, status: Status) -> list[str]:
 
 
 def _add_queue_head(status: Status, store: Store, now: datetime) -> None:
-    head = store.queue_head()
+    head = store.reads.queue_head()
     if head is None:
         return
     status.oldest_pending_series, status.oldest_pending, status.oldest_pending_since = head
@@ -297,7 +290,7 @@ def _age(ts: str | None, now: datetime) -> int | None:
 
 
 def _order(dataset: str) -> int:
-    return DATASET_NAMES.index(dataset) if dataset in DATASET_NAMES else len(DATASET_NAMES)
+    return datasets.order(dataset)
 
 
 def _size(path: os.PathLike[str] | str) -> int:

@@ -1,5 +1,9 @@
 """Apply the Alembic migrations to an outbox: on every open, and by ``outbox db``.
 
+Only :meth:`Store.open <outbox.store.handle.Store.open>` calls in here at run time (and
+``outbox db``); this module imports nothing of the store but its lock files, so the two
+form no import cycle.
+
 Alembic is imported only when it has work to do: an outbox already at head is recognised
 with one SELECT and a read of the scripts' revision lines (:func:`head_revision`), so
 commands such as ``outbox status`` do not pay Alembic's import (~0.2 s).
@@ -13,11 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from outbox.errors import StoreError
+from outbox.store.locks import file_lock
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
-    from outbox.store import Store
+    from outbox.store.handle import Store
 
 # The revision lines of a script as Alembic's template writes them, annotated or not:
 # `revision = "0002"`, `down_revision = "0001"` (or None, or a tuple of parents).
@@ -96,8 +101,6 @@ def ensure_schema(store: Store) -> None:
     """
     if store.schema_version() == head_revision():
         return
-    from outbox.store import file_lock
-
     with file_lock(store.lock_path("migrate"), blocking=True):
         if store.schema_version() == head_revision():
             return
@@ -112,8 +115,6 @@ def upgrade(store: Store, revision: str = "head") -> None:
     """
     from alembic import command
     from alembic.util.exc import CommandError
-
-    from outbox.errors import StoreError
 
     cfg = alembic_config(store)
     with store.engine.connect() as conn:

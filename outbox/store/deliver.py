@@ -1,0 +1,301 @@
+"""Delivery: what the send side claims, and how it records each batch's outcome.
+
+A sender claims due rows oldest first (a seek on the pending index), records a batch's
+acknowledgements as one ``ack_log`` row (:meth:`Delivery.record_outcome`) and applies
+them to their rows while the next POST is in flight (:meth:`Delivery.apply_acks`).
+Rejected rows go dead, deferred ones stay pending until their retry time; each touches
+only a row whose current revision is the one that was sent.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import orjson
+
+from outbox.crash import crashpoint
+from outbox.redact import redact
+from outbox.store.engine import cursor, executemany, has_table
+from outbox.timeutil import now_ts
+
+if TYPE_CHECKING:
+    from outbox.store.handle import Store
+
+_CLAIM = """
+SELECT o.series_id, o.ts, o.value, o.units, o.quality_flag, o.revision, o.attempts,
+       s.ba, s.type, s.subtype, o.page_id, o.page_row
+FROM observations o INDEXED BY ix_observations_pending_due
+JOIN series s ON s.series_id = o.series_id
+WHERE o.state = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)
+ORDER BY o.ts, o.series_id
+LIMIT ?
+"""
+# The same, behind a (ts, series_id) key: a sender with a batch in flight claims the next
+# one from where that batch ends (a range seek on the pending index, not a re-scan).
+_CLAIM_AFTER = """
+SELECT o.series_id, o.ts, o.value, o.units, o.quality_flag, o.revision, o.attempts,
+       s.ba, s.type, s.subtype, o.page_id, o.page_row
+FROM observations o INDEXED BY ix_observations_pending_due
+JOIN series s ON s.series_id = o.series_id
+WHERE o.state = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)
+  AND (o.ts, o.series_id) > (?, ?)
+ORDER BY o.ts, o.series_id
+LIMIT ?
+"""
+# The newest due row: the circuit breaker's probe when the refused batch holds no other row.
+_NEWEST_DUE = """
+SELECT o.series_id, o.ts, o.value, o.units, o.quality_flag, o.revision, o.attempts,
+       s.ba, s.type, s.subtype, o.page_id, o.page_row
+FROM observations o INDEXED BY ix_observations_pending_due
+JOIN series s ON s.series_id = o.series_id
+WHERE o.state = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)
+ORDER BY o.ts DESC, o.series_id DESC
+LIMIT 1
+"""
+# Marks the rows of a JSON array of [series_id, ts, revision] keys acked, in one statement
+# (see stage._UPSERT_JSON): each key updates its row at most once.
+_ACK_JSON = """
+UPDATE observations SET state = 'acked', acked_revision = revision, acked_at = ?1,
+       last_error = NULL, last_error_code = NULL, next_attempt_at = NULL
+FROM (SELECT json_extract(value, '$[0]') AS key_series, json_extract(value, '$[1]') AS key_ts,
+             json_extract(value, '$[2]') AS key_revision
+      FROM json_each(?2)) AS k
+WHERE observations.series_id = k.key_series AND observations.ts = k.key_ts
+  AND observations.revision = k.key_revision AND observations.state = 'pending'
+"""
+_ACK_LOG_INSERT = "INSERT INTO ack_log (acked_at, keys) VALUES (?, ?)"
+_REJECT = """
+UPDATE observations SET state = 'dead', last_error_code = ?, last_error = ?,
+       attempts = attempts + 1, next_attempt_at = NULL
+WHERE series_id = ? AND ts = ? AND revision = ? AND state = 'pending'
+"""
+_DEFER = """
+UPDATE observations SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?,
+       last_error_code = ?
+WHERE series_id = ? AND ts = ? AND revision = ? AND state = 'pending'
+"""
+
+
+class Claimed(NamedTuple):
+    """A pending row as the sender needs it (row + its series' identity)."""
+
+    series_id: str
+    ts: str
+    value: float | None
+    units: str
+    quality_flag: str
+    revision: str
+    attempts: int
+    ba: str
+    type: str
+    subtype: str | None
+    page_id: int | None
+    page_row: int | None
+
+
+class Key(NamedTuple):
+    """The identity of one sent row: (series_id, ts) at one revision."""
+
+    series_id: str
+    ts: str
+    revision: str
+
+
+class Delivery:
+    """The send side of the outbox (``store.delivery``): claim due rows, record outcomes,
+    defer and requeue."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def claim(
+        self, limit: int, now: str | None = None, after: tuple[str, str] | None = None
+    ) -> list[Claimed]:
+        """Up to ``limit`` pending rows due at ``now``, oldest ts first, then series_id.
+
+        With ``after`` (a ``(ts, series_id)`` key), only rows ordered after that key.
+        """
+        now = now or now_ts()
+        with self._store.read() as conn:
+            cur = cursor(conn)
+            if after is None:
+                rows = cur.execute(_CLAIM, (now, limit)).fetchall()
+            else:
+                rows = cur.execute(_CLAIM_AFTER, (now, after[0], after[1], limit)).fetchall()
+            cur.close()
+        return [Claimed._make(r) for r in rows]
+
+    def newest_due(self, now: str | None = None) -> Claimed | None:
+        """The pending row due at ``now`` ordered last (newest ts, then series_id), if any."""
+        with self._store.read() as conn:
+            cur = cursor(conn)
+            row = cur.execute(_NEWEST_DUE, (now or now_ts(),)).fetchone()
+            cur.close()
+        return Claimed._make(row) if row is not None else None
+
+    def record_outcome(
+        self,
+        acked: Iterable[Sequence[str]],
+        rejected: Iterable[tuple[Sequence[str], str, str]] = (),
+        now: str | None = None,
+    ) -> int:
+        """Record one batch outcome in one small transaction; returns the dead rows.
+
+        Rejected rows are dead-lettered at once. The acknowledged keys are recorded in
+        ``ack_log`` (one row per batch) and reach their rows with :meth:`apply_acks`:
+        committing this costs about what one row does, where marking 5,000 rows acked
+        costs tens of milliseconds. Once this commits, the batch is never sent again:
+        every claim of a new pass comes after :meth:`apply_acks`.
+        """
+        now = now or now_ts()
+        keys = [(k[0], k[1], k[2]) for k in acked]
+        with self._store.write() as conn:
+            cur = cursor(conn)
+            dead = _dead_letter(cur, rejected)
+            if keys:
+                cur.execute(_ACK_LOG_INSERT, (now, orjson.dumps(keys).decode()))
+            cur.close()
+            crashpoint("settle.before_commit")
+        return dead
+
+    def apply_acks(self) -> int:
+        """Mark the rows of every recorded batch acknowledgement ``acked``; returns how
+        many rows changed (a row revised since it was sent stays pending). Safe to call
+        at any time, from one thread at a time."""
+        with self._store.read() as conn:  # the usual case: nothing recorded, no write lock taken
+            if conn.exec_driver_sql("SELECT 1 FROM ack_log LIMIT 1").first() is None:
+                return 0
+        with self._store.write() as conn:
+            cur = cursor(conn)
+            logged = cur.execute("SELECT id, acked_at, keys FROM ack_log ORDER BY id").fetchall()
+            acked = 0
+            for _id, acked_at, keys in logged:
+                acked += max(cur.execute(_ACK_JSON, (acked_at, keys)).rowcount, 0)
+            if logged:
+                cur.execute("DELETE FROM ack_log WHERE id <= ?", (logged[-1][0],))
+                crashpoint("acks.before_commit")
+            cur.close()
+        return acked
+
+    def unapplied_acks(self) -> int:
+        """Rows whose acknowledgement is recorded but not yet applied (0 on a schema from
+        before ``ack_log``, which status may read before an upgrade)."""
+        with self._store.read() as conn:
+            if not has_table(conn, "ack_log"):
+                return 0
+            return int(
+                conn.exec_driver_sql(
+                    "SELECT coalesce(sum(json_array_length(keys)), 0) FROM ack_log"
+                ).scalar()
+                or 0
+            )
+
+    def defer(
+        self,
+        keys: Iterable[Sequence[str]],
+        next_attempt_at: str,
+        error: str,
+        code: str | None = None,
+    ) -> int:
+        """Leave rows pending but not due before ``next_attempt_at``; record the error."""
+        error = redact(error)
+        with self._store.write() as conn:
+            return executemany(
+                conn, _DEFER, ((next_attempt_at, error, code, k[0], k[1], k[2]) for k in keys)
+            )
+
+    def has_deferred(self, code: str) -> bool:
+        """Whether any pending row waits on a deferral recorded with ``code``.
+
+        The deferred rows are found in the pending index alone (it covers the test); only
+        their table rows are read for ``last_error_code``, not one per pending row.
+        """
+        with self._store.read() as conn:
+            return (
+                conn.exec_driver_sql(
+                    "SELECT 1 FROM observations AS d INDEXED BY ix_observations_pending_due"
+                    " JOIN observations AS o ON o.series_id = d.series_id AND o.ts = d.ts"
+                    " WHERE d.state = 'pending' AND d.next_attempt_at IS NOT NULL"
+                    " AND o.last_error_code = ? LIMIT 1",
+                    (code,),
+                ).first()
+                is not None
+            )
+
+    def clear_deferred(self, code: str) -> int:
+        """Make rows deferred with ``code`` due now (the cause went away)."""
+        with self._store.write() as conn:
+            return conn.exec_driver_sql(
+                "UPDATE observations SET next_attempt_at = NULL"
+                " WHERE (series_id, ts) IN (SELECT series_id, ts FROM observations"
+                "   INDEXED BY ix_observations_pending_due"
+                "   WHERE state = 'pending' AND next_attempt_at IS NOT NULL)"
+                " AND state = 'pending' AND next_attempt_at IS NOT NULL"
+                " AND last_error_code = ?",
+                (code,),
+            ).rowcount
+
+    def count_due(self, now: str | None = None) -> int:
+        """How many pending rows are due at ``now``."""
+        with self._store.read() as conn:
+            return int(
+                conn.exec_driver_sql(
+                    "SELECT count(*) FROM observations INDEXED BY ix_observations_pending_due"
+                    " WHERE state = 'pending'"
+                    " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
+                    (now or now_ts(),),
+                ).scalar()
+                or 0
+            )
+
+    def count_deferred(self, now: str | None = None) -> tuple[int, str | None]:
+        """Pending rows not due before a later time than ``now``, and the earliest such time."""
+        with self._store.read() as conn:
+            found = conn.exec_driver_sql(
+                "SELECT count(*), min(next_attempt_at) FROM observations"
+                " INDEXED BY ix_observations_pending_due"
+                " WHERE state = 'pending' AND next_attempt_at > ?",
+                (now or now_ts(),),
+            ).one()
+        return int(found[0] or 0), found[1]
+
+    def requeue_dead(
+        self, series_glob: str | None = None, code: str | None = None, since: str | None = None
+    ) -> int:
+        """Put dead rows back to pending (attempts reset); returns how many."""
+        clauses = ["state = 'dead'"]
+        params: list[Any] = []
+        if series_glob:
+            clauses.append("series_id GLOB ?")
+            params.append(series_glob)
+        if code:
+            clauses.append("last_error_code = ?")
+            params.append(code)
+        if since:
+            clauses.append("ts >= ?")
+            params.append(since)
+        sql = (
+            "UPDATE observations SET state = 'pending', attempts = 0, next_attempt_at = NULL"
+            f" WHERE {' AND '.join(clauses)}"
+        )
+        with self._store.write() as conn:
+            return conn.exec_driver_sql(sql, tuple(params)).rowcount
+
+    def count_pending(self) -> int:
+        """How many rows are pending (a count of the pending index: no sort)."""
+        with self._store.read() as conn:
+            return int(
+                conn.exec_driver_sql(
+                    "SELECT count(*) FROM observations INDEXED BY ix_observations_pending_due"
+                    " WHERE state = 'pending'"
+                ).scalar()
+                or 0
+            )
+
+
+def _dead_letter(cur: sqlite3.Cursor, items: Iterable[tuple[Sequence[str], str, str]]) -> int:
+    """Mark rows dead, each item ``(key, code, message)``; the message is redacted."""
+    cur.executemany(_REJECT, ((code, redact(msg), k[0], k[1], k[2]) for k, code, msg in items))
+    return max(cur.rowcount, 0)

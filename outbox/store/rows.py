@@ -1,0 +1,196 @@
+"""What a stage hands the store: raw pages, rows made ready ahead of the transaction,
+watermark and progress advances.
+
+:meth:`RowBatch.of` does the per-row Python work of a stage outside its transaction (the
+JSON array SQLite reads the rows from, and the checks that let SQLite skip the CHECK
+constraints), so that it can run on another thread while the previous page is staged.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from operator import itemgetter
+from typing import Any
+
+import orjson
+from sqlalchemy import CheckConstraint
+
+from outbox.store.schema import QUALITY_FLAGS, observations
+
+# datetimes, dataclasses and the like must not reach SQLite as orjson spells them.
+_JSON_STRICT = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+PAGE_LEVEL = 1  # zlib level of stored pages (see docs/performance.md)
+
+ROW_COLUMNS = ("series_id", "ts", "value", "units", "quality_flag", "revision", "page_row")
+SERIES_COLUMNS = ("series_id", "ba", "type", "subtype", "units", "route", "facets")
+
+# The CHECK constraints of observations that _pass_checks mirrors in Python. When the rows
+# of a page pass them there, SQLite is told to skip them (PRAGMA ignore_check_constraints)
+# for the page's upsert: evaluating them costs SQLite about a fifth of a staged row. A
+# CHECK added to the table but not mirrored here turns that off.
+_MIRRORED_CHECKS = frozenset(
+    {
+        "state IN ('pending', 'acked', 'dead')",
+        "quality_flag IN ('good', 'estimated', 'missing')",
+        "value IS NOT NULL OR quality_flag = 'missing'",
+    }
+)
+_CHECKS_MIRRORED = {
+    str(c.sqltext) for c in observations.constraints if isinstance(c, CheckConstraint)
+} == set(_MIRRORED_CHECKS)
+_QUALITY_FLAG_SET = frozenset(QUALITY_FLAGS)
+
+
+@dataclass(frozen=True)
+class PageRecord:
+    """One raw source response, secrets already removed from ``body``/``params``/``url``."""
+
+    route: str
+    params: Mapping[str, Any]
+    url: str
+    page_no: int
+    offset: int
+    total: int
+    row_count: int
+    body: bytes
+    compressed: bytes | None = field(default=None, repr=False, compare=False)
+    """``body`` as stored (zlib), when :meth:`precompress` made it ahead of the stage."""
+
+    def precompress(self) -> PageRecord:
+        """This record with its stored form computed now (zlib releases the GIL), so that
+        :meth:`Staging.stage` does not compress inside its transaction."""
+        return replace(self, compressed=zlib.compress(self.body, PAGE_LEVEL))
+
+    def detached(self) -> PageRecord:
+        """This record without ``body`` once it is compressed (all a stage stores), so
+        that it crosses a process boundary small."""
+        return self if self.compressed is None else replace(self, body=b"")
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """Observation rows made ready for :meth:`Staging.stage` ahead of its transaction.
+
+    :meth:`of` does the per-row Python work of a stage (the JSON array SQLite reads the
+    rows from, the checks that let SQLite skip the CHECK constraints), so that a caller
+    can do it on another thread while the previous page is being staged. Staging a
+    RowBatch has exactly the outcome of staging its ``rows``.
+    """
+
+    rows: list[Sequence[Any]]
+    json: bytes | None
+    """The rows as one JSON array; None when a row does not travel as JSON exactly."""
+    units: str | None
+    """The units of every row when they all have the same, else None."""
+    quality_flag: str | None
+    """The quality flag of every row when they all have the same, else None."""
+    row_is_position: bool
+    """Whether every row's ``page_row`` is its position in ``rows``."""
+    checked: bool
+    """Whether every row passes the CHECK constraints of ``observations`` (checked here)."""
+
+    @classmethod
+    def of(cls, rows: Iterable[Sequence[Any]]) -> RowBatch:
+        """Encode ``rows`` (tuples in :data:`ROW_COLUMNS` order)."""
+        rows = rows if isinstance(rows, list) else list(rows)
+        encoded = json_rows(rows, value_at=2)
+        return cls(
+            rows=rows,
+            json=encoded,
+            units=_same(rows, 3),
+            quality_flag=_same(rows, 4),
+            row_is_position=list(map(itemgetter(6), rows)) == list(range(len(rows))),
+            checked=encoded is not None and _pass_checks(rows),
+        )
+
+    def detached(self) -> RowBatch:
+        """This batch without its row tuples when ``json`` carries them, so that it
+        crosses a process boundary small; reading :attr:`rows` then decodes ``json``."""
+        if self.json is None or isinstance(self.rows, EncodedRows):
+            return self
+        return replace(self, rows=EncodedRows(self.json, len(self.rows)))
+
+
+class EncodedRows(Sequence[Sequence[Any]]):
+    """The rows of a :class:`RowBatch` kept only as its JSON, decoded on first read
+    (a stage reads them only near ``housekeeping.max_rows``)."""
+
+    __slots__ = ("_decoded", "json", "n")
+
+    def __init__(self, encoded: bytes, n: int) -> None:
+        self.json = encoded
+        self.n = n
+        self._decoded: list[Any] | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: Any) -> Any:
+        if self._decoded is None:
+            self._decoded = orjson.loads(self.json)
+        return self._decoded[index]
+
+    def __reduce__(self) -> tuple[type[EncodedRows], tuple[bytes, int]]:
+        return (EncodedRows, (self.json, self.n))
+
+
+@dataclass(frozen=True)
+class WatermarkUpdate:
+    """Advance ``stream`` (``dataset:respondent``) to ``last_ts`` if that is newer."""
+
+    stream: str
+    dataset: str
+    respondent: str
+    route: str
+    last_ts: str
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    """Record that EIA answered ``stream`` completely through ``asked_through``, if newer."""
+
+    stream: str
+    dataset: str
+    respondent: str
+    asked_through: str
+
+
+def json_rows(rows: Sequence[Sequence[Any]], value_at: int | None = None) -> bytes | None:
+    """``rows`` as one JSON array for the ``json_each`` statements, or None when a row
+    holds something JSON would not carry exactly as the DB-API binds it (the caller then
+    falls back to executemany): a non-finite float at ``value_at`` (JSON has no inf/NaN),
+    or a type orjson refuses.
+    """
+    if value_at is not None:
+        try:
+            if not math.isfinite(sum(v for r in rows if (v := r[value_at]) is not None)):
+                return None
+        except (TypeError, OverflowError):
+            return None
+    try:
+        return orjson.dumps(rows, option=_JSON_STRICT)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return None
+
+
+def _same(rows: Sequence[Sequence[Any]], at: int) -> Any:
+    """The value every row holds at ``at`` if they all hold the same string, else None."""
+    values = set(map(itemgetter(at), rows))
+    if len(values) == 1:
+        value = values.pop()
+        return value if type(value) is str else None
+    return None
+
+
+def _pass_checks(rows: Sequence[Sequence[Any]]) -> bool:
+    """Whether every row passes the CHECK constraints of ``observations`` (checked here).
+
+    ``state`` always does: the upsert writes 'pending' or 'acked'. Rows that fail are left
+    to SQLite, which raises its IntegrityError as it always did.
+    """
+    if not _CHECKS_MIRRORED or not set(map(itemgetter(4), rows)) <= _QUALITY_FLAG_SET:
+        return False
+    return all(r[4] == "missing" for r in rows if r[2] is None)

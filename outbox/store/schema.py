@@ -1,0 +1,228 @@
+"""The outbox's tables as SQLAlchemy Core metadata: Alembic's target (migrations/env.py).
+
+Migrations create and change the tables (never ``create_all``); this metadata is what
+``alembic check`` compares a migrated file against, and what the modules of this package
+name columns by.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+    text,
+)
+
+STATES = ("pending", "acked", "dead")
+QUALITY_FLAGS = ("good", "estimated", "missing")
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata = MetaData(naming_convention=NAMING)
+
+pages = Table(
+    "pages",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("run_id", Integer, nullable=True),
+    Column("route", Text, nullable=False),
+    Column("params", Text, nullable=False),
+    Column("url", Text, nullable=False),
+    Column("page_no", Integer, nullable=False),
+    Column("page_offset", Integer, nullable=False),
+    Column("total", Integer, nullable=False),
+    Column("row_count", Integer, nullable=False),
+    Column("fetched_at", Text, nullable=False),
+    Column("encoding", Text, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("series_id", Text, primary_key=True),
+    Column("ba", Text, nullable=False),
+    Column("type", Text, nullable=False),
+    Column("subtype", Text, nullable=True),
+    Column("units", Text, nullable=False),
+    Column("route", Text, nullable=False),
+    Column("facets", Text, nullable=False),
+    Column("first_seen", Text, nullable=False),
+)
+
+observations = Table(
+    "observations",
+    metadata,
+    Column("series_id", Text, primary_key=True),
+    Column("ts", Text, primary_key=True),
+    Column("value", Float, nullable=True),
+    Column("units", Text, nullable=False),
+    Column("quality_flag", Text, nullable=False),
+    Column("revision", Text, nullable=False),
+    Column(
+        "page_id",
+        Integer,
+        ForeignKey("pages.id", deferrable=True, initially="DEFERRED"),
+        nullable=True,
+    ),
+    Column("page_row", Integer, nullable=True),
+    Column("state", Text, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", Text, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("last_error_code", Text, nullable=True),
+    Column("fetched_at", Text, nullable=False),
+    Column("acked_at", Text, nullable=True),
+    Column("acked_revision", Text, nullable=True),
+    CheckConstraint("state IN ('pending', 'acked', 'dead')", name="state"),
+    CheckConstraint("quality_flag IN ('good', 'estimated', 'missing')", name="quality_flag"),
+    CheckConstraint("value IS NOT NULL OR quality_flag = 'missing'", name="value_or_missing"),
+    sqlite_with_rowid=False,
+)
+# `state` is the last column of both partial indexes although each holds one state: SQLite
+# does not count a partial index as covering a query that names `state` otherwise, and
+# reads the table row of every entry (migration 0002).
+Index(
+    "ix_observations_pending_due",
+    observations.c.ts,
+    observations.c.series_id,
+    observations.c.next_attempt_at,
+    observations.c.state,
+    sqlite_where=text("state = 'pending'"),
+)
+Index(
+    "ix_observations_dead",
+    observations.c.series_id,
+    observations.c.ts,
+    observations.c.state,
+    sqlite_where=text("state = 'dead'"),
+)
+
+watermarks = Table(
+    "watermarks",
+    metadata,
+    Column("stream", Text, primary_key=True),
+    Column("dataset", Text, nullable=False),
+    Column("respondent", Text, nullable=False),
+    Column("route", Text, nullable=False),
+    Column("last_ts", Text, nullable=False),
+    Column("updated_at", Text, nullable=False),
+    Column("run_id", Integer, nullable=True),
+)
+
+# Per stream, the newest hour EIA has been asked for and answered completely (the last
+# page of the request staged, never past now - the dataset's publication lag). A stream
+# EIA has no rows for has no watermark; this is where its next incremental run starts.
+stream_progress = Table(
+    "stream_progress",
+    metadata,
+    Column("stream", Text, primary_key=True),
+    Column("dataset", Text, nullable=False),
+    Column("respondent", Text, nullable=False),
+    Column("asked_through", Text, nullable=False),
+    Column("updated_at", Text, nullable=False),
+    Column("run_id", Integer, nullable=True),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("stage", Text, nullable=False),
+    Column("started_at", Text, nullable=False),
+    Column("finished_at", Text, nullable=True),
+    Column("status", Text, nullable=False),
+    Column("counts", Text, nullable=False, server_default=text("'{}'")),
+    Column("error", Text, nullable=True),
+    Column("pid", Integer, nullable=True),
+    CheckConstraint("status IN ('running', 'ok', 'failed')", name="status"),
+)
+Index("ix_runs_stage_started_at", runs.c.stage, runs.c.started_at)
+
+checked_gaps = Table(
+    "checked_gaps",
+    metadata,
+    Column("series_id", Text, primary_key=True),
+    Column("ts", Text, primary_key=True),
+    Column("checked_at", Text, nullable=False),
+    sqlite_with_rowid=False,
+)
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+# Batch acknowledgements recorded but not yet applied to their rows (see Delivery.record_outcome):
+# a send records a batch's acks in one small row before its next POST, and applies them to
+# observations while that POST is in flight. Empty whenever no send is running, unless a
+# send was killed; the next send applies what it finds first.
+ack_log = Table(
+    "ack_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("acked_at", Text, nullable=False),
+    Column("keys", Text, nullable=False),  # JSON [[series_id, ts, revision], ...]
+)
+
+# The revision ledger: one row per revision that replaced a staged row's value, quality
+# flag or units, written by the trigger tr_observations_revised (migration 0006) in the
+# upsert's own statement; a new row fires nothing.
+revisions = Table(
+    "revisions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("series_id", Text, nullable=False),
+    Column("ts", Text, nullable=False),
+    Column("old_value", Float, nullable=True),
+    Column("new_value", Float, nullable=True),
+    Column("old_revision", Text, nullable=False),
+    Column("new_revision", Text, nullable=False),
+    Column("old_quality_flag", Text, nullable=False),
+    Column("new_quality_flag", Text, nullable=False),
+    Column("old_units", Text, nullable=False),
+    Column("new_units", Text, nullable=False),
+    Column("seen_at", Text, nullable=False),
+    Column("run_id", Integer, nullable=True),
+)
+Index("ix_revisions_series_id_ts", revisions.c.series_id, revisions.c.ts)
+Index("ix_revisions_seen_at", revisions.c.seen_at)
+
+# What the data-quality rules found (outbox/quality). ``key`` is rule|ba|series|start, the
+# identity a re-check updates (last_seen) instead of adding a row.
+findings = Table(
+    "findings",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key", Text, nullable=False, unique=True),
+    Column("rule", Text, nullable=False),
+    Column("ba", Text, nullable=False),
+    Column("series_id", Text, nullable=True),
+    Column("start", Text, nullable=False),
+    Column("end", Text, nullable=False),
+    Column("severity", Text, nullable=False),
+    Column("measured", Float, nullable=True),
+    Column("expected", Float, nullable=True),
+    Column("detail", Text, nullable=False),
+    Column("first_seen", Text, nullable=False),
+    Column("last_seen", Text, nullable=False),
+    Column("resolved_at", Text, nullable=True),
+    CheckConstraint("severity IN ('info', 'warn', 'crit')", name="severity"),
+)
+Index("ix_findings_rule_ba_start", findings.c.rule, findings.c.ba, findings.c.start)
+Index("ix_findings_end", findings.c.end)
