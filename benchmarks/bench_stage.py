@@ -110,14 +110,14 @@ def run_ours(
     if fresh:
         c.remove_db(database)
     store = Store.open(database)
-    config = c.config_for(database)
+    config = c.config_for(database, directory)
     if not checks:
         quality = config.quality.model_copy(update={"enabled": False})
         config = config.model_copy(update={"quality": quality})
 
     def run() -> Any:
         try:
-            return run_fetch(c.config_for(database, directory), store, ReplaySource(directory))
+            return run_fetch(config, store, ReplaySource(directory))
         finally:
             store.close()
 
