@@ -24,8 +24,9 @@ from _common import (
     workdir,
 )
 
-from outbox.pipeline import run_fetch
 from outbox.report import write_report
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.store import Store
 from outbox.testing import synth
 
@@ -61,7 +62,7 @@ def _case(work: Path, cache: Path, bas: int, hours: int, rounds: int) -> dict[st
     db = work / f"report-{bas}.db"
     config = config_for(db).model_copy(update={"balancing_authorities": {c: c for c in codes}})
     with Store.open(db) as store:
-        run_fetch(config, store, replay=Path(pages["dir"]))
+        run_fetch(config, store, ReplaySource(Path(pages["dir"])))
     target = work / f"report-{bas}.html"
     runs = []
     for i in range(rounds):

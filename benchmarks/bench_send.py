@@ -27,8 +27,6 @@ from typing import Any
 import _common as c
 import httpx
 
-from outbox.eia import EIAClient
-from outbox.pipeline import run_fetch
 from outbox.sinks.gridpulse import (
     INGEST_PATH,
     GridPulseClient,
@@ -36,6 +34,9 @@ from outbox.sinks.gridpulse import (
     batch_id_of,
     encode_batch,
 )
+from outbox.sources.eia import EIAClient
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.stages.send import run_send
 from outbox.store import Store
 from outbox.testing import synth
@@ -67,7 +68,9 @@ def stage_template(cache: Path, rows: int) -> tuple[Path, int]:
         scratch = database.with_suffix(".tmp")
         c.remove_db(scratch)
         with Store.open(scratch) as store:  # closing the last connection checkpoints
-            run_fetch(c.config_for(scratch, Path(info["dir"])), store, replay=Path(info["dir"]))
+            run_fetch(
+                c.config_for(scratch, Path(info["dir"])), store, ReplaySource(Path(info["dir"]))
+            )
         scratch.rename(database)
     return database, info["rows"]
 
@@ -169,9 +172,9 @@ def hourly_requests(work: Path) -> dict[str, Any]:
         )
         client = EIAClient(http, fake.base_url, KEY, max_per_second=1000, max_per_hour=100_000)
         with Store.open(database) as store:
-            first = run_fetch(cfg, store, client=client, now=now)
+            first = run_fetch(cfg, store, client, now=now)
             before = len(fake.requests)
-            hourly = run_fetch(cfg, store, client=client, now=now + timedelta(hours=1))
+            hourly = run_fetch(cfg, store, client, now=now + timedelta(hours=1))
         made = fake.requests[before:]
     per_route = {
         route.rsplit("/", 1)[-1]: sum(f"/{route}/data" in target for target in made)

@@ -4,7 +4,7 @@ Contenders, alternating in rounds in this one process (so machine noise hits all
 
 * ``floor``: stdlib ``json`` + ``sqlite3.executemany`` of ``(series_id, ts, value)``
   tuples into an indexed table, one executemany per file, one transaction.
-* ``ours``: :func:`outbox.pipeline.run_fetch` with ``replay=DIR`` on a fresh outbox,
+* ``ours``: :func:`outbox.stages.fetch.run_fetch` of a ``ReplaySource(DIR)`` on a fresh outbox,
   then ``restage``: the same replay again (nothing changed, nothing may be written).
 * ``ours_cli``: ``outbox fetch --replay DIR`` as a subprocess (startup and migrations
   included), fresh outbox.
@@ -29,7 +29,8 @@ from typing import Any
 
 import _common as c
 
-from outbox.pipeline import run_fetch
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.store import Store
 
 SETTINGS = {
@@ -100,7 +101,7 @@ def run_floor(files: list[Path], database: Path) -> int:
 def run_ours(
     directory: Path, database: Path, fresh: bool, cpu: list[float], checks: bool = True
 ) -> tuple[float, Any]:
-    """run_fetch(replay=directory) and closing the store (as the floor closes its
+    """run_fetch(ReplaySource(directory)) and closing the store (as the floor closes its
     connection, checkpoint included), timed without opening it (migrations).
 
     Appends the CPU seconds (all threads, and the read-ahead process) to ``cpu``.
@@ -109,14 +110,14 @@ def run_ours(
     if fresh:
         c.remove_db(database)
     store = Store.open(database)
-    config = c.config_for(database)
+    config = c.config_for(database, directory)
     if not checks:
         quality = config.quality.model_copy(update={"enabled": False})
         config = config.model_copy(update={"quality": quality})
 
     def run() -> Any:
         try:
-            return run_fetch(c.config_for(database, directory), store, replay=directory)
+            return run_fetch(config, store, ReplaySource(directory))
         finally:
             store.close()
 

@@ -18,18 +18,18 @@ from typing import TYPE_CHECKING
 import typer
 
 from outbox.config import Config
-from outbox.errors import OutboxError
 from outbox.logsetup import print_error
 from outbox.redact import redact
 from outbox.store import Store
 from outbox.timeutil import to_ts
-from outbox.wiring import eia_client, gridpulse_client, gridpulse_sink, observed
+from outbox.wiring import gridpulse_sink, observed
 
 if TYPE_CHECKING:
-    from outbox.pipeline import Window
+    from outbox.stages.fetcher import FetchResult
+    from outbox.stages.plan import Window
 
-# outbox.pipeline (and with it httpx, the EIA and GridPulse clients) is imported by the
-# commands that run a stage: `outbox status` and the other reading commands start faster.
+# The stages (and with them httpx, the EIA and GridPulse clients) are imported by the
+# commands that run one: `outbox status` and the other reading commands start faster.
 
 log = logging.getLogger(__name__)
 
@@ -53,43 +53,47 @@ def fetch(
     lookback: int | None = None,
 ) -> int:
     """``outbox fetch``: replay, backfill, incremental (``--lookback``) or ``--fill-gaps``."""
-    from outbox.pipeline import run_fetch, skipped_text
+    from outbox.stages.fetch import run_fetch
     from outbox.stages.housekeeping import guard_size
+    from outbox.stages.plan import with_lookback
+    from outbox.wiring import fetch_source
 
     _check_fetch_mode(
         start=start, bas=bas, datasets=datasets, fill_gaps=fill_gaps, lookback=lookback
     )
     if lookback is not None:
         config = with_lookback(config, lookback)
-    if fill_gaps:
-        return fill_gaps_fetch(config)
-    with Store.open(config.database) as store:
+    with Store.open(config.database) as store, fetch_source(config, replay) as source:
         guard_size(config, store)
-        if replay is not None:
-            result = run_fetch(config, store, replay=replay)
+        if fill_gaps:
+            result = run_fetch(config, store, source, fill_gaps=True)
         else:
-            e = config.eia
-            with _http(e.timeout_seconds, e.connect_timeout_seconds, e.verify_tls) as http:
-                client = eia_client(config, http)
-                initial = None
-                if (
-                    start is None
-                    and not store.staging.watermarks()
-                    and not store.staging.stream_progress()
-                ):
-                    initial = gridpulse_starts(config, store)  # a new outbox
-                with _progress(start is not None) as progress:
-                    result = run_fetch(
-                        config,
-                        store,
-                        client=client,
-                        start=start,
-                        end=end,
-                        bas=bas,
-                        datasets=datasets,
-                        initial=initial,
-                        progress=progress,
-                    )
+            initial = None
+            if not source.saved and start is None and _is_new(store):
+                initial = gridpulse_starts(config)
+            with _progress(start is not None) as progress:
+                result = run_fetch(
+                    config,
+                    store,
+                    source,
+                    start=start,
+                    end=end,
+                    bas=bas,
+                    datasets=datasets,
+                    initial=initial,
+                    progress=progress,
+                )
+    return _print_fill(result) if fill_gaps else _print_fetch(config, result)
+
+
+def _is_new(store: Store) -> bool:
+    """Whether the outbox has fetched nothing yet (no watermark, no stream answered)."""
+    return not store.staging.watermarks() and not store.staging.stream_progress()
+
+
+def _print_fetch(config: Config, result: FetchResult) -> int:
+    from outbox.stages.fetch import skipped_text
+
     if result.skipped:
         typer.echo(f"a fetch is already running (pid {result.holder}); nothing to do")
         return 0
@@ -127,84 +131,30 @@ def _check_fetch_mode(
         raise UsageError("--lookback is for incremental fetches; a backfill has --start/--end")
 
 
-def with_lookback(config: Config, hours: int) -> Config:
-    """``config`` with every dataset's look-back at least ``hours`` (``fetch --lookback``).
-
-    The look-back must stay shorter than the retention, or prune and re-check would fight
-    over the same rows.
-    """
-    from outbox.errors import UsageError
-
-    kept = config.housekeeping.retention_days * 24
-    if hours >= kept:
-        raise UsageError(
-            f"--lookback {hours}: must be shorter than housekeeping.retention_days "
-            f"({config.housekeeping.retention_days:g} days = {kept:g} h)"
-        )
-    datasets = {
-        name: ds.model_copy(update={"lookback_hours": max(ds.lookback_hours, hours)})
-        for name, ds in config.datasets.items()
-    }
-    return config.model_copy(update={"datasets": datasets})
-
-
-def fill_gaps_fetch(config: Config) -> int:
-    """``outbox fetch --fill-gaps``: ask EIA for exactly the missing hours, record the rest."""
-    from outbox.gaps import run_fill_gaps
-    from outbox.stages.housekeeping import guard_size
-
-    e = config.eia
-    with (
-        Store.open(config.database) as store,
-        _http(e.timeout_seconds, e.connect_timeout_seconds, e.verify_tls) as http,
-    ):
-        guard_size(config, store)
-        result = run_fill_gaps(config, store, eia_client(config, http))
-    if result.fetch.skipped:
-        typer.echo(f"a fetch is already running (pid {result.fetch.holder}); nothing to do")
+def _print_fill(result: FetchResult) -> int:
+    """``outbox fetch --fill-gaps``'s line: gap hours asked for, filled, not at EIA."""
+    if result.skipped:
+        typer.echo(f"a fetch is already running (pid {result.holder}); nothing to do")
         return 0
+    assert result.fill is not None
     typer.echo(
-        f"fill-gaps run {result.fetch.run_id}: {result.gap_hours} missing hours, "
-        f"{result.windows} requests, {result.filled} filled, "
-        f"{result.checked} not at EIA (recorded as checked)"
+        f"fill-gaps run {result.run_id}: {result.fill.gap_hours} missing hours, "
+        f"{result.fill.windows} requests, {result.fill.filled} filled, "
+        f"{result.fill.checked} not at EIA (recorded as checked)"
     )
     return 0
 
 
-def gridpulse_starts(config: Config, store: Store) -> dict[str, datetime] | None:
+def gridpulse_starts(config: Config) -> dict[str, datetime] | None:
     """For a new outbox: start each stream at GridPulse's latest instead of history start.
 
     Returns None (history start applies) when GridPulse is not configured or unreachable.
     """
-    if config.gridpulse.api_key is None:
-        return None
-    from outbox.pipeline import plan_streams
-    from outbox.timeutil import parse_ts
+    from outbox.stages.plan import first_starts
+    from outbox.wiring import gridpulse_series
 
-    g = config.gridpulse
-    try:
-        with _http(g.timeout_seconds, g.connect_timeout_seconds, g.verify_tls) as http:
-            listing = gridpulse_client(config, http).list_series()
-    except OutboxError as exc:
-        log.info("gridpulse latest unavailable, starting at history_start error=%s", exc)
-        return None
-    latest: dict[str, datetime] = {}
-    for stream in plan_streams(config):
-        prefix = _series_prefix(config, stream.dataset, stream.respondent)
-        found = [
-            parse_ts(s["latest_ts"])
-            for s in listing
-            if s.get("latest_ts") and str(s.get("series_id", "")).startswith(prefix)
-        ]
-        if found:
-            latest[stream.key] = min(found)
-    return latest or None
-
-
-def _series_prefix(config: Config, dataset: str, respondent: str) -> str:
-    from outbox import datasets
-
-    return datasets.series_prefix(dataset, config.eia_to_gridpulse.get(respondent, respondent))
+    listing = gridpulse_series(config)
+    return None if listing is None else first_starts(config, listing)
 
 
 class _NullProgress:

@@ -23,9 +23,11 @@ from pathlib import Path
 
 from outbox.config import Config
 from outbox.errors import OutboxError, UsageError
-from outbox.pipeline import FetchResult, run_fetch
 from outbox.sample import SAMPLE_HOURS, SAMPLE_START, sample_dir
 from outbox.sample.receiver import ReceiverStartError, receiver_rows, running_receiver
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
+from outbox.stages.fetcher import FetchResult
 from outbox.stages.send import SendResult, run_send
 from outbox.status import Status, collect
 from outbox.store import Store
@@ -184,7 +186,7 @@ def _run(
     from outbox.stages import housekeeping
 
     with Store.open(cfg.database) as store:
-        fetched = run_fetch(cfg, store, replay=sample_dir())
+        fetched = run_fetch(cfg, store, ReplaySource(sample_dir()))
         say(
             f"fetch: {fetched.pages} EIA pages, {fetched.rows} observations staged "
             f"({fetched.written} written)"

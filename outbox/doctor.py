@@ -374,8 +374,9 @@ def check_eia(
     config: Config, http: httpx.Client, *, now: Callable[[], datetime] = utcnow
 ) -> Finding:
     """One region-data request for one row of the first BA's demand (the key rides along)."""
-    from outbox.eia import KEY_ERROR_CODES, ROUTE_REGION, EIAClient, EIARequest
+    from outbox.ports import ROUTE_REGION, Request
     from outbox.retry import RetryPolicy
+    from outbox.sources.eia import KEY_ERROR_CODES, EIAClient
 
     e = config.eia
     key = e.api_key.get_secret_value() if e.api_key else ""
@@ -384,7 +385,7 @@ def check_eia(
         return Finding("eia", FAIL, "eia.api_key is missing", hint)
     respondent = next(iter(config.balancing_authorities.values()))
     end = floor_hour(now())
-    request = EIARequest(ROUTE_REGION, (respondent,), ("D",), end - timedelta(hours=48), end)
+    request = Request(ROUTE_REGION, (respondent,), ("D",), end - timedelta(hours=48), end)
     client = EIAClient(http, e.base_url, key, page_length=1, retry=RetryPolicy(attempts=1))
     try:
         page = next(iter(client.iter_pages(request)))
@@ -407,8 +408,9 @@ def check_eia(
 
 def check_eia_codes(config: Config, http: httpx.Client, eia: Finding) -> Finding:
     """Every configured EIA code against region-data's respondent facet (needs ``eia`` OK)."""
-    from outbox.eia import ROUTE_REGION, EIAClient
+    from outbox.ports import ROUTE_REGION
     from outbox.retry import RetryPolicy
+    from outbox.sources.eia import EIAClient
 
     if eia.outcome != OK:
         return Finding("eia codes", SKIP, "needs an answer from EIA (see the eia check)")

@@ -1,5 +1,5 @@
-"""Build what a command needs from the config: HTTP clients, the clients of EIA and
-GridPulse, the GridPulse sink, the store, and the refresh after a stage run.
+"""Build what a command needs from the config: HTTP clients, the EIA source, the GridPulse
+client and sink, the store, and the refresh after a stage run.
 
 The heavy imports (httpx, the clients, the stages) live inside the builders, so that
 ``outbox status`` and the other reading commands start without them.
@@ -8,19 +8,26 @@ The heavy imports (httpx, the clients, the stages) live inside the builders, so 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from outbox import USER_AGENT
 from outbox.config import Config
+from outbox.errors import OutboxError
 from outbox.logsetup import log_scope
 from outbox.store import Store
 
 if TYPE_CHECKING:
     import httpx
 
-    from outbox.eia import EIAClient
+    from outbox.ports import Source
     from outbox.sinks.gridpulse import GridPulseClient, GridPulseSink
+    from outbox.sources.eia import EIAClient
+
+log = logging.getLogger(__name__)
 
 DOCTOR_TIMEOUT_SECONDS = 20.0
 
@@ -53,23 +60,6 @@ def http_for(section: _HttpSection) -> httpx.Client:
 def doctor_http(verify: bool) -> httpx.Client:
     """The HTTP client of ``outbox doctor``'s reachability checks."""
     return http_client(DOCTOR_TIMEOUT_SECONDS, DOCTOR_TIMEOUT_SECONDS / 2, verify)
-
-
-def eia_client(config: Config, http: httpx.Client) -> EIAClient:
-    """The EIA client for a live fetch (needs the key)."""
-    from outbox.eia import EIAClient
-    from outbox.retry import retry_policy
-
-    e = config.eia
-    return EIAClient(
-        http,
-        e.base_url,
-        config.require_eia_key(),
-        page_length=e.page_length,
-        retry=retry_policy(e.retry),
-        max_per_second=e.max_requests_per_second,
-        max_per_hour=e.max_requests_per_hour,
-    )
 
 
 def gridpulse_client(config: Config, http: httpx.Client) -> GridPulseClient:
@@ -122,3 +112,54 @@ def gridpulse_sink(config: Config, http: httpx.Client) -> GridPulseSink:
     from outbox.sinks.gridpulse import GridPulseSink
 
     return GridPulseSink(gridpulse_client(config, http))
+
+
+# ---------------------------------------------------------------------------------
+# fetch: sources
+# ---------------------------------------------------------------------------------
+
+
+def eia_client(config: Config, http: httpx.Client) -> EIAClient:
+    """The EIA client for a live fetch (needs the key)."""
+    from outbox.retry import retry_policy
+    from outbox.sources.eia import EIAClient
+
+    e = config.eia
+    return EIAClient(
+        http,
+        e.base_url,
+        config.require_eia_key(),
+        page_length=e.page_length,
+        retry=retry_policy(e.retry),
+        max_per_second=e.max_requests_per_second,
+        max_per_hour=e.max_requests_per_hour,
+    )
+
+
+@contextmanager
+def fetch_source(config: Config, replay: Path | None = None) -> Iterator[Source]:
+    """The source a fetch reads: the saved bodies under ``replay``, else the EIA API
+    (its HTTP client closed when the block ends)."""
+    if replay is not None:
+        from outbox.sources.replay import ReplaySource
+
+        yield ReplaySource(replay)
+        return
+    e = config.eia
+    with http_client(e.timeout_seconds, e.connect_timeout_seconds, e.verify_tls) as http:
+        yield eia_client(config, http)
+
+
+def gridpulse_series(config: Config) -> list[dict[str, Any]] | None:
+    """GridPulse's series listing, where a new outbox starts each stream
+    (:func:`~outbox.stages.plan.first_starts`); None when GridPulse is not configured or
+    cannot be asked (history start applies)."""
+    if config.gridpulse.api_key is None:
+        return None
+    g = config.gridpulse
+    try:
+        with http_client(g.timeout_seconds, g.connect_timeout_seconds, g.verify_tls) as http:
+            return gridpulse_client(config, http).list_series()
+    except OutboxError as exc:
+        log.info("gridpulse latest unavailable, starting at history_start error=%s", exc)
+        return None

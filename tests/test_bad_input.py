@@ -26,8 +26,9 @@ from typer.testing import CliRunner
 
 from outbox.cli import app
 from outbox.config import Config
-from outbox.pipeline import run_fetch
 from outbox.sample import sample_dir
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.store import Store
 from outbox.testing.fake_eia import FakeEIA
 
@@ -133,7 +134,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An outbox holding the bundled sample day: what a bad page must leave untouched."""
     db = tmp_path_factory.mktemp("seed") / "outbox.db"
     with Store.open(db) as store:
-        run_fetch(Config(), store, replay=sample_dir())
+        run_fetch(Config(), store, ReplaySource(sample_dir()))
     return db
 
 

@@ -38,8 +38,10 @@ from durability import (
 )
 
 from outbox.config import Config
-from outbox.eia import EIAClient
-from outbox.pipeline import Fetcher, run_fetch
+from outbox.sources.eia import EIAClient
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
+from outbox.stages.fetcher import Fetcher
 from outbox.store import Store
 from outbox.testing.fake_eia import FakeEIA
 from outbox.testing.synth import read_rows
@@ -261,7 +263,7 @@ def test_watermarks_cover_their_rows_after_every_committed_page(
     """
     reference = tmp_path / "reference.db"
     with Store.open(reference) as store:
-        run_fetch(Config(), store, replay=data_dir)
+        run_fetch(Config(), store, ReplaySource(data_dir))
     expected = expected_streams(reference)
     db = tmp_path / "outbox.db"
     checked: list[int] = []
@@ -278,11 +280,11 @@ def test_watermarks_cover_their_rows_after_every_committed_page(
     )
     with Store.open(db) as store:
         if mode == "replay":
-            run_fetch(config, store, replay=data_dir)
+            run_fetch(config, store, ReplaySource(data_dir))
         else:
             with FakeEIA(read_rows(data_dir)) as fake, httpx.Client() as http:
                 assert fake.base_url is not None
                 client = EIAClient(http, fake.base_url, None, page_length=700, sleep=lambda s: None)
-                run_fetch(config, store, client=client)
+                run_fetch(config, store, client)
     assert len(checked) >= 7
     assert rows(db, OBS_COLUMNS[:6]) == rows(reference, OBS_COLUMNS[:6])

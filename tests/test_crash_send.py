@@ -41,13 +41,14 @@ from durability import (
 
 from outbox.config import Config
 from outbox.normalize import revision_of
-from outbox.pipeline import run_fetch
 from outbox.sample.receiver import (
     Receiver,
     receiver_batches,
     receiver_rows,
     running_receiver,
 )
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.store import Store
 
 BATCH = 100
@@ -94,7 +95,7 @@ def outbox_db(tmp_path: Path) -> tuple[Path, int]:
     db = tmp_path / "outbox.db"
     with Store.open(db) as store:
         result = run_fetch(
-            Config(), store, replay=write_replay(tmp_path / "eia", route_rows(HOURS))
+            Config(), store, ReplaySource(write_replay(tmp_path / "eia", route_rows(HOURS)))
         )
     return db, result.written
 

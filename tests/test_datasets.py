@@ -12,13 +12,13 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from outbox import datasets
-from outbox import eia as eia_mod
+from outbox import datasets, ports
 from outbox.cli import app
 from outbox.config import Config
 from outbox.datasets import Dataset
 from outbox.normalize import normalize_page, stream_key
-from outbox.pipeline import Stream, Window, asked_cutoffs, latest_hours, plan_streams
+from outbox.sources import eia as eia_mod
+from outbox.stages.plan import Stream, Window, asked_cutoffs, latest_hours, plan_streams
 from outbox.testing import fake_eia, synth
 from outbox.testing.fake_eia import FakeEIA
 from outbox.timeutil import floor_hour, to_ts, utcnow
@@ -100,9 +100,9 @@ def test_series_prefixes_are_the_ones_gridpulse_latest_is_matched_by() -> None:
 def test_the_eia_client_and_the_test_peers_know_the_tables_routes() -> None:
     """eia.py (a source, below the table) keeps its own copy of the routes: they agree."""
     paths = tuple(r.path for r in datasets.ROUTES)
-    assert paths == datasets.routes() == eia_mod.ROUTES == synth.ROUTES
+    assert paths == datasets.routes() == ports.ROUTES == synth.ROUTES
     for r in datasets.ROUTES:
-        assert r.columns == (eia_mod.RESPONDENT_FACET[r.path], eia_mod.VALUE_FACET[r.path])
+        assert r.columns == (ports.RESPONDENT_FACET[r.path], eia_mod.VALUE_FACET[r.path])
         assert r.columns == fake_eia.FACETS[r.path] == synth.ROW_KEYS[r.path]
     region_codes = datasets.facet_codes(REGION, set(datasets.names()))
     assert region_codes == eia_mod.REGION_TYPE_CODES == tuple(synth.REGION_TYPE_NAMES)

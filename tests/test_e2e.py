@@ -22,7 +22,6 @@ import pytest
 from durability import await_run, outbox, outbox_env, work_seconds
 
 from outbox.config import Config
-from outbox.pipeline import run_fetch
 from outbox.sample import sample_dir
 from outbox.sample.receiver import (
     Receiver,
@@ -31,6 +30,8 @@ from outbox.sample.receiver import (
     running_receiver,
 )
 from outbox.sinks.gridpulse import batch_id_of
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.store import Store
 from outbox.testing.synth import ROUTES, make_rows, write_pages
 
@@ -100,7 +101,7 @@ def test_outage_three_failed_sends_then_one_drains_in_order(
     db = tmp_path / "outbox.db"
     env = outbox_env(db, receiver=receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="500")
     with Store.open(db) as store:
-        run_fetch(Config(), store, replay=sample_dir())
+        run_fetch(Config(), store, ReplaySource(sample_dir()))
     receiver.stop()
     for _ in range(3):
         failed = outbox("send", env=env)
@@ -153,13 +154,13 @@ def test_sigkilled_sender_converges_exactly(tmp_path: Path, receiver: Receiver) 
     # One uncut send of ~100 batches first: its own work (imports excluded) is the range
     # the kill times are drawn from, so they land mid-run however fast this machine is.
     with Store.open(db) as store:
-        run_fetch(Config(), store, replay=big_replay(tmp_path / "r", hours=200))
+        run_fetch(Config(), store, ReplaySource(big_replay(tmp_path / "r", hours=200)))
     work = work_seconds("send", env=env, db=db, stage="send")
     for trial in range(trials):
         # EIA revises every row between kills, so each send has ~100 batches to do.
         with Store.open(db) as store:
             pages = big_replay(tmp_path / f"r{trial}", trial + 1, 1, hours=200)
-            run_fetch(Config(), store, replay=pages)
+            run_fetch(Config(), store, ReplaySource(pages))
         extra = {}
         if trial % 3 == 0:
             extra = {
@@ -194,7 +195,7 @@ def test_batch_recorded_but_not_applied_is_not_sent_again(
     rows: the next send applies them first and sends none of those rows again."""
     db = tmp_path / "outbox.db"
     with Store.open(db) as store:
-        run_fetch(Config(), store, replay=sample_dir())
+        run_fetch(Config(), store, ReplaySource(sample_dir()))
         staged = store.reads.count_state("pending")
     env = outbox_env(db, receiver=receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="500")
     crashed = outbox(
@@ -227,7 +228,7 @@ def test_batch_recorded_but_not_applied_is_not_sent_again(
 def test_two_senders_started_together(tmp_path: Path, receiver: Receiver) -> None:
     db = tmp_path / "outbox.db"
     with Store.open(db) as store:
-        run_fetch(Config(), store, replay=big_replay(tmp_path / "r"))
+        run_fetch(Config(), store, ReplaySource(big_replay(tmp_path / "r")))
     env = outbox_env(db, receiver=receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="1000")
     procs = [
         subprocess.Popen(

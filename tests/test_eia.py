@@ -15,17 +15,11 @@ import pytest
 import respx
 from freezegun import freeze_time
 
-from outbox.eia import (
-    ROUTE_FUEL,
-    ROUTE_INTERCHANGE,
-    ROUTE_REGION,
-    EIAClient,
-    EIARequest,
-    RateLimiter,
-    iter_replay_pages,
-)
 from outbox.errors import SourceFatalError, SourceTransientError
+from outbox.ports import ROUTE_FUEL, ROUTE_INTERCHANGE, ROUTE_REGION, Request
 from outbox.retry import RetryPolicy
+from outbox.sources.eia import EIAClient, RateLimiter
+from outbox.sources.replay import iter_replay_pages
 
 SAMPLES = Path(__file__).parent / "data" / "eia-samples"
 BASE = "https://api.eia.gov/v2"
@@ -84,8 +78,8 @@ def paged(doc: dict, *, total: object = None, echo_key: str | None = None):
     return serve
 
 
-def region_request(*respondents: str) -> EIARequest:
-    return EIARequest(ROUTE_REGION, respondents or ("PACW",), ("D",), T0, T1)
+def region_request(*respondents: str) -> Request:
+    return Request(ROUTE_REGION, respondents or ("PACW",), ("D",), T0, T1)
 
 
 @pytest.fixture
@@ -182,7 +176,7 @@ def test_zero_rows_is_one_empty_last_page(http, eia, fake_time, caplog) -> None:
     doc["response"] |= {"total": "0", "data": []}
     eia.get(REGION_PATH).mock(return_value=respond(doc))
 
-    with caplog.at_level(logging.WARNING, logger="outbox.eia"):
+    with caplog.at_level(logging.WARNING, logger="outbox.sources.eia"):
         pages = list(make_client(http, fake_time).iter_pages(region_request("NOPE")))
 
     assert [(p.total, p.rows, p.last) for p in pages] == [(0, [], True)]
@@ -193,9 +187,9 @@ def test_incomplete_return_warning_is_not_an_error(http, eia, fake_time, caplog)
     doc = sample_doc("fuel-type-pacw-hourly-2024-01-01_07.json")
     doc["response"]["warnings"] = [{"warning": "incomplete return", "description": "5000 rows"}]
     eia.get(FUEL_PATH).mock(side_effect=paged(doc))
-    req = EIARequest(ROUTE_FUEL, ("PACW",), (), T0, datetime(2024, 1, 7, tzinfo=UTC))
+    req = Request(ROUTE_FUEL, ("PACW",), (), T0, datetime(2024, 1, 7, tzinfo=UTC))
 
-    with caplog.at_level(logging.WARNING, logger="outbox.eia"):
+    with caplog.at_level(logging.WARNING, logger="outbox.sources.eia"):
         pages = list(make_client(http, fake_time, page_length=500).iter_pages(req))
 
     assert [len(p.rows) for p in pages] == [500, 225]
@@ -208,7 +202,7 @@ def test_incomplete_return_warning_is_not_an_error(http, eia, fake_time, caplog)
 def test_region_query_shape_multi_respondent(http, eia, fake_time) -> None:
     doc = sample_doc("region-data-pacw-d-hourly-2024-01-01_02.json")
     route = eia.get(REGION_PATH).mock(return_value=respond(doc))
-    req = EIARequest(ROUTE_REGION, ("PJM", "CISO"), (), T0, datetime(2024, 6, 2, 5, tzinfo=UTC))
+    req = Request(ROUTE_REGION, ("PJM", "CISO"), (), T0, datetime(2024, 6, 2, 5, tzinfo=UTC))
 
     list(make_client(http, fake_time).iter_pages(req))
 
@@ -270,7 +264,7 @@ def test_fuel_and_interchange_query_shape(
     body = sample_doc("region-data-pacw-d-hourly-2024-01-01_02.json")
     body["response"] |= {"total": "0", "data": []}
     route = eia.get(f"/{route_name}/data/").mock(return_value=respond(body))
-    req = EIARequest(route_name, ("ERCO", "SWPP"), values, T0, T1)
+    req = Request(route_name, ("ERCO", "SWPP"), values, T0, T1)
 
     list(make_client(http, fake_time).iter_pages(req))
 
@@ -282,13 +276,13 @@ def test_fuel_and_interchange_query_shape(
 
 def test_request_is_validated() -> None:
     with pytest.raises(ValueError, match="aware"):
-        EIARequest(ROUTE_REGION, ("PJM",), (), datetime(2024, 1, 1), T1)
+        Request(ROUTE_REGION, ("PJM",), (), datetime(2024, 1, 1), T1)
     with pytest.raises(ValueError, match="whole hour"):
-        EIARequest(ROUTE_REGION, ("PJM",), (), T0.replace(minute=30), T1)
+        Request(ROUTE_REGION, ("PJM",), (), T0.replace(minute=30), T1)
     with pytest.raises(ValueError, match="unknown EIA route"):
-        EIARequest("electricity/rto/nope", ("PJM",), (), T0, T1)
+        Request("electricity/rto/nope", ("PJM",), (), T0, T1)
     with pytest.raises(ValueError, match="after end"):
-        EIARequest(ROUTE_REGION, ("PJM",), (), T1, T0)
+        Request(ROUTE_REGION, ("PJM",), (), T1, T0)
 
 
 # --- retries and errors -------------------------------------------------------------
@@ -464,7 +458,7 @@ def test_key_never_leaks(http, eia, fake_time, caplog) -> None:
     with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="httpx"):
         pages = list(client.iter_pages(region_request()))
         with pytest.raises(SourceFatalError) as info:
-            list(client.iter_pages(EIARequest(ROUTE_FUEL, ("PACW",), (), T0, T1)))
+            list(client.iter_pages(Request(ROUTE_FUEL, ("PACW",), (), T0, T1)))
 
     assert len(pages) == 3 and "eia request GET" in caplog.text and "api_key=***" in caplog.text
     assert "HTTP Request: GET" in caplog.text  # httpx's own line, redacted too
@@ -482,7 +476,7 @@ def test_pages_are_stored_without_the_echoed_key(http, eia, fake_time) -> None:
     raw["request"]["params"]["api_key"] = KEY
     eia.get(FUEL_PATH).mock(return_value=respond(raw))
 
-    (page,) = make_client(http, fake_time).iter_pages(EIARequest(ROUTE_FUEL, ("PACW",), (), T0, T1))
+    (page,) = make_client(http, fake_time).iter_pages(Request(ROUTE_FUEL, ("PACW",), (), T0, T1))
 
     stored = orjson.loads(page.body)
     del raw["request"]["params"]["api_key"]

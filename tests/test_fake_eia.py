@@ -10,18 +10,13 @@ import httpx
 import orjson
 import pytest
 
-from outbox.eia import (
-    ROUTE_FUEL,
-    ROUTE_INTERCHANGE,
-    ROUTE_REGION,
-    EIAClient,
-    EIARequest,
-    iter_replay_pages,
-)
 from outbox.errors import SourceFatalError, SourceTransientError
 from outbox.normalize import normalize_page
+from outbox.ports import ROUTE_FUEL, ROUTE_INTERCHANGE, ROUTE_REGION, Request
 from outbox.retry import RetryPolicy
 from outbox.sample import sample_dir
+from outbox.sources.eia import EIAClient
+from outbox.sources.replay import iter_replay_pages
 from outbox.testing.fake_eia import FakeEIA
 from outbox.testing.synth import DEFAULT_RESPONDENTS, make_rows, read_rows
 
@@ -67,7 +62,7 @@ def raw_get(http: httpx.Client, fake: FakeEIA, route: str, params: list[tuple[st
 
 def test_client_reads_every_page(http, fake, rows) -> None:
     client = client_for(http, fake, page_length=100)
-    req = EIARequest(ROUTE_REGION, DEFAULT_RESPONDENTS, (), START, END)
+    req = Request(ROUTE_REGION, DEFAULT_RESPONDENTS, (), START, END)
 
     pages = list(client.iter_pages(req))
 
@@ -80,7 +75,7 @@ def test_client_reads_every_page(http, fake, rows) -> None:
 
 def test_facets_filter_and_sort(http, fake) -> None:
     client = client_for(http, fake)
-    req = EIARequest(ROUTE_FUEL, ("CISO", "ERCO"), ("SUN", "BAT"), START, START)
+    req = Request(ROUTE_FUEL, ("CISO", "ERCO"), ("SUN", "BAT"), START, START)
 
     (page,) = client.iter_pages(req)
 
@@ -95,7 +90,7 @@ def test_facets_filter_and_sort(http, fake) -> None:
 
 
 def test_interchange_fromba_facet(http, fake) -> None:
-    req = EIARequest(ROUTE_INTERCHANGE, ("ERCO",), (), START, START)
+    req = Request(ROUTE_INTERCHANGE, ("ERCO",), (), START, START)
 
     (page,) = client_for(http, fake).iter_pages(req)
 
@@ -129,7 +124,7 @@ def test_length_is_capped_at_5000(http) -> None:
         doc = raw_get(http, server, ROUTE_FUEL, [("length", "9000")])["doc"]
         pages = list(
             client_for(http, server, key=None).iter_pages(
-                EIARequest(ROUTE_FUEL, ("PJM", "MISO", "SWPP"), (), START, END.replace(day=31))
+                Request(ROUTE_FUEL, ("PJM", "MISO", "SWPP"), (), START, END.replace(day=31))
             )
         )
 
@@ -154,7 +149,7 @@ def test_bad_queries_are_400(http, fake, params, status) -> None:
 
 
 def test_bad_or_missing_key_is_fatal_after_one_request(http, fake) -> None:
-    req = EIARequest(ROUTE_REGION, ("PJM",), (), START, END)
+    req = Request(ROUTE_REGION, ("PJM",), (), START, END)
 
     with pytest.raises(SourceFatalError, match="API_KEY_INVALID"):
         list(client_for(http, fake, key="wrong-key-wrong-key").iter_pages(req))
@@ -171,7 +166,7 @@ def test_unknown_route_is_fatal(http, fake) -> None:
 
     client = EIAClient(http, f"{fake.base_url}/x", KEY, max_per_second=0)
     with pytest.raises(SourceFatalError, match="Not found"):
-        list(client.iter_pages(EIARequest(ROUTE_REGION, ("PJM",), (), START, END)))
+        list(client.iter_pages(Request(ROUTE_REGION, ("PJM",), (), START, END)))
 
 
 def test_faults_are_retried(http, fake) -> None:
@@ -185,7 +180,7 @@ def test_faults_are_retried(http, fake) -> None:
     fake.fail_next(1, drop=True)
     fake.fail_next(1, 500, body={"error": "Internal error", "code": 500})
 
-    pages = list(client.iter_pages(EIARequest(ROUTE_REGION, ("PJM",), ("D",), START, END)))
+    pages = list(client.iter_pages(Request(ROUTE_REGION, ("PJM",), ("D",), START, END)))
 
     assert len(pages[0].rows) == 48 and client.requests_made == 6
     assert slept == [3.0, 0.0, 0.0, 0.0, 0.0]
@@ -195,11 +190,11 @@ def test_fault_budget_exhausted(http, fake) -> None:
     fake.fail_next(3, 503)
 
     with pytest.raises(SourceTransientError, match=r"region-data page 0 \(offset 0\): HTTP 503"):
-        list(client_for(http, fake).iter_pages(EIARequest(ROUTE_REGION, ("PJM",), (), START, END)))
+        list(client_for(http, fake).iter_pages(Request(ROUTE_REGION, ("PJM",), (), START, END)))
 
 
 def test_set_rows_publishes_a_revision(http, fake, rows) -> None:
-    req = EIARequest(ROUTE_REGION, ("CISO",), ("D",), START, START)
+    req = Request(ROUTE_REGION, ("CISO",), ("D",), START, START)
     client = client_for(http, fake)
     (before,) = client.iter_pages(req)
 
@@ -240,7 +235,7 @@ def test_runs_as_a_module_serving_the_sample(http) -> None:
             line = process.stdout.readline()
             assert line.startswith("FakeEIA serving http://127.0.0.1:")
             client = EIAClient(http, line.split()[-1], None, max_per_second=0)
-            req = EIARequest(ROUTE_INTERCHANGE, ("PJM",), (), START, START.replace(hour=23))
+            req = Request(ROUTE_INTERCHANGE, ("PJM",), (), START, START.replace(hour=23))
             (page,) = client.iter_pages(req)
         finally:
             process.terminate()

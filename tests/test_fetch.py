@@ -20,9 +20,10 @@ from factories import ack, total_changes
 
 from outbox.config import Config
 from outbox.normalize import revision_of
-from outbox.pipeline import run_fetch
 from outbox.readahead import can_fork
 from outbox.sample import sample_dir
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.store import Key, Store
 from outbox.testing.fake_eia import FakeEIA
 from outbox.testing.synth import ROUTES, make_rows, read_rows, write_pages
@@ -61,14 +62,14 @@ def outbox_cmd(*args: str, env: dict[str, str], **kw) -> subprocess.CompletedPro
 
 def test_replay_of_sample_then_again_writes_nothing(store: Store, db_path: Path) -> None:
     config = Config()
-    first = run_fetch(config, store, replay=sample_dir())
+    first = run_fetch(config, store, ReplaySource(sample_dir()))
     expected = sum(len(v) for v in read_rows(sample_dir()).values())
     assert first.rows == expected == 2376 and first.written == expected
     assert first.pages == 3 and sum(first.invalid.values()) == 0
     before = tables(db_path)
     with store.read() as conn:
         changes = total_changes(conn)
-    again = run_fetch(config, store, replay=sample_dir())
+    again = run_fetch(config, store, ReplaySource(sample_dir()))
     assert again.written == 0 and again.rows == expected
     assert tables(db_path) == before
     with store.read() as conn:
@@ -91,7 +92,7 @@ def test_revised_value_in_one_page_puts_exactly_that_row_back(store: Store, tmp_
     rows = make_rows(ROUTES[0], ["PJM", "CISO"], datetime(2025, 8, 21, tzinfo=UTC), 24)
     first = tmp_path / "v1"
     write_pages(first, ROUTES[0], rows)
-    run_fetch(Config(), store, replay=first)
+    run_fetch(Config(), store, ReplaySource(first))
     ack(store, [Key(c.series_id, c.ts, c.revision) for c in store.delivery.claim(10_000)])
     target = next(
         r
@@ -101,7 +102,7 @@ def test_revised_value_in_one_page_puts_exactly_that_row_back(store: Store, tmp_
     target["value"] = str(int(target["value"]) + 250)
     second = tmp_path / "v2"
     write_pages(second, ROUTES[0], rows)
-    result = run_fetch(Config(), store, replay=second)
+    result = run_fetch(Config(), store, ReplaySource(second))
     assert result.written == 1
     pending = store.delivery.claim(10_000)
     assert [(c.series_id, c.ts, c.value) for c in pending] == [
@@ -140,7 +141,7 @@ def test_fetch_subprocess_against_stand_in_eia(tmp_path: Path) -> None:
     with Store.open(db) as store:
         replayed_db = tmp_path / "replay.db"
         with Store.open(replayed_db) as other:
-            run_fetch(Config(), other, replay=sample_dir())
+            run_fetch(Config(), other, ReplaySource(sample_dir()))
         live = {(r[0], r[1]): r[2:6] for r in staged}
         replayed = {(r[0], r[1]): r[2:6] for r in snapshot(replayed_db)}
         assert live == replayed
@@ -160,7 +161,7 @@ def test_replay_read_ahead_in_a_process_or_a_thread_stages_the_same(
         db = tmp_path / f"{mode}.db"
         config = Config.model_validate({"eia": {"replay_read_ahead": mode}})
         with Store.open(db) as store:
-            result = run_fetch(config, store, replay=big_replay)
+            result = run_fetch(config, store, ReplaySource(big_replay))
         con = sqlite3.connect(db)
         got[mode] = (
             (result.pages, result.rows, result.written, result.duplicates, result.invalid),
@@ -178,7 +179,7 @@ def test_replay_read_ahead_in_a_process_or_a_thread_stages_the_same(
 
 
 def test_watermarks_never_ahead_of_staged_rows(store: Store, db_path: Path) -> None:
-    run_fetch(Config(), store, replay=sample_dir())
+    run_fetch(Config(), store, ReplaySource(sample_dir()))
     assert watermark_violations(db_path) == []
 
 

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from outbox.cli import app
 from outbox.config import load_config
-from outbox.gaps import MERGE_HOURS, Gap, find_gaps, plan_fill
+from outbox.gaps import Gap, find_gaps
+from outbox.stages.plan import MERGE_HOURS, plan_fill
 from outbox.store import Store
 from outbox.testing.fake_eia import FakeEIA
 from outbox.testing.synth import ROUTE_REGION, make_rows

@@ -247,12 +247,13 @@ def test_levels_live_on_our_handler(stderr: Callable[[], str]) -> None:
 
 def test_a_run_context_ends_with_the_run(stderr: Callable[[], str], tmp_path: Path) -> None:
     from outbox.config import Config
-    from outbox.pipeline import run_fetch
+    from outbox.sources.replay import ReplaySource
+    from outbox.stages.fetch import run_fetch
     from outbox.store import Store
 
     setup_logging(0, "json")
     with Store.open(tmp_path / "o.db") as store:
-        run_fetch(Config(), store, replay=sample_dir())
+        run_fetch(Config(), store, ReplaySource(sample_dir()))
     logging.getLogger("outbox.test").info("afterwards")
     done, after = (json.loads(line) for line in stderr().splitlines()[-2:])
     assert (done["msg"], done["stage"], done["run"]) == ("fetch done", "fetch", 1)

@@ -33,7 +33,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-import outbox.pipeline as pipeline_mod
+import outbox.stages.fetcher as fetcher_mod
 import outbox.stages.send as send_mod
 import outbox.store.deliver as deliver_mod
 import outbox.store.stage as stage_mod
@@ -45,8 +45,9 @@ from outbox.errors import (
     SinkTransientError,
 )
 from outbox.normalize import revision_of
-from outbox.pipeline import run_fetch
 from outbox.sinks.gridpulse import GridPulseSink, IngestResult, Rejection, check_result
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.stages.send import SendFailed, run_send
 from outbox.store import Store
 from outbox.testing.synth import ROUTES, request_params_for, response_body
@@ -227,14 +228,14 @@ class OutboxMachine(RuleBasedStateMachine):
 
     @rule(page=pages_st)
     def fetch(self, page: list[tuple[int, int, str | None]]) -> None:
-        run_fetch(_config(5), self.store, replay=self._write_page(page))
+        run_fetch(_config(5), self.store, ReplaySource(self._write_page(page)))
         self._apply_page(page)
 
     @rule(page=pages_st, point=st.sampled_from(FETCH_POINTS))
     def fetch_crashes(self, page: list[tuple[int, int, str | None]], point: str) -> None:
         directory = self._write_page(page)
         with crashing(point, 1), pytest.raises(Crash):
-            run_fetch(_config(5), self.store, replay=directory)
+            run_fetch(_config(5), self.store, ReplaySource(directory))
         self._restart()  # a crashed page leaves nothing: the model is unchanged
 
     # -- send --------------------------------------------------------------------------
@@ -399,7 +400,7 @@ class crashing:
                 raise Crash(name)
 
     def __enter__(self) -> crashing:
-        for module in (pipeline_mod, send_mod, stage_mod, deliver_mod):
+        for module in (fetcher_mod, send_mod, stage_mod, deliver_mod):
             self.saved.append((module, module.crashpoint))
             module.crashpoint = self.hit  # type: ignore[attr-defined]
         return self
@@ -445,7 +446,7 @@ def test_flip_back_after_an_unacknowledged_delivery_is_sent_again(tmp_path: Path
             ]
             body = response_body(REGION, data, 1, request_params_for(REGION, data))
             (directory / "page.json").write_bytes(orjson.dumps(body))
-            run_fetch(_config(5), store, replay=directory)
+            run_fetch(_config(5), store, ReplaySource(directory))
             if crash is None:
                 run_send(_config(5), store, GridPulseSink(ScriptedGridPulse(held)), sleep=_no_sleep)
                 continue

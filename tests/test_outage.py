@@ -39,11 +39,12 @@ from durability import (
 from freezegun import freeze_time
 
 from outbox.config import Config
-from outbox.eia import EIAClient
-from outbox.pipeline import run_fetch
 from outbox.retry import RetryPolicy
 from outbox.sample.receiver import receiver_rows, running_receiver
 from outbox.sinks.gridpulse import GridPulseClient, GridPulseSink, IngestResult
+from outbox.sources.eia import EIAClient
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.stages.send import SendFailed, run_send
 from outbox.store import Store
 from outbox.testing.fake_eia import FakeEIA
@@ -117,7 +118,7 @@ def test_72_hours_of_503_then_one_run_drains_oldest_first(
                 clock.move_to(now)
                 for route, data in published(rows, now).items():
                     fake.set_rows(route, data)
-                run_fetch(config, store, client=eia)
+                run_fetch(config, store, eia)
                 head = store.reads.queue_head()
                 before = len(gridpulse.posted)
                 with pytest.raises(SendFailed):
@@ -184,7 +185,7 @@ def test_sigterm_during_failing_send_changes_no_row(tmp_path: Path, scale: str, 
     rng = random.Random(f"sigterm-send-{scale}")
     db = tmp_path / "outbox.db"
     with Store.open(db) as store:
-        run_fetch(Config(), store, replay=write_replay(tmp_path / "eia", route_rows(24)))
+        run_fetch(Config(), store, ReplaySource(write_replay(tmp_path / "eia", route_rows(24))))
     trials, slowest = SIGTERM_TRIALS[scale], 0.0
     with running_receiver(tmp_path, api_key=KEY_GP, faults=["503:1.0"]) as receiver:
         env = outbox_env(
@@ -221,7 +222,7 @@ def test_sigterm_during_fetch_leaves_whole_pages(tmp_path: Path, scale: str, fig
     reference = tmp_path / "reference.db"
     with Store.open(reference) as store:
         started = time.monotonic()
-        run_fetch(Config(), store, replay=data)
+        run_fetch(Config(), store, ReplaySource(data))
         work = time.monotonic() - started  # the range the SIGTERMs are drawn from
     expected = expected_streams(reference)
     trials, stopped_mid = SIGTERM_TRIALS[scale], 0

@@ -28,9 +28,10 @@ from factories import obs, series_row
 
 from outbox.config import Config
 from outbox.errors import BatchRejectedError
-from outbox.pipeline import run_fetch
 from outbox.sample.receiver import receiver_rows, running_receiver
 from outbox.sinks.gridpulse import GridPulseSink, IngestResult, Rejection, check_result
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.stages.send import run_send
 from outbox.store import Store
 
@@ -116,7 +117,9 @@ def test_poison_and_rejected_rows_isolated_then_requeued(tmp_path: Path, figures
     fuel.sort(key=lambda r: (r["period"], r["respondent"], r["fueltype"]))
     db = tmp_path / "outbox.db"
     with Store.open(db) as store:
-        run_fetch(Config(), store, replay=write_replay(tmp_path / "eia", rows, page_length=5000))
+        run_fetch(
+            Config(), store, ReplaySource(write_replay(tmp_path / "eia", rows, page_length=5000))
+        )
     total = states(db)["pending"]
     assert total >= 19_000, "1 row in 10,000 rejected per row"
     faults = [f"reject:series_id={REJECTED[0]}:VALUE_OUT_OF_RANGE"]

@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from outbox.cli import app
 from outbox.config import Config
-from outbox.pipeline import run_fetch
 from outbox.quality import ledger
 from outbox.sample import sample_dir
 from outbox.sample.receiver import receiver_rows, running_receiver
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.store import Key, Store
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "contracts" / "eia-samples"
@@ -57,7 +58,7 @@ def pacw_pages(out: Path, edit: Callable[[str, Rows], None] | None = None) -> Pa
 
 def replay(db: Path, directory: Path, **config: Any) -> Any:
     with Store.open(db) as store:
-        return run_fetch(Config(**config), store, replay=directory)
+        return run_fetch(Config(**config), store, ReplaySource(directory))
 
 
 def found(db: Path, rule: str | None = None, *, open_only: bool = True) -> set[tuple]:

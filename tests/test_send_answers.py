@@ -19,9 +19,10 @@ import pytest
 from durability import outbox, outbox_env, states, tables
 
 from outbox.config import Config
-from outbox.pipeline import run_fetch
 from outbox.sample import sample_dir
 from outbox.sample.receiver import receiver_batches, receiver_rows, running_receiver
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.store import Store
 from outbox.testing.scripted_gridpulse import Reply, scripted_gridpulse
 
@@ -35,7 +36,7 @@ def sample_outbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real outbox holding the bundled sample, every row pending (staged once)."""
     db = tmp_path_factory.mktemp("sample") / "outbox.db"
     with Store.open(db) as store:
-        run_fetch(Config(), store, replay=sample_dir())
+        run_fetch(Config(), store, ReplaySource(sample_dir()))
     assert states(db) == {"pending": SAMPLE_ROWS}
     return db
 

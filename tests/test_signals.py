@@ -22,15 +22,16 @@ from durability import (
 )
 
 from outbox.config import Config
-from outbox.pipeline import run_fetch
 from outbox.sample.receiver import running_receiver
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.store import Store
 
 
 def test_sigint_during_send_says_interrupted_by_sigint(tmp_path: Path) -> None:
     db = tmp_path / "outbox.db"
     with Store.open(db) as store:
-        run_fetch(Config(), store, replay=write_replay(tmp_path / "eia", route_rows(6)))
+        run_fetch(Config(), store, ReplaySource(write_replay(tmp_path / "eia", route_rows(6))))
     before = tables(db)
     with running_receiver(tmp_path, api_key=KEY_GP, faults=["503:1.0"]) as receiver:
         env = outbox_env(

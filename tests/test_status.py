@@ -818,11 +818,11 @@ def test_every_json_key_is_documented(outbox_dir: Path) -> None:
 def test_a_configured_ba_eia_never_returned_a_row_for_is_a_warning(tmp_path: Path) -> None:
     from datetime import UTC, datetime
 
-    from outbox.commands import eia_client
-    from outbox.pipeline import run_fetch
     from outbox.sample import sample_dir
+    from outbox.stages.fetch import run_fetch
     from outbox.testing.fake_eia import FakeEIA
     from outbox.testing.synth import read_rows
+    from outbox.wiring import eia_client
 
     pjm_only = {
         route: [r for r in rows if r.get("respondent", r.get("fromba")) == "PJM"]
@@ -840,9 +840,9 @@ def test_a_configured_ba_eia_never_returned_a_row_for_is_a_warning(tmp_path: Pat
         config = load_config(cfg, env={"EIA_BASE_URL": fake.start(), "EIA_API_KEY": key})
         with Store.open(config.database) as store, httpx.Client() as http:
             assert status_mod.read(config, now=now).warnings == []  # nothing asked yet
-            run_fetch(config, store, client=eia_client(config, http), bas=["PJM"], now=now)
+            run_fetch(config, store, eia_client(config, http), bas=["PJM"], now=now)
             assert status_mod.read(config, now=now).warnings == []  # XXXX not asked for
-            run_fetch(config, store, client=eia_client(config, http), now=now)
+            run_fetch(config, store, eia_client(config, http), now=now)
             assert (
                 "asked_through" not in store.runs.recent_runs(limit=1)[0].counts
             )  # progress has it
@@ -906,8 +906,8 @@ def test_run_durations_are_shown_as_measured(
 ) -> None:
     """A fetch that takes 2.39 s is shown as 2.39s by `runs` and status, not as the 2 s its
     whole-second timestamps span."""
-    from outbox.pipeline import Fetcher
     from outbox.sample import sample_dir
+    from outbox.stages.fetcher import Fetcher
 
     env = {"OUTBOX_DB": str(tmp_path / "outbox.db"), "OUTBOX__EIA__REPLAY_READ_AHEAD": "thread"}
     stage_replay = Fetcher.stage_replay

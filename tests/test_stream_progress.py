@@ -24,12 +24,13 @@ from freezegun import freeze_time
 from typer.testing import CliRunner
 
 from outbox.cli import app
-from outbox.commands import with_lookback
 from outbox.config import Config
-from outbox.eia import ROUTE_FUEL, ROUTE_INTERCHANGE, ROUTE_REGION, EIAClient
 from outbox.errors import OutboxFullError, SourceTransientError
-from outbox.pipeline import plan_incremental, plan_streams, run_fetch
+from outbox.ports import ROUTE_FUEL, ROUTE_INTERCHANGE, ROUTE_REGION
 from outbox.retry import RetryPolicy
+from outbox.sources.eia import EIAClient
+from outbox.stages.fetch import run_fetch
+from outbox.stages.plan import plan_incremental, plan_streams, with_lookback
 from outbox.store import ProgressUpdate, Store
 from outbox.testing.fake_eia import FakeEIA
 from outbox.testing.synth import ROUTES, make_rows
@@ -115,7 +116,7 @@ def client(http: httpx.Client, fake: FakeEIA) -> EIAClient:
 def fetch(store: Store, cfg: Config, http: httpx.Client, fake: FakeEIA, now: datetime, **kw):
     """One incremental fetch at ``now``; returns the requests it made, as (route, query)."""
     fake.requests.clear()
-    run_fetch(cfg, store, client=client(http, fake), now=now, **kw)
+    run_fetch(cfg, store, client(http, fake), now=now, **kw)
     return [request_of(target) for target in fake.requests]
 
 

@@ -163,9 +163,9 @@ def test_readme_explains_running_it_for_real() -> None:
 
 
 def test_deep_recheck_lookback_widens_every_dataset_within_retention(tmp_path: Path) -> None:
-    from outbox.commands import with_lookback
     from outbox.config import load_config
     from outbox.errors import UsageError
+    from outbox.stages.plan import with_lookback
 
     config = load_config(None, env={})
     deep = with_lookback(config, timers.DEEP_LOOKBACK_HOURS)

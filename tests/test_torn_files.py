@@ -40,9 +40,10 @@ from durability import (
 )
 
 from outbox.config import Config
-from outbox.pipeline import run_fetch
 from outbox.sample.receiver import running_receiver
 from outbox.sinks.gridpulse import GridPulseSink
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.stages.send import run_send
 from outbox.store import Store
 
@@ -239,7 +240,7 @@ def recover(copy: Path, data: Path, held: dict, reference: list[tuple]) -> int:
     config = Config.model_validate({"housekeeping": {"retention_days": 36500}})
     with Store.open(db) as store:
         assert store.upkeep.quick_check() == ["ok"]
-        run_fetch(config, store, replay=data)
+        run_fetch(config, store, ReplaySource(data))
         run_send(config, store, GridPulseSink(recorder), sleep=lambda s: None)
     assert rows(db, OBS_COLUMNS[:6]) == reference
     assert states(db) == {"acked": len(reference)}
@@ -253,7 +254,7 @@ def test_torn_copies_open_pass_integrity_and_converge(tmp_path: Path, scale: str
     chunks = write_chunks(tmp_path / "eia", CHUNKS[scale])
     reference_db = tmp_path / "reference.db"
     with Store.open(reference_db) as store:
-        run_fetch(Config(), store, replay=tmp_path / "eia")
+        run_fetch(Config(), store, ReplaySource(tmp_path / "eia"))
     reference = rows(reference_db, OBS_COLUMNS[:6])
 
     db = tmp_path / "outbox.db"

@@ -27,8 +27,9 @@ from durability import lock_held_by_child, outbox, outbox_env, tables
 
 from outbox.config import Config
 from outbox.doctor import check_locks
-from outbox.pipeline import run_fetch
 from outbox.sample import sample_dir
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
 from outbox.store import Store, readonly_reason, write_problem
 
 NOBODY = 65534
@@ -101,7 +102,7 @@ def workdir() -> Iterator[Path]:
 
 def seed(db: Path) -> None:
     with Store.open(db) as store:
-        run_fetch(Config(), store, replay=sample_dir())
+        run_fetch(Config(), store, ReplaySource(sample_dir()))
     db.chmod(0o644)
 
 

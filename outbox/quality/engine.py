@@ -19,10 +19,12 @@ from collections import defaultdict
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import lru_cache
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from outbox import datasets
 from outbox.config import Config
+from outbox.quality.frame import Frame, SeriesInfo, read_frame
 from outbox.quality.rules import FRAME_RULES, Evaluated, Finding, Outcome, Scope, context_hours
 from outbox.quality.settings import Resolver
 
@@ -32,14 +34,6 @@ if TYPE_CHECKING:
 EVERY_HOUR = (-(2**40), 2**40)
 REGION_GROUP = frozenset({"demand", "net_generation", "interchange"})
 
-# CROSS JOIN keeps series as the outer loop (SQLite does not reorder it): a primary-key
-# range of observations per series, where a plain JOIN let the planner scan observations.
-_FRAME = """
-SELECT s.series_id, s.ba, s.type, s.subtype, CAST(strftime('%s', o.ts) AS INTEGER) / 3600, o.value
-FROM series s CROSS JOIN observations o
-    ON o.series_id = s.series_id AND o.ts >= ?2 AND o.ts <= ?3
-WHERE (s.ba = ?1 OR (s.type = 'interchange' AND s.subtype = ?1)) AND o.value IS NOT NULL
-"""
 _NEWEST = """
 SELECT s.series_id, s.type, s.subtype,
        (SELECT max(o.ts) FROM observations o WHERE o.series_id = s.series_id)
@@ -112,6 +106,8 @@ class Checker:
         self.resolved = 0
         self.quarantined = 0
         self._series: dict[str, tuple[str, str]] = {}  # series_id -> (ba, dataset)
+        self._info: dict[str, SeriesInfo] = {}
+        self._ba_of: dict[str, str] = {}
         self._keys: list[tuple[str, str]] = []
         self._revised_after: int | None = None
         self._now = ""
@@ -152,20 +148,21 @@ class Checker:
         now: str,
     ) -> None:
         """Judge the rows ``keys`` a stage just wrote (see the module docstring)."""
-        self._know(cur, {k[0] for k in keys})
+        self._know(cur, set(map(itemgetter(0), keys)))
         scopes = self._scopes(keys)
         outcome = Outcome()
         for scope in scopes:
             frame = self._frame(cur, scope)
+            data = Frame(frame, scope) if frame is not None and not frame.empty else None
             for rule, judge in FRAME_RULES.items():
-                if frame is not None and not frame.empty:
-                    _extend(outcome, judge(frame, scope, self.resolver))
+                if data is not None:
+                    _extend(outcome, judge(data, scope, self.resolver))
                 else:
                     outcome.evaluated.extend(_whole(rule, scope))
         if scopes:
             _extend(outcome, self._dropped(cur, {ba: r for s in scopes for ba, r in s.items()}))
         _extend(outcome, self._large_revisions(cur, revised_after))
-        self._store(cur, outcome, set(keys), now)
+        self._store(cur, outcome, keys, now)
 
     # -- reading -------------------------------------------------------------------
 
@@ -173,7 +170,10 @@ class Checker:
         if all(s in self._series for s in sids):
             return
         for sid, ba, type_, sub in cur.execute("SELECT series_id, ba, type, subtype FROM series"):
-            self._series[sid] = (ba, dataset_of(type_, sub))
+            ds = dataset_of(type_, sub)
+            self._series[sid] = (ba, ds)
+            self._ba_of[sid] = ba
+            self._info[sid] = SeriesInfo(ba, type_, sub, ds)
 
     def _scopes(self, keys: list[tuple[str, str]]) -> list[Scope]:
         """The hours written, per BA, as runs of hours that share their context: hours
@@ -181,11 +181,12 @@ class Checker:
         judged apart, so that nothing in between is read. The i-th scope holds the i-th
         run of every BA."""
         hours: dict[str, set[str]] = defaultdict(set)
-        series = self._series
-        for sid, ts in keys:
-            known = series.get(sid)
-            if known is not None:
-                hours[known[0]].add(ts)
+        ba_of = self._ba_of
+        # map/zip/set iterate in C: the keys are every row written (200k in a replay group)
+        bas = map(ba_of.get, map(itemgetter(0), keys))
+        for ba, ts in set(zip(bas, map(itemgetter(1), keys), strict=True)):
+            if ba is not None:
+                hours[ba].add(ts)
         gap = sum(self.context) + 1
         scopes: list[Scope] = []
         for ba, stamps in hours.items():
@@ -204,21 +205,7 @@ class Checker:
         return scopes
 
     def _frame(self, cur: sqlite3.Cursor, scope: Scope) -> pd.DataFrame | None:
-        import pandas as pd
-
-        rows: list[Any] = []
-        for ba, (lo, hi) in scope.items():
-            bounds = (hour_ts(lo - self.context[0]), hour_ts(hi + self.context[1]))
-            rows.extend(cur.execute(_FRAME, (ba, *bounds)).fetchall())
-        if not rows:
-            return None
-        frame = pd.DataFrame(rows, columns=["sid", "ba", "type", "sub", "h", "v"])
-        frame = frame.drop_duplicates(["sid", "h"])
-        ds = frame["type"].where(frame["type"] != "interchange", "interchange")
-        ds = ds.mask((frame["type"] == "interchange") & frame["sub"].notna(), "ba_interchange")
-        # Categorical: the rules filter on the dataset many times (string compares are slow).
-        frame = frame.assign(ds=ds.astype("category")).drop(columns="type")
-        return frame.sort_values(["sid", "h"], kind="stable").reset_index(drop=True)
+        return read_frame(cur, self._info, scope, self.context)
 
     def _dropped(self, cur: sqlite3.Cursor, scope: Scope) -> Outcome:
         """dropped_series: a series ``threshold`` hours behind the BA's others of its kind."""
@@ -288,8 +275,9 @@ class Checker:
     # -- writing -------------------------------------------------------------------
 
     def _store(
-        self, cur: sqlite3.Cursor, outcome: Outcome, written: set[tuple[str, str]], now: str
+        self, cur: sqlite3.Cursor, outcome: Outcome, keys: list[tuple[str, str]], now: str
     ) -> None:
+        written: set[tuple[str, str]] | None = None  # built for the first quarantine only
         bas = {e.ba for e in outcome.evaluated} | {f.ba for f in outcome.findings}
         open_by: dict[tuple[str, str], list[list[Any]]] = defaultdict(list)
         for ba in bas:
@@ -298,6 +286,7 @@ class Checker:
         for f in outcome.findings:
             self._put(cur, f, open_by[(f.rule, f.ba)], now)
             if f.action == "quarantine":
+                written = set(keys) if written is None else written
                 self._quarantine(cur, f, written)
         for e in outcome.evaluated:
             for item in open_by.get((e.rule, e.ba), []):

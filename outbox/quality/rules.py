@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from outbox import datasets
-from outbox.quality.settings import Resolver
+from outbox.quality.arrays import group_starts, neighbour_residuals, rolling_median
+from outbox.quality.frame import Frame, Scope, in_scope
+from outbox.quality.settings import Resolver, Settings
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -61,20 +63,13 @@ class Outcome:
     evaluated: list[Evaluated] = field(default_factory=list)
 
 
-Scope = dict[str, tuple[int, int]]
-"""BA -> (first, last) hour written."""
-
-
 def _ts(h: int) -> str:
     from outbox.quality.engine import hour_ts
 
     return hour_ts(h)
 
 
-def _in_scope(frame: pd.DataFrame, scope: Scope, before: int = 0, after: int = 0) -> pd.Series:
-    lo = frame["ba"].map({ba: r[0] - before for ba, r in scope.items()})
-    hi = frame["ba"].map({ba: r[1] + after for ba, r in scope.items()})
-    return (frame["h"] >= lo) & (frame["h"] <= hi)
+_in_scope = in_scope
 
 
 def _evaluated(rule: str, scope: Scope, before: int = 0, after: int = 0) -> list[Evaluated]:
@@ -90,10 +85,18 @@ def _enabled_bas(rule: str, resolver: Resolver, bas: Iterable[str]) -> dict[str,
     return out
 
 
-def _by_hour(frame: pd.DataFrame, ds: str) -> pd.Series:
-    """One value per (ba, h) of the BA-level series of dataset ``ds`` (no subtype)."""
-    rows = frame[(frame["ds"] == ds)]
-    return rows.set_index(["ba", "h"])["v"]
+def _by_hour(data: Frame, ds: str) -> pd.Series:
+    """One value per (ba, h) in the scope of the BA-level series of dataset ``ds``, on
+    :meth:`Frame.key` (an integer per BA and hour, in the order of (ba, h))."""
+    import pandas as pd
+
+    part = data.at_hours(ds)
+    return pd.Series(part["v"].to_numpy(), index=pd.Index(data.key(part)), name="v")
+
+
+def _sum_by_hour(data: Frame, part: pd.DataFrame, values: pd.Series) -> pd.Series:
+    """``values`` of the rows of ``part`` summed per BA and hour, on :meth:`Frame.key`."""
+    return values.groupby(data.key(part)).sum()
 
 
 def _hourly_finding(
@@ -131,31 +134,42 @@ def _compare(
     scope: Scope,
     describe: Callable[[str, int, float, float, float], str],
     judged: Callable[[str, int], tuple[str, ...]],
+    data: Frame,
 ) -> Outcome:
-    """Shared body of the identity rules: |measured - expected| beyond a per-BA limit."""
+    """Shared body of the identity rules: |measured - expected| beyond a per-BA limit.
+
+    The series are on :meth:`Frame.key` (BA and hour)."""
+    import numpy as np
+
     out = Outcome(evaluated=_evaluated(rule, scope))
     both = measured.to_frame("m").join(expected.to_frame("e"), how="inner")
     if both.empty:
         return out
     both["scale"] = scale.reindex(both.index).abs().fillna(0.0)
-    bas = _enabled_bas(rule, resolver, both.index.get_level_values(0).unique())
+    keys = both.index.to_numpy()
+    codes, hours = data.split_key(keys)
+    present = np.unique(codes)
+    bas = _enabled_bas(rule, resolver, [data.bas[c] for c in present])
     if not bas:
         return out
-    idx_ba = both.index.get_level_values(0)
-    tol = idx_ba.map({ba: s.tolerance for ba, s in bas.items()})  # type: ignore[attr-defined]
-    floor = idx_ba.map({ba: s.min_mw for ba, s in bas.items()})  # type: ignore[attr-defined]
-    limit = (both["scale"].to_numpy() * tol.to_numpy(float, na_value=float("nan"))).clip(
-        min=floor.to_numpy(float, na_value=float("nan"))
-    )
+    nan = float("nan")
+    tol = np.full(len(data.bas), nan)
+    floor = np.full(len(data.bas), nan)
+    for i, ba in enumerate(data.bas):
+        if ba in bas:
+            tol[i], floor[i] = bas[ba].tolerance, bas[ba].min_mw  # type: ignore[attr-defined]
+    limit = (both["scale"].to_numpy() * tol[codes]).clip(min=floor[codes])
     diff = (both["m"] - both["e"]).abs().to_numpy()
-    hit = both[diff > limit]
-    limits = dict(zip(both.index, limit, strict=True))
-    for (ba, h), row in hit.iterrows():
+    hit = np.flatnonzero(diff > limit)
+    m, e = both["m"].to_numpy(), both["e"].to_numpy()
+    for i in hit.tolist():
+        ba, h = data.bas[codes[i]], int(hours[i])
+        row = {"m": m[i], "e": e[i]}
         lo, hi = scope.get(ba, (h + 1, h))
         if not lo <= h <= hi:
             continue
         s = bas[ba]
-        text = describe(ba, int(h), float(row["m"]), float(row["e"]), float(limits[(ba, h)]))
+        text = describe(ba, h, float(row["m"]), float(row["e"]), float(limit[i]))
         out.findings.append(
             _hourly_finding(rule, ba, int(h), s, row["m"], row["e"], text, judged(ba, int(h)))
         )
@@ -183,11 +197,11 @@ def _series_of(frame: pd.DataFrame) -> _SeriesOf:
     return _SeriesOf(frame)
 
 
-def balance(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
+def balance(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """|NG - D - TI| beyond ``max(min_mw, tolerance * D)`` for a BA and hour."""
-    d, ng, ti = (_by_hour(frame, ds) for ds in ("demand", "net_generation", "interchange"))
+    d, ng, ti = (_by_hour(data, ds) for ds in ("demand", "net_generation", "interchange"))
     measured = (ng - d).dropna()
-    series = _series_of(frame)
+    series = _series_of(data.rows)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
         return tuple(
@@ -199,16 +213,16 @@ def balance(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
     def describe(ba: str, h: int, m: float, e: float, limit: float) -> str:
         return f"NG - D = {m:g} MW but TI = {e:g} MW (imbalance {m - e:+g} MW, limit {limit:g})"
 
-    return _compare("balance", measured, ti, d, resolver, scope, describe, judged)
+    return _compare("balance", measured, ti, d, resolver, scope, describe, judged, data)
 
 
-def interchange_sum(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
+def interchange_sum(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """TI vs the sum of the BA's BA-to-BA rows, where those rows were staged for the hour."""
-    ti = _by_hour(frame, "interchange")
-    flows = frame[frame["ds"] == "ba_interchange"]
-    total = flows.groupby(["ba", "h"])["v"].sum()
-    gross = flows["v"].abs().groupby([flows["ba"], flows["h"]]).sum()
-    series = _series_of(frame)
+    ti = _by_hour(data, "interchange")
+    flows = data.at_hours("ba_interchange")
+    total = _sum_by_hour(data, flows, flows["v"])
+    gross = _sum_by_hour(data, flows, flows["v"].abs())
+    series = _series_of(data.rows)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
         return tuple(series.get((ba, "interchange"), []) + series.get((ba, "ba_interchange"), []))
@@ -217,15 +231,15 @@ def interchange_sum(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Ou
         n = int(((flows["ba"] == ba) & (flows["h"] == h)).sum())
         return f"sum of {n} BA-to-BA flows = {m:g} MW but TI = {e:g} MW (limit {limit:g})"
 
-    return _compare("interchange_sum", total, ti, gross, resolver, scope, describe, judged)
+    return _compare("interchange_sum", total, ti, gross, resolver, scope, describe, judged, data)
 
 
-def fuel_sum(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
+def fuel_sum(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """Sum of fuel-type generation vs NG, beyond ``max(min_mw, tolerance * NG)``."""
-    ng = _by_hour(frame, "net_generation")
-    fuels = frame[frame["ds"] == "generation"]
-    total = fuels.groupby(["ba", "h"])["v"].sum()
-    series = _series_of(frame)
+    ng = _by_hour(data, "net_generation")
+    fuels = data.at_hours("generation")
+    total = _sum_by_hour(data, fuels, fuels["v"])
+    series = _series_of(data.rows)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
         return tuple(series.get((ba, "net_generation"), []) + series.get((ba, "generation"), []))
@@ -233,16 +247,16 @@ def fuel_sum(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
     def describe(ba: str, h: int, m: float, e: float, limit: float) -> str:
         return f"sum of fuels = {m:g} MW but NG = {e:g} MW (limit {limit:g})"
 
-    return _compare("fuel_sum", total, ng, ng, resolver, scope, describe, judged)
+    return _compare("fuel_sum", total, ng, ng, resolver, scope, describe, judged, data)
 
 
-def antisymmetry(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
+def antisymmetry(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """A -> B vs -(B -> A) for the same hour when both directions are staged.
 
     Reported once per pair, at the BA whose code sorts first, on its A -> B series.
     """
     out = Outcome(evaluated=_evaluated("antisymmetry", scope))
-    flows = frame[frame["ds"] == "ba_interchange"][["sid", "ba", "sub", "h", "v"]]
+    flows = data.at_hours("ba_interchange", either_side=True)[["sid", "ba", "sub", "h", "v"]]
     if flows.empty:
         return out
     back = flows.rename(columns={"ba": "sub", "sub": "ba", "v": "back", "sid": "back_sid"})
@@ -250,37 +264,55 @@ def antisymmetry(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outco
     pairs = pairs[(pairs["ba"] < pairs["sub"]) & _pair_in_scope(pairs, scope)]
     if pairs.empty:
         return out
-    scale = pairs[["v", "back"]].abs().max(axis=1)
-    for ba in pairs["ba"].unique():
-        s = resolver.get("antisymmetry", None, ba)
-        if not s.enabled:
-            continue
-        mine = pairs[pairs["ba"] == ba]
-        limit = (scale[mine.index] * s.tolerance).clip(lower=s.min_mw)
-        hit = mine[(mine["v"] + mine["back"]).abs() > limit]
-        for i, r in hit.iterrows():
-            text = (
-                f"{r['ba']} -> {r['sub']} = {r['v']:g} MW but {r['sub']} -> {r['ba']} = "
-                f"{r['back']:g} MW (expected {-r['back']:g}, limit {limit[i]:g})"
-            )
-            out.findings.append(
-                _hourly_finding(
-                    "antisymmetry",
-                    ba,
-                    int(r["h"]),
-                    s,
-                    r["v"],
-                    -r["back"],
-                    text,
-                    (r["sid"], r["back_sid"]),
-                    series_id=r["sid"],
-                )
-            )
+    out.findings.extend(_antisymmetric(pairs, resolver))
     # The pair may have been written from either side: the BA reported holds both.
+    others: dict[str, dict[str, None]] = {}
+    for sub, ba in zip(pairs["sub"].tolist(), pairs["ba"].tolist(), strict=True):
+        others.setdefault(sub, {})[ba] = None
     for ba, (lo, hi) in scope.items():
-        for other in pairs.loc[pairs["sub"] == ba, "ba"].unique():
+        for other in others.get(ba, {}):
             out.evaluated.append(Evaluated("antisymmetry", other, lo, hi))
     return out
+
+
+def _antisymmetric(pairs: pd.DataFrame, resolver: Resolver) -> list[Finding]:
+    """The pairs beyond their BA's limit, BA by BA in order of appearance."""
+    import numpy as np
+    import pandas as pd
+
+    codes, bas = pd.factorize(pairs["ba"])
+    settings = [resolver.get("antisymmetry", None, ba) for ba in bas]
+    v, back = pairs["v"].to_numpy(), pairs["back"].to_numpy()
+    scale = np.maximum(np.abs(v), np.abs(back))
+    tol = np.array([s.tolerance for s in settings])[codes]
+    floor = np.array([s.min_mw for s in settings])[codes]
+    on = np.array([s.enabled for s in settings], dtype=bool)[codes]
+    limit = np.maximum(scale * tol, floor)
+    hit = np.flatnonzero(on & (np.abs(v + back) > limit))
+    hit = hit[np.argsort(codes[hit], kind="stable")]
+    sid, bsid = pairs["sid"].to_numpy(), pairs["back_sid"].to_numpy()
+    sub, hours = pairs["sub"].to_numpy(), pairs["h"].to_numpy()
+    found = []
+    for i in hit.tolist():
+        ba, s = bas[codes[i]], settings[codes[i]]
+        text = (
+            f"{ba} -> {sub[i]} = {v[i]:g} MW but {sub[i]} -> {ba} = "
+            f"{back[i]:g} MW (expected {-back[i]:g}, limit {limit[i]:g})"
+        )
+        found.append(
+            _hourly_finding(
+                "antisymmetry",
+                ba,
+                int(hours[i]),
+                s,
+                float(v[i]),
+                float(-back[i]),
+                text,
+                (sid[i], bsid[i]),
+                series_id=sid[i],
+            )
+        )
+    return found
 
 
 def _pair_in_scope(pairs: pd.DataFrame, scope: Scope) -> pd.Series:
@@ -289,12 +321,12 @@ def _pair_in_scope(pairs: pd.DataFrame, scope: Scope) -> pd.Series:
     return a.fillna(False) | b.fillna(False)
 
 
-def negative_generation(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
+def negative_generation(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """A fuel's generation below ``-threshold`` MW (storage and pumped hydro exempt)."""
     out = Outcome(evaluated=_evaluated("negative_generation", scope))
     exempt = resolver.exempt_fuels()
-    rows = frame[(frame["ds"] == "generation") & (frame["v"] < 0) & ~frame["sub"].isin(exempt)]
-    rows = rows[_in_scope(rows, scope)]
+    fuels = data.at_hours("generation")
+    rows = fuels[(fuels["v"] < 0) & ~fuels["sub"].isin(exempt)]
     for r in rows.itertuples(index=False):
         s = resolver.get("negative_generation", "generation", r.ba)
         if s.enabled and r.v < -s.threshold:
@@ -362,7 +394,12 @@ def _series_rule(
     out = Outcome(evaluated=_evaluated(rule, scope, before, after))
     shortest = min(resolver.get(rule, ds).window_hours for ds in datasets.names())
     shortest = min([shortest, *(resolver.get(rule, None, ba).window_hours for ba in scope)])
-    for _, r in runs[runs["n"] >= shortest].iterrows():
+    runs = runs[runs["n"] >= shortest]
+    if not runs.empty:  # only the runs that reach the scope's hours, read row by row below
+        ends = in_scope(runs.assign(h=runs["end"]), scope, before, 10**9).to_numpy(bool)
+        starts = in_scope(runs.assign(h=runs["start"]), scope, 10**9, after).to_numpy(bool)
+        runs = runs[ends & starts]
+    for _, r in runs.iterrows():
         if r["ba"] not in scope:
             continue
         lo, hi = scope[r["ba"]]
@@ -390,14 +427,21 @@ def _series_rule(
     return out
 
 
-def repeated_day(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
+def repeated_day(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """At least ``window_hours`` (24) consecutive hours each equal to the hour a day before.
 
     A block that is one constant value is left to flat_line (an idle unit at 0 repeats).
     """
-    prev = frame[["sid", "h", "v"]].assign(h=frame["h"] + 24).rename(columns={"v": "prev"})
-    joined = frame.merge(prev, on=["sid", "h"], how="left")
-    runs = _runs(joined, joined["v"] == joined["prev"])
+    import numpy as np
+
+    frame = data.rows
+    # The row of the same series a day before, by binary search on (series, hour).
+    h = frame["h"].to_numpy()
+    key = data.starts().astype(np.int64) * (1 << 32) + (h - h.min() if len(h) else h)
+    at = np.clip(np.searchsorted(key, key - 24), 0, max(len(key) - 1, 0))
+    v = frame["v"].to_numpy()
+    flag = (key[at] == key - 24) & (v[at] == v) if len(key) else np.zeros(0, bool)
+    runs = _runs(frame, flag)
 
     def describe(r: pd.Series, s: object) -> str | None:
         if r["n"] < s.window_hours or r["distinct"] < 2:  # type: ignore[attr-defined]
@@ -411,13 +455,15 @@ def repeated_day(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outco
     return _series_rule("repeated_day", runs, scope, resolver, describe, 0, 24)
 
 
-def flat_line(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
+def flat_line(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """The same non-zero value for at least ``window_hours`` consecutive hours."""
-    same = (frame["sid"] == frame["sid"].shift()) & (frame["h"] == frame["h"].shift() + 1)
-    same &= frame["v"] == frame["v"].shift()
+    import numpy as np
+
+    frame = data.rows
+    starts, h, v = data.starts(), frame["h"].to_numpy(), frame["v"].to_numpy()
+    same = np.r_[False, (starts[1:] == starts[:-1]) & (h[1:] == h[:-1] + 1) & (v[1:] == v[:-1])]
     # A run's first hour equals nothing before it; flag it from the hour after it.
-    flag = same | same.shift(-1, fill_value=False)
-    flag &= frame["v"] != 0
+    flag = (same | np.r_[same[1:], False]) & (v != 0)
     runs = _runs(frame, flag)
 
     def describe(r: pd.Series, s: object) -> str | None:
@@ -433,7 +479,7 @@ def _widest(resolver: Resolver, rule: str) -> int:
     return max(windows)
 
 
-def spike(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
+def spike(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """A single-hour outlier: its residual against its neighbours, as a robust z-score.
 
     The residual is ``v - (prev + next) / 2`` (``v - (2 prev - prev2)`` for the newest
@@ -443,34 +489,25 @@ def spike(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
     residuals (so the hours around a spike are not spikes themselves).
     """
     import numpy as np
+    import pandas as pd
 
     out = Outcome(evaluated=_evaluated("spike", scope, 1, 2))
-    enabled = {ds for ds in frame["ds"].unique() if resolver.get("spike", ds).enabled} | {
-        ds for ds in frame["ds"].unique() for ba in scope if resolver.get("spike", ds, ba).enabled
+    present = [str(ds) for ds in data.rows["ds"].unique()]
+    enabled = {ds for ds in present if resolver.get("spike", ds).enabled} | {
+        ds for ds in present for ba in scope if resolver.get("spike", ds, ba).enabled
     }
-    f = frame[frame["ds"].isin(enabled)]
+    parts = [data.of(ds) for ds in sorted(enabled)]
+    f = pd.concat(parts).sort_index() if len(parts) > 1 else data.rows.iloc[:0]
+    f = parts[0] if len(parts) == 1 else f
     if f.empty:
         return out
-    sid = f["sid"].to_numpy()
-    h = f["h"].to_numpy()
-    v = f["v"].to_numpy()
-    same_prev = np.r_[False, (sid[1:] == sid[:-1]) & (h[1:] == h[:-1] + 1)]
-    same_next = np.r_[same_prev[1:], False]
-    prev = np.r_[np.nan, v[:-1]]
-    nxt = np.r_[v[1:], np.nan]
-    # (as long as v: a frame of one row has one "two hours before")
-    prev2 = np.r_[np.full(min(2, len(v)), np.nan), v[:-2]]
-    same_prev2 = same_prev & np.r_[False, same_prev[:-1]]
-    resid = np.where(
-        same_prev & same_next,
-        v - (prev + nxt) / 2,
-        np.where(same_prev2 & ~same_next, v - (2 * prev - prev2), np.nan),
-    )
-    f = f.assign(r=resid, a=np.abs(resid), level=np.abs(v))
+    sid, v = f["sid"].to_numpy(), f["v"].to_numpy()
+    resid, same_prev, same_next = neighbour_residuals(sid, f["h"].to_numpy(), v)
+    f = f.assign(r=resid, a=np.abs(resid))
     window = max(resolver.get("spike", ds).window_hours for ds in enabled)
-    g = f.groupby("sid", sort=False)
-    mad = g["a"].transform(lambda s: s.shift().rolling(window, min_periods=6).median())
-    level = g["level"].transform(lambda s: s.rolling(window, min_periods=1).median())
+    starts = group_starts(sid)
+    mad = rolling_median(f["a"].to_numpy(), starts, window, 6, lag=1)
+    level = rolling_median(np.abs(v), starts, window, 1, lag=0)
     f = f.assign(mad=mad, lvl=level)
     a_prev = np.r_[np.nan, f["a"].to_numpy()[:-1]]
     a_next = np.r_[f["a"].to_numpy()[1:], np.nan]
@@ -479,14 +516,7 @@ def spike(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
     )
     local_max &= same_prev & (~same_next | np.r_[same_prev[1:], False])
     cand = f[local_max & _in_scope(f, scope, 1, 2).to_numpy() & f["mad"].notna().to_numpy()]
-    for r in cand.itertuples(index=False):
-        s = resolver.get("spike", r.ds, r.ba)
-        if not s.enabled:
-            continue
-        scale = max(1.4826 * r.mad, s.tolerance * r.lvl, s.min_mw)
-        z = r.a / scale
-        if z <= s.threshold:
-            continue
+    for r, s, scale, z in _outliers(cand, resolver):
         text = (
             f"{r.v:g} MW, {r.r:+g} MW from its neighbours: robust z {z:.1f} "
             f"(threshold {s.threshold:g}, scale {scale:.0f} MW over {s.window_hours} h)"
@@ -509,7 +539,33 @@ def spike(frame: pd.DataFrame, scope: Scope, resolver: Resolver) -> Outcome:
     return out
 
 
-FRAME_RULES: dict[str, Callable[[pd.DataFrame, Scope, Resolver], Outcome]] = {
+def _outliers(
+    cand: pd.DataFrame, resolver: Resolver
+) -> list[tuple[object, Settings, float, float]]:
+    """(row, settings, scale, z) of the spike candidates beyond their threshold, in order."""
+    import numpy as np
+
+    if cand.empty:
+        return []
+    mad, lvl, a = (cand[c].to_numpy() for c in ("mad", "lvl", "a"))
+    groups = cand.groupby(["ds", "ba"], observed=True, sort=False).indices
+    scale, z = np.full(len(cand), np.nan), np.full(len(cand), np.nan)
+    keep = np.zeros(len(cand), dtype=bool)
+    settings: dict[int, Settings] = {}
+    for (ds, ba), where in groups.items():
+        s = resolver.get("spike", str(ds), ba)
+        if not s.enabled:
+            continue
+        sc = np.maximum(np.maximum(1.4826 * mad[where], s.tolerance * lvl[where]), s.min_mw)
+        scale[where], z[where] = sc, a[where] / sc
+        keep[where] = z[where] > s.threshold
+        settings.update(dict.fromkeys(where[keep[where]].tolist(), s))
+    hits = np.flatnonzero(keep).tolist()
+    rows = list(cand.iloc[hits].itertuples(index=False))
+    return [(r, settings[i], float(scale[i]), float(z[i])) for r, i in zip(rows, hits, strict=True)]
+
+
+FRAME_RULES: dict[str, Callable[[Frame, Scope, Resolver], Outcome]] = {
     "balance": balance,
     "interchange_sum": interchange_sum,
     "antisymmetry": antisymmetry,

@@ -1,7 +1,7 @@
-"""EIA Open Data API v2 source: the EIA-930 hourly routes, paged, and a replay directory.
+"""EIA Open Data API v2 source: the EIA-930 hourly routes, paged.
 
-:class:`EIAClient` turns one :class:`EIARequest` (a route, the respondents, a UTC window)
-into a sequence of :class:`EIAPage` objects, following ``offset`` until the API's
+:class:`EIAClient` turns one :class:`Request` (a route, the respondents, a UTC window)
+into a sequence of :class:`Page` objects, following ``offset`` until the API's
 ``response.total`` is reached. Each HTTP attempt is rate limited client-side and retried
 under the one :class:`~outbox.retry.RetryPolicy`; errors are classified into
 :class:`~outbox.errors.SourceTransientError` (retried) and
@@ -19,21 +19,20 @@ EIA echoes the api_key in every response body, so a page's ``body`` and ``params
 re-serialized with ``request.params.api_key`` removed, its ``url`` is redacted, and every
 message and log line passes through :func:`~outbox.redact.redact`.
 
-:func:`iter_replay_pages` reads saved response bodies instead of calling the API.
+The body checks (:func:`parse_body`, :func:`error_of`, :func:`strip_api_key`) are shared
+with :mod:`outbox.sources.replay`, which reads saved response bodies instead.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import repeat
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -43,15 +42,19 @@ import tenacity
 
 from outbox import USER_AGENT
 from outbox.errors import SourceFatalError, SourceTransientError
+from outbox.ports import (
+    RESPONDENT_FACET,
+    ROUTE_FUEL,
+    ROUTE_INTERCHANGE,
+    ROUTE_REGION,
+    Page,
+    Request,
+)
 from outbox.redact import MASK, RedactingFilter, redact, register_secret
 from outbox.retry import RetryPolicy, call_with_retry, parse_retry_after
 
 log = logging.getLogger(__name__)
 
-ROUTE_REGION = "electricity/rto/region-data"
-ROUTE_FUEL = "electricity/rto/fuel-type-data"
-ROUTE_INTERCHANGE = "electricity/rto/interchange-data"
-ROUTES = (ROUTE_REGION, ROUTE_FUEL, ROUTE_INTERCHANGE)
 
 MAX_PAGE_LENGTH = 5000
 # A full EIA page (5,000 rows) is about 1.5 MB; a body far beyond that is not a page.
@@ -60,12 +63,7 @@ PERIOD_FORMAT = "%Y-%m-%dT%H"
 REGION_TYPE_CODES = ("D", "DF", "NG", "TI")
 INCOMPLETE_RETURN = "incomplete return"
 
-# Facet holding the balancing authority, and facet holding the series code, per route.
-RESPONDENT_FACET = {
-    ROUTE_REGION: "respondent",
-    ROUTE_FUEL: "respondent",
-    ROUTE_INTERCHANGE: "fromba",
-}
+# Facet holding the series code, per route (RESPONDENT_FACET: the balancing authority).
 VALUE_FACET = {ROUTE_REGION: "type", ROUTE_FUEL: "fueltype", ROUTE_INTERCHANGE: "toba"}
 
 # api-umbrella (EIA's gateway) key errors: configuration problems, retrying cannot help.
@@ -73,54 +71,8 @@ KEY_ERROR_CODES = frozenset(
     {"API_KEY_INVALID", "API_KEY_MISSING", "API_KEY_DISABLED", "API_KEY_UNAUTHORIZED"}
 )
 _TRANSIENT_STATUS = frozenset({403, 408, 425, 429})
-_COMMAND = re.compile(r"^/v2/(?P<route>.+?)/data/?$")
 _SNIPPET = 160
 NOT_JSON = object()
-
-
-@dataclass(frozen=True)
-class EIARequest:
-    """One logical EIA query: a route, its respondents and an inclusive UTC hour window.
-
-    ``facet_values`` are region-data ``type`` codes (empty means D, DF, NG, TI: the CO2
-    series share that facet, so types are always sent explicitly), fuel-type-data
-    ``fueltype`` codes (empty = all) or interchange-data ``toba`` codes (empty = all).
-    """
-
-    route: str
-    respondents: tuple[str, ...]
-    facet_values: tuple[str, ...]
-    start: datetime
-    end: datetime
-
-    def __post_init__(self) -> None:
-        if self.route not in ROUTES:
-            raise ValueError(f"unknown EIA route {self.route!r}; expected one of {ROUTES}")
-        if not self.respondents:
-            raise ValueError("EIARequest needs at least one respondent")
-        for name in ("start", "end"):
-            when = getattr(self, name)
-            if when.tzinfo is None or when.utcoffset() is None:
-                raise ValueError(f"EIARequest.{name} must be timezone-aware, got {when!r}")
-            if (when.minute, when.second, when.microsecond) != (0, 0, 0):
-                raise ValueError(f"EIARequest.{name} must be a whole hour, got {when!r}")
-        if self.start > self.end:
-            raise ValueError(f"EIARequest start {self.start} is after end {self.end}")
-
-
-@dataclass(frozen=True)
-class EIAPage:
-    """One EIA response page, safe to store: no api_key in ``body``, ``params`` or ``url``."""
-
-    route: str
-    page_no: int
-    offset: int
-    total: int
-    rows: list[dict]
-    body: bytes
-    params: dict
-    url: str
-    last: bool
 
 
 class RateLimiter:
@@ -167,7 +119,7 @@ class RateLimiter:
 class _Call:
     """One page request in flight: what error messages must name."""
 
-    req: EIARequest | None
+    req: Request | None
     page_no: int
     offset: int
     params: dict
@@ -180,7 +132,7 @@ class _Call:
 
 
 class EIAClient:
-    """Pages through the EIA v2 ``<route>/data/`` endpoint for one :class:`EIARequest`.
+    """Pages through the EIA v2 ``<route>/data/`` endpoint for one :class:`Request`.
 
     ``base_url`` is the v2 root (``https://api.eia.gov/v2``). The client does its own
     retries (per page, under ``retry``) and rate limiting; ``requests_made`` counts HTTP
@@ -214,8 +166,12 @@ class EIAClient:
         self._limiter = RateLimiter(max_per_second, max_per_hour, sleep=sleep, clock=clock)
         self.requests_made = 0
 
-    def iter_pages(self, req: EIARequest) -> Iterator[EIAPage]:
+    saved = False  # a Source that answers requests
+
+    def iter_pages(self, req: Request | None) -> Iterator[Page]:
         """Yield every page of ``req`` in order; the final one has ``last=True``."""
+        if req is None:
+            raise ValueError("the EIA API answers requests: iter_pages needs one")
         offset = page_no = 0
         seen: set[str] = set()
         while True:
@@ -247,7 +203,7 @@ class EIAClient:
         self._limiter.acquire()
         self.requests_made += 1
         response = self._get(url, call)
-        _check_size(len(response.content), call.say)
+        check_size(len(response.content), call.say)
         doc = _loads(response.content)
         self._raise_for_error(response, doc, call)
         facets = doc.get("response", {}).get("facets") if isinstance(doc, dict) else None
@@ -259,7 +215,7 @@ class EIAClient:
             if isinstance(f, dict) and f.get("id") is not None
         }
 
-    def _fetch_page(self, req: EIARequest, page_no: int, offset: int) -> EIAPage:
+    def _fetch_page(self, req: Request, page_no: int, offset: int) -> Page:
         params = request_params(req, offset, self._page_length)
         return call_with_retry(
             self._retry,
@@ -268,7 +224,7 @@ class EIAClient:
             before_sleep=_log_retry,
         )
 
-    def _attempt(self, req: EIARequest, page_no: int, offset: int, params: dict) -> EIAPage:
+    def _attempt(self, req: Request, page_no: int, offset: int, params: dict) -> Page:
         items = query_items(params)
         if self._key:
             items.insert(0, ("api_key", self._key))
@@ -281,7 +237,7 @@ class EIAClient:
         self.requests_made += 1
         started = self._clock()
         response = self._get(url, call)
-        _check_size(len(response.content), call.say)
+        check_size(len(response.content), call.say)
         doc = _loads(response.content)
         log.debug(
             "eia request GET status=%d rows=%s elapsed=%.3fs page=%d offset=%d url=%s",
@@ -331,10 +287,10 @@ class EIAClient:
             )
             raise SourceTransientError(self._redact(text))
 
-    def _page(self, call: _Call, doc: Any) -> EIAPage:
+    def _page(self, call: _Call, doc: Any) -> Page:
         rows, total = parse_body(doc, call.say(""))
         _log_warnings(doc, call.where)
-        length = _as_int(call.params.get("length")) or MAX_PAGE_LENGTH
+        length = as_int(call.params.get("length")) or MAX_PAGE_LENGTH
         if len(rows) > length:
             raise SourceFatalError(call.say(f"{len(rows)} rows on a page of at most {length}"))
         received = call.offset + len(rows)
@@ -345,7 +301,7 @@ class EIAClient:
                 call.say(f"received {received} rows in all, more than total {total}")
             )
         strip_api_key(doc)
-        return EIAPage(
+        return Page(
             route=call.req.route,
             page_no=call.page_no,
             offset=call.offset,
@@ -367,7 +323,7 @@ class EIAClient:
         return redact(text, [self._key] if self._key else [])
 
 
-def request_params(req: EIARequest, offset: int, length: int) -> dict:
+def request_params(req: Request, offset: int, length: int) -> dict:
     """The query of one page as EIA echoes it in ``request.params`` (without api_key)."""
     respondent, value = RESPONDENT_FACET[req.route], VALUE_FACET[req.route]
     values = req.facet_values or (REGION_TYPE_CODES if req.route == ROUTE_REGION else ())
@@ -421,7 +377,7 @@ def is_fatal_error(status: int, code: str | int | None) -> bool:
     """Whether an error envelope means "stop": bad key, bad parameter, unknown route."""
     if isinstance(code, str) and code in KEY_ERROR_CODES:
         return True
-    number = _as_int(code)
+    number = as_int(code)
     if number is not None and 400 <= number < 600:
         return 400 <= number < 500 and number not in _TRANSIENT_STATUS
     return not (status >= 500 or status in _TRANSIENT_STATUS)
@@ -435,7 +391,7 @@ def parse_body(doc: Any, where: str) -> tuple[list[dict], int]:
     rows = response.get("data")
     if not isinstance(rows, list):
         raise SourceFatalError(f"{where}: response.data is missing or not a list")
-    total = _as_int(response.get("total"))
+    total = as_int(response.get("total"))
     if total is None or total < 0:
         raise SourceFatalError(
             f"{where}: response.total {response.get('total')!r} is not an integer"
@@ -455,77 +411,12 @@ def strip_api_key(doc: Any) -> dict:
     return params
 
 
-def iter_replay_pages(directory: Path) -> Iterator[EIAPage]:
-    """Yield saved EIA v2 response bodies (``*.json`` under ``directory``, by sorted path).
-
-    The route comes from each body's ``request.command``; ``*.http-meta.json`` files are
-    skipped. ``page_no`` is the file's index; a page is ``last`` when its offset plus its
-    rows reach its ``total`` (a whole saved request is one such file).
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise SourceFatalError(f"replay directory {directory} does not exist")
-    files = [p for p in directory.rglob("*.json") if not p.name.endswith(".http-meta.json")]
-    files.sort(key=lambda p: p.relative_to(directory).as_posix())
-    for page_no, path in enumerate(files):
-        yield read_replay_page(path, page_no)
-
-
-def read_replay_page(path: Path, page_no: int = 0) -> EIAPage:
-    """One saved response body as an :class:`EIAPage`; SourceFatalError naming the file."""
-    where = f"replay file {path}"
-    try:
-        _check_size(path.stat().st_size, lambda cause: f"{where}: {cause}")
-        doc = orjson.loads(path.read_bytes())
-    except orjson.JSONDecodeError as exc:
-        raise SourceFatalError(f"{where}: not valid JSON/UTF-8: {exc}") from None
-    except OSError as exc:
-        raise SourceFatalError(f"{where}: cannot be read: {exc}") from None
-    route = route_of_command(doc)
-    if route is None:
-        raise SourceFatalError(f"{where}: no request.command naming an EIA-930 route")
-    error = error_of(doc)
-    if error is not None:
-        label = "" if error[0] is None else f" {error[0]}"
-        raise SourceFatalError(redact(f"{where}: a saved EIA error{label}, not data: {error[1]}"))
-    rows, total = parse_body(doc, where)
-    params = strip_api_key(doc)
-    offset = _as_int(params.get("offset")) or 0
-    if len(rows) > MAX_PAGE_LENGTH:
-        raise SourceFatalError(
-            f"{where}: {len(rows)} rows on one page, more than EIA's {MAX_PAGE_LENGTH}"
-        )
-    if offset + len(rows) > total:
-        raise SourceFatalError(
-            f"{where}: offset {offset} + {len(rows)} rows is more than response.total {total}"
-        )
-    return EIAPage(
-        route=route,
-        page_no=page_no,
-        offset=offset,
-        total=total,
-        rows=rows,
-        body=orjson.dumps(doc),
-        params=params,
-        url=path.resolve().as_uri(),
-        last=offset + len(rows) >= total,
-    )
-
-
-def _check_size(size: int, say: Callable[[str], str]) -> None:
+def check_size(size: int, say: Callable[[str], str]) -> None:
+    """SourceFatalError (worded by ``say``) for a body larger than any page can be."""
     if size > MAX_PAGE_BYTES:
         raise SourceFatalError(
             say(f"body of {size} bytes is larger than the {MAX_PAGE_BYTES}-byte page limit")
         )
-
-
-def route_of_command(doc: Any) -> str | None:
-    """The route of ``request.command`` (``/v2/<route>/data/``) if it is a known one."""
-    request = doc.get("request") if isinstance(doc, dict) else None
-    command = request.get("command") if isinstance(request, dict) else None
-    match = _COMMAND.match(command) if isinstance(command, str) else None
-    route = match.group("route") if match else None
-    return route if route in ROUTES else None
 
 
 def _loads(content: bytes) -> Any:
@@ -536,7 +427,8 @@ def _loads(content: bytes) -> Any:
         return NOT_JSON
 
 
-def _as_int(value: Any) -> int | None:
+def as_int(value: Any) -> int | None:
+    """An int, or a string of digits, as an int; anything else (a bool too) as None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -573,7 +465,7 @@ def _log_retry(state: tenacity.RetryCallState) -> None:
     )
 
 
-def _warn_silent_respondents(req: EIARequest, seen: set[str]) -> None:
+def _warn_silent_respondents(req: Request, seen: set[str]) -> None:
     silent = sorted(set(req.respondents) - seen)
     if silent:
         log.warning(

@@ -1,0 +1,1 @@
+"""Where pages come from: each module implements :class:`outbox.ports.Source`."""
