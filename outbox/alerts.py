@@ -26,11 +26,12 @@ from typing import Any
 
 from outbox.config import Config
 from outbox.redact import redact
+from outbox.status.read import ALERTS_META_KEY as META_KEY
+from outbox.status.read import alert_state
 from outbox.timeutil import parse_ts, to_ts, utcnow
 
 log = logging.getLogger(__name__)
 
-META_KEY = "alerts"
 TITLE = "gridpulse-outbox"
 # The state no one needs telling about: a new outbox starts as if OK had been delivered.
 BASELINE = "OK"
@@ -131,7 +132,7 @@ def _after_run(config: Config, urls: list[str], now: datetime) -> list[Delivery]
     if not Path(config.database).exists():
         return []  # no outbox yet (a send before the first fetch): no state to keep
     with Store.open(config.database, create=False) as store:
-        state = _load(store.meta_get(META_KEY))
+        state = alert_state(store.meta_get(META_KEY))
         due = [u for u in urls if _due(state, _digest(u), label, now, config.alerts.repeat_hours)]
         deliveries = []
         if due:
@@ -154,17 +155,6 @@ def _after_run(config: Config, urls: list[str], now: datetime) -> list[Delivery]
     return deliveries
 
 
-def _load(text: str | None) -> dict[str, Any]:
-    try:
-        state = json.loads(text) if text else {}
-    except ValueError:
-        state = {}
-    state.setdefault("urls", {})
-    state.setdefault("failures", 0)
-    state.setdefault("sent", 0)
-    return state
-
-
 def _due(
     state: dict[str, Any], key: str, label: str, now: datetime, repeat_hours: float | None
 ) -> bool:
@@ -185,12 +175,6 @@ def _record(state: dict[str, Any], key: str, label: str, now: datetime, done: De
         state["failures"] += 1
         state["last_error"] = done.error
         state["last_error_at"] = to_ts(now)
-
-
-def counters(meta_value: str | None) -> dict[str, int]:
-    """``sent`` and ``failures`` counted so far (for status and metrics)."""
-    state = _load(meta_value)
-    return {"sent": int(state["sent"]), "failures": int(state["failures"])}
 
 
 def test_all(config: Config, say: Callable[[str], None]) -> int:

@@ -23,10 +23,10 @@ from outbox.normalize import normalize_page
 from outbox.sample import sample_dir
 from outbox.stages import send as send_stage
 from outbox.stages.housekeeping import PAGE_SWEEP_INTERVAL, page_margin, prune
+from outbox.stages.prepared import EncodedRows, detach_rows
 from outbox.stages.send import SendResult
 from outbox.store import Key, PageRecord, RowBatch, Store
 from outbox.store.engine import WAL_AUTOCHECKPOINT_PAGES
-from outbox.store.rows import EncodedRows
 from outbox.testing.synth import ROUTE_REGION, SAMPLE_START, make_pages, make_rows, write_sample
 from outbox.timeutil import to_ts
 
@@ -262,7 +262,7 @@ def test_a_detached_batch_stages_and_counts_exactly_as_its_rows(store: Store) ->
     assert limit is not None
 
     def detached(rows: list[tuple]) -> RowBatch:
-        batch = pickle.loads(pickle.dumps(RowBatch.of(rows).detached()))
+        batch = pickle.loads(pickle.dumps(detach_rows(RowBatch.of(rows))))
         assert isinstance(batch.rows, EncodedRows) and len(batch.rows) == len(rows)
         return batch
 

@@ -9,6 +9,7 @@ only. Everything after it (the verdict, the table, metrics) never touches the da
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -41,6 +42,31 @@ from outbox.timeutil import parse_ts, to_ts, utcnow
 def dataset_of_series(s: SeriesState) -> str:
     """Which configured dataset a series belongs to."""
     return datasets.of_series(s.type, s.subtype)
+
+
+# The alerts' delivery state: a meta row that `outbox.alerts` writes and status reads.
+ALERTS_META_KEY = "alerts"
+
+
+def alert_state(text: str | None) -> dict[str, Any]:
+    """The alerts' state as stored (what each URL last received, and totals); an absent
+    or unreadable row is a new outbox's state."""
+    try:
+        state = json.loads(text) if text else {}
+    except ValueError:
+        state = {}
+    if not isinstance(state, dict):
+        state = {}
+    state.setdefault("urls", {})
+    state.setdefault("failures", 0)
+    state.setdefault("sent", 0)
+    return state
+
+
+def alert_counters(text: str | None) -> dict[str, int]:
+    """``sent`` and ``failures`` counted so far (for status and metrics)."""
+    state = alert_state(text)
+    return {"sent": int(state["sent"]), "failures": int(state["failures"])}
 
 
 def open_store(config: Config) -> Store:
@@ -93,9 +119,7 @@ def collect(
     status.quality = quality_summary(store, now)
     status.missing = _missing(config, status.groups, runs["fetch"], status.stream_progress)
     status.warnings.extend(_never_answered(config, status))
-    from outbox.alerts import META_KEY, counters
-
-    status.alerts = counters(store.meta_get(META_KEY))
+    status.alerts = alert_counters(store.meta_get(ALERTS_META_KEY))
     if not config.eia.verify_tls or not config.gridpulse.verify_tls:
         status.warnings.append("TLS verification is turned off in the config")
     code, line = evaluate(config, status)

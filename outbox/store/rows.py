@@ -9,9 +9,8 @@ constraints), so that it can run on another thread while the previous page is st
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
@@ -57,17 +56,8 @@ class PageRecord:
     row_count: int
     body: bytes
     compressed: bytes | None = field(default=None, repr=False, compare=False)
-    """``body`` as stored (zlib), when :meth:`precompress` made it ahead of the stage."""
-
-    def precompress(self) -> PageRecord:
-        """This record with its stored form computed now (zlib releases the GIL), so that
-        :meth:`Staging.stage` does not compress inside its transaction."""
-        return replace(self, compressed=zlib.compress(self.body, PAGE_LEVEL))
-
-    def detached(self) -> PageRecord:
-        """This record without ``body`` once it is compressed (all a stage stores), so
-        that it crosses a process boundary small."""
-        return self if self.compressed is None else replace(self, body=b"")
+    """``body`` as stored (zlib at :data:`PAGE_LEVEL`) when the caller compressed it ahead
+    of the stage; the stage stores it as given and compresses ``body`` only without it."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +70,8 @@ class RowBatch:
     RowBatch has exactly the outcome of staging its ``rows``.
     """
 
-    rows: list[Sequence[Any]]
+    rows: Sequence[Sequence[Any]]
+    """The row tuples (any sequence of them: a read-ahead may hand over a lazy one)."""
     json: bytes | None
     """The rows as one JSON array; None when a row does not travel as JSON exactly."""
     units: str | None
@@ -105,36 +96,6 @@ class RowBatch:
             row_is_position=list(map(itemgetter(6), rows)) == list(range(len(rows))),
             checked=encoded is not None and _pass_checks(rows),
         )
-
-    def detached(self) -> RowBatch:
-        """This batch without its row tuples when ``json`` carries them, so that it
-        crosses a process boundary small; reading :attr:`rows` then decodes ``json``."""
-        if self.json is None or isinstance(self.rows, EncodedRows):
-            return self
-        return replace(self, rows=EncodedRows(self.json, len(self.rows)))
-
-
-class EncodedRows(Sequence[Sequence[Any]]):
-    """The rows of a :class:`RowBatch` kept only as its JSON, decoded on first read
-    (a stage reads them only near ``housekeeping.max_rows``)."""
-
-    __slots__ = ("_decoded", "json", "n")
-
-    def __init__(self, encoded: bytes, n: int) -> None:
-        self.json = encoded
-        self.n = n
-        self._decoded: list[Any] | None = None
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: Any) -> Any:
-        if self._decoded is None:
-            self._decoded = orjson.loads(self.json)
-        return self._decoded[index]
-
-    def __reduce__(self) -> tuple[type[EncodedRows], tuple[bytes, int]]:
-        return (EncodedRows, (self.json, self.n))
 
 
 @dataclass(frozen=True)
