@@ -11,7 +11,7 @@ A gap hour is an hour absent between two staged hours of one series that
 :data:`~outbox.stages.plan.MERGE_HOURS` apart into one range (across respondents and
 types), and makes one request per range covering the respondents (and region-data types)
 that need it (:func:`~outbox.stages.plan.plan_fill`). Pages go through the same
-:class:`~outbox.stages.fetch.Fetcher` / ``Store.stage`` path as any fetch, but a gap
+:class:`~outbox.stages.fetcher.Fetcher` / ``Staging.stage`` path as any fetch, but a gap
 fill never moves a watermark. A row EIA returns with a null value is staged as
 a ``missing`` observation, which fills the gap.
 """

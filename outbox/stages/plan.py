@@ -37,7 +37,7 @@ MERGE_HOURS = 6
 present hours is cheaper than another request (EIA allows ~5 requests a second)."""
 
 SeriesSource = tuple[str, dict[str, str]]
-"""Where a series comes from: its EIA route and facets (``Store.series_sources``)."""
+"""Where a series comes from: its EIA route and facets (``Reads.series_sources``)."""
 
 
 @dataclass(frozen=True)
