@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -74,3 +75,20 @@ def check_report_target(target: Path) -> None:
     from outbox.files import REPORT_HEAD, check_target
 
     check_target(target, REPORT_HEAD, "report")
+
+
+def check_fetch_mode(
+    *,
+    start: datetime | None,
+    bas: Sequence[str] | None,
+    datasets: Sequence[str] | None,
+    fill_gaps: bool,
+    lookback: int | None,
+) -> None:
+    """The fetch modes' options that do not go together (one line, exit 2)."""
+    if fill_gaps and (start is not None or bas or datasets or lookback is not None):
+        raise UsageError(
+            "--fill-gaps re-requests every listed gap: no --start/--ba/--dataset/--lookback"
+        )
+    if lookback is not None and start is not None:
+        raise UsageError("--lookback is for incremental fetches; a backfill has --start/--end")
