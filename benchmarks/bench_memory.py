@@ -22,7 +22,7 @@ from typing import Any
 
 import _common as c
 
-from outbox.testing.receiver_proc import running_receiver
+from outbox.sample.receiver import running_receiver
 
 SETTINGS = {
     "smoke": {"sizes": (5_000, 20_000)},

@@ -41,7 +41,7 @@ from outbox.stages.send import run_send
 from outbox.store import Store
 from outbox.testing import synth
 from outbox.testing.fake_eia import FakeEIA
-from outbox.testing.receiver_proc import running_receiver
+from outbox.sample.receiver import running_receiver
 
 SETTINGS = {
     "smoke": {"rows": 20_000, "rounds": 1},

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,15 +23,14 @@ from pathlib import Path
 
 from outbox.config import Config
 from outbox.errors import OutboxError, UsageError
+from outbox.sample import SAMPLE_HOURS, SAMPLE_START, sample_dir
+from outbox.sample.receiver import ReceiverStartError, receiver_rows, running_receiver
 from outbox.sources.replay import ReplaySource
 from outbox.stages.fetch import run_fetch
 from outbox.stages.fetcher import FetchResult
 from outbox.stages.send import SendResult, run_send
 from outbox.status import Status, collect
 from outbox.store import Store
-from outbox.testing import sample_dir
-from outbox.testing.receiver_proc import ReceiverStartError, receiver_rows, running_receiver
-from outbox.testing.synth import SAMPLE_HOURS, SAMPLE_START
 from outbox.timeutil import utcnow
 
 SAMPLE_NOW = SAMPLE_START + timedelta(hours=SAMPLE_HOURS + 2)
@@ -102,6 +102,29 @@ def run_demo(
     return DemoResult(keep, fetched, sent, acked, received, status)
 
 
+def status_heading(result: DemoResult) -> str:
+    """The line above the demo's status table."""
+    return f"status as of {result.status.generated_at} (the hours after the sample day):"
+
+
+def closing_lines(result: DemoResult) -> list[str]:
+    """The lines under the status table: the check, where the files are, what to try."""
+    db = shlex.quote(str(result.workdir / "outbox.db"))
+    cfg = shlex.quote(str(result.workdir / "config.yaml"))
+    return [
+        f"ok: the receiver holds all {result.received} observations; "
+        f"{result.acked} acknowledged in the outbox, 0 pending",
+        f"kept in {result.workdir}/ (outbox.db, receiver.db, config.yaml, report.html); "
+        "`outbox demo` again starts afresh there",
+        f"report: {result.workdir / REPORT} (open it in a browser)",
+        "look inside:",
+        f"  sqlite3 {db} 'select count(*) from observations'",
+        f"  sqlite3 -header -column {db} 'select * from series_status limit 10'",
+        f"  outbox -c {cfg} status      # as of today: the 2025 sample day shows as stale (CRIT)",
+        f"  outbox -c {cfg} show EIA.PJM.demand 2025-08-21T14:00:00Z",
+    ]
+
+
 def prepare_dir(keep: Path) -> None:
     """Create ``keep``, or empty it of a previous demo's files; refuse any other directory."""
     if keep.exists() and not keep.is_dir():
@@ -159,8 +182,8 @@ def _run(
 ) -> tuple[FetchResult, SendResult, int, Status]:
     import httpx
 
-    from outbox import housekeeping
     from outbox.sinks.gridpulse import GridPulseClient, GridPulseSink
+    from outbox.stages import housekeeping
 
     with Store.open(cfg.database) as store:
         fetched = run_fetch(cfg, store, ReplaySource(sample_dir()))

@@ -18,6 +18,7 @@ a ``missing`` observation, which fills the gap.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,6 +91,18 @@ def _runs(series_id: str, dataset: str, hours: Sequence[datetime]) -> list[Gap]:
     for group in group_hours(hours, lambda first, last, h: h - last == HOUR):
         out.append(Gap(series_id, dataset, to_ts(group[0]), to_ts(group[-1]), len(group)))
     return out
+
+
+def report(config: Config, *, since: datetime | None, as_json: bool) -> str:
+    """``outbox gaps``: missing hours per series, as ranges (plain text or JSON)."""
+    from outbox.status import open_store
+
+    with open_store(config) as store:  # reads only: creates and migrates nothing
+        found = find_gaps(config, store, since=since)
+    if as_json:
+        data = {"gaps": [g.to_dict() for g in found], "hours": sum(g.hours for g in found)}
+        return json.dumps(data, indent=2)
+    return render(found)
 
 
 def render(gaps: Sequence[Gap]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import timedelta
 
+from outbox.config import Config
 from outbox.timeutil import parse_ts, to_ts
 
 MAX_SERIES = 8
@@ -75,3 +76,27 @@ def sparkline(values: list[float | None]) -> str:
 def literal_glob(text: str) -> str:
     """``text`` as a GLOB pattern matching only itself."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def plot_series(config: Config, pattern: str, *, days: int, width: int, height: int) -> str:
+    """``outbox plot GLOB``: the matching series of the last ``days`` staged, as a chart
+    under a line that says which hours it spans."""
+    from outbox.errors import UsageError
+    from outbox.status import open_store
+
+    with open_store(config) as store:
+        _, newest = store.reads.ts_range()
+        if newest is None:
+            raise UsageError("the outbox holds no rows yet: nothing to plot")
+        since = to_ts(parse_ts(newest) - timedelta(days=days))
+        rows = store.reads.values_between(since, newest, pattern)
+    names = sorted({r[0] for r in rows})
+    if not names:
+        raise UsageError(f"no series matches {pattern!r} (series ids look like EIA.PJM.demand)")
+    if len(names) > MAX_SERIES:
+        raise UsageError(
+            f"{pattern!r} matches {len(names)} series; at most {MAX_SERIES} fit one chart "
+            f"(e.g. {names[0]}, {names[1]}, ...): narrow the glob"
+        )
+    head = f"{pattern}: {since[:13]}h .. {newest[:13]}h UTC, hour-ending; gaps break the line"
+    return f"{head}\n{render(rows, title='', width=width, height=height)}"

@@ -215,6 +215,17 @@ def write(files: dict[str, str], directory: Path) -> list[Path]:
     return paths
 
 
+def print_or_write(
+    *, prefix: Path | None, config: Path | None, user: str | None, out: Path | None
+) -> str:
+    """``outbox timers print``: the files for this installation as one text, or, with
+    ``out``, written into that directory and the paths written, one a line."""
+    files = render_all(settings(prefix=prefix, config=config, user=user))
+    if out is None:
+        return concatenate(files)
+    return "".join(f"{path}\n" for path in write(files, out))
+
+
 def _fill(template: str, **values: str) -> str:
     text = resources.files("outbox").joinpath("deploy", template).read_text(encoding="utf-8")
     for key, value in values.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 TS_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 HOUR = timedelta(hours=1)
@@ -44,3 +45,15 @@ def floor_hour(value: datetime) -> datetime:
 def now_ts() -> str:
     """The current time as outbox text."""
     return to_ts(utcnow())
+
+
+def hour_ts(h: int) -> str:
+    """RFC 3339 of an hour counted from the epoch (the data-quality checks count hours)."""
+    return datetime.fromtimestamp(h * 3600, tz=UTC).strftime(TS_FORMAT)
+
+
+@lru_cache(maxsize=1 << 16)
+def ts_hour(ts: str) -> int:
+    """Hours since the epoch of an RFC 3339 ``...Z`` timestamp."""
+    when = datetime.strptime(ts, TS_FORMAT).replace(tzinfo=UTC)
+    return int(when.timestamp()) // 3600

@@ -1,19 +1,24 @@
-"""Build what a command needs from the config: clients, sources and sinks of the outside world.
+"""Build what a command needs from the config: HTTP clients, the EIA source, the GridPulse
+client and sink, the store, and the refresh after a stage run.
 
-The heavy imports (httpx, the clients) live inside the builders, so that ``outbox status``
-and the other reading commands start without them.
+The heavy imports (httpx, the clients, the stages) live inside the builders, so that
+``outbox status`` and the other reading commands start without them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from outbox import USER_AGENT
 from outbox.config import Config
 from outbox.errors import OutboxError
+from outbox.logsetup import log_scope
+from outbox.store import Store
 
 if TYPE_CHECKING:
     import httpx
@@ -24,6 +29,38 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DOCTOR_TIMEOUT_SECONDS = 20.0
+
+
+class _HttpSection(Protocol):
+    """A config section that reaches a server (``eia``, ``gridpulse``)."""
+
+    timeout_seconds: float
+    connect_timeout_seconds: float
+    verify_tls: bool
+
+
+def http_client(timeout: float, connect: float, verify: bool) -> httpx.Client:
+    """One pooled HTTP client for a run."""
+    import httpx
+
+    return httpx.Client(
+        timeout=httpx.Timeout(timeout, connect=connect),
+        headers={"User-Agent": USER_AGENT},
+        verify=verify,
+        follow_redirects=False,
+    )
+
+
+def http_for(section: _HttpSection) -> httpx.Client:
+    """The HTTP client with ``section``'s timeouts and TLS verification."""
+    return http_client(section.timeout_seconds, section.connect_timeout_seconds, section.verify_tls)
+
+
+def doctor_http(verify: bool) -> httpx.Client:
+    """The HTTP client of ``outbox doctor``'s reachability checks."""
+    return http_client(DOCTOR_TIMEOUT_SECONDS, DOCTOR_TIMEOUT_SECONDS / 2, verify)
+
 
 def gridpulse_client(config: Config, http: httpx.Client) -> GridPulseClient:
     """The GridPulse ingest client (needs the key)."""
@@ -31,6 +68,43 @@ def gridpulse_client(config: Config, http: httpx.Client) -> GridPulseClient:
 
     g = config.gridpulse
     return GridPulseClient(http, g.base_url, config.require_gridpulse_key(), gzip=g.gzip)
+
+
+def open_store(config: Config, *, create: bool) -> Store:
+    """The configured outbox, read-write; without ``create`` a missing one is an error
+    (exit 2). The reading commands open it read-only (``status.open_store``)."""
+    return Store.open(config.database, create=create)
+
+
+def after_run(config: Config) -> None:
+    """Refresh ``metrics_path`` and ``report_path`` and push the alerts, after a stage run."""
+    from outbox.report import write_run_report
+    from outbox.status import write_run_metrics
+
+    write_run_metrics(config)
+    write_run_report(config)
+    if config.alerts.urls:
+        from outbox.alerts import after_run as alert_after_run
+
+        alert_after_run(config)
+
+
+def observed(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Wrap a stage command: its log lines carry ``stage`` (and the run id the pipeline
+    binds), and :func:`after_run` follows it, whether it succeeded or not."""
+
+    def wrap(command: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(command)
+        def run(config: Config, *args: Any, **kwargs: Any) -> int:
+            with log_scope(stage=stage):
+                try:
+                    return command(config, *args, **kwargs)
+                finally:
+                    after_run(config)
+
+        return run
+
+    return wrap
 
 
 def gridpulse_sink(config: Config, http: httpx.Client) -> GridPulseSink:
@@ -43,13 +117,6 @@ def gridpulse_sink(config: Config, http: httpx.Client) -> GridPulseSink:
 # ---------------------------------------------------------------------------------
 # fetch: sources
 # ---------------------------------------------------------------------------------
-
-
-def _fetch_http(timeout: float, connect: float, verify: bool) -> httpx.Client:
-    """One pooled HTTP client for a fetch run: the CLI's one builder (tests spy on it)."""
-    from outbox.cli import http_client  # until the HTTP builder itself lives here
-
-    return http_client(timeout, connect, verify)
 
 
 def eia_client(config: Config, http: httpx.Client) -> EIAClient:
@@ -79,7 +146,7 @@ def fetch_source(config: Config, replay: Path | None = None) -> Iterator[Source]
         yield ReplaySource(replay)
         return
     e = config.eia
-    with _fetch_http(e.timeout_seconds, e.connect_timeout_seconds, e.verify_tls) as http:
+    with http_client(e.timeout_seconds, e.connect_timeout_seconds, e.verify_tls) as http:
         yield eia_client(config, http)
 
 
@@ -91,7 +158,7 @@ def gridpulse_series(config: Config) -> list[dict[str, Any]] | None:
         return None
     g = config.gridpulse
     try:
-        with _fetch_http(g.timeout_seconds, g.connect_timeout_seconds, g.verify_tls) as http:
+        with http_client(g.timeout_seconds, g.connect_timeout_seconds, g.verify_tls) as http:
             return gridpulse_client(config, http).list_series()
     except OutboxError as exc:
         log.info("gridpulse latest unavailable, starting at history_start error=%s", exc)

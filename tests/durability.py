@@ -14,7 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -99,14 +99,18 @@ def outbox_env(
     return env
 
 
-def outbox(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run ``python -m outbox ARGS`` to completion."""
+def outbox(
+    *args: str, env: Mapping[str, str], timeout: float = 180, **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m outbox ARGS`` to completion, its output captured as text; ``env`` is
+    the child's whole environment; ``kw`` go to :func:`subprocess.run` (``cwd``, ...)."""
     return subprocess.run(
         [sys.executable, "-m", "outbox", *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
+        **kw,
     )
 
 

@@ -1,4 +1,5 @@
-"""Plain-function factories for rows, series and pages used by store and pipeline tests."""
+"""Plain-function factories: rows, series and pages for store and pipeline tests, and the
+observation as it goes over the wire to GridPulse."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from outbox.normalize import revision_of
+from outbox.receiver.db import parse_series_id
 from outbox.store import PageRecord, Store, WatermarkUpdate
 
 T0 = datetime(2025, 8, 22, 0, tzinfo=UTC)
@@ -65,3 +67,24 @@ def delivered_through(store: Store) -> dict[str, str | None]:
 def total_changes(conn: Connection) -> int:
     """SQLite's total_changes() of ``conn`` (rows written through it so far)."""
     return int(conn.exec_driver_sql("SELECT total_changes()").scalar() or 0)
+
+
+def wire_observation(
+    i: int = 0, series_id: str = "EIA.PJM.demand", **overrides: Any
+) -> dict[str, Any]:
+    """A valid wire observation of ``series_id`` at hour ``i`` after T0 (value ``1000 + i``,
+    revision ``r{i}``); ``overrides`` replace or add fields."""
+    spec = parse_series_id(series_id)
+    row = {
+        "series_id": series_id,
+        "ba": spec.ba,
+        "type": spec.type,
+        "subtype": spec.subtype,
+        "units": "MW",
+        "ts": ts(i),
+        "value": 1000.0 + i,
+        "quality_flag": "good",
+        "revision": f"r{i}",
+    }
+    row.update(overrides)
+    return row

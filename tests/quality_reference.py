@@ -71,7 +71,7 @@ Scope = dict[str, tuple[int, int]]
 
 
 def _ts(h: int) -> str:
-    from outbox.quality.engine import hour_ts
+    from outbox.timeutil import hour_ts
 
     return hour_ts(h)
 
@@ -552,7 +552,7 @@ def frame(cur: sqlite3.Cursor, scope: Scope, context: tuple[int, int]) -> pd.Dat
     """The engine's frame of the rows around ``scope`` (Checker._frame at d66256b)."""
     import pandas as pd
 
-    from outbox.quality.engine import hour_ts
+    from outbox.timeutil import hour_ts
 
     rows = []
     for ba, (lo, hi) in scope.items():

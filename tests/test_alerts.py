@@ -20,9 +20,9 @@ from outbox.alerts import META_KEY, _due, mask
 from outbox.config import Config, load_config
 from outbox.datasets import names
 from outbox.errors import ConfigError
+from outbox.sample import sample_dir
+from outbox.sample.receiver import running_receiver
 from outbox.store import Store
-from outbox.testing import sample_dir
-from outbox.testing.receiver_proc import running_receiver
 from tests.durability import KEY_EIA, outbox, outbox_env
 
 HOOK_TOKEN = "hooktoken-4f1b9c2e77"

@@ -13,8 +13,6 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -23,15 +21,15 @@ from typing import Any
 import orjson
 import pytest
 import typer
-from durability import KEY_EIA, KEY_GP, tables
+from durability import KEY_EIA, KEY_GP, outbox, tables
 from typer.testing import CliRunner
 
 from outbox.cli import app
 from outbox.config import Config
+from outbox.sample import sample_dir
 from outbox.sources.replay import ReplaySource
 from outbox.stages.fetch import run_fetch
 from outbox.store import Store
-from outbox.testing import sample_dir
 from outbox.testing.fake_eia import FakeEIA
 
 BAD = Path(__file__).parent / "data" / "bad"
@@ -557,13 +555,7 @@ def test_every_command_has_a_bad_input_case() -> None:
 )
 def test_usage_errors_are_one_line(tmp_path: Path, argv: list[str], line: str) -> None:
     """Click's own usage errors (a box of lines by default) reach the user as one line."""
-    done = subprocess.run(
-        [sys.executable, "-m", "outbox", *argv],
-        env={**os.environ, "OUTBOX_DB": str(tmp_path / "outbox.db")},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = outbox(*argv, env={**os.environ, "OUTBOX_DB": str(tmp_path / "outbox.db")}, timeout=60)
     assert done.returncode == 2
     assert done.stdout == ""
     said = done.stderr.replace("python -m outbox", "outbox")  # the program as it was run

@@ -31,8 +31,8 @@ from durability import (
 )
 
 from outbox.normalize import revision_of
+from outbox.sample.receiver import receiver_batches, running_receiver
 from outbox.store import Store
-from outbox.testing.receiver_proc import receiver_batches, running_receiver
 
 ROUNDS = {"ci": [2, 8], "soak": None}
 SOAK_ROUNDS = 100

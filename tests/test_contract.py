@@ -13,6 +13,7 @@ import httpx
 import orjson
 import pytest
 import yaml
+from factories import wire_observation
 from jsonschema import Draft202012Validator, FormatChecker
 from openapi_spec_validator import validate
 from referencing import Registry, Resource
@@ -92,23 +93,6 @@ def documented_response(spec: dict[str, Any], path: str, method: str, status: in
     if "$ref" in response:
         response = spec["components"]["responses"][response["$ref"].rsplit("/", 1)[-1]]
     return response
-
-
-def observation(i: int, series_id: str = "EIA.PJM.demand", **overrides: Any) -> dict[str, Any]:
-    ba, kind = series_id.split(".")[1:3]
-    row = {
-        "series_id": series_id,
-        "ba": ba,
-        "type": kind,
-        "subtype": None,
-        "units": "MW",
-        "ts": f"2025-08-22T{i:02d}:00:00Z",
-        "value": 100.0 + i,
-        "quality_flag": "good",
-        "revision": f"rev-{i}",
-    }
-    row.update(overrides)
-    return row
 
 
 def ingest_headers(batch_id: str | None) -> dict[str, str]:
@@ -208,11 +192,11 @@ def test_receiver_routes_are_the_documented_paths(spec: dict[str, Any]) -> None:
 
 def test_encode_batch_body_validates_against_the_request_schema(registry: Registry) -> None:
     rows = [
-        observation(0),
-        observation(1, value=None, quality_flag="missing"),
-        observation(2, source_data={"period": "2025-08-22T02", "value": "102"}),
+        wire_observation(0),
+        wire_observation(1, value=None, quality_flag="missing"),
+        wire_observation(2, source_data={"period": "2025-08-22T02", "value": "102"}),
         {
-            **observation(3, "EIA.PJM.interchange"),
+            **wire_observation(3, "EIA.PJM.interchange"),
             "series_id": "EIA.PJM.interchange.MISO",
             "subtype": "MISO",
         },
@@ -225,12 +209,12 @@ def test_encode_batch_body_validates_against_the_request_schema(registry: Regist
 
 def test_request_schema_refuses_what_the_receiver_refuses_as_a_batch(registry: Registry) -> None:
     pointer = "/components/schemas/IngestRequest"
-    row = observation(0)
+    row = wire_observation(0)
     del row["revision"]
     bad = [
         {"batch_id": "b", "source": "eia-930", "observations": [row]},
-        {"batch_id": "b", "source": "eia-930", "observations": [{**observation(0), "x": 1}]},
-        {"batch_id": "b", "source": "eia-930", "observations": [observation(0, value="1")]},
+        {"batch_id": "b", "source": "eia-930", "observations": [{**wire_observation(0), "x": 1}]},
+        {"batch_id": "b", "source": "eia-930", "observations": [wire_observation(0, value="1")]},
         {"batch_id": "b", "observations": []},
     ]
     check = validator(registry, pointer)
@@ -246,7 +230,7 @@ def test_client_request_matches_the_documented_headers(spec: dict[str, Any]) -> 
 
     with httpx.Client(transport=httpx.MockTransport(handler)) as http:
         GridPulseClient(http, "http://gp.test", KEY).post_batch(
-            "b1", encode_batch("b1", [observation(0)])
+            "b1", encode_batch("b1", [wire_observation(0)])
         )
     [request] = seen
     parameters = spec["components"]["parameters"]
@@ -293,23 +277,23 @@ def test_receiver_responses_validate(
     def raw(content: bytes, headers: dict[str, str] | None = None) -> Any:
         return send("POST", INGEST, content=content, headers=headers or ingest_headers("b"))
 
-    rows = [observation(i) for i in range(4)] + [
-        observation(4, value=-3.0),
-        observation(5, value=None, quality_flag="missing"),
-        observation(6, ts="2025-08-22T06:30:00Z"),
+    rows = [wire_observation(i) for i in range(4)] + [
+        wire_observation(4, value=-3.0),
+        wire_observation(5, value=None, quality_flag="missing"),
+        wire_observation(6, ts="2025-08-22T06:30:00Z"),
     ]
     window = {"start": "2025-08-22T00:00:00Z", "end": "2025-08-23T00:00:00Z"}
     worker = "/api/v1/auth/worker"
     send("GET", "/api/v1/health")
     first = ingest(rows)
     ingest(rows)  # an idempotent retry
-    ingest([observation(0, value=1.0)], first.json()["batch_id"])  # 409
+    ingest([wire_observation(0, value=1.0)], first.json()["batch_id"])  # 409
     raw(b"{")
     raw(gzip.compress(b"{"))
     raw(gzip.compress(b"[]"))
     raw(b"{}", {"Authorization": "Bearer wrong"})
-    ingest([observation(0)], "not-the-batch-id")
-    ingest([observation(i % 24, revision=str(i)) for i in range(5001)])
+    ingest([wire_observation(0)], "not-the-batch-id")
+    ingest([wire_observation(i % 24, revision=str(i)) for i in range(5001)])
     send("POST", worker, json={"worker_id": "w"}, headers=AUTH)
     send("POST", worker, content=b"{", headers=AUTH)
     send("POST", worker, json={}, headers=AUTH)
@@ -347,7 +331,7 @@ def test_fault_responses_validate(
     faults: tuple[str, ...],
     status: int,
 ) -> None:
-    response = post(make_client(faults), [observation(0)])
+    response = post(make_client(faults), [wire_observation(0)])
     assert response.status_code == status
     check(spec, registry, "POST", INGEST, response)
     if "retry-after" in response.headers:
@@ -357,6 +341,6 @@ def test_fault_responses_validate(
 def test_fixed_catalogue_rejection_validates(
     spec: dict[str, Any], registry: Registry, make_client: Any
 ) -> None:
-    response = post(make_client(catalog="fixed"), [observation(0)])
+    response = post(make_client(catalog="fixed"), [wire_observation(0)])
     assert response.json()["rejected"][0]["code"] == "UNKNOWN_SERIES"
     check(spec, registry, "POST", INGEST, response)

@@ -41,15 +41,15 @@ from durability import (
 
 from outbox.config import Config
 from outbox.normalize import revision_of
-from outbox.sources.replay import ReplaySource
-from outbox.stages.fetch import run_fetch
-from outbox.store import Store
-from outbox.testing.receiver_proc import (
+from outbox.sample.receiver import (
     Receiver,
     receiver_batches,
     receiver_rows,
     running_receiver,
 )
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
+from outbox.store import Store
 
 BATCH = 100
 HOURS = 48

@@ -13,8 +13,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +20,8 @@ from durability import KEY_GP, connect, outbox, outbox_env, route_rows, spawn, w
 
 from outbox import status as status_mod
 from outbox.config import load_config
+from outbox.sample.receiver import running_receiver
 from outbox.store import Store, file_lock, lock_file
-from outbox.testing.receiver_proc import running_receiver
 
 
 def runs_table(db: Path) -> list[tuple]:
@@ -195,12 +193,7 @@ def test_status_probes_a_lock_without_creating_or_writing_it(tmp_path: Path) -> 
     lock = lock_file(db, "send")
     assert not lock.exists()
     env = outbox_env(db)
-    done = subprocess.run(
-        [sys.executable, "-m", "outbox", "status", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    done = outbox("status", "--json", env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["last_runs"]["send"]["status"] == "failed"
     assert not lock.exists()

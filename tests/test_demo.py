@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
-from outbox.testing import sample_dir
+from outbox.sample import sample_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_ROWS = 2376

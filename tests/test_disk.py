@@ -28,8 +28,8 @@ from typer.testing import CliRunner
 
 from outbox.cli import app
 from outbox.config import load_config
-from outbox.testing import sample_dir
-from outbox.testing.receiver_proc import receiver_batches, receiver_rows, running_receiver
+from outbox.sample import sample_dir
+from outbox.sample.receiver import receiver_batches, receiver_rows, running_receiver
 
 runner = CliRunner()
 # A replay commits each page on its own, so a run that fails part-way leaves whole pages.

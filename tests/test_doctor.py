@@ -421,7 +421,7 @@ def test_the_code_check_is_skipped_when_eia_cannot_list_its_respondents(workdir:
 def test_code_check_against_the_stand_in_eia(tmp_path: Path) -> None:
     from outbox import doctor as doctor_mod
     from outbox.config import load_config
-    from outbox.testing import sample_dir
+    from outbox.sample import sample_dir
     from outbox.testing.fake_eia import FakeEIA
     from outbox.testing.synth import read_rows
 

@@ -19,20 +19,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from durability import await_run, work_seconds
+from durability import await_run, outbox, outbox_env, work_seconds
 
 from outbox.config import Config
-from outbox.sinks.gridpulse import batch_id_of
-from outbox.sources.replay import ReplaySource
-from outbox.stages.fetch import run_fetch
-from outbox.store import Store
-from outbox.testing import sample_dir
-from outbox.testing.receiver_proc import (
+from outbox.sample import sample_dir
+from outbox.sample.receiver import (
     Receiver,
     receiver_batches,
     receiver_rows,
     running_receiver,
 )
+from outbox.sinks.gridpulse import batch_id_of
+from outbox.sources.replay import ReplaySource
+from outbox.stages.fetch import run_fetch
+from outbox.store import Store
 from outbox.testing.synth import ROUTES, make_rows, write_pages
 
 KEY = "e2e-gridpulse-key-42"
@@ -42,31 +42,6 @@ KEY = "e2e-gridpulse-key-42"
 def receiver(tmp_path: Path) -> Iterator[Receiver]:
     with running_receiver(tmp_path, api_key=KEY) as r:
         yield r
-
-
-def env_for(db: Path, receiver: Receiver, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "OUTBOX_DB": str(db),
-        "GRIDPULSE_BASE_URL": receiver.base_url,
-        "GRIDPULSE_API_KEY": KEY,
-        "OUTBOX__GRIDPULSE__RETRY__ATTEMPTS": "2",
-        "OUTBOX__GRIDPULSE__RETRY__INITIAL_BACKOFF_SECONDS": "0",
-        "OUTBOX__GRIDPULSE__RETRY__MAX_BACKOFF_SECONDS": "0",
-        # The test data is from 2025: keep acknowledged rows so they can be compared.
-        "OUTBOX__HOUSEKEEPING__RETENTION_DAYS": "36500",
-        **extra,
-    }
-
-
-def outbox(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "outbox", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
 
 
 def acked_rows(db: Path) -> dict[tuple[str, str], tuple]:
@@ -84,7 +59,7 @@ def test_fetch_send_receiver_equals_outbox_then_nothing_then_one_revision(
     tmp_path: Path, receiver: Receiver
 ) -> None:
     db = tmp_path / "outbox.db"
-    env = env_for(db, receiver)
+    env = outbox_env(db, receiver=receiver)
     assert outbox("fetch", "--replay", str(sample_dir()), env=env).returncode == 0
     sent = outbox("send", env=env)
     assert sent.returncode == 0, sent.stderr
@@ -124,7 +99,7 @@ def test_outage_three_failed_sends_then_one_drains_in_order(
     tmp_path: Path, receiver: Receiver
 ) -> None:
     db = tmp_path / "outbox.db"
-    env = env_for(db, receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="500")
+    env = outbox_env(db, receiver=receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="500")
     with Store.open(db) as store:
         run_fetch(Config(), store, ReplaySource(sample_dir()))
     receiver.stop()
@@ -171,7 +146,7 @@ def big_replay(directory: Path, bump: int = 0, every: int = 0, hours: int = 480)
 
 def test_sigkilled_sender_converges_exactly(tmp_path: Path, receiver: Receiver) -> None:
     db = tmp_path / "outbox.db"
-    env = env_for(db, receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="200")
+    env = outbox_env(db, receiver=receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="200")
     rng = random.Random(7)
     trials = int(os.environ.get("OUTBOX_SEND_KILL_TRIALS", "30"))
     points = ["send.after_claim", "send.after_post", "settle.before_commit", "acks.before_commit"]
@@ -222,7 +197,7 @@ def test_batch_recorded_but_not_applied_is_not_sent_again(
     with Store.open(db) as store:
         run_fetch(Config(), store, ReplaySource(sample_dir()))
         staged = store.reads.count_state("pending")
-    env = env_for(db, receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="500")
+    env = outbox_env(db, receiver=receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="500")
     crashed = outbox(
         "send",
         env={**env, "OUTBOX_CRASH_AT": "acks.before_commit", "OUTBOX_CRASH_AFTER": str(after)},
@@ -254,7 +229,7 @@ def test_two_senders_started_together(tmp_path: Path, receiver: Receiver) -> Non
     db = tmp_path / "outbox.db"
     with Store.open(db) as store:
         run_fetch(Config(), store, ReplaySource(big_replay(tmp_path / "r")))
-    env = env_for(db, receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="1000")
+    env = outbox_env(db, receiver=receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="1000")
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "outbox", "send"],

@@ -14,9 +14,9 @@ from outbox.errors import SourceFatalError, SourceTransientError
 from outbox.normalize import normalize_page
 from outbox.ports import ROUTE_FUEL, ROUTE_INTERCHANGE, ROUTE_REGION, Request
 from outbox.retry import RetryPolicy
+from outbox.sample import sample_dir
 from outbox.sources.eia import EIAClient
 from outbox.sources.replay import iter_replay_pages
-from outbox.testing import sample_dir
 from outbox.testing.fake_eia import FakeEIA
 from outbox.testing.synth import DEFAULT_RESPONDENTS, make_rows, read_rows
 

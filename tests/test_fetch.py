@@ -15,16 +15,16 @@ from urllib.parse import unquote
 
 import orjson
 import pytest
-from durability import await_run, processes_naming, work_seconds
+from durability import await_run, outbox, processes_naming, work_seconds
 from factories import ack, total_changes
 
 from outbox.config import Config
 from outbox.normalize import revision_of
 from outbox.readahead import can_fork
+from outbox.sample import sample_dir
 from outbox.sources.replay import ReplaySource
 from outbox.stages.fetch import run_fetch
 from outbox.store import Key, Store
-from outbox.testing import sample_dir
 from outbox.testing.fake_eia import FakeEIA
 from outbox.testing.synth import ROUTES, make_rows, read_rows, write_pages
 
@@ -56,14 +56,8 @@ def tables(db: Path) -> dict[str, list[tuple]]:
 
 
 def outbox_cmd(*args: str, env: dict[str, str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "outbox", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        **kw,
-    )
+    """``python -m outbox ARGS`` with ``env`` over this process's environment."""
+    return outbox(*args, env={**os.environ, **env}, timeout=120, **kw)
 
 
 def test_replay_of_sample_then_again_writes_nothing(store: Store, db_path: Path) -> None:
@@ -358,7 +352,7 @@ def test_backfill_in_chunks_resumes_after_kill(tmp_path: Path) -> None:
 
 
 def test_new_outbox_starts_at_gridpulse_latest(tmp_path: Path) -> None:
-    from outbox.testing.receiver_proc import running_receiver
+    from outbox.sample.receiver import running_receiver
 
     with running_receiver(tmp_path, api_key="gp-key-1234") as receiver:
         seed = tmp_path / "seed.db"

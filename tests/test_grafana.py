@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from outbox.testing import sample_dir
+from outbox.sample import sample_dir
 from tests.durability import outbox, outbox_env
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "gridpulse-outbox.json"

@@ -17,6 +17,7 @@ import httpx
 import orjson
 import pytest
 import respx
+from factories import wire_observation
 
 from outbox import USER_AGENT
 from outbox.errors import (
@@ -46,26 +47,8 @@ KEY = "gp-secret-key-123456"
 INGEST = "/api/v1/data/observations"
 
 
-def observation(i: int = 0, **overrides: Any) -> dict[str, Any]:
-    """A wire observation for EIA.PJM.demand at hour ``i`` after 2025-08-22T00Z."""
-    ts = (datetime(2025, 8, 22, tzinfo=UTC) + timedelta(hours=i)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    row = {
-        "series_id": "EIA.PJM.demand",
-        "ba": "PJM",
-        "type": "demand",
-        "subtype": None,
-        "units": "MW",
-        "ts": ts,
-        "value": 95000.0 + i,
-        "quality_flag": "good",
-        "revision": f"rev{i:04d}",
-    }
-    row.update(overrides)
-    return row
-
-
 def batch(n: int = 3) -> tuple[str, bytes, list[dict[str, Any]]]:
-    rows = [observation(i) for i in range(n)]
+    rows = [wire_observation(i) for i in range(n)]
     batch_id = batch_id_of((r["series_id"], r["ts"], r["revision"]) for r in rows)
     return batch_id, encode_batch(batch_id, rows), rows
 
@@ -111,19 +94,19 @@ def test_batch_id_changes_with_revision_and_order() -> None:
 
 
 def test_encode_batch_has_the_exact_contract_shape() -> None:
-    rows = [observation(0), observation(1, source_data={"period": "2025-08-22T01"})]
+    rows = [wire_observation(0), wire_observation(1, source_data={"period": "2025-08-22T01"})]
     rows[0]["internal_id"] = 7  # not a wire field: dropped
     body = orjson.loads(encode_batch("b1", rows))
     assert list(body) == ["batch_id", "source", "observations"]
     assert body["batch_id"] == "b1" and body["source"] == "eia-930"
     first, second = body["observations"]
     assert list(first) == list(WIRE_FIELDS)
-    assert first == {k: observation(0)[k] for k in WIRE_FIELDS}
+    assert first == {k: wire_observation(0)[k] for k in WIRE_FIELDS}
     assert second["source_data"] == {"period": "2025-08-22T01"}
 
 
 def test_encode_batch_accepts_any_mapping_and_decimal() -> None:
-    row = MappingProxyType(observation(0, value=Decimal("12.5"), source_data=None))
+    row = MappingProxyType(wire_observation(0, value=Decimal("12.5"), source_data=None))
     body = orjson.loads(encode_batch("b", [row], source="replay"))
     assert body["source"] == "replay"
     assert body["observations"][0]["value"] == 12.5
@@ -131,14 +114,14 @@ def test_encode_batch_accepts_any_mapping_and_decimal() -> None:
 
 
 def test_encode_batch_refuses_a_row_without_a_wire_field() -> None:
-    row = observation(0)
+    row = wire_observation(0)
     del row["revision"]
     with pytest.raises(ValueError, match="revision"):
         encode_batch("b", [row])
 
 
 def test_encode_and_gzip_5000_rows_is_fast() -> None:
-    rows = [observation(i) for i in range(5000)]
+    rows = [wire_observation(i) for i in range(5000)]
     timings = []
     for _ in range(5):
         started = time.perf_counter()
@@ -359,7 +342,7 @@ def test_200_with_wrong_shape_is_a_protocol_error(
 ) -> None:
     router.post(INGEST).respond(200, json=payload)
     with pytest.raises(ProtocolError) as caught:
-        client.post_batch("x", encode_batch("x", [observation(0)]))
+        client.post_batch("x", encode_batch("x", [wire_observation(0)]))
     assert str(caught.value) == (
         f"GridPulse's answer to batch x is inconsistent: {named}; "
         "no row changed, the next send retries"
@@ -371,7 +354,7 @@ def test_protocol_error_never_shows_the_key(
 ) -> None:
     router.post(INGEST).respond(200, json={"batch_id": KEY, "accepted": 1, "rejected": []})
     with pytest.raises(ProtocolError) as caught:
-        client.post_batch("x", encode_batch("x", [observation(0)]), keys=[("s", "t")])
+        client.post_batch("x", encode_batch("x", [wire_observation(0)]), keys=[("s", "t")])
     assert KEY not in str(caught.value) and "it names batch" in str(caught.value)
 
 

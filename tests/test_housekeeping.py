@@ -19,14 +19,14 @@ from typer.testing import CliRunner
 from outbox.cli import app
 from outbox.config import Config, load_config
 from outbox.errors import OutboxFullError
-from outbox.housekeeping import PAGE_SWEEP_INTERVAL, page_margin, prune
 from outbox.normalize import normalize_page
+from outbox.sample import sample_dir
 from outbox.stages import send as send_stage
+from outbox.stages.housekeeping import PAGE_SWEEP_INTERVAL, page_margin, prune
 from outbox.stages.prepared import EncodedRows, detach_rows
 from outbox.stages.send import SendResult
 from outbox.store import Key, PageRecord, RowBatch, Store
 from outbox.store.engine import WAL_AUTOCHECKPOINT_PAGES
-from outbox.testing import sample_dir
 from outbox.testing.synth import ROUTE_REGION, SAMPLE_START, make_pages, make_rows, write_sample
 from outbox.timeutil import to_ts
 

@@ -7,18 +7,18 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from durability import outbox
 
 from outbox import logsetup
 from outbox.logsetup import bind, log_scope, print_error, setup_logging
-from outbox.testing import sample_dir
+from outbox.sample import sample_dir
+from outbox.sample.receiver import running_receiver
 from outbox.testing.fake_eia import FakeEIA
-from outbox.testing.receiver_proc import running_receiver
 from outbox.testing.synth import read_rows
 
 EIA_KEY = "eia-live-key-0123456789"
@@ -27,16 +27,6 @@ WRONG_EIA_KEY = "eia-wrong-key-abcdefgh"
 WRONG_GP_KEY = "gp-wrong-key-zyxwvuts"
 SECRETS = (EIA_KEY, GP_KEY, WRONG_EIA_KEY, WRONG_GP_KEY)
 LOGFMT_LINE = re.compile(r'^ts=\S+Z level=(debug|info|warning|error) logger=\S+ msg="[^\n]*$')
-
-
-def outbox(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "outbox", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +71,8 @@ def run_all(fmt: str, tmp_path: Path, services: tuple[str, str]) -> list[tuple[s
     ]
     out = []
     for what, args, changed in steps:
-        done = outbox("-v", "--log-format", fmt, *args, env={**env, **changed})
+        env_now = {**os.environ, **env, **changed}
+        done = outbox("-v", "--log-format", fmt, *args, env=env_now, timeout=120)
         out.append((what, done.returncode, done.stdout, done.stderr))
     return [(what, code, stdout + stderr) for what, code, stdout, stderr in out] + [
         (what + " (stderr)", code, stderr) for what, code, _, stderr in out
@@ -129,9 +120,13 @@ def test_keys_never_appear_and_every_line_is_one_event(
     assert "GridPulse unavailable" in failed["error"] and "seconds" in failed
     refused = _event(stderr["fetch, wrong EIA key"], fmt, "fetch failed")
     assert "API_KEY_INVALID" in refused["error"] and refused["run"] == 1
-    # Every line of the run carries its stage and run id, debug lines included.
+    # Every line of the run carries its stage and run id, debug lines included (the prune
+    # after the send is no part of the run).
     run_lines = [
-        e for e in _events(stderr["send"], fmt) if e.get("logger", "").startswith("outbox.stages")
+        e
+        for e in _events(stderr["send"], fmt)
+        if e.get("logger", "").startswith("outbox.stages")
+        and e["logger"] != "outbox.stages.housekeeping"
     ]
     assert run_lines and all(e.get("run") == send_done["run"] for e in run_lines)
 

@@ -207,25 +207,17 @@ def test_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_a_schema_from_a_newer_version_is_one_line_and_left_alone(tmp_path: Path) -> None:
     import sqlite3
-    import subprocess
-    import sys
 
-    from durability import outbox_env
+    from durability import outbox, outbox_env
 
-    from outbox.testing import sample_dir
+    from outbox.sample import sample_dir
 
     db = tmp_path / "outbox.db"
     Store.open(db).close()
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE alembic_version SET version_num = '0099'")
     for args in (("fetch", "--replay", str(sample_dir())), ("send",), ("db", "upgrade")):
-        done = subprocess.run(
-            [sys.executable, "-m", "outbox", *args],
-            env={**outbox_env(db), "GRIDPULSE_API_KEY": "k"},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = outbox(*args, env={**outbox_env(db), "GRIDPULSE_API_KEY": "k"}, timeout=120)
         assert done.returncode == 1, (args, done.stderr)
         lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and "schema 0099 is unknown to this version" in lines[0], args

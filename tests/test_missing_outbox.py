@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from durability import outbox_env
+from durability import outbox, outbox_env
 from typer.testing import CliRunner
 
 from outbox.cli import app
@@ -129,21 +129,12 @@ def test_no_command_but_the_creating_ones_creates_an_outbox(tmp_path: Path, wher
 def test_the_creating_commands_create_it_and_the_readers_then_read_it(tmp_path: Path) -> None:
     db = tmp_path / "outbox.db"
     env = outbox_env(db, GRIDPULSE_BASE_URL="http://127.0.0.1:9")
-    up = subprocess.run(
-        [sys.executable, "-m", "outbox", "db", "upgrade"], env=env, capture_output=True, text=True
-    )
+    up = outbox("db", "upgrade", env=env)
     assert up.returncode == 0, up.stderr
     assert db.is_file()
-    check = subprocess.run(
-        [sys.executable, "-m", "outbox", "status", "--check"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    check = outbox("status", "--check", env=env)
     assert (check.returncode, check.stdout) == (0, "OK - 0 series, 0 pending, 0 dead\n")
-    current = subprocess.run(
-        [sys.executable, "-m", "outbox", "db", "current"], env=env, capture_output=True, text=True
-    )
+    current = outbox("db", "current", env=env)
     assert current.returncode == 0 and "up to date" in current.stdout, current.stderr
 
 
@@ -164,13 +155,7 @@ def test_a_file_that_is_not_an_outbox_is_read_by_no_command(
     db = tmp_path / "outbox.db"
     db.touch()  # an empty file where the outbox should be (the README's sqlite3 mistake)
     args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    done = subprocess.run(
-        [sys.executable, "-m", "outbox", *args],
-        env=outbox_env(db),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = outbox(*args, env=outbox_env(db), timeout=120)
     assert done.returncode == 1, done.stderr  # as for any outbox that cannot be read
     assert done.stderr.splitlines() == [
         f"error: {db}: not an outbox (no schema): run `outbox db upgrade`"

@@ -40,6 +40,7 @@ from freezegun import freeze_time
 
 from outbox.config import Config
 from outbox.retry import RetryPolicy
+from outbox.sample.receiver import receiver_rows, running_receiver
 from outbox.sinks.gridpulse import GridPulseClient, GridPulseSink, IngestResult
 from outbox.sources.eia import EIAClient
 from outbox.sources.replay import ReplaySource
@@ -47,7 +48,6 @@ from outbox.stages.fetch import run_fetch
 from outbox.stages.send import SendFailed, run_send
 from outbox.store import Store
 from outbox.testing.fake_eia import FakeEIA
-from outbox.testing.receiver_proc import receiver_rows, running_receiver
 from outbox.testing.synth import ROUTES, make_rows
 from outbox.timeutil import to_ts
 

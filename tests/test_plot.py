@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from outbox.plot import literal_glob, segments, sparkline
-from outbox.testing import sample_dir
+from outbox.sample import sample_dir
 from tests.durability import outbox, outbox_env
 
 

@@ -28,12 +28,12 @@ from factories import obs, series_row
 
 from outbox.config import Config
 from outbox.errors import BatchRejectedError
+from outbox.sample.receiver import receiver_rows, running_receiver
 from outbox.sinks.gridpulse import GridPulseSink, IngestResult, Rejection, check_result
 from outbox.sources.replay import ReplaySource
 from outbox.stages.fetch import run_fetch
 from outbox.stages.send import run_send
 from outbox.store import Store
-from outbox.testing.receiver_proc import receiver_rows, running_receiver
 
 REJECTED = ("EIA.PJM.generation.geothermal", "EIA.SPP.generation.geothermal")
 POISON = "EIA.MISO.generation.geothermal"

@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 from outbox.cli import app
 from outbox.config import Config
 from outbox.quality import ledger
+from outbox.sample import sample_dir
+from outbox.sample.receiver import receiver_rows, running_receiver
 from outbox.sources.replay import ReplaySource
 from outbox.stages.fetch import run_fetch
 from outbox.store import Key, Store
-from outbox.testing import sample_dir
-from outbox.testing.receiver_proc import receiver_rows, running_receiver
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "contracts" / "eia-samples"
 if not REAL.is_dir():  # the worktree's own checkout of the shared contracts

@@ -18,9 +18,10 @@ import quality_reference as ref
 
 from outbox.config import Config
 from outbox.quality import rules
-from outbox.quality.engine import Checker, dataset_of, hour_ts
+from outbox.quality.engine import Checker, dataset_of
 from outbox.quality.frame import Frame, SeriesInfo, read_frame
 from outbox.quality.settings import Resolver
+from outbox.timeutil import hour_ts
 
 BAS = ("AAA", "BBB", "CCC", "DDD")
 FUELS = ("COL", "NG", "SUN", "WND", "BAT", "WAT")

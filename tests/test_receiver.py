@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from factories import wire_observation
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.schema import CreateTable
@@ -21,9 +22,9 @@ from starlette.exceptions import StarletteDeprecationWarning
 
 from outbox.receiver import Faults, create_app, seed_catalog
 from outbox.receiver.app import MAX_DECODED_BYTES
-from outbox.receiver.db import compile_upsert, metadata, parse_series_id, to_url
+from outbox.receiver.db import compile_upsert, metadata, to_url
+from outbox.sample.receiver import receiver_batches
 from outbox.sinks.gridpulse import batch_id_of, check_result, encode_batch, parse_ingest_result
-from outbox.testing.receiver_proc import receiver_batches
 
 with warnings.catch_warnings():
     # Starlette 1.x prefers the httpx2 fork for its TestClient and warns once on import
@@ -42,24 +43,6 @@ T0 = datetime(2025, 8, 22, tzinfo=UTC)
 
 def hour(i: int) -> str:
     return (T0 + timedelta(hours=i)).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def observation(i: int = 0, series_id: str = "EIA.PJM.demand", **overrides: Any) -> dict[str, Any]:
-    """A valid wire observation of ``series_id`` at hour ``i`` after 2025-08-22T00Z."""
-    spec = parse_series_id(series_id)
-    row = {
-        "series_id": series_id,
-        "ba": spec.ba,
-        "type": spec.type,
-        "subtype": spec.subtype,
-        "units": "MW",
-        "ts": hour(i),
-        "value": 1000.0 + i,
-        "quality_flag": "good",
-        "revision": f"r{i}",
-    }
-    row.update(overrides)
-    return row
 
 
 def body_of(rows: Sequence[dict[str, Any]], batch_id: str | None = None) -> tuple[str, bytes]:
@@ -190,7 +173,7 @@ def test_unknown_route_and_method_have_the_error_body(client: TestClient) -> Non
 
 
 def test_ingest_gzip_accepts_and_stores(client: TestClient) -> None:
-    rows = [observation(i) for i in range(3)]
+    rows = [wire_observation(i) for i in range(3)]
     response = post_rows(client, rows)
     assert response.status_code == 200, response.text
     batch_id = response.json()["batch_id"]
@@ -199,7 +182,7 @@ def test_ingest_gzip_accepts_and_stores(client: TestClient) -> None:
 
 
 def test_ingest_identity_encoding(client: TestClient) -> None:
-    batch_id, body = body_of([observation(0)])
+    batch_id, body = body_of([wire_observation(0)])
     response = post_raw(client, body, batch_id)
     assert response.status_code == 200 and response.json()["accepted"] == 1
 
@@ -259,7 +242,7 @@ def test_ingest_bad_bodies(
 def test_ingest_row_of_the_wrong_shape_fails_the_batch(
     client: TestClient, change: Callable[[dict], Any], details: dict[str, Any]
 ) -> None:
-    rows = [observation(0), observation(1)]
+    rows = [wire_observation(0), wire_observation(1)]
     change(rows[1])
     body = orjson.dumps({"batch_id": "b-shape", "source": "eia-930", "observations": rows})
     error = assert_error(post_raw(client, body, "b-shape"), 422, "INVALID_OBSERVATION")
@@ -270,19 +253,21 @@ def test_ingest_row_of_the_wrong_shape_fails_the_batch(
 
 
 def test_ingest_row_that_is_not_an_object(client: TestClient) -> None:
-    body = orjson.dumps({"batch_id": "b", "source": "eia-930", "observations": [observation(), 5]})
+    body = orjson.dumps(
+        {"batch_id": "b", "source": "eia-930", "observations": [wire_observation(), 5]}
+    )
     error = assert_error(post_raw(client, body, "b"), 422, "INVALID_OBSERVATION")
     assert error["details"] == {"index": 1}
 
 
 def test_idempotency_key_missing_or_different(client: TestClient) -> None:
-    _, body = body_of([observation(0)])
+    _, body = body_of([wire_observation(0)])
     assert_error(post_raw(client, body, None), 400, "MISSING_IDEMPOTENCY_KEY")
     assert_error(post_raw(client, body, "another"), 422, "IDEMPOTENCY_KEY_MISMATCH")
 
 
 def test_more_than_5000_rows_is_413(client: TestClient) -> None:
-    rows = [observation(i) for i in range(5001)]
+    rows = [wire_observation(i) for i in range(5001)]
     batch_id, body = body_of(rows)
     error = assert_error(
         client.post(INGEST, content=gzip.compress(body, 1), headers=headers(batch_id)),
@@ -295,7 +280,7 @@ def test_more_than_5000_rows_is_413(client: TestClient) -> None:
 
 def test_more_than_10_mib_decoded_is_413(client: TestClient) -> None:
     padding = {"raw": "x" * 4096}
-    rows = [observation(i, source_data=padding) for i in range(2600)]
+    rows = [wire_observation(i, source_data=padding) for i in range(2600)]
     batch_id, body = body_of(rows)
     assert len(body) > MAX_DECODED_BYTES
     gzipped = client.post(INGEST, content=gzip.compress(body, 1), headers=headers(batch_id))
@@ -323,7 +308,7 @@ def test_more_than_10_mib_decoded_is_413(client: TestClient) -> None:
     ],
 )
 def test_per_row_rejections(client: TestClient, overrides: dict[str, Any], code: str) -> None:
-    rows = [observation(0), observation(1, **overrides), observation(2)]
+    rows = [wire_observation(0), wire_observation(1, **overrides), wire_observation(2)]
     response = post_rows(client, rows)
     assert response.status_code == 200, response.text
     payload = response.json()
@@ -337,13 +322,13 @@ def test_per_row_rejections(client: TestClient, overrides: dict[str, Any], code:
 
 def test_value_rules_that_are_allowed(client: TestClient) -> None:
     rows = [
-        observation(0, value=None, quality_flag="missing"),
-        observation(1, value=7.0, quality_flag="missing"),
-        observation(2, quality_flag="estimated", value=12),
-        observation(3, value=1.23456),
-        observation(0, "EIA.PJM.net_generation", value=-40.0),
-        observation(0, "EIA.PJM.interchange.MISO", value=-1200.0),
-        observation(0, "EIA.CAISO.generation.solar", value=0.0),
+        wire_observation(0, value=None, quality_flag="missing"),
+        wire_observation(1, value=7.0, quality_flag="missing"),
+        wire_observation(2, quality_flag="estimated", value=12),
+        wire_observation(3, value=1.23456),
+        wire_observation(0, "EIA.PJM.net_generation", value=-40.0),
+        wire_observation(0, "EIA.PJM.interchange.MISO", value=-1200.0),
+        wire_observation(0, "EIA.CAISO.generation.solar", value=0.0),
     ]
     response = post_rows(client, rows)
     assert response.json()["accepted"] == len(rows), response.text
@@ -356,7 +341,11 @@ def test_value_rules_that_are_allowed(client: TestClient) -> None:
 def test_rejections_are_sorted_by_index(client: TestClient, db_path: Path) -> None:
     seed_catalog(to_url(db_path), ["EIA.PJM.demand"])
     fixed = TestClient(create_app(to_url(db_path), KEY, catalog="fixed"))
-    rows = [observation(0, "EIA.SPP.demand"), observation(1, value=-1.0), observation(2)]
+    rows = [
+        wire_observation(0, "EIA.SPP.demand"),
+        wire_observation(1, value=-1.0),
+        wire_observation(2),
+    ]
     with fixed:
         payload = post_rows(fixed, rows).json()
     assert [(r["index"], r["code"]) for r in payload["rejected"]] == [
@@ -376,11 +365,11 @@ def test_answers_with_rejections_account_for_every_row(db_path: Path) -> None:
             faults=Faults.parse(["reject:series_id=EIA.PJM.net_generation:BLOCKED"]),
         )
     )
-    rows = [observation(i) for i in range(6)]
-    rows[1] = observation(1, value=-1.0)  # value rule
-    rows[3] = observation(3, "EIA.SPP.demand")  # not in the catalogue
-    rows[4] = observation(4, "EIA.PJM.net_generation")  # refused by the fault
-    rows.append(observation(7, value=None))  # null without quality_flag "missing"
+    rows = [wire_observation(i) for i in range(6)]
+    rows[1] = wire_observation(1, value=-1.0)  # value rule
+    rows[3] = wire_observation(3, "EIA.SPP.demand")  # not in the catalogue
+    rows[4] = wire_observation(4, "EIA.PJM.net_generation")  # refused by the fault
+    rows.append(wire_observation(7, value=None))  # null without quality_flag "missing"
     with fixed:
         for batch in (rows, rows[:1], [rows[3]], list(reversed(rows))):
             batch_id, _ = body_of(batch)
@@ -398,21 +387,24 @@ def test_answers_with_rejections_account_for_every_row(db_path: Path) -> None:
 
 
 def test_upsert_last_write_wins(client: TestClient) -> None:
-    post_rows(client, [observation(0, value=1.0, revision="a")])
-    post_rows(client, [observation(0, value=2.0, revision="b")])
+    post_rows(client, [wire_observation(0, value=1.0, revision="a")])
+    post_rows(client, [wire_observation(0, value=2.0, revision="b")])
     assert stored(client) == {hour(0): (2.0, "good", "b")}
-    post_rows(client, [observation(0, value=1.0, revision="a")])
+    post_rows(client, [wire_observation(0, value=1.0, revision="a")])
     assert stored(client) == {hour(0): (1.0, "good", "a")}
 
 
 def test_same_row_twice_in_a_batch_keeps_the_last(client: TestClient) -> None:
-    rows = [observation(0, value=1.0, revision="a"), observation(0, value=2.0, revision="b")]
+    rows = [
+        wire_observation(0, value=1.0, revision="a"),
+        wire_observation(0, value=2.0, revision="b"),
+    ]
     assert post_rows(client, rows).json()["accepted"] == 2
     assert stored(client) == {hour(0): (2.0, "good", "b")}
 
 
 def test_retry_is_idempotent_and_counted(client: TestClient, db_path: Path) -> None:
-    rows = [observation(i) for i in range(4)]
+    rows = [wire_observation(i) for i in range(4)]
     first = post_rows(client, rows)
     again = post_rows(client, rows)
     assert first.json() == again.json()
@@ -430,9 +422,9 @@ def test_retry_is_idempotent_and_counted(client: TestClient, db_path: Path) -> N
 def test_same_key_different_body_is_409_and_writes_nothing(
     client: TestClient, db_path: Path
 ) -> None:
-    rows = [observation(0), observation(1)]
+    rows = [wire_observation(0), wire_observation(1)]
     batch_id = post_rows(client, rows).json()["batch_id"]
-    changed = [observation(0, value=5.0), observation(1)]
+    changed = [wire_observation(0, value=5.0), wire_observation(1)]
     error = assert_error(post_rows(client, changed, batch_id), 409, "IDEMPOTENCY_KEY_REUSED")
     assert error["details"] == {"batch_id": batch_id}
     assert stored(client)[hour(0)] == (1000.0, "good", "r0")
@@ -440,17 +432,17 @@ def test_same_key_different_body_is_409_and_writes_nothing(
 
 
 def test_source_data_does_not_make_a_different_body(client: TestClient) -> None:
-    rows = [observation(0)]
+    rows = [wire_observation(0)]
     batch_id = post_rows(client, rows).json()["batch_id"]
-    with_raw = [observation(0, source_data={"period": "2025-08-22T00"})]
+    with_raw = [wire_observation(0, source_data={"period": "2025-08-22T00"})]
     assert post_rows(client, with_raw, batch_id).status_code == 200
 
 
 def test_auto_catalogue_creates_series(client: TestClient) -> None:
     rows = [
-        observation(0),
-        observation(1),
-        observation(0, "EIA.CAISO.generation.solar", units="MWh"),
+        wire_observation(0),
+        wire_observation(1),
+        wire_observation(0, "EIA.CAISO.generation.solar", units="MWh"),
     ]
     post_rows(client, rows)
     response = client.get(SERIES, headers=AUTH)
@@ -484,7 +476,11 @@ def test_fixed_catalogue_rejects_unknown_series(
     assert seed_catalog(to_url(db_path), ["EIA.PJM.demand", "EIA.PJM.interchange.MISO"]) == 2
     assert seed_catalog(to_url(db_path), ["EIA.PJM.demand"]) == 0
     client = make_client(catalog="fixed")
-    rows = [observation(0), observation(0, "EIA.SPP.demand"), observation(1, "EIA.SPP.demand")]
+    rows = [
+        wire_observation(0),
+        wire_observation(0, "EIA.SPP.demand"),
+        wire_observation(1, "EIA.SPP.demand"),
+    ]
     payload = post_rows(client, rows).json()
     assert payload["accepted"] == 1
     assert [(r["index"], r["code"]) for r in payload["rejected"]] == [
@@ -512,7 +508,9 @@ def test_latest(make_client: Callable[..., TestClient], db_path: Path) -> None:
     assert_error(client.get(f"{SERIES}/EIA.X.demand/latest", headers=AUTH), 404, "UNKNOWN_SERIES")
     empty = client.get(f"{SERIES}/EIA.SPP.demand/latest", headers=AUTH)
     assert empty.json() == {"series_id": "EIA.SPP.demand", "latest_ts": None, "revision": None}
-    post_rows(client, [observation(5), observation(2), observation(9, revision="last")])
+    post_rows(
+        client, [wire_observation(5), wire_observation(2), wire_observation(9, revision="last")]
+    )
     latest = client.get(f"{SERIES}/EIA.PJM.demand/latest", headers=AUTH)
     assert latest.json() == {
         "series_id": "EIA.PJM.demand",
@@ -522,7 +520,7 @@ def test_latest(make_client: Callable[..., TestClient], db_path: Path) -> None:
 
 
 def test_observations_window_is_start_inclusive_end_exclusive(client: TestClient) -> None:
-    post_rows(client, [observation(i) for i in range(6)])
+    post_rows(client, [wire_observation(i) for i in range(6)])
     response = client.get(
         f"{SERIES}/EIA.PJM.demand/observations",
         params={"start": hour(1), "end": hour(4)},
@@ -540,7 +538,7 @@ def test_observations_window_is_start_inclusive_end_exclusive(client: TestClient
 
 
 def test_observations_accept_offsets_and_fractions(client: TestClient) -> None:
-    post_rows(client, [observation(i) for i in range(4)])
+    post_rows(client, [wire_observation(i) for i in range(4)])
     response = client.get(
         f"{SERIES}/EIA.PJM.demand/observations",
         params={"start": "2025-08-22T02:00:00+02:00", "end": "2025-08-22T02:00:00.5Z"},
@@ -551,7 +549,7 @@ def test_observations_accept_offsets_and_fractions(client: TestClient) -> None:
 
 def test_observations_page_with_next(client: TestClient) -> None:
     for chunk in range(3):
-        post_rows(client, [observation(chunk * 5000 + i) for i in range(5000)])
+        post_rows(client, [wire_observation(chunk * 5000 + i) for i in range(5000)])
     params = {"start": hour(0), "end": hour(20_000)}
     first = client.get(f"{SERIES}/EIA.PJM.demand/observations", params=params, headers=AUTH)
     page = first.json()
@@ -576,7 +574,7 @@ def test_observations_page_with_next(client: TestClient) -> None:
     ],
 )
 def test_observations_bad_parameters(client: TestClient, params: dict[str, str]) -> None:
-    post_rows(client, [observation(0)])
+    post_rows(client, [wire_observation(0)])
     response = client.get(f"{SERIES}/EIA.PJM.demand/observations", params=params, headers=AUTH)
     assert_error(response, 400, "INVALID_PARAMETER")
 
@@ -596,7 +594,7 @@ def test_observations_unknown_series(client: TestClient) -> None:
 def test_fault_503_fraction_is_seeded(make_client: Callable[..., TestClient]) -> None:
     def statuses(spec: str) -> list[int]:
         client = make_client(faults=[spec])
-        return [post_rows(client, [observation(i)]).status_code for i in range(40)]
+        return [post_rows(client, [wire_observation(i)]).status_code for i in range(40)]
 
     first = statuses("503:0.5:7")
     assert first == statuses("503:0.5:7")
@@ -606,13 +604,13 @@ def test_fault_503_fraction_is_seeded(make_client: Callable[..., TestClient]) ->
 
 def test_fault_503_stores_nothing(make_client: Callable[..., TestClient]) -> None:
     client = make_client(faults=["503:1"])
-    assert_error(post_rows(client, [observation(0)]), 503, "UNAVAILABLE")
+    assert_error(post_rows(client, [wire_observation(0)]), 503, "UNAVAILABLE")
     assert client.get(SERIES, headers=AUTH).json() == {"series": []}
 
 
 def test_fault_429(make_client: Callable[..., TestClient]) -> None:
     client = make_client(faults=["429:1"])
-    response = post_rows(client, [observation(0)])
+    response = post_rows(client, [wire_observation(0)])
     assert_error(response, 429, "RATE_LIMITED")
     assert response.headers["retry-after"] == "1"
 
@@ -620,7 +618,7 @@ def test_fault_429(make_client: Callable[..., TestClient]) -> None:
 def test_fault_latency(make_client: Callable[..., TestClient]) -> None:
     client = make_client(faults=["latency:80ms"])
     started = time.perf_counter()
-    assert post_rows(client, [observation(0)]).status_code == 200
+    assert post_rows(client, [wire_observation(0)]).status_code == 200
     assert time.perf_counter() - started >= 0.08
     assert Faults.parse(["latency:0.5s"]).latency == 0.5
     assert Faults.parse(["latency:20"]).latency == 0.02
@@ -633,7 +631,11 @@ def test_fault_reject(make_client: Callable[..., TestClient]) -> None:
             "reject:ts=2025-08-22T03:00:00Z:STALE",
         ]
     )
-    rows = [observation(0), observation(0, "EIA.SPP.demand"), observation(3, "EIA.SPP.demand")]
+    rows = [
+        wire_observation(0),
+        wire_observation(0, "EIA.SPP.demand"),
+        wire_observation(3, "EIA.SPP.demand"),
+    ]
     payload = post_rows(client, rows).json()
     assert payload["accepted"] == 1
     assert [(r["index"], r["code"]) for r in payload["rejected"]] == [
@@ -645,7 +647,7 @@ def test_fault_reject(make_client: Callable[..., TestClient]) -> None:
 
 def test_fault_poison_fails_the_whole_batch(make_client: Callable[..., TestClient]) -> None:
     client = make_client(faults=["poison:ts=2025-08-22T0[3-4]:00:00Z"])
-    rows = [observation(i) for i in range(6)]
+    rows = [wire_observation(i) for i in range(6)]
     error = assert_error(post_rows(client, rows), 422, "POISONED_ROW")
     assert error["details"] == {"index": 3}
     assert post_rows(client, rows[:3]).json()["accepted"] == 3
@@ -656,30 +658,30 @@ def test_fault_poison_fails_the_whole_batch(make_client: Callable[..., TestClien
 def test_fault_413_above_n_rows(make_client: Callable[..., TestClient]) -> None:
     client = make_client(faults=["413:>2"])
     error = assert_error(
-        post_rows(client, [observation(i) for i in range(3)]), 413, "BATCH_TOO_LARGE"
+        post_rows(client, [wire_observation(i) for i in range(3)]), 413, "BATCH_TOO_LARGE"
     )
     assert error["details"]["max_rows"] == 2
-    assert post_rows(client, [observation(i) for i in range(2)]).status_code == 200
+    assert post_rows(client, [wire_observation(i) for i in range(2)]).status_code == 200
 
 
 def test_fault_down_then_up(make_client: Callable[..., TestClient]) -> None:
     client = make_client(faults=["down:0.3:2"])
-    response = post_rows(client, [observation(0)])
+    response = post_rows(client, [wire_observation(0)])
     assert_error(response, 503, "UNAVAILABLE")
     assert response.headers["retry-after"] == "2"
     assert client.get("/api/v1/health").status_code == 200
     time.sleep(0.35)
-    assert post_rows(client, [observation(0)]).status_code == 200
+    assert post_rows(client, [wire_observation(0)]).status_code == 200
 
 
 def test_fault_down_without_retry_after(make_client: Callable[..., TestClient]) -> None:
-    response = post_rows(make_client(faults=["down:60"]), [observation(0)])
+    response = post_rows(make_client(faults=["down:60"]), [wire_observation(0)])
     assert response.status_code == 503 and "retry-after" not in response.headers
 
 
 def test_fault_auth_403_only_for_ingest(make_client: Callable[..., TestClient]) -> None:
     client = make_client(faults=["auth:403"])
-    assert_error(post_rows(client, [observation(0)]), 403, "FORBIDDEN")
+    assert_error(post_rows(client, [wire_observation(0)]), 403, "FORBIDDEN")
     assert client.get(SERIES, headers=AUTH).status_code == 200
     assert client.post("/api/v1/auth/worker", json={"worker_id": "w"}, headers=AUTH).is_success
     wrong = client.post(INGEST, content=b"{}", headers={"Authorization": "Bearer nope"})
@@ -690,7 +692,7 @@ def test_fault_lost_response_still_stores(
     make_client: Callable[..., TestClient], db_path: Path
 ) -> None:
     client = make_client(faults=["lost:1"])
-    response = post_rows(client, [observation(0)])
+    response = post_rows(client, [wire_observation(0)])
     assert_error(response, 503, "UNAVAILABLE")
     assert set(stored(client)) == {hour(0)}
     assert [b["times_seen"] for b in receiver_batches(db_path).values()] == [1]
@@ -728,7 +730,7 @@ def test_one_log_line_per_request_without_the_key(
     client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="outbox.receiver"):
-        post_rows(client, [observation(i) for i in range(3)])
+        post_rows(client, [wire_observation(i) for i in range(3)])
         client.get("/api/v1/health")
         client.get(SERIES, headers={"Authorization": "Bearer wrong-key-xyz"})
     lines = [r.getMessage() for r in caplog.records if r.name == "outbox.receiver.app"]
@@ -749,7 +751,7 @@ def test_upsert_is_one_executemany_per_request(client: TestClient) -> None:
 
     event.listen(engine, "before_cursor_execute", record)
     try:
-        post_rows(client, [observation(i) for i in range(500)])
+        post_rows(client, [wire_observation(i) for i in range(500)])
     finally:
         event.remove(engine, "before_cursor_execute", record)
     upserts = [many for sql, many in statements if sql.startswith("INSERT INTO observations")]
@@ -761,7 +763,7 @@ def test_5000_row_gzip_batch_is_fast(client: TestClient) -> None:
     series = ["EIA.PJM.demand", "EIA.MISO.demand", "EIA.SPP.net_generation", "EIA.ERCOT.demand"]
     timings = []
     for run in range(4):
-        rows = [observation(run * 1250 + i // 4, series[i % 4]) for i in range(5000)]
+        rows = [wire_observation(run * 1250 + i // 4, series[i % 4]) for i in range(5000)]
         batch_id, body = body_of(rows)
         payload = gzip.compress(body, 1)
         started = time.perf_counter()

@@ -7,25 +7,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from factories import wire_observation
 
 from outbox.errors import SinkTransientError
+from outbox.sample.receiver import receiver_batches, receiver_rows, running_receiver
 from outbox.sinks.gridpulse import GridPulseClient, batch_id_of, encode_batch
-from outbox.testing.receiver_proc import receiver_batches, receiver_rows, running_receiver
-
-
-def observation(i: int, series_id: str = "EIA.PJM.demand", value: float = 1.0) -> dict:
-    ba, kind = series_id.split(".")[1:3]
-    return {
-        "series_id": series_id,
-        "ba": ba,
-        "type": kind,
-        "subtype": None,
-        "units": "MW",
-        "ts": f"2025-08-22T{i:02d}:00:00Z",
-        "value": value,
-        "quality_flag": "good",
-        "revision": f"r{i}-{value}",
-    }
 
 
 def send(client: GridPulseClient, rows: list[dict]):
@@ -42,23 +28,30 @@ def test_running_receiver_survives_kill_and_restart(tmp_path: Path) -> None:
         assert receiver.db_path == tmp_path / "receiver.db"
         client = GridPulseClient(http, receiver.base_url, "proc-key")
         assert client.health()
-        assert send(client, [observation(0), observation(1, "EIA.SPP.demand")]).accepted == 2
+        assert (
+            send(client, [wire_observation(0), wire_observation(1, "EIA.SPP.demand")]).accepted == 2
+        )
 
         port, pid = receiver.port, receiver.pid
         receiver.kill()
         assert not receiver.running and receiver.proc.returncode == -signal.SIGKILL
         with pytest.raises(SinkTransientError):
-            send(client, [observation(2)])
+            send(client, [wire_observation(2)])
 
         receiver.restart()
         assert receiver.running and receiver.pid != pid
         assert receiver.port == port  # the port was free again
-        assert send(client, [observation(2), observation(0, value=9.0)]).accepted == 2
+        assert (
+            send(
+                client, [wire_observation(2), wire_observation(0, value=9.0, revision="r0-9.0")]
+            ).accepted
+            == 2
+        )
 
         assert receiver_rows(receiver.base_url, "proc-key") == {
             ("EIA.PJM.demand", "2025-08-22T00:00:00Z"): (9.0, "good", "r0-9.0"),
-            ("EIA.PJM.demand", "2025-08-22T02:00:00Z"): (1.0, "good", "r2-1.0"),
-            ("EIA.SPP.demand", "2025-08-22T01:00:00Z"): (1.0, "good", "r1-1.0"),
+            ("EIA.PJM.demand", "2025-08-22T02:00:00Z"): (1002.0, "good", "r2"),
+            ("EIA.SPP.demand", "2025-08-22T01:00:00Z"): (1001.0, "good", "r1"),
         }
         batches = receiver_batches(receiver.db_path)
         assert len(batches) == 2
@@ -80,7 +73,10 @@ def test_running_receiver_passes_faults_and_catalogue(tmp_path: Path) -> None:
         httpx.Client(timeout=10.0) as http,
     ):
         client = GridPulseClient(http, receiver.base_url, receiver.api_key)
-        result = send(client, [observation(0), observation(1), observation(2, "EIA.SPP.demand")])
+        result = send(
+            client,
+            [wire_observation(0), wire_observation(1), wire_observation(2, "EIA.SPP.demand")],
+        )
         assert result.accepted == 1
         assert [(r.index, r.code) for r in result.rejected] == [(1, "STALE"), (2, "UNKNOWN_SERIES")]
         assert list(receiver_rows(receiver.base_url, "test-key")) == [

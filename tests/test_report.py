@@ -17,7 +17,7 @@ import pytest
 
 from outbox.config import Config
 from outbox.report import SELECTOR_ABOVE_BAS, build, render, write_report
-from outbox.testing import sample_dir
+from outbox.sample import sample_dir
 from tests.durability import outbox, outbox_env
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

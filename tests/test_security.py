@@ -25,11 +25,11 @@ from typer.testing import CliRunner
 
 from outbox.cli import app
 from outbox.config import Config
+from outbox.sample import sample_dir
+from outbox.sample.receiver import Receiver, running_receiver
 from outbox.store import Store
 from outbox.testing import fake_eia as fake_eia_mod
-from outbox.testing import sample_dir
 from outbox.testing.fake_eia import FakeEIA
-from outbox.testing.receiver_proc import Receiver, running_receiver
 from outbox.testing.synth import read_rows
 
 WRONG_EIA = "wrong-eia-key-77c1f0a9e3"
@@ -239,16 +239,16 @@ def test_tls_off_only_by_explicit_flag_and_status_warns(https_eia: str, tmp_path
 def test_clients_are_built_with_the_configured_verification(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import outbox.cli as cli_mod
+    import outbox.wiring as wiring_mod
 
     seen: list[bool] = []
-    real = cli_mod.http_client
+    real = wiring_mod.http_client
 
     def spy(timeout: float, connect: float, verify: bool) -> Any:
         seen.append(verify)
         return real(timeout, connect, verify)
 
-    monkeypatch.setattr(cli_mod, "http_client", spy)
+    monkeypatch.setattr(wiring_mod, "http_client", spy)
     db = tmp_path / "outbox.db"
     base = {"OUTBOX_DB": str(db), "GRIDPULSE_API_KEY": KEY_GP, "EIA_API_KEY": KEY_EIA}
     base["GRIDPULSE_BASE_URL"] = base["EIA_BASE_URL"] = "https://127.0.0.1:9"

@@ -19,11 +19,11 @@ import pytest
 from durability import outbox, outbox_env, states, tables
 
 from outbox.config import Config
+from outbox.sample import sample_dir
+from outbox.sample.receiver import receiver_batches, receiver_rows, running_receiver
 from outbox.sources.replay import ReplaySource
 from outbox.stages.fetch import run_fetch
 from outbox.store import Store
-from outbox.testing import sample_dir
-from outbox.testing.receiver_proc import receiver_batches, receiver_rows, running_receiver
 from outbox.testing.scripted_gridpulse import Reply, scripted_gridpulse
 
 KEY = "answers-gridpulse-key-93c1"

@@ -22,10 +22,10 @@ from durability import (
 )
 
 from outbox.config import Config
+from outbox.sample.receiver import running_receiver
 from outbox.sources.replay import ReplaySource
 from outbox.stages.fetch import run_fetch
 from outbox.store import Store
-from outbox.testing.receiver_proc import running_receiver
 
 
 def test_sigint_during_send_says_interrupted_by_sigint(tmp_path: Path) -> None:

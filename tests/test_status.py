@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import respx
+from durability import outbox
 from factories import ack, mark, obs, page, reject, series_row, ts
 from freezegun import freeze_time
 from prometheus_client.parser import text_string_to_metric_families
@@ -267,14 +268,7 @@ def test_piped_output_keeps_every_line_whole(outbox_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
 
     def piped(*args: str) -> tuple[int, list[str]]:
-        done = subprocess.run(
-            [sys.executable, "-m", "outbox", "-c", "config.yaml", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=outbox_dir,
-            timeout=60,
-        )
+        done = outbox("-c", "config.yaml", *args, env=env, cwd=outbox_dir, timeout=60)
         assert "Traceback" not in done.stderr, done.stderr
         return done.returncode, done.stdout.splitlines()
 
@@ -560,7 +554,7 @@ def test_metrics_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_metrics_written_after_each_fetch_and_send_run(tmp_path: Path) -> None:
-    from outbox.testing import sample_dir
+    from outbox.sample import sample_dir
 
     prom = tmp_path / "outbox.prom"
     env = {
@@ -824,8 +818,8 @@ def test_every_json_key_is_documented(outbox_dir: Path) -> None:
 def test_a_configured_ba_eia_never_returned_a_row_for_is_a_warning(tmp_path: Path) -> None:
     from datetime import UTC, datetime
 
+    from outbox.sample import sample_dir
     from outbox.stages.fetch import run_fetch
-    from outbox.testing import sample_dir
     from outbox.testing.fake_eia import FakeEIA
     from outbox.testing.synth import read_rows
     from outbox.wiring import eia_client
@@ -912,8 +906,8 @@ def test_run_durations_are_shown_as_measured(
 ) -> None:
     """A fetch that takes 2.39 s is shown as 2.39s by `runs` and status, not as the 2 s its
     whole-second timestamps span."""
+    from outbox.sample import sample_dir
     from outbox.stages.fetcher import Fetcher
-    from outbox.testing import sample_dir
 
     env = {"OUTBOX_DB": str(tmp_path / "outbox.db"), "OUTBOX__EIA__REPLAY_READ_AHEAD": "thread"}
     stage_replay = Fetcher.stage_replay

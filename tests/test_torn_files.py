@@ -40,12 +40,12 @@ from durability import (
 )
 
 from outbox.config import Config
+from outbox.sample.receiver import running_receiver
 from outbox.sinks.gridpulse import GridPulseSink
 from outbox.sources.replay import ReplaySource
 from outbox.stages.fetch import run_fetch
 from outbox.stages.send import run_send
 from outbox.store import Store
-from outbox.testing.receiver_proc import running_receiver
 
 HOURS = 48
 CHUNKS = {"ci": 3, "soak": 12}

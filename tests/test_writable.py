@@ -23,14 +23,14 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from durability import lock_held_by_child, outbox_env, tables
+from durability import lock_held_by_child, outbox, outbox_env, tables
 
 from outbox.config import Config
 from outbox.doctor import check_locks
+from outbox.sample import sample_dir
 from outbox.sources.replay import ReplaySource
 from outbox.stages.fetch import run_fetch
 from outbox.store import Store, readonly_reason, write_problem
-from outbox.testing import sample_dir
 
 NOBODY = 65534
 UNREACHABLE = "http://127.0.0.1:9"  # discard port: nothing listens, nothing is reached
@@ -88,14 +88,7 @@ def as_nobody(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Complete
 
 
 def run_as_root(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "outbox", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return outbox(*args, env=env, cwd=cwd, timeout=120)
 
 
 @pytest.fixture

@@ -17,8 +17,6 @@ from __future__ import annotations
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable
-from datetime import UTC, datetime
-from functools import lru_cache
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +25,7 @@ from outbox.config import Config
 from outbox.quality.frame import Frame, SeriesInfo, read_frame
 from outbox.quality.rules import FRAME_RULES, Evaluated, Finding, Outcome, Scope, context_hours
 from outbox.quality.settings import Resolver
+from outbox.timeutil import hour_ts, ts_hour
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -71,18 +70,6 @@ UPDATE observations SET state = 'pending', attempts = 0, next_attempt_at = NULL,
        last_error = NULL, last_error_code = NULL
 WHERE series_id = ?1 AND ts >= ?2 AND ts <= ?3 AND state = 'dead' AND last_error_code = ?4
 """
-
-
-def hour_ts(h: int) -> str:
-    """RFC 3339 of an hour counted from the epoch."""
-    return datetime.fromtimestamp(h * 3600, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@lru_cache(maxsize=1 << 16)
-def ts_hour(ts: str) -> int:
-    """Hours since the epoch of an RFC 3339 ``...Z`` timestamp."""
-    when = datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    return int(when.timestamp()) // 3600
 
 
 def dataset_of(type_: str, subtype: str | None) -> str:

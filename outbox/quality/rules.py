@@ -18,6 +18,7 @@ from outbox import datasets
 from outbox.quality.arrays import group_starts, neighbour_residuals, rolling_median
 from outbox.quality.frame import Frame, Scope, in_scope
 from outbox.quality.settings import Resolver, Settings
+from outbox.timeutil import hour_ts
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -64,8 +65,6 @@ class Outcome:
 
 
 def _ts(h: int) -> str:
-    from outbox.quality.engine import hour_ts
-
     return hour_ts(h)
 
 

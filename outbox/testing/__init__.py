@@ -1,4 +1,4 @@
-"""Test and demo helpers that ship with the package.
+"""Test peers that ship with the package (the product never imports them).
 
 * :mod:`outbox.testing.synth` - synthetic EIA-930 rows and response bodies in the real
   EIA v2 format.
@@ -7,15 +7,8 @@
 * :mod:`outbox.testing.scripted_gridpulse` - a local GridPulse stand-in whose answers a
   test scripts (the answers the reference receiver never gives).
 
-The bundled one-day sample (synthetic, real format) lives in ``outbox/data/sample``.
+The bundled one-day sample (synthetic, real format) and the receiver runner ship with
+the product in :mod:`outbox.sample`; the product imports nothing from here.
 """
 
 from __future__ import annotations
-
-from importlib import resources
-from pathlib import Path
-
-
-def sample_dir() -> Path:
-    """Directory of the bundled synthetic sample (EIA v2 response bodies, one per route)."""
-    return Path(str(resources.files("outbox").joinpath("data", "sample")))

@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl, urlsplit
 import orjson
 
 from outbox.redact import redact
-from outbox.testing import sample_dir
+from outbox.sample import sample_dir
 from outbox.testing.synth import MAX_ROWS, ROUTES, read_rows, response_body
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ interchange flows; interchange A->B = -(B->A)).
 
 Regenerate the bundled sample with::
 
-    python -m outbox.testing.synth --out outbox/data/sample --start 2025-08-21T00 \
+    python -m outbox.testing.synth --out outbox/sample/data --start 2025-08-21T00 \
         --hours 24 --seed 0
 """
 
@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from outbox.sample import SAMPLE_HOURS, SAMPLE_START
+
 ROUTE_REGION = "electricity/rto/region-data"
 ROUTE_FUEL = "electricity/rto/fuel-type-data"
 ROUTE_INTERCHANGE = "electricity/rto/interchange-data"
 ROUTES = (ROUTE_REGION, ROUTE_FUEL, ROUTE_INTERCHANGE)
 
 DEFAULT_RESPONDENTS = ("PJM", "CISO", "MISO", "ERCO", "SWPP")
-SAMPLE_START = datetime(2025, 8, 21, tzinfo=UTC)
-SAMPLE_HOURS = 24
 SAMPLE_SEED = 0
 MAX_ROWS = 5000
 API_VERSION = "2.1.8"

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from outbox.testing.receiver_proc import receiver_batches, receiver_rows, running_receiver
+    from outbox.sample.receiver import receiver_batches, receiver_rows, running_receiver
 
     with running_receiver(tmp_path, faults=["503:0.2"]) as receiver:
         ...  # point the worker at receiver.base_url with receiver.api_key

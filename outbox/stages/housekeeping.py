@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from outbox.config import Config
+from outbox.errors import OutboxError
+from outbox.redact import redact
 from outbox.store import FileStats, SizeLimit, Store
 from outbox.timeutil import floor_hour, parse_ts, to_ts, utcnow
 
@@ -103,6 +105,22 @@ def prune(
         result.bytes_after,
     )
     return result
+
+
+def prune_outbox(config: Config) -> PruneResult:
+    """``outbox prune``: retention, every orphaned page, and the file handed back."""
+    with Store.open(config.database, create=False) as store:
+        return prune(config, store, full=True)
+
+
+def prune_after_send(config: Config, store: Store) -> None:
+    """The cheap prune at the end of a send; its failure never fails the send."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        prune(config, store)
+    except (OutboxError, SQLAlchemyError) as exc:
+        log.warning("prune after send failed error=%s", redact(str(exc)))
 
 
 def _sweep(config: Config, store: Store, now: datetime, cutoff: str, *, full: bool) -> int:

@@ -1,0 +1,70 @@
+"""The ``outbox`` command line: parse, call one library function, print, map errors to exits.
+
+Exit codes: 0 ok; 1 the run failed (EIA or GridPulse unreachable, rows deferred);
+2 usage or configuration error; 4 the outbox is full (fetch refuses to grow it);
+143 stopped by SIGTERM (130: SIGINT), the run recorded as failed.
+``status --check`` uses the monitoring convention instead: 0 OK, 1 WARNING,
+2 CRITICAL, 3 UNKNOWN.
+
+A package, not one module, only because twenty commands' option declarations outgrow one
+file: :mod:`~outbox.cli.app` (the app, global options, errors to exits),
+:mod:`~outbox.cli.options` (every check of an option's value), and the commands in
+:mod:`~outbox.cli.stages`, :mod:`~outbox.cli.reads` and :mod:`~outbox.cli.ops`. The work
+is in the library; :mod:`outbox.wiring` builds what a command needs from the config.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from outbox.cli.app import app
+from outbox.logsetup import print_error
+from outbox.stages.runs import interrupt_on_signals
+
+# The commands register on the app as their modules load: this order is `outbox --help`'s.
+# isort: off
+from outbox.cli import stages  # noqa: F401
+from outbox.cli import reads  # noqa: F401
+from outbox.cli import ops  # noqa: F401
+# isort: on
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    # systemd stops a service with SIGTERM, a terminal with SIGINT (Ctrl-C): turn each into
+    # an exception naming it, so the stage rolls back its open transaction, records the run
+    # as failed and the last line says why (exit 143 / 130).
+    with interrupt_on_signals():
+        _main()
+
+
+def _main() -> None:
+    from typer._click.exceptions import ClickException
+    from typer.exceptions import Abort
+
+    try:
+        code = app(standalone_mode=False)
+    except BrokenPipeError:  # `outbox status | head`
+        sys.stderr.close()
+        return
+    except ClickException as exc:
+        # Click's usage errors are a box of lines: one line here, as for every failure.
+        if exc.format_message().strip():  # (none when no_args_is_help printed the help)
+            print_error(_usage_line(exc))
+        sys.exit(exc.exit_code)
+    except Abort:
+        print_error("aborted")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_line(exc: Any) -> str:
+    """A Click usage error as one line: what was wrong, and where the help is."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return message
+    return f"{ctx.command_path}: {message} (see `{ctx.command_path} --help`)"
