@@ -434,7 +434,8 @@ class Config(_Model):
         for section in ("eia", "gridpulse"):
             if data[section].get("api_key") is not None:
                 data[section]["api_key"] = MASK
-        return _redact_strings(data)
+        redacted: dict[str, Any] = _redact_strings(data)
+        return redacted
 
 
 def _redact_strings(value: Any) -> Any:

@@ -198,7 +198,7 @@ class _StderrHandler(logging.StreamHandler):
     def __init__(self) -> None:
         logging.Handler.__init__(self)
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         """The current ``sys.stderr``."""
         return sys.stderr

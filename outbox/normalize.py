@@ -121,13 +121,13 @@ class SeriesInfo:
 class Normalized:
     """Observations of one page as parallel lists, plus what was dropped and why."""
 
-    series_id: list[str]
-    ts: list[str]
-    value: list[float | None]
-    units: list[str]
-    quality_flag: list[str]
-    revision: list[str]
-    row: list[int]
+    series_id: Sequence[str]
+    ts: Sequence[str]
+    value: Sequence[float | None]
+    units: Sequence[str]
+    quality_flag: Sequence[str]
+    revision: Sequence[str]
+    row: Sequence[int]
     series: list[SeriesInfo]
     stream_max: dict[str, str]
     page_max_ts: str | None
@@ -180,7 +180,7 @@ def fuel_name(code: str) -> str:
 
 def normalize_page(
     route: str,
-    rows: list[dict],
+    rows: Sequence[dict],
     *,
     ba_codes: Mapping[str, str],
     window: tuple[datetime, datetime] | None = None,
@@ -216,7 +216,7 @@ def normalize_page(
 class _Frame:
     """The columns of a page, each factorized where values repeat."""
 
-    def __init__(self, route: str, rows: list[dict]) -> None:
+    def __init__(self, route: str, rows: Sequence[dict]) -> None:
         resp_col, code_col = table.route(route).columns
         (period, resp, code, value, units), complete = _columns(
             rows, ("period", resp_col, code_col, "value", "value-units")
@@ -233,7 +233,7 @@ class _Frame:
         self.raw_value = value
 
 
-def _columns(rows: list[dict], names: tuple[str, ...]) -> tuple[list[np.ndarray], bool]:
+def _columns(rows: Sequence[dict], names: tuple[str, ...]) -> tuple[list[np.ndarray], bool]:
     """Object arrays of the named keys (None where a row lacks one); True if none lacked."""
     try:
         # One list per key (no per-row tuples: those would wake the garbage collector).
@@ -392,14 +392,15 @@ def _periods(factorized: tuple[np.ndarray, np.ndarray]) -> _Periods:
     when = pd.to_datetime(candidates, format="%Y-%m-%dT%H", errors="coerce", utc=True)
     ok = exact & ~when.isna()
     hours = np.where(ok, when.as_unit("s").asi8 // 3600, -1)
-    ts = np.where(ok, candidates + ":00:00Z", None)
+    no_ts = np.array(None, dtype=np.object_)  # numpy's stubs take no bare None as an array
+    ts = np.where(ok, candidates + ":00:00Z", no_ts)
     page_max = _format_hour(hours.max()) if ok.any() else None
     hour_of_row = np.append(hours, _NO_HOUR)[idx]
-    ts_of_row = np.append(ts, None)[idx]
+    ts_of_row = np.append(ts, no_ts)[idx]
     return _Periods(hour=hour_of_row, ts=ts_of_row, page_max_ts=page_max)
 
 
-def _strings(values: Sequence[object]) -> pd.Series:
+def _strings(values: Sequence[object] | np.ndarray) -> pd.Series:
     """Object Series of the strings in ``values``, None elsewhere (safe for ``.str``)."""
     return pd.Series([v if isinstance(v, str) else None for v in values], dtype=object)
 
@@ -501,7 +502,7 @@ def _observations(
     duplicates: int,
 ) -> Normalized:
     series = keys.series[keep]
-    ids = np.array([i.series_id if i else "" for i in keys.info], dtype=object)
+    ids = np.array([i.series_id if i else "" for i in keys.info], dtype=np.object_)
     missing = values.missing[keep]
     number = values.number[keep].tolist()
     if missing.any():
@@ -519,7 +520,7 @@ def _observations(
         quality_flag=quality,
         revision=_revisions(value),
         row=keep.tolist(),
-        series=[keys.info[s] for s in pd.unique(series)],  # type: ignore[misc]
+        series=[keys.info[s] for s in pd.unique(series)],
         stream_max=stream_max,
         page_max_ts=periods.page_max_ts,
         invalid={name: int(c) for name, c in zip(REASONS, counts[1:], strict=True) if c},

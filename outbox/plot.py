@@ -52,7 +52,8 @@ def render(
             ys = [v for _, v in run]
             plt.plot(xs, ys, label=sid if j == 0 else None, color=colors[i % len(colors)])
     plt.title(title)
-    return plt.uncolorize(plt.build())
+    chart: str = plt.uncolorize(plt.build())
+    return chart
 
 
 def _date(ts: str) -> str:

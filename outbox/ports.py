@@ -77,7 +77,7 @@ class Page:
     page_no: int
     offset: int
     total: int
-    rows: list[dict]
+    rows: Sequence[dict]
     body: bytes
     params: dict
     url: str

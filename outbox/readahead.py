@@ -21,7 +21,7 @@ import pickle
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from queue import Full, Queue
 from typing import Any, TypeVar, overload
 
@@ -29,7 +29,9 @@ _T = TypeVar("_T")
 _U = TypeVar("_U")
 
 
-def read_ahead(source: Iterator[_T], prepare: Callable[[_T], _U], depth: int) -> Iterator[_U]:
+def read_ahead(
+    source: Iterator[_T], prepare: Callable[[_T], _U], depth: int
+) -> Generator[_U, None, None]:
     """``prepare(item)`` for each item of ``source``, in order, computed up to ``depth``
     items ahead by a worker thread.
 
@@ -93,7 +95,7 @@ class WorkerDied(RuntimeError):
 
 def forked_read_ahead(
     source: Iterator[_T], prepare: Callable[[_T], _U], depth: int
-) -> Iterator[_U]:
+) -> Generator[_U, None, None]:
     """:func:`read_ahead` with the worker in a forked child process.
 
     The child iterates ``source`` and calls ``prepare`` on its copy of this process
@@ -119,7 +121,8 @@ def forked_read_ahead(
 
     def receive() -> tuple[bool, Any]:
         try:
-            return pickle.loads(receiver.recv_bytes())
+            item: tuple[bool, Any] = pickle.loads(receiver.recv_bytes())
+            return item
         except EOFError:
             child.join(5)
             raise WorkerDied(

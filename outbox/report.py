@@ -321,7 +321,8 @@ def _short(verdict: dict) -> str:
     """The summary line, or a count when the reasons follow as a list."""
     n = len(verdict["reasons"])
     if n <= 1:
-        return verdict["summary"].partition(" - ")[2] or verdict["summary"]
+        summary: str = verdict["summary"]
+        return summary.partition(" - ")[2] or summary
     return f"{n} problems:"
 
 

@@ -18,6 +18,7 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, TypeVar
 
 import tenacity
+from tenacity.stop import stop_base
 
 from outbox.errors import TransientError
 
@@ -72,7 +73,7 @@ _PLANNED = "_outbox_planned_wait"
 
 def _wait(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], float]:
     """The wait before the next try, drawn once per attempt: the stop check
-    (:func:`_stop_past`) and tenacity's sleep get the same jittered value whichever asks
+    (:class:`_StopPast`) and tenacity's sleep get the same jittered value whichever asks
     first (tenacity before 8.3 checks the stop before computing the wait)."""
 
     def draw(state: tenacity.RetryCallState) -> float:
@@ -86,7 +87,8 @@ def _wait(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], float]:
     def compute(state: tenacity.RetryCallState) -> float:
         planned = getattr(state, _PLANNED, None)
         if planned is not None and planned[0] == state.attempt_number:
-            return planned[1]
+            wait: float = planned[1]
+            return wait
         wait = draw(state)
         setattr(state, _PLANNED, (state.attempt_number, wait))
         return wait
@@ -94,9 +96,7 @@ def _wait(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], float]:
     return compute
 
 
-def _stop_past(
-    deadline: float, wait: Callable[[tenacity.RetryCallState], float]
-) -> Callable[[tenacity.RetryCallState], bool]:
+class _StopPast(stop_base):
     """Stop when the next try would start after ``deadline``: the server's ``Retry-After``
     counts in full (the wait may cap it, but the server will not answer sooner).
 
@@ -104,13 +104,15 @@ def _stop_past(
     than read from ``state.upcoming_sleep``, which tenacity sets before the stop check
     only from 8.3 on."""
 
-    def past(state: tenacity.RetryCallState) -> bool:
+    def __init__(self, deadline: float, wait: Callable[[tenacity.RetryCallState], float]) -> None:
+        self.deadline = deadline
+        self.wait = wait
+
+    def __call__(self, state: tenacity.RetryCallState) -> bool:
         exc = state.outcome.exception() if state.outcome else None
         asked = getattr(exc, "retry_after", None)
-        upcoming = float(asked) if asked is not None else wait(state)
-        return (state.seconds_since_start or 0.0) + upcoming > deadline
-
-    return past
+        upcoming = float(asked) if asked is not None else self.wait(state)
+        return (state.seconds_since_start or 0.0) + upcoming > self.deadline
 
 
 def make_retrying(
@@ -121,9 +123,9 @@ def make_retrying(
 ) -> tenacity.Retrying:
     """A tenacity ``Retrying`` that retries only :class:`TransientError` and re-raises it."""
     wait = _wait(policy)
-    stop = tenacity.stop_after_attempt(max(1, policy.attempts))
+    stop: stop_base = tenacity.stop_after_attempt(max(1, policy.attempts))
     if policy.deadline > 0:
-        stop = stop | _stop_past(policy.deadline, wait)
+        stop = stop | _StopPast(policy.deadline, wait)
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(TransientError),
         stop=stop,

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol
 
 from outbox import USER_AGENT
 from outbox.config import Config
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from outbox.sinks.gridpulse import GridPulseClient, GridPulseSink
     from outbox.sources.eia import EIAClient
 
+_P = ParamSpec("_P")
 log = logging.getLogger(__name__)
 
 DOCTOR_TIMEOUT_SECONDS = 20.0
@@ -35,9 +36,12 @@ DOCTOR_TIMEOUT_SECONDS = 20.0
 class _HttpSection(Protocol):
     """A config section that reaches a server (``eia``, ``gridpulse``)."""
 
-    timeout_seconds: float
-    connect_timeout_seconds: float
-    verify_tls: bool
+    @property
+    def timeout_seconds(self) -> float: ...
+    @property
+    def connect_timeout_seconds(self) -> float: ...
+    @property
+    def verify_tls(self) -> bool: ...
 
 
 def http_client(timeout: float, connect: float, verify: bool) -> httpx.Client:
@@ -89,19 +93,24 @@ def after_run(config: Config) -> None:
         alert_after_run(config)
 
 
-def observed(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+def observed(
+    stage: str,
+) -> Callable[[Callable[Concatenate[Config, _P], int]], Callable[Concatenate[Config, _P], int]]:
     """Wrap a stage command: its log lines carry ``stage`` (and the run id the pipeline
     binds), and :func:`after_run` follows it, whether it succeeded or not."""
 
-    def wrap(command: Callable[..., int]) -> Callable[..., int]:
-        @functools.wraps(command)
-        def run(config: Config, *args: Any, **kwargs: Any) -> int:
+    def wrap(
+        command: Callable[Concatenate[Config, _P], int],
+    ) -> Callable[Concatenate[Config, _P], int]:
+        def run(config: Config, /, *args: _P.args, **kwargs: _P.kwargs) -> int:
             with log_scope(stage=stage):
                 try:
                     return command(config, *args, **kwargs)
                 finally:
                     after_run(config)
 
+        # functools.wraps, kept as the function it is (its _Wrapped type loses Concatenate)
+        functools.update_wrapper(run, command)
         return run
 
     return wrap

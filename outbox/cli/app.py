@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
@@ -39,7 +39,7 @@ class _PlainHelp:
     (``SERIES_ID``) rather than Typer's ``<bool>``, ``<list[str]>`` and ``{series_id}``."""
 
     def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)  # type: ignore[misc]
+        params: list[Any] = super().get_params(ctx)  # type: ignore[misc]
         for param in params:
             if param.metavar is not None:
                 continue
@@ -142,7 +142,7 @@ def main_options(
     setup_logging(verbose, log_format or "logfmt")
 
 
-def fail(exc: OutboxError) -> None:
+def fail(exc: OutboxError) -> NoReturn:
     """Say ``exc`` in one line and exit with its code."""
     print_error(str(exc))
     raise typer.Exit(exc.exit_code)

@@ -177,7 +177,8 @@ class Frame:
         import numpy as np
 
         codes = self._codes()[0][part.index.to_numpy()]
-        return (codes << 32) | part["h"].to_numpy(np.int64)
+        keys: np.ndarray = (codes << 32) | part["h"].to_numpy(np.int64)
+        return keys
 
     def split_key(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(BA number, hour) of :meth:`key`'s integers."""

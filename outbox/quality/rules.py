@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from outbox import datasets
 from outbox.quality.arrays import group_starts, neighbour_residuals, rolling_median
@@ -75,8 +75,8 @@ def _evaluated(rule: str, scope: Scope, before: int = 0, after: int = 0) -> list
     return [Evaluated(rule, ba, lo - before, hi + after) for ba, (lo, hi) in scope.items()]
 
 
-def _enabled_bas(rule: str, resolver: Resolver, bas: Iterable[str]) -> dict[str, object]:
-    out = {}
+def _enabled_bas(rule: str, resolver: Resolver, bas: Iterable[str]) -> dict[str, Settings]:
+    out: dict[str, Settings] = {}
     for ba in bas:
         s = resolver.get(rule, None, ba)
         if s.enabled:
@@ -156,7 +156,7 @@ def _compare(
     floor = np.full(len(data.bas), nan)
     for i, ba in enumerate(data.bas):
         if ba in bas:
-            tol[i], floor[i] = bas[ba].tolerance, bas[ba].min_mw  # type: ignore[attr-defined]
+            tol[i], floor[i] = bas[ba].tolerance, bas[ba].min_mw
     limit = (both["scale"].to_numpy() * tol[codes]).clip(min=floor[codes])
     diff = (both["m"] - both["e"]).abs().to_numpy()
     hit = np.flatnonzero(diff > limit)
@@ -538,9 +538,19 @@ def spike(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     return out
 
 
+class _Candidate(Protocol):
+    """A spike candidate: one row of the candidate frame (``itertuples``)."""
+
+    ba: str
+    sid: str
+    h: int
+    v: float
+    r: float
+
+
 def _outliers(
     cand: pd.DataFrame, resolver: Resolver
-) -> list[tuple[object, Settings, float, float]]:
+) -> list[tuple[_Candidate, Settings, float, float]]:
     """(row, settings, scale, z) of the spike candidates beyond their threshold, in order."""
     import numpy as np
 

@@ -330,6 +330,7 @@ class _Receiver:
                 and (len(obs) == len(_REQUIRED_KEYS) or type(obs["source_data"]) in _SOURCE_DATA)
             ):
                 raise _shape_error(index, obs)
+            problem: tuple[str, str] | None
             if ts not in good_ts and not self._remember_ts(ts):
                 problem = _ts_problem(ts)
             elif flag not in QUALITY_FLAGS or kind not in SERIES_TYPES:
@@ -531,7 +532,8 @@ def _is_utc_hour(ts: str) -> bool:
     if match is None:
         return False
     try:
-        datetime(*(int(part) for part in match.groups()))
+        year, month, day, hour = (int(part) for part in match.groups())
+        datetime(year, month, day, hour)
     except ValueError:
         return False
     return True

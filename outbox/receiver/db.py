@@ -356,7 +356,8 @@ class ReceiverDB:
             .where(batches.c.batch_id == batch_id)
             .values(times_seen=batches.c.times_seen + 1, **values)
         )
-        return seen.times_seen + 1
+        times_seen: int = seen.times_seen + 1
+        return times_seen
 
     def latest(self, series_id: str) -> tuple[str | None, str | None] | None:
         """``(latest_ts, revision)`` of a series, ``(None, None)`` if empty, ``None`` if unknown."""

@@ -280,7 +280,8 @@ class GridPulseClient:
         if response.status_code != 200:
             return False
         try:
-            return orjson.loads(response.content).get("status") == "ok"
+            ok: bool = orjson.loads(response.content).get("status") == "ok"
+            return ok
         except (orjson.JSONDecodeError, AttributeError):
             return False
 
@@ -455,7 +456,7 @@ class GridPulseSink:
 
 def _observation(row: SendRow, source: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One row in wire shape (``source_data`` only when there is one)."""
-    obs = {
+    obs: dict[str, Any] = {
         "series_id": row.series_id,
         "ba": row.ba,
         "type": row.type,

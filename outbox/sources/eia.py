@@ -173,7 +173,7 @@ class EIAClient:
         if req is None:
             raise ValueError("the EIA API answers requests: iter_pages needs one")
         offset = page_no = 0
-        seen: set[str] = set()
+        seen: set[str | None] = set()
         while True:
             page = self._fetch_page(req, page_no, offset)
             facet = RESPONDENT_FACET[req.route]
@@ -249,7 +249,7 @@ class EIAClient:
             shown,
         )
         self._raise_for_error(response, doc, call)
-        return self._page(call, doc)
+        return self._page(req, call, doc)
 
     def _get(self, url: httpx.URL, call: _Call) -> httpx.Response:
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
@@ -287,7 +287,7 @@ class EIAClient:
             )
             raise SourceTransientError(self._redact(text))
 
-    def _page(self, call: _Call, doc: Any) -> Page:
+    def _page(self, req: Request, call: _Call, doc: Any) -> Page:
         rows, total = parse_body(doc, call.say(""))
         _log_warnings(doc, call.where)
         length = as_int(call.params.get("length")) or MAX_PAGE_LENGTH
@@ -302,7 +302,7 @@ class EIAClient:
             )
         strip_api_key(doc)
         return Page(
-            route=call.req.route,
+            route=req.route,
             page_no=call.page_no,
             offset=call.offset,
             total=total,
@@ -465,7 +465,7 @@ def _log_retry(state: tenacity.RetryCallState) -> None:
     )
 
 
-def _warn_silent_respondents(req: Request, seen: set[str]) -> None:
+def _warn_silent_respondents(req: Request, seen: set[str | None]) -> None:
     silent = sorted(set(req.respondents) - seen)
     if silent:
         log.warning(

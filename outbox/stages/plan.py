@@ -80,7 +80,7 @@ def plan_streams(
     """The streams to fetch: enabled datasets x configured (or chosen) balancing authorities."""
     chosen_bas = _choose_bas(config, bas)
     chosen = datasets or config.enabled_datasets()
-    out = []
+    out: list[Stream] = []
     for route in table.routes():
         for dataset in (ds.name for ds in table.for_route(route)):
             if dataset in chosen:

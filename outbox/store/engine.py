@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DatabaseError
@@ -214,7 +214,8 @@ def make_readonly_engine(path: str | os.PathLike[str]) -> Engine:
 
 def cursor(conn: Connection) -> sqlite3.Cursor:
     """The DB-API cursor of ``conn`` (for executemany on hot paths)."""
-    return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    # a sqlite engine: its driver connection is always the sqlite3 one
+    return cast(sqlite3.Connection, conn.connection.driver_connection).cursor()
 
 
 def executemany(conn: Connection, sql: str, params: Iterable[Sequence[Any]]) -> int:

@@ -144,7 +144,7 @@ class Reads:
         acked = delivered = None  # not read for the probe (pending=False)
         if pending:
             acked = newest
-            if newest_state not in ("acked", None):
+            if newest is not None and newest_state not in ("acked", None):
                 acked = self._newest_acked(cur, sid, n_pending, oldest, newest)
             delivered = newest if oldest is None else self._delivered_through(cur, sid, oldest)
         return SeriesState(
@@ -172,20 +172,22 @@ class Reads:
         all of them (a backlog never sent would otherwise be walked back row by row).
         """
         filled = oldest is not None and n_pending == _hours(oldest, newest) + 1
-        return one_value(
+        acked: str | None = one_value(
             cur,
             "SELECT ts FROM observations WHERE series_id = ?"
             " AND state = 'acked' AND ts < ? ORDER BY ts DESC LIMIT 1",
             (sid, oldest if filled else _AFTER_EVERY_TS),
         )
+        return acked
 
     @staticmethod
     def _delivered_through(cur: sqlite3.Cursor, sid: str, oldest_pending: str) -> str | None:
-        return one_value(
+        delivered: str | None = one_value(
             cur,
             "SELECT ts FROM observations WHERE series_id = ? AND ts < ? ORDER BY ts DESC LIMIT 1",
             (sid, oldest_pending),
         )
+        return delivered
 
     def counts(self) -> dict[str, int]:
         """Rows per state (pending and dead from their indexes; acked by difference)."""

@@ -367,7 +367,9 @@ def _region(ba: str, hours: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     forecast = demand * (1 + 0.02 * _noise(seed, ba, "DF", hours))
     neighbours = NEIGHBOURS.get(ba, ())
     if neighbours:
-        interchange = sum(_flow(ba, nb, hours, seed) for nb in neighbours)
+        interchange = _flow(ba, neighbours[0], hours, seed)
+        for nb in neighbours[1:]:
+            interchange = interchange + _flow(ba, nb, hours, seed)
     else:  # no modelled neighbours: a small net flow of its own
         interchange = 0.01 * p.low * _noise(seed, ba, "TI", hours)
     return {"D": demand, "DF": forecast, "NG": demand + interchange, "TI": interchange}
