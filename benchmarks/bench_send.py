@@ -27,6 +27,7 @@ from typing import Any
 import _common as c
 import httpx
 
+from outbox.sample.receiver import running_receiver
 from outbox.sinks.gridpulse import (
     INGEST_PATH,
     GridPulseClient,
@@ -41,7 +42,6 @@ from outbox.stages.send import run_send
 from outbox.store import Store
 from outbox.testing import synth
 from outbox.testing.fake_eia import FakeEIA
-from outbox.sample.receiver import running_receiver
 
 SETTINGS = {
     "smoke": {"rows": 20_000, "rounds": 1},

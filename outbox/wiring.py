@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, Protocol
 
 from outbox import USER_AGENT
 from outbox.config import Config
@@ -159,7 +159,7 @@ def fetch_source(config: Config, replay: Path | None = None) -> Iterator[Source]
         yield eia_client(config, http)
 
 
-def gridpulse_series(config: Config) -> list[dict[str, Any]] | None:
+def gridpulse_series(config: Config) -> list[Mapping[str, object]] | None:
     """GridPulse's series listing, where a new outbox starts each stream
     (:func:`~outbox.stages.plan.first_starts`); None when GridPulse is not configured or
     cannot be asked (history start applies)."""

@@ -240,7 +240,7 @@ class GridPulseClient:
         payload = _expect_object(self._json(response), "latest answer")
         return payload.get("latest_ts"), payload.get("revision")
 
-    def list_series(self) -> list[dict]:
+    def list_series(self) -> list[Mapping[str, object]]:
         """Every series GridPulse holds, with its row count and latest ``ts``."""
         response = self._send("GET", SERIES_PATH)
         self._raise_for_read(response)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from outbox import datasets as table
 from outbox.config import Config
@@ -319,7 +319,7 @@ def _order(stream: Stream) -> tuple[int, str]:
 
 
 def first_starts(
-    config: Config, listing: Iterable[Mapping[str, Any]]
+    config: Config, listing: Iterable[Mapping[str, object]]
 ) -> dict[str, datetime] | None:
     """For a new outbox: where each stream starts, from GridPulse's series listing.
 
@@ -332,7 +332,7 @@ def first_starts(
     for stream in plan_streams(config):
         prefix = _series_prefix(config, stream.dataset, stream.respondent)
         found = [
-            parse_ts(s["latest_ts"])
+            parse_ts(str(s["latest_ts"]))
             for s in series
             if s.get("latest_ts") and str(s.get("series_id", "")).startswith(prefix)
         ]
