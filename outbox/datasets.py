@@ -199,6 +199,15 @@ def series_prefix(name: str, ba: str) -> str:
     return base if ds.subtype is None else base + "."
 
 
+def is_series_of(name: str, ba: str, series_id: str) -> bool:
+    """Whether ``series_id`` is one of the dataset's series of ``ba``: the one id of a
+    dataset without subtypes (``EIA.PJM.demand``, not ``EIA.PJM.demand_forecast``; total
+    interchange ``EIA.PJM.interchange``, not a counterparty's), or any id under the prefix
+    of one with subtypes."""
+    prefix = series_prefix(name, ba)
+    return series_id.startswith(prefix) if prefix.endswith(".") else series_id == prefix
+
+
 def title(name: str) -> str:
     """The dataset's title; an unknown name is its own title."""
     ds = _index().by_name.get(name)

@@ -273,3 +273,39 @@ def test_a_dataset_added_to_the_table_is_fetched_staged_and_grouped(
         ]
         pjm = next(g for g in groups if g["dataset"] == NEW.name and g["ba"] == "PJM")
         assert pjm["series"] == 1 and pjm["pending"] == hours + 2
+
+
+def test_a_new_outbox_starts_each_stream_at_its_own_series_in_gridpulse() -> None:
+    """GridPulse's listing names the series; a stream starts at its own dataset's series,
+    never at one whose id merely begins with it (demand_forecast begins with demand, a
+    counterparty's interchange with total interchange)."""
+    from outbox.stages.plan import first_starts
+
+    config = Config()
+    gp = config.eia_to_gridpulse.get("PJM", "PJM")
+    listing = [
+        # the forecast reaches a day ahead; PJM's demand series is not in GridPulse yet
+        {"series_id": f"EIA.{gp}.demand_forecast", "latest_ts": "2025-08-22T23:00:00Z"},
+        {"series_id": f"EIA.{gp}.interchange", "latest_ts": "2025-08-20T05:00:00Z"},
+        {"series_id": f"EIA.{gp}.interchange.MISO", "latest_ts": "2025-08-19T05:00:00Z"},
+        {"series_id": f"EIA.{gp}.generation.NG", "latest_ts": "2025-08-21T07:00:00Z"},
+    ]
+    starts = first_starts(config, listing)
+    assert starts is not None
+    key = {name: stream_key(name, "PJM") for name in datasets.names()}
+    assert key["demand"] not in starts  # history start applies, not the forecast's hour
+    assert starts[key["demand_forecast"]] == datetime(2025, 8, 22, 23, tzinfo=UTC)
+    # total interchange from its own series, not the counterparty's older one
+    assert starts[key["interchange"]] == datetime(2025, 8, 20, 5, tzinfo=UTC)
+    assert starts[key["ba_interchange"]] == datetime(2025, 8, 19, 5, tzinfo=UTC)
+    assert starts[key["generation"]] == datetime(2025, 8, 21, 7, tzinfo=UTC)
+    for name in ("demand", "demand_forecast", "interchange"):
+        assert datasets.is_series_of(name, gp, f"EIA.{gp}.{by_type(name)}")
+    assert not datasets.is_series_of("demand", gp, f"EIA.{gp}.demand_forecast")
+    assert not datasets.is_series_of("interchange", gp, f"EIA.{gp}.interchange.MISO")
+    assert datasets.is_series_of("ba_interchange", gp, f"EIA.{gp}.interchange.MISO")
+    assert not datasets.is_series_of("ba_interchange", gp, f"EIA.{gp}.interchange")
+
+
+def by_type(name: str) -> str:
+    return datasets.by_name(name).series_type

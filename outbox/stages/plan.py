@@ -330,19 +330,16 @@ def first_starts(
     series = list(listing)
     latest: dict[str, datetime] = {}
     for stream in plan_streams(config):
-        prefix = _series_prefix(config, stream.dataset, stream.respondent)
+        ba = config.eia_to_gridpulse.get(stream.respondent, stream.respondent)
         found = [
             parse_ts(str(s["latest_ts"]))
             for s in series
-            if s.get("latest_ts") and str(s.get("series_id", "")).startswith(prefix)
+            if s.get("latest_ts")
+            and table.is_series_of(stream.dataset, ba, str(s.get("series_id", "")))
         ]
         if found:
             latest[stream.key] = min(found)
     return latest or None
-
-
-def _series_prefix(config: Config, dataset: str, respondent: str) -> str:
-    return table.series_prefix(dataset, config.eia_to_gridpulse.get(respondent, respondent))
 
 
 def with_lookback(config: Config, hours: int) -> Config:
