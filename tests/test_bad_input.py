@@ -333,6 +333,13 @@ NO_DATE = "--since 'garbage': not a date or RFC 3339 time"
 BAD_INPUTS = [
     Bad("fetch", ("fetch", "--replay", "{tmp}/missing"), 2, "--replay {tmp}/missing: no such dir"),
     Bad("fetch", ("fetch", "--replay", "{db}"), 2, "--replay {db}: not a directory"),
+    Bad("fetch", ("fetch", "--replay", "{tmp}"), 2, "--replay {tmp}: no saved EIA response"),
+    Bad(
+        "fetch",
+        ("fetch", "--replay", "{tmp}", "--ba", "PJM"),
+        2,
+        "--replay cannot be combined with --start/--end, --ba, --dataset",
+    ),
     Bad("fetch", ("fetch", "--start", "yesterday"), 2, "--start/--end: not a date or RFC 3339"),
     Bad("send", ("send",), 2, "gridpulse.api_key: missing", env=(("GRIDPULSE_API_KEY", None),)),
     Bad(

@@ -31,6 +31,14 @@ def check_directory(option: str, path: Path, *, must_exist: bool = False) -> Non
         raise UsageError(f"{option} {path}: no such directory")
 
 
+def check_replay_files(directory: Path) -> None:
+    """Refuse (exit 2) a replay directory holding no saved response body: a mistyped or
+    empty directory would otherwise be a run that staged nothing and said it was fine."""
+    bodies = (p for p in directory.rglob("*.json") if not p.name.endswith(".http-meta.json"))
+    if next(bodies, None) is None:
+        raise UsageError(f"--replay {directory}: no saved EIA response bodies (*.json) in it")
+
+
 def check_metrics_target(path: Path) -> None:
     """``--metrics PATH`` must name a file in an existing directory (checked before reading)."""
     if path.is_dir():

@@ -24,7 +24,13 @@ from outbox.cli.app import (
     configured,
     mapped_errors,
 )
-from outbox.cli.options import check_datasets, check_directory, check_fetch_mode, parse_bounds
+from outbox.cli.options import (
+    check_datasets,
+    check_directory,
+    check_fetch_mode,
+    check_replay_files,
+    parse_bounds,
+)
 from outbox.config import Config
 from outbox.errors import UsageError
 from outbox.logsetup import print_error
@@ -74,14 +80,19 @@ def fetch(
     with mapped_errors():
         config = configured()
         bounds = parse_bounds(start, end)
-        if replay is not None and (bounds[0] or fill_gaps or lookback):
+        if replay is not None and (
+            bounds[0] or bounds[1] or fill_gaps or lookback or ba or dataset
+        ):
+            # a replay stages what the files hold for the configured BAs and datasets
             raise UsageError(
-                "--replay cannot be combined with --start/--end, --fill-gaps or --lookback"
+                "--replay cannot be combined with --start/--end, --ba, --dataset, --fill-gaps"
+                " or --lookback"
             )
         if dataset:
             check_datasets(dataset)
         if replay is not None:
             check_directory("--replay", replay, must_exist=True)
+            check_replay_files(replay)
         check_fetch_mode(
             start=bounds[0], bas=ba, datasets=dataset, fill_gaps=fill_gaps, lookback=lookback
         )
