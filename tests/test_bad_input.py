@@ -443,6 +443,12 @@ BAD_INPUTS = [
         2,
         "bad --fault 'bogus': unknown fault kind 'bogus'",
     ),
+    Bad(
+        "receiver",
+        ("receiver", "--port", "0", "--fault", "latency:-5s", "--api-key", "k"),
+        2,
+        "bad --fault 'latency:-5s': -5s: a duration is a finite number >= 0",
+    ),
     Bad("demo", ("demo", "--keep", "{db}"), 2, "--keep {db}: not a directory"),
     Bad("report", ("report", "{tmp}/missing/r.html"), 2, "directory {tmp}/missing does not exist"),
     # A mistyped target never overwrites the outbox (the snapshot proves it untouched).

@@ -31,6 +31,7 @@ Checks run in this order: latency, down, auth, 503, 429, then the body is read;
 from __future__ import annotations
 
 import fnmatch
+import math
 import random
 import re
 import time
@@ -190,10 +191,14 @@ def _chance(spec: str, rest: str) -> Chance:
 def _duration(text: str) -> float:
     text = text.strip().lower()
     if text.endswith("ms"):
-        return float(text[:-2]) / 1000
-    if text.endswith("s"):
-        return float(text[:-1])
-    return float(text) / 1000
+        seconds = float(text[:-2]) / 1000
+    elif text.endswith("s"):
+        seconds = float(text[:-1])
+    else:
+        seconds = float(text) / 1000
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{text}: a duration is a finite number >= 0 (ms or s)")
+    return seconds
 
 
 def _rule(spec: str, match: str, code: str | None) -> RowRule:
