@@ -371,6 +371,12 @@ BAD_INPUTS = [
     ),
     Bad("timers print", ("timers", "print", "--out", "{db}"), 2, "--out {db}: not a directory"),
     Bad(
+        "timers print",
+        ("timers", "print", "--user", "gp\nExecStartPre=/bin/sh"),
+        2,
+        "--user 'gp\\nExecStartPre=/bin/sh': not a user name",
+    ),
+    Bad(
         "db upgrade",
         ("db", "upgrade"),
         2,

@@ -128,6 +128,17 @@ def test_timers_print_for_another_prefix_config_and_user(tmp_path: Path) -> None
     assert len(paths) == 9 and all(Path(p).is_file() for p in paths)
 
 
+def test_timers_print_uses_the_config_it_was_given(tmp_path: Path) -> None:
+    cfg = tmp_path / "gp.yaml"
+    cfg.write_text("database: /var/lib/gridpulse-outbox/outbox.db\n")
+    result = runner.invoke(app, ["-c", str(cfg), "timers", "print"])
+    assert result.exit_code == 0, result.output
+    assert f"Environment=OUTBOX_CONFIG={cfg.absolute()}\n" in result.stdout
+    # --config still says which file the units use, whatever -c this command read
+    other = runner.invoke(app, ["-c", str(cfg), "timers", "print", "--config", "/srv/gp.yaml"])
+    assert "Environment=OUTBOX_CONFIG=/srv/gp.yaml\n" in other.stdout
+
+
 def test_service_hardening_and_credentials() -> None:
     files = timers.render_all(timers.settings(prefix=Path("/usr/local")))
     send = files["gridpulse-outbox-send.service"]

@@ -20,7 +20,7 @@ from outbox.cli.app import (
     mapped_errors,
     timers_app,
 )
-from outbox.cli.options import check_directory
+from outbox.cli.options import check_directory, check_unit_user
 from outbox.errors import ConfigError, UsageError
 from outbox.store import Store
 from outbox.wiring import open_store
@@ -60,6 +60,10 @@ def timers_print(
     with mapped_errors():
         if out is not None:
             check_directory("--out", out)
+        if user is not None:
+            check_unit_user(user)
+        # the units run with the config this command was given (-c), unless --config says
+        config = config or STATE.config_path
         text = timers.print_or_write(prefix=prefix, config=config, user=user, out=out)
         typer.echo(text, nl=False)
 

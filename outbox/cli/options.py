@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +38,19 @@ def check_replay_files(directory: Path) -> None:
     bodies = (p for p in directory.rglob("*.json") if not p.name.endswith(".http-meta.json"))
     if next(bodies, None) is None:
         raise UsageError(f"--replay {directory}: no saved EIA response bodies (*.json) in it")
+
+
+# What systemd takes as User= (a POSIX user name, or a numeric UID), and nothing that
+# could end the line and write another directive into the unit.
+_UNIT_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}|[0-9]{1,10}")
+
+
+def check_unit_user(user: str) -> None:
+    """Refuse (exit 2) a ``--user`` that is not a user name systemd accepts."""
+    if not _UNIT_USER.fullmatch(user):
+        raise UsageError(
+            f"--user {user!r}: not a user name (letters, digits, '_', '.', '-'; or a UID)"
+        )
 
 
 def check_metrics_target(path: Path) -> None:
