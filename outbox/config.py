@@ -507,8 +507,17 @@ def _env_path(env: Mapping[str, str]) -> Path | None:
     return Path(value) if value else None
 
 
+# A config file is a few kilobytes; anything this large is the wrong file.
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_yaml(file: Path) -> dict[str, Any]:
     try:
+        if file.exists() and not file.is_file():
+            # a FIFO or a device would block the read (or never end): not a config file
+            raise ConfigError(f"{file}: not a regular file; give the path of a YAML file")
+        if file.is_file() and file.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{file}: {file.stat().st_size:,} bytes is not a config file")
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{file}: config file not found") from None
@@ -516,6 +525,8 @@ def _read_yaml(file: Path) -> dict[str, Any]:
         raise ConfigError(f"{file}: cannot read config file: {exc}") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{file}: invalid YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -133,6 +134,32 @@ def test_missing_config_file_and_unreadable_key_file(tmp_path: Path) -> None:
     result = runner.invoke(app, ["status"], env={"EIA_API_KEY_FILE": str(tmp_path / "missing.key")})
     assert result.exit_code == 2
     assert re.search(r"EIA_API_KEY_FILE: cannot read secret file .*missing.key", result.output)
+
+
+def test_a_config_that_is_no_config_file_is_one_line(tmp_path: Path) -> None:
+    """A FIFO would block the read forever, a directory or a huge file is the wrong path,
+    and YAML nested ten thousand deep overflows the parser's recursion: each is one line,
+    exit 2, and the outbox is never touched."""
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# " + "x" * (2 << 20) + "\n")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 10_000 + "]" * 10_000 + "\n")
+    db = tmp_path / "o.db"
+    cases = {
+        fifo: "not a regular file",
+        tmp_path: "not a regular file",
+        huge: "is not a config file",
+        deep: "invalid YAML: nested too deeply",
+    }
+    for path, expected in cases.items():
+        result = runner.invoke(app, ["-c", str(path), "status"], env={"OUTBOX_DB": str(db)})
+        assert result.exit_code == 2, (path, result.output)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"error: {path}: ") and expected in lines[0], lines
+    assert not db.exists()
 
 
 def test_missing_secret_where_needed(tmp_path: Path) -> None:
