@@ -321,6 +321,12 @@ class Config(_Model):
     def _database(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must be the path of the outbox file, not empty")
+        path = Path(value)
+        if path.is_dir():
+            raise ValueError(f"{value} is a directory; name the outbox file in it")
+        if path.exists() and not path.is_file():
+            # /dev/null, a FIFO, a device: SQLite would write its journal beside it
+            raise ValueError(f"{value} is not a regular file; name the outbox file")
         return value
 
     @field_validator("balancing_authorities")

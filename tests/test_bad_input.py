@@ -333,6 +333,21 @@ NO_DATE = "--since 'garbage': not a date or RFC 3339 time"
 BAD_INPUTS = [
     Bad("fetch", ("fetch", "--replay", "{tmp}/missing"), 2, "--replay {tmp}/missing: no such dir"),
     Bad("fetch", ("fetch", "--replay", "{db}"), 2, "--replay {db}: not a directory"),
+    Bad(
+        "doctor",
+        ("doctor", "--reset"),
+        1,
+        "database: {tmp} is a directory; name the outbox file in it",
+        env=(("OUTBOX_DB", "{tmp}"),),
+        where="FAIL",
+    ),
+    Bad(
+        "fetch",
+        ("fetch",),
+        2,
+        "database: /dev/null is not a regular file",
+        env=(("OUTBOX_DB", "/dev/null"),),
+    ),
     Bad("fetch", ("fetch", "--replay", "{tmp}"), 2, "--replay {tmp}: no saved EIA response"),
     Bad(
         "fetch",
