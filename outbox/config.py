@@ -495,11 +495,11 @@ def load_config(
     data = _read_yaml(file) if file else {}
     if file:
         _resolve_database(data, file)
-    _apply_env(data, env)
+    from_env = _apply_env(data, env)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, file)) from None
+        raise ConfigError(_describe(exc, file, from_env)) from None
     for secret in (config.eia.api_key, config.gridpulse.api_key):
         if secret is not None:
             register_secret(secret.get_secret_value())
@@ -557,24 +557,33 @@ def _kind(value: object) -> str:
     return type(value).__name__
 
 
-def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """Merge the environment into ``data``; return which key each variable set (so that
+    an error in a value names the variable it came from, not the file)."""
+    from_env: dict[tuple[str, ...], str] = {}
     for name, value in sorted(env.items()):
         if name.startswith(GENERIC_PREFIX) and len(name) > len(GENERIC_PREFIX):
             parts = name[len(GENERIC_PREFIX) :].split("__")
             path = tuple(part.lower() for part in parts)
             if path[0] == "balancing_authorities" and len(path) > 1:
                 _set_ba(data, tuple(parts[1:]), _scalar(value), name)
+                from_env[("balancing_authorities",)] = name
             else:
                 _set_path(data, path, _scalar(value), name)
+                from_env[path] = name
     for name, path in NAMED_ENV.items():
         if env.get(name):
             _set_path(data, path, env[name], name)
+            from_env[path] = name
     for name, path in SECRET_FILE_ENV.items():
         if env.get(name):
             _set_path(data, path, _read_secret_file(name, env[name]), name)
+            from_env[path] = name
     for name, path in NAMED_ENV_PATHS.items():
         if env.get(name):
             _set_path(data, path, env[name], name)
+            from_env[path] = name
+    return from_env
 
 
 def _scalar(value: str) -> Any:
@@ -631,8 +640,10 @@ def _read_secret_file(name: str, file: str) -> str:
     return secret
 
 
-def _describe(exc: ValidationError, file: Path | None) -> str:
-    parts = []
+def _describe(
+    exc: ValidationError, file: Path | None, from_env: Mapping[tuple[str, ...], str] = {}
+) -> str:
+    parts, in_file = [], False
     for error in exc.errors(include_url=False, include_input=False):
         loc = ".".join(str(p) for p in error["loc"])
         message = error["msg"]
@@ -640,6 +651,20 @@ def _describe(exc: ValidationError, file: Path | None) -> str:
             message = "unknown key"
         message = message.removeprefix("Value error, ")
         # A whole-config rule names its own keys.
-        parts.append(f"{loc}: {message}" if loc else message)
-    where = f"{file}: " if file else "config: "
+        text = f"{loc}: {message}" if loc else message
+        source = _env_source(tuple(str(p) for p in error["loc"]), from_env)
+        if source is not None:
+            text = f"{source}: {text}"  # the value came from the environment
+        else:
+            in_file = True
+        parts.append(text)
+    where = (f"{file}: " if file else "config: ") if in_file else ""
     return where + "; ".join(parts)
+
+
+def _env_source(loc: tuple[str, ...], from_env: Mapping[tuple[str, ...], str]) -> str | None:
+    """The variable that set the key at ``loc`` (or a section above it), if one did."""
+    for n in range(len(loc), 0, -1):
+        if (name := from_env.get(loc[:n])) is not None:
+            return name
+    return None

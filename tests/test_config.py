@@ -162,6 +162,24 @@ def test_a_config_that_is_no_config_file_is_one_line(tmp_path: Path) -> None:
     assert not db.exists()
 
 
+def test_a_bad_value_from_the_environment_names_the_variable_not_the_file(
+    tmp_path: Path,
+) -> None:
+    cfg = tmp_path / "base.yaml"
+    cfg.write_text("housekeeping: {retention_days: 30}\n")
+    env = {"OUTBOX_DB": str(tmp_path / "o.db"), "OUTBOX__HOUSEKEEPING__RETENTION_DAYS": "-1"}
+    result = runner.invoke(app, ["-c", str(cfg), "config"], env=env)
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "error: OUTBOX__HOUSEKEEPING__RETENTION_DAYS: housekeeping.retention_days: "
+        "Input should be greater than 0"
+    ), result.output
+    # the same mistake in the file still names the file
+    cfg.write_text("housekeeping: {retention_days: -1}\n")
+    result = runner.invoke(app, ["-c", str(cfg), "config"], env={"OUTBOX_DB": env["OUTBOX_DB"]})
+    assert result.output.strip().startswith(f"error: {cfg}: housekeeping.retention_days: ")
+
+
 def test_missing_secret_where_needed(tmp_path: Path) -> None:
     env = {"OUTBOX_DB": str(tmp_path / "o.db")}
     result = runner.invoke(app, ["send"], env=env)
