@@ -10,6 +10,7 @@ uninterrupted run's, row for row. ``pytest -m soak`` runs >= 200 random kills.
 from __future__ import annotations
 
 import random
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -208,7 +209,7 @@ def test_sigkill_fetch_at_named_points(source: Source, scale: str, tmp_path: Pat
     expected = expected_streams(source.reference)
     rng = random.Random(f"named-{source.mode}-{scale}")
     chains = NAMED_CHAINS[scale]
-    total_rows = lost = kills = 0
+    total_rows = lost = kills = finished = 0
     for n in range(chains):
         db = tmp_path / f"crash{n}.db"
         for point in rng.sample(POINTS, len(POINTS)):
@@ -227,22 +228,39 @@ def test_sigkill_fetch_at_named_points(source: Source, scale: str, tmp_path: Pat
                     OUTBOX__EIA__REPLAY_COMMIT_ROWS="1",
                 ),
             )
-            assert crashed.returncode == -signal.SIGKILL, crashed.stderr
-            kills += 1
+            if crashed.returncode == 0 and source.mode == "live" and before:
+                # A live rerun asks EIA only from its watermarks on: it can hold fewer
+                # pages than the point's count, and then it ends before the point. Only
+                # that may end a run of the chain unkilled (each point is hit at most
+                # once a page); the outbox it leaves is checked all the same.
+                assert after > _run_pages(crashed.stdout), crashed.stdout
+                finished += 1
+            else:
+                assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+                kills += 1
             check_after_kill(db, expected)
             if source.mode == "replay":
                 assert _pages(db) == max(before, after - 1), "only committed pages survive"
         got, missing = rerun_and_compare(source, db)
         total_rows, lost = total_rows + got, lost + missing
+    # the first run of every chain, on a fresh outbox, holds every page: it is killed
+    assert kills >= chains and kills + finished == chains * len(POINTS)
     figures(
         suite="fetch-named",
         mode=source.mode,
-        trials=kills,
+        trials=kills + finished,
         kills=kills,
         rows=total_rows,
         lost=lost,
         duplicates=0,
     )
+
+
+def _run_pages(stdout: str) -> int:
+    """The pages a finished fetch run reports (``fetch run N: R requests, P pages, ...``)."""
+    found = re.search(r"^fetch run \d+: \d+ requests, (\d+) pages", stdout, flags=re.M)
+    assert found, stdout
+    return int(found.group(1))
 
 
 def _pages(db: Path) -> int:
