@@ -641,7 +641,7 @@ def _read_secret_file(name: str, file: str) -> str:
 
 
 def _describe(
-    exc: ValidationError, file: Path | None, from_env: Mapping[tuple[str, ...], str] = {}
+    exc: ValidationError, file: Path | None, from_env: Mapping[tuple[str, ...], str]
 ) -> str:
     parts, in_file = [], False
     for error in exc.errors(include_url=False, include_input=False):

@@ -170,6 +170,9 @@ def run_fetch_command(
                     initial=initial,
                     progress=progress,
                 )
+    if result.skipped:
+        typer.echo(f"a fetch is already running (pid {result.holder}); nothing to do")
+        return 0
     return _print_fill(result) if fill_gaps else _print_fetch(config, result)
 
 
@@ -181,9 +184,6 @@ def _is_new(store: Store) -> bool:
 def _print_fetch(config: Config, result: FetchResult) -> int:
     from outbox.stages.fetch import skipped_text
 
-    if result.skipped:
-        typer.echo(f"a fetch is already running (pid {result.holder}); nothing to do")
-        return 0
     invalid = result.counts()["invalid"]
     skipped = f"; {skipped_text(config, result)}" if result.unconfigured else ""
     typer.echo(
@@ -202,9 +202,6 @@ def _print_fetch(config: Config, result: FetchResult) -> int:
 
 def _print_fill(result: FetchResult) -> int:
     """``outbox fetch --fill-gaps``'s line: gap hours asked for, filled, not at EIA."""
-    if result.skipped:
-        typer.echo(f"a fetch is already running (pid {result.holder}); nothing to do")
-        return 0
     assert result.fill is not None
     typer.echo(
         f"fill-gaps run {result.run_id}: {result.fill.gap_hours} missing hours, "

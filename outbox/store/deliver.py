@@ -23,37 +23,36 @@ from outbox.timeutil import now_ts
 if TYPE_CHECKING:
     from outbox.store.handle import Store
 
-_CLAIM = """
+# The due pending rows, as a claim reads them; each claim below orders and bounds them.
+_DUE = """
 SELECT o.series_id, o.ts, o.value, o.units, o.quality_flag, o.revision, o.attempts,
        s.ba, s.type, s.subtype, o.page_id, o.page_row
 FROM observations o INDEXED BY ix_observations_pending_due
 JOIN series s ON s.series_id = o.series_id
 WHERE o.state = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)
-ORDER BY o.ts, o.series_id
+"""
+_CLAIM = (
+    _DUE
+    + """ORDER BY o.ts, o.series_id
 LIMIT ?
 """
+)
 # The same, behind a (ts, series_id) key: a sender with a batch in flight claims the next
 # one from where that batch ends (a range seek on the pending index, not a re-scan).
-_CLAIM_AFTER = """
-SELECT o.series_id, o.ts, o.value, o.units, o.quality_flag, o.revision, o.attempts,
-       s.ba, s.type, s.subtype, o.page_id, o.page_row
-FROM observations o INDEXED BY ix_observations_pending_due
-JOIN series s ON s.series_id = o.series_id
-WHERE o.state = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)
-  AND (o.ts, o.series_id) > (?, ?)
+_CLAIM_AFTER = (
+    _DUE
+    + """  AND (o.ts, o.series_id) > (?, ?)
 ORDER BY o.ts, o.series_id
 LIMIT ?
 """
+)
 # The newest due row: the circuit breaker's probe when the refused batch holds no other row.
-_NEWEST_DUE = """
-SELECT o.series_id, o.ts, o.value, o.units, o.quality_flag, o.revision, o.attempts,
-       s.ba, s.type, s.subtype, o.page_id, o.page_row
-FROM observations o INDEXED BY ix_observations_pending_due
-JOIN series s ON s.series_id = o.series_id
-WHERE o.state = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)
-ORDER BY o.ts DESC, o.series_id DESC
+_NEWEST_DUE = (
+    _DUE
+    + """ORDER BY o.ts DESC, o.series_id DESC
 LIMIT 1
 """
+)
 # Marks the rows of a JSON array of [series_id, ts, revision] keys acked, in one statement
 # (see stage._UPSERT_JSON): each key updates its row at most once.
 _ACK_JSON = """
