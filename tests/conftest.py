@@ -86,3 +86,37 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         with open(target, "a", encoding="utf-8") as out:
             for row in found:
                 out.write(json.dumps(row) + "\n")
+
+
+# -- PostgreSQL: a throwaway cluster of the tests' own (tests/pgcluster.py) ---------------
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[object]:
+    """One throwaway PostgreSQL cluster for the session (started on first use).
+
+    Skipped where PostgreSQL or its driver is missing, except under CI (``CI`` or
+    ``REQUIRE_POSTGRES`` set; ``.ci/run`` sets the latter), where a missing PostgreSQL is
+    a failure: CI always runs these tests.
+    """
+    from tests.pgcluster import Cluster, Unavailable
+
+    try:
+        cluster = Cluster.start()
+    except Unavailable as exc:
+        if os.environ.get("CI") or os.environ.get("REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL is required under CI: {exc}")
+        pytest.skip(f"PostgreSQL not available: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: object) -> str:
+    """A SQLAlchemy URL (``postgresql+psycopg://``) of a fresh empty database."""
+    from tests.pgcluster import Cluster
+
+    assert isinstance(pg_cluster, Cluster)
+    return pg_cluster.url(pg_cluster.database())
