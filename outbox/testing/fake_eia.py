@@ -17,7 +17,8 @@ dropped connection). Every request path is recorded in :attr:`FakeEIA.requests`.
 ``delay`` (seconds, default 0) holds every answer that long, as the real API takes about
 a second over a 5,000-row page; ``delay_for(target)`` may choose it per request (e.g. to
 finish later pages first). Requests are served on their own threads, so delays overlap;
-:attr:`FakeEIA.peak_in_flight` is the most requests it held at once.
+:attr:`FakeEIA.peak_in_flight` is the most requests it held at once, and
+:attr:`FakeEIA.answered` lists the request targets in the order they were answered.
 
 Run standalone: ``python -m outbox.testing.fake_eia --port 8930 --sample``.
 """
@@ -129,6 +130,7 @@ class FakeEIA:
         self.delay = delay
         self.delay_for = delay_for
         self.in_flight = self.peak_in_flight = 0
+        self.answered: list[str] = []
         self.requests: list[str] = []
         self.base_url: str | None = None
         self._rows = {route: list(rows) for route, rows in rows_by_route.items()}
@@ -437,6 +439,8 @@ class _Handler(BaseHTTPRequestHandler):
         delay = fake.answer_delay(self.path)
         if delay > 0:
             time.sleep(delay)
+        with fake._lock:
+            fake.answered.append(self.path)
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
