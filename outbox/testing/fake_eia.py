@@ -20,6 +20,10 @@ finish later pages first). Requests are served on their own threads, so delays o
 :attr:`FakeEIA.peak_in_flight` is the most requests it held at once, and
 :attr:`FakeEIA.answered` lists the request targets in the order they were answered.
 
+``--synth 2023-01-01T00:8760`` (start and hours) serves synthetic rows of the five
+default BAs made on demand for each asked window (:func:`outbox.testing.synth.make_rows`),
+so a year of data costs no memory up front (benchmarks/bench_backfill.py).
+
 Run standalone: ``python -m outbox.testing.fake_eia --port 8930 --sample``.
 """
 
@@ -34,6 +38,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -44,7 +49,14 @@ import orjson
 
 from outbox.redact import redact
 from outbox.sample import sample_dir
-from outbox.testing.synth import MAX_ROWS, ROUTES, read_rows, response_body
+from outbox.testing.synth import (
+    DEFAULT_RESPONDENTS,
+    MAX_ROWS,
+    ROUTES,
+    make_rows,
+    read_rows,
+    response_body,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +137,14 @@ class FakeEIA:
         *,
         delay: float = 0.0,
         delay_for: Callable[[str], float] | None = None,
+        synth: tuple[datetime, int] | None = None,
     ):
         self.api_key = api_key
         self.delay = delay
         self.delay_for = delay_for
         self.in_flight = self.peak_in_flight = 0
         self.answered: list[str] = []
+        self.synth = synth
         self.requests: list[str] = []
         self.base_url: str | None = None
         self._rows = {route: list(rows) for route, rows in rows_by_route.items()}
@@ -285,12 +299,30 @@ class FakeEIA:
                 self._cache.move_to_end(key)
                 return self._cache[key]
             rows = self._rows.get(route, [])
+        if self.synth is not None:
+            rows = synth_rows(route, query, *self.synth)
         matched = sort_rows(filter_rows(rows, query), query.sort)
         with self._lock:
             self._cache[key] = matched
             while len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
         return matched
+
+
+def synth_rows(route: str, query: Query, first: datetime, hours: int) -> list[dict]:
+    """Synthetic rows of ``route`` for the default BAs over the asked hours that fall
+    within ``hours`` hours from ``first``."""
+    lo = max(first, _hour(query.start) if query.start else first)
+    last = first + timedelta(hours=hours - 1)
+    hi = min(last, _hour(query.end) if query.end else last)
+    if hi < lo:
+        return []
+    span = int((hi - lo).total_seconds() // 3600) + 1
+    return make_rows(route, DEFAULT_RESPONDENTS, lo, span)
+
+
+def _hour(bound: str) -> datetime:
+    return datetime.strptime(bound, "%Y-%m-%dT%H").replace(tzinfo=UTC)
 
 
 def parse_query(route: str, items: list[tuple[str, str]]) -> Query:
@@ -461,10 +493,17 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--dir", type=Path, help="serve the EIA response bodies in DIR")
     parser.add_argument("--api-key", default=None, help="require this api_key")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument(
+        "--synth", default=None, help="START:HOURS, e.g. 2023-01-01T00:8760: synthetic rows"
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     directory = args.dir or (sample_dir() if args.sample else None)
     rows = read_rows(directory) if directory else {route: [] for route in ROUTES}
-    fake = FakeEIA(rows, api_key=args.api_key, delay=args.delay)
+    made = None
+    if args.synth:
+        start, _, hours = args.synth.rpartition(":")
+        made = (_hour(start), int(hours))
+    fake = FakeEIA(rows, api_key=args.api_key, delay=args.delay, synth=made)
     stopping = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
