@@ -88,7 +88,8 @@ def fetch(
     clean.update(env)
     command = [sys.executable, "-m", "outbox", "fetch", *args]
     started = time.perf_counter()
-    done = subprocess.run(command, env=clean, capture_output=True, text=True, check=False)
+    # cwd: ``-m`` puts the working directory first on sys.path, before PYTHONPATH.
+    done = subprocess.run(command, env=clean, cwd=tree, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"outbox fetch {' '.join(args)} failed:\n{done.stderr[-2000:]}")
