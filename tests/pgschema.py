@@ -56,3 +56,17 @@ def held(dsn: str) -> dict[tuple[str, str], tuple[Any, str]]:
             "FROM observations o JOIN series s ON s.id = o.series_id"
         ).fetchall()
     return {(sid, ts): (None if v is None else float(v), flag) for sid, ts, v, flag in found}
+
+
+def held_revisions(dsn: str) -> dict[tuple[str, str], str]:
+    """``(series_id, ts) -> revision`` (for a schema made with ``revision=True``); empty
+    when the database cannot be read."""
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        found = conn.execute(
+            "SELECT s.eia_series_id, to_char(o.ts AT TIME ZONE 'UTC', "
+            '\'YYYY-MM-DD"T"HH24:MI:SS"Z"\'), o.revision '
+            "FROM observations o JOIN series s ON s.id = o.series_id"
+        ).fetchall()
+    return {(sid, ts): rev for sid, ts, rev in found}
