@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 EXTRA_HINT = "install the PostgreSQL driver: pip install 'gridpulse-outbox[postgres]'"
 UNKNOWN_SERIES = "UNKNOWN_SERIES"
 _MAX_MESSAGE = 300
+_STAGING = "outbox_staged_batch"
 # SQLSTATE classes of a row the database refuses: data exception, integrity constraint.
 _ROW_CLASSES = ("22", "23")
 # Credentials and privileges: invalid authorization, insufficient privilege.
@@ -120,7 +121,7 @@ class PostgresSink:
         self._statement_ms = round(statement_timeout_seconds * 1000)
         self._conn: psycopg.Connection[Any] | None = None
         self._schema: _Schema | None = None
-        self._upsert_sql = ""
+        self._upsert_sql = self._copy_sql = self._bulk_sql = ""
         self._series_ids: dict[str, int] = {}
 
     # -- the port -------------------------------------------------------------------
@@ -311,8 +312,22 @@ class PostgresSink:
         ]
         found: dict[int, tuple[str, str]] = {}
         with conn.cursor() as cur:
-            self._write(conn, cur, params, found)
+            try:
+                with conn.transaction():
+                    self._bulk(cur, [p for _, p in params])
+                return found
+            except Exception as exc:
+                if not _refusable(exc):
+                    raise
+            self._write(conn, cur, params, found)  # some row is refused: find which
         return found
+
+    def _bulk(self, cur: psycopg.Cursor[Any], params: Sequence[tuple[Any, ...]]) -> None:
+        """All rows at once: COPY into a temporary table, one upsert from it."""
+        with cur.copy(self._copy_sql) as copy:
+            for values in params:
+                copy.write_row(values)
+        cur.execute(self._bulk_sql)
 
     def _write(
         self,
@@ -350,6 +365,7 @@ class PostgresSink:
         if self._conn is not None and not self._conn.closed:
             return self._conn
         psycopg = load_driver()
+        conn = None
         try:
             conn = psycopg.connect(
                 self._url,
@@ -358,7 +374,15 @@ class PostgresSink:
                 application_name="gridpulse-outbox",
                 options=f"-c statement_timeout={self._statement_ms}",
             )
+            # the batch's rows are copied into a temporary table, emptied at every commit
+            conn.execute(
+                f"CREATE TEMPORARY TABLE {_STAGING} (series_id integer, ts text, "
+                "value double precision, quality_flag text, revision text) "
+                "ON COMMIT DELETE ROWS"
+            )
         except Exception as exc:
+            if conn is not None:
+                conn.close()
             raise self._error(exc, "connecting") from None
         self._conn = conn
         return conn
@@ -390,6 +414,9 @@ class PostgresSink:
             received_at_is_timestamp=str(found.get("received_at", "")).startswith("timestamp"),
         )
         self._schema, self._upsert_sql = schema, _upsert_sql(schema)
+        columns = _columns(schema)
+        self._copy_sql = f"COPY {_STAGING} ({', '.join(columns)}) FROM STDIN"
+        self._bulk_sql = _upsert_sql(schema, source=_STAGING)
         return schema
 
     def _drop(self) -> None:
@@ -433,11 +460,18 @@ class PostgresSink:
         return redact(text, (self._url,))
 
 
-def _upsert_sql(schema: _Schema) -> str:
-    columns = ["series_id", "ts", "value", "quality_flag"]
+def _columns(schema: _Schema) -> list[str]:
+    """The observations columns a row sets (in the order of the sink's parameters)."""
+    return ["series_id", "ts", "value", "quality_flag"] + (["revision"] if schema.revision else [])
+
+
+def _upsert_sql(schema: _Schema, source: str | None = None) -> str:
+    """The upsert, of one row of parameters, or of every row of the table ``source``."""
+    columns = _columns(schema)
     values = ["%s", "%s::timestamptz" if schema.ts_is_timestamp else "%s", "%s", "%s"]
-    if schema.revision:
-        columns.append("revision")
+    if source is not None:
+        values = [c if c != "ts" else values[1].replace("%s", "ts") for c in columns]
+    elif schema.revision:
         values.append("%s")
     updated = columns[2:]
     if schema.received_at:
@@ -448,8 +482,11 @@ def _upsert_sql(schema: _Schema) -> str:
             else "to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
         )
     sets = [*updated, *(["received_at"] if schema.received_at else [])]
+    rows = f"VALUES ({', '.join(values)})"
+    if source is not None:
+        rows = f"SELECT {', '.join(values)} FROM {source}"
     return (
-        f"INSERT INTO observations ({', '.join(columns)}) VALUES ({', '.join(values)}) "
+        f"INSERT INTO observations ({', '.join(columns)}) {rows} "
         f"ON CONFLICT (series_id, ts) DO UPDATE SET "
         + ", ".join(f"{c} = EXCLUDED.{c}" for c in sets)
         + f" WHERE ({', '.join('observations.' + c for c in updated)}) IS DISTINCT FROM "
