@@ -184,7 +184,10 @@ class SinkConfig(_Model):
     def _one_url(self) -> SinkConfig:
         if self.kind == "gridpulse":
             if self.url is not None or self.url_file is not None:
-                raise ValueError("sink.url and sink.url_file are for kind: postgres")
+                raise ValueError(
+                    "sink.url (OUTBOX_SINK_URL) and sink.url_file are for kind: postgres; "
+                    "set sink.kind: postgres (OUTBOX__SINK__KIND=postgres) to use them"
+                )
             return self
         if (self.url is None) == (self.url_file is None):
             raise ValueError(

@@ -5,7 +5,8 @@ quick_check``), its schema version against the code's head, the fetch/send locks
 free space on the outbox's file system against ``housekeeping.min_free_bytes``,
 GridPulse (``POST /api/v1/auth/worker``: reachability and credentials; with ``sink: {kind:
 postgres}`` the database instead: reachable, GridPulse's tables in it), the clock against
-GridPulse's ``server_time`` (the database's ``now()``), EIA (one request for one row: reachability and key), and
+GridPulse's ``server_time`` (the database's ``now()``), EIA (one request for one row:
+reachability and key), and
 the configured balancing authorities against EIA's list of respondents (an unknown code
 is WARN, with the closest known codes: EIA answers an unknown code with no rows, not an
 error). A check that cannot run because an earlier one failed is SKIP, with the reason.

@@ -364,10 +364,10 @@ class PostgresSink:
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is not None and not self._conn.closed:
             return self._conn
-        psycopg = load_driver()
-        conn = None
+        driver = load_driver()
+        conn: psycopg.Connection[Any] | None = None
         try:
-            conn = psycopg.connect(
+            conn = driver.connect(
                 self._url,
                 autocommit=True,
                 connect_timeout=self._connect_timeout,
@@ -384,6 +384,7 @@ class PostgresSink:
             if conn is not None:
                 conn.close()
             raise self._error(exc, "connecting") from None
+        assert conn is not None
         self._conn = conn
         return conn
 
