@@ -75,5 +75,5 @@ def test_a_wrong_sink_is_a_config_error(
 
 
 def test_a_missing_url_file_names_it(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="sink.url_file: cannot read secret file"):
+    with pytest.raises(ConfigError, match=r"sink\.url_file: cannot read secret file"):
         load_config(write(tmp_path, "sink:\n  kind: postgres\n  url_file: /nonexistent\n"), env={})
