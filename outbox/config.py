@@ -114,6 +114,9 @@ class EIAConfig(_Model):
     page_length: int = Field(5000, ge=1, le=5000)
     max_requests_per_second: float = Field(1.0, gt=0, le=5)
     max_requests_per_hour: int = Field(2000, ge=1, le=9000)
+    max_burst: int = Field(3, ge=1, le=5)
+    """Requests that may start together after a pause (the average stays at
+    max_requests_per_second; never more than EIA's 5 in any second)."""
     max_in_flight: int = Field(4, ge=1, le=16)
     """EIA requests a live fetch keeps in flight at once (1: one after another)."""
     retry: RetryConfig = Field(default_factory=RetryConfig)

@@ -202,6 +202,7 @@ def eia_client(config: Config, http: httpx.Client) -> EIAClient:
         retry=retry_policy(e.retry),
         max_per_second=e.max_requests_per_second,
         max_per_hour=e.max_requests_per_hour,
+        burst=e.max_burst,
         max_in_flight=e.max_in_flight,
     )
 

@@ -581,3 +581,36 @@ def test_replay_bad_file_names_the_file(tmp_path: Path, content: bytes, cause: s
 def test_replay_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(SourceFatalError, match="does not exist"):
         list(iter_replay_pages(tmp_path / "nope"))
+
+
+def test_rate_limiter_burst_then_the_average_rate() -> None:
+    fake = FakeTime()
+    limiter = RateLimiter(2.0, 0, burst=3, sleep=fake.sleep, clock=fake.clock)
+
+    slots = [limiter.reserve()[0] - fake.now for _ in range(6)]
+
+    # Three at once, then one every 1/2 s: the bucket refills at the average rate.
+    assert slots == pytest.approx([0.0, 0.0, 0.0, 0.5, 1.0, 1.5])
+
+
+def test_rate_limiter_bucket_refills_after_a_pause() -> None:
+    fake = FakeTime()
+    limiter = RateLimiter(1.0, 0, burst=2, sleep=fake.sleep, clock=fake.clock)
+    assert [limiter.acquire() for _ in range(3)] == pytest.approx([0.0, 0.0, 1.0])
+    fake.sleep(10.0)  # idle: the bucket is full again, but holds no more than the burst
+    assert [limiter.acquire() for _ in range(3)] == pytest.approx([0.0, 0.0, 1.0])
+
+
+def test_rate_limiter_never_starts_more_than_eia_allows_in_a_second() -> None:
+    fake = FakeTime()
+    limiter = RateLimiter(5.0, 0, burst=5, sleep=fake.sleep, clock=fake.clock)
+
+    slots = [limiter.reserve()[0] for _ in range(40)]
+
+    for i in range(len(slots) - 5):
+        assert slots[i + 5] - slots[i] >= 1.0 - 1e-9  # at most 5 in any second
+
+
+def test_rate_limiter_refuses_a_burst_below_one() -> None:
+    with pytest.raises(ValueError, match="burst"):
+        RateLimiter(1.0, 0, burst=0)

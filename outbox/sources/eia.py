@@ -77,12 +77,22 @@ _SNIPPET = 160
 NOT_JSON = object()
 
 
+# EIA suspends a key that makes more than about 5 requests in a second (eia-v2 contract).
+EIA_MAX_PER_SECOND = 5
+
+
 class RateLimiter:
-    """Client-side limit: requests spaced by ``1/max_per_second`` and at most
-    ``max_per_hour`` in any sliding hour. ``sleep`` and ``clock`` are injectable.
+    """Client-side limit: on average ``max_per_second`` requests a second, up to ``burst``
+    of them at once after a pause, never more than EIA's 5 in any sliding second, and at
+    most ``max_per_hour`` in any sliding hour. ``sleep`` and ``clock`` are injectable.
+
+    The average and the burst are a token bucket, kept as its theoretical arrival time
+    (GCRA): a request may start ``(burst - 1)`` intervals before its turn in an even
+    spacing. ``burst=1`` spaces every request by ``1/max_per_second``. The hourly run's
+    three requests (one per route) go out together under the default burst of 3.
 
     Thread-safe: each caller reserves the next free slot under a lock and waits for it
-    outside the lock, so concurrent callers start one interval apart, never closer.
+    outside the lock, so concurrent callers never start closer than the limits allow.
     """
 
     def __init__(
@@ -90,14 +100,19 @@ class RateLimiter:
         max_per_second: float,
         max_per_hour: int,
         *,
+        burst: int = 1,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if burst < 1:
+            raise ValueError(f"burst must be at least 1, got {burst}")
         self._interval = 1.0 / max_per_second if max_per_second > 0 else 0.0
+        self._tolerance = (burst - 1) * self._interval
         self._per_hour = max_per_hour
         self._sleep = sleep
         self._clock = clock
         self._recent: deque[float] = deque()
+        self._tat: float | None = None
         self._lock = threading.Lock()
 
     def acquire(self, sleep: Callable[[float], None] | None = None) -> float:
@@ -111,21 +126,25 @@ class RateLimiter:
         """Take the next free slot: ``(its clock time, seconds from now until it)``."""
         with self._lock:
             now = self._clock()
-            # A fake sleep may not advance a fake clock: never grant a slot before the last.
-            wait = self._wait_needed(now)
-            slot = now + max(wait, 0.0)
+            slot = self._next_slot(now)
             self._recent.append(slot)
-            return slot, wait
+            self._tat = max(self._tat if self._tat is not None else slot, slot) + self._interval
+            return slot, slot - now
 
-    def _wait_needed(self, now: float) -> float:
+    def _next_slot(self, now: float) -> float:
         while self._recent and self._recent[0] <= now - 3600.0:
             self._recent.popleft()
-        wait = 0.0
+        slot = now
+        if self._tat is not None:
+            slot = max(slot, self._tat - self._tolerance)
         if self._recent:
-            wait = self._recent[-1] + self._interval - now
+            # A fake sleep may not advance a fake clock: never grant a slot before the last.
+            slot = max(slot, self._recent[-1])
+        if len(self._recent) >= EIA_MAX_PER_SECOND:
+            slot = max(slot, self._recent[-EIA_MAX_PER_SECOND] + 1.0)
         if self._per_hour > 0 and len(self._recent) >= self._per_hour:
-            wait = max(wait, self._recent[-self._per_hour] + 3600.0 - now)
-        return wait
+            slot = max(slot, self._recent[-self._per_hour] + 3600.0)
+        return slot
 
 
 @dataclass(frozen=True)
@@ -162,6 +181,7 @@ class EIAClient:
         retry: RetryPolicy = RetryPolicy(),
         max_per_second: float = 1.0,
         max_per_hour: int = 2000,
+        burst: int = 1,
         max_in_flight: int = 1,
         sleep: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -182,7 +202,9 @@ class EIAClient:
         self._real_sleep = sleep is None
         self._sleep = sleep or time.sleep
         self._clock = clock
-        self._limiter = RateLimiter(max_per_second, max_per_hour, sleep=self._sleep, clock=clock)
+        self._limiter = RateLimiter(
+            max_per_second, max_per_hour, burst=burst, sleep=self._sleep, clock=clock
+        )
         self.max_in_flight = max_in_flight
         self._count_lock = threading.Lock()
         self.requests_made = 0
