@@ -153,17 +153,36 @@ class Checker:
     ) -> None:
         """Judge the rows ``keys`` a stage just wrote, or mark their hours for
         :meth:`finish` (see the module docstring)."""
+        if self.deferring:
+            self.mark(cur, keys, None, revised_after, run_id, now)
+            return
         self._know(cur, set(map(itemgetter(0), keys)))
         scopes = self._scopes(keys)
-        if self.deferring:
-            pending.mark(cur, scopes, run_id)
-            outcome = self._large_revisions(cur, revised_after)
-            if outcome.findings or outcome.evaluated:
-                self._store(cur, outcome, [], now)
-            return
         outcome = self._judge(cur, scopes)
         _extend(outcome, self._large_revisions(cur, revised_after))
         self._store(cur, outcome, keys, now)
+
+    def mark(
+        self,
+        cur: sqlite3.Cursor,
+        keys: list[tuple[str, str]],
+        span: tuple[list[str], str, str] | None,
+        revised_after: int,
+        run_id: int | None,
+        now: str,
+    ) -> None:
+        """Mark the hours a stage wrote for :meth:`finish`: ``span`` (the page's BAs, its
+        first and last hour) when given, else the hours of ``keys``; and judge the
+        revisions it recorded (large_revision reads no frame)."""
+        if span is not None:
+            bas, lo, hi = span
+            pending.mark(cur, [dict.fromkeys(bas, (ts_hour(lo), ts_hour(hi)))], run_id)
+        elif keys:
+            self._know(cur, set(map(itemgetter(0), keys)))
+            pending.mark(cur, self._scopes(keys), run_id)
+        outcome = self._large_revisions(cur, revised_after)
+        if outcome.findings or outcome.evaluated:
+            self._store(cur, outcome, [], now)
 
     def finish(self, store: Store, now: str | None = None) -> None:
         """Judge every hour marked as staged and not judged (this run's, and any a killed
@@ -286,7 +305,10 @@ class Checker:
     def _large_revisions(self, cur: sqlite3.Cursor, revised_after: int) -> Outcome:
         """large_revision: the revisions this stage recorded, against their old values."""
         out = Outcome()
-        for sid, ts, old, new in cur.execute(_REVISED, (revised_after,)).fetchall():
+        revised = cur.execute(_REVISED, (revised_after,)).fetchall()
+        if revised:
+            self._know(cur, {r[0] for r in revised})
+        for sid, ts, old, new in revised:
             known = self._series.get(sid)
             if known is None:
                 continue
