@@ -186,24 +186,28 @@ class Checker:
 
     def finish(self, store: Store, now: str | None = None) -> None:
         """Judge every hour marked as staged and not judged (this run's, and any a killed
-        run left), then delete the markers: one transaction."""
+        run left) and delete the markers: one transaction per pass of at most about
+        :data:`~outbox.quality.pending.CHUNK_ROWS` rows, which also re-marks the hours
+        still to judge (a kill between passes loses nothing)."""
         from outbox.timeutil import now_ts
 
-        with store.write() as conn:
-            cur = store.cursor(conn)
-            newest, runs = pending.read(cur, sum(self.context) + 1)
-            if not newest:
-                return
-            self._know(cur, None)
-            counts: dict[str, int] = defaultdict(int)
-            for ba, _ds in self._series.values():
-                counts[ba] += 1
-            stamp = now or now_ts()
-            for scope in pending.chunks(runs, counts):
-                self._store(cur, self._judge(cur, [scope]), [], stamp)
-            pending.clear(cur, newest)
-            crashpoint("quality.judged")
-            cur.close()
+        stamp = now or now_ts()
+        while True:
+            with store.write() as conn:
+                cur = store.cursor(conn)
+                newest, runs = pending.read(cur, sum(self.context) + 1)
+                if not newest:
+                    return
+                self._know(cur, None)
+                counts: dict[str, int] = defaultdict(int)
+                for ba, _ds in self._series.values():
+                    counts[ba] += 1
+                first, *rest = pending.chunks(runs, counts)
+                self._store(cur, self._judge(cur, [first]), [], stamp)
+                pending.clear(cur, newest)
+                pending.mark(cur, rest, None)
+                crashpoint("quality.judged")
+                cur.close()
 
     def _judge(self, cur: sqlite3.Cursor, scopes: list[Scope]) -> Outcome:
         """The frame rules and dropped_series over ``scopes``."""

@@ -2,12 +2,13 @@
 
 With no rule set to quarantine, nothing the checks find changes what a send may claim,
 so the frame rules need not run in each page's transaction. Each staging transaction
-records instead, per BA, the runs of hours it wrote (:func:`mark`, in that transaction:
-the markers commit with the rows or not at all). At the end of the fetch run,
-:meth:`outbox.quality.engine.Checker.finish` judges every marker at once, in large
-vectorized passes, and deletes them in the same transaction (:func:`clear`). A kill in
-between leaves the markers, and the next fetch run judges them.
-"""
+records instead, per BA, the hours it wrote (:func:`mark`, in that transaction: the
+markers commit with the rows or not at all). At the end of the fetch run,
+:meth:`outbox.quality.engine.Checker.finish` judges them in a few large vectorized
+passes of at most about :data:`CHUNK_ROWS` rows; each pass, in one transaction, stores
+its findings, deletes every marker (:func:`clear`) and marks again the hours still to
+judge. A kill anywhere leaves the markers of what is not judged, and the next fetch
+run judges them: no finding is lost."""
 
 from __future__ import annotations
 
