@@ -256,17 +256,8 @@ class Staging:
                 cur, prepared, page, page_id, run_id, now
             )
             grouped = self._store.grouped()
-            if written and checker is not None and checker.deferring:
-                # No rule quarantines: mark the hours written, to judge at the run's end.
-                span = (sorted({s[1] for s in series}), *hours) if hours and series else None
-                if span is None and not keys:  # not told: every row offered
-                    keys = [(r[0], r[1]) for r in rows]
-                checker.mark(cur, keys, span, revised_after, run_id, now)
-                crashpoint("stage.checked")
-            elif written and checker is not None and not grouped:
-                # Same transaction: a row a rule dead-letters is never claimed before.
-                checker.check(cur, keys, revised_after, run_id, now)
-                crashpoint("stage.checked")
+            if written and checker is not None and (checker.deferring or not grouped):
+                _judge_written(cur, checker, keys, rows, series, hours, revised_after, run_id, now)
             _upsert_watermarks(cur, [_mark_row(w) for w in watermark_updates], now, run_id)
             _upsert_progress(cur, progress_updates, now, run_id)
             for stream, before in (history_updates or {}).items():
@@ -454,6 +445,31 @@ class Staging:
         now = now or now_ts()
         with self._store.write() as conn:
             return executemany(conn, _MARK_CHECKED, ((s, t, now) for s, t in hours))
+
+
+def _judge_written(
+    cur: sqlite3.Cursor,
+    checker: StageChecker,
+    keys: list[tuple[str, str]],
+    rows: Sequence[Sequence[Any]],
+    series: list[tuple[Any, ...]],
+    hours: tuple[str, str] | None,
+    revised_after: int,
+    run_id: int | None,
+    now: str,
+) -> None:
+    """The checker's part of a stage, in its transaction (outside a write group, or
+    deferring): mark the hours written, or judge the rows."""
+    if checker.deferring:
+        # No rule quarantines: mark the hours written, to judge at the run's end.
+        span = (sorted({s[1] for s in series}), *hours) if hours and series else None
+        if span is None and not keys:  # not told: every row offered
+            keys = [(r[0], r[1]) for r in rows]
+        checker.mark(cur, keys, span, revised_after, run_id, now)
+    else:
+        # Same transaction: a row a rule dead-letters is never claimed before.
+        checker.check(cur, keys, revised_after, run_id, now)
+    crashpoint("stage.checked")
 
 
 def _upsert_rows(
