@@ -11,8 +11,13 @@ Points:
 * ``fetch.page_fetched``        a page is in memory, nothing of it staged
 * ``stage.rows_written``        rows upserted inside the open transaction
 * ``stage.checked``             the quality checks of the staged rows ran (findings and
-                               quarantined rows written), not committed
+                               quarantined rows written, or, with no rule quarantining,
+                               the hours to judge marked), not committed
 * ``stage.before_commit``       rows, page and watermark written, not committed
+* ``quality.pending``           every page of a fetch run committed, with the hours the
+                               deferred (warn-only) checks are to judge marked; not judged
+* ``quality.judged``            the deferred checks ran (findings written, markers
+                               deleted), not committed
 * ``send.after_claim``          a batch is claimed, nothing posted
 * ``send.before_post``          a batch is encoded and about to be posted
 * ``send.after_post``           GridPulse answered 2xx, nothing recorded

@@ -567,6 +567,95 @@ def test_sigkill_fetch_with_quarantine_on_never_lets_a_quarantined_row_out(
             assert {_state(db, k) for k in keys} == {("dead", "QUALITY_SPIKE")}
 
 
+def _table(db: Path, sql: str) -> list[tuple]:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("point", ["quality.pending", "quality.judged"])
+def test_a_kill_before_the_deferred_checks_commit_leaves_markers_the_next_fetch_judges(
+    tmp_path: Path, point: str
+) -> None:
+    """With every rule warning, a fetch run's pages commit with their hours marked and the
+    checks judge them at the end of the run. SIGKILL it after the pages committed, before
+    (or while) the checks run: the rows and markers are there, no finding is, and the
+    next fetch, which writes nothing, judges the marked hours and opens the finding."""
+    db = tmp_path / "o.db"
+    spiked = edit_rows(
+        at("2023-01-04T12", type="D"), lambda r: r.update(value=scale(r["value"], 1.6))
+    )
+    directory = pacw_pages(tmp_path / "p", spiked)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("balancing_authorities: {PACW: PACW}\n")
+    env = outbox_env(db, OUTBOX_CONFIG=str(cfg))
+    killed = outbox("fetch", "--replay", str(directory), env={**env, "OUTBOX_CRASH_AT": point})
+    assert killed.returncode == -9, killed.stderr
+    assert _table(db, "SELECT count(*) FROM observations")[0][0] > 0
+    marked = _table(db, "SELECT ba, lo, hi FROM quality_pending")
+    assert {ba for ba, _lo, _hi in marked} == {"PACW"}
+    assert min(lo for _ba, lo, _hi in marked) <= "2023-01-04T12:00:00Z"
+    assert max(hi for _ba, _lo, hi in marked) >= "2023-01-04T12:00:00Z"
+    assert found(db) == set()
+    again = outbox("fetch", "--replay", str(directory), env=env)
+    assert again.returncode == 0, again.stderr
+    assert found(db) == {
+        ("spike", "PACW", "EIA.PACW.demand", "2023-01-04T12:00:00Z", "2023-01-04T12:00:00Z")
+    }
+    assert _table(db, "SELECT count(*) FROM quality_pending") == [(0,)]
+    (counts,) = _table(db, "SELECT counts FROM runs WHERE stage = 'fetch' ORDER BY id DESC")[0]
+    assert json.loads(counts)["written"] == 0
+    assert json.loads(counts)["findings_opened"] == 1
+
+
+def test_the_deferred_checks_in_many_small_passes_find_what_one_pass_finds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Passes of a few rows each (every BA's hours cut in pieces, each reading its own
+    context) open the same findings as the default single pass, and leave no marker."""
+    from outbox.quality import pending
+
+    def edit(name: str, rows: Rows) -> None:
+        for r in rows:
+            if r["period"] == "2023-01-04T12" and r.get("type") == "D":
+                r["value"] = scale(r["value"], 1.6)
+            if "2023-01-05T06" <= r["period"] <= "2023-01-05T13" and r.get("type") == "D":
+                r["value"] = "4321"
+
+    directory = pacw_pages(tmp_path / "p", edit)
+    replay(tmp_path / "one.db", directory, **PACW)
+    monkeypatch.setattr(pending, "CHUNK_ROWS", 200)
+    replay(tmp_path / "many.db", directory, **PACW)
+    assert found(tmp_path / "many.db") == found(tmp_path / "one.db")
+    assert {f[0] for f in found(tmp_path / "one.db")} >= {"spike", "flat_line"}
+    assert _table(tmp_path / "many.db", "SELECT count(*) FROM quality_pending") == [(0,)]
+
+
+def test_with_a_rule_quarantining_the_checks_judge_in_the_staging_transaction(
+    tmp_path: Path,
+) -> None:
+    """A kill right after a page's checks (before its commit) and a rerun: nothing was
+    ever marked to judge later, and the spike is dead-lettered by the page that staged it."""
+    db = tmp_path / "o.db"
+    spiked = edit_rows(
+        at("2023-01-04T12", type="D"), lambda r: r.update(value=scale(r["value"], 1.6))
+    )
+    directory = pacw_pages(tmp_path / "p", spiked)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "balancing_authorities: {PACW: PACW}\nquality: {rules: {spike: {action: quarantine}}}\n"
+    )
+    env = outbox_env(db, OUTBOX_CONFIG=str(cfg))
+    killed = outbox(
+        "fetch", "--replay", str(directory), env={**env, "OUTBOX_CRASH_AT": "quality.pending"}
+    )
+    assert killed.returncode == 0, killed.stderr  # that point is never reached
+    assert _table(db, "SELECT count(*) FROM quality_pending") == [(0,)]
+    assert _state(db, SPIKE) == ("dead", "QUALITY_SPIKE")
+
+
 def test_overrides_go_rule_then_dataset_then_ba() -> None:
     from outbox.config import QualityConfig
     from outbox.quality.settings import Resolver

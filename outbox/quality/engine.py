@@ -1,15 +1,25 @@
-"""The quality engine: judge the rows a stage wrote, in the stage's transaction.
+"""The quality engine: judge the rows a fetch staged.
 
-:class:`Checker` is what :meth:`outbox.store.stage.Staging.stage` calls after its upsert. It reads
-the rows around the hours written (per BA, :func:`outbox.quality.rules.context_hours`
-each side, never the whole outbox), runs the rules, and then, in the same transaction:
+:class:`Checker` is what :meth:`outbox.store.stage.Staging.stage` calls after its upsert,
+inside its transaction. Two ways to judge, by configuration:
+
+* **Some rule quarantines** (``action: quarantine`` anywhere): every rule judges the rows
+  in the transaction that stages them, so a row a rule dead-letters is never claimed by
+  a send before the check has run. A kill loses the check together with the rows.
+* **Every rule warns** (the default): the transaction records, per BA, the hours it wrote
+  (:mod:`outbox.quality.pending`) and judges only ``large_revision`` (the revisions it
+  just recorded, no frame); :meth:`Checker.finish`, at the end of the fetch run, judges
+  every marked hour in a few large passes and deletes the markers in its transaction. A
+  kill in between leaves the markers for the next fetch run.
+
+A pass reads the rows around the hours judged (per BA,
+:func:`outbox.quality.rules.context_hours` each side, never the whole outbox), runs the
+rules, and then, in the same transaction:
 
 * stores each finding, or updates the open one it repeats (``last_seen``, ``end``);
 * resolves the open findings in the hours a rule evaluated that it did not find again;
 * dead-letters the rows a ``quarantine`` rule judged, among those this stage wrote, with
   code ``QUALITY_<RULE>``; a resolved finding puts its rows back to pending.
-
-A kill at any point loses the check together with the rows it judged.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from outbox import datasets
 from outbox.config import Config
+from outbox.crash import crashpoint
+from outbox.quality import pending
 from outbox.quality.frame import Frame, SeriesInfo, read_frame
 from outbox.quality.rules import FRAME_RULES, Evaluated, Finding, Outcome, Scope, context_hours
 from outbox.quality.settings import Resolver
@@ -29,6 +41,8 @@ from outbox.timeutil import hour_ts, ts_hour
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from outbox.store.handle import Store
 
 EVERY_HOUR = (-(2**40), 2**40)
 REGION_GROUP = frozenset({"demand", "net_generation", "interchange"})
@@ -89,6 +103,8 @@ class Checker:
         self.config = config
         self.resolver = Resolver(config.quality)
         self.context = context_hours(self.resolver)
+        self.deferring = not self.resolver.any_quarantine()
+        """Whether the frame rules wait for :meth:`finish` (no rule quarantines)."""
         self.opened = 0
         self.resolved = 0
         self.quarantined = 0
@@ -97,6 +113,7 @@ class Checker:
         self._ba_of: dict[str, str] = {}
         self._keys: list[tuple[str, str]] = []
         self._revised_after: int | None = None
+        self._run_id: int | None = None
         self._now = ""
 
     def counts(self) -> dict[str, int]:
@@ -114,7 +131,7 @@ class Checker:
         self._keys.extend(keys)
         if self._revised_after is None:
             self._revised_after = revised_after
-        self._now = now
+        self._run_id, self._now = run_id, now
 
     def deferred(self) -> bool:
         """Whether deferred rows wait for :meth:`flush`."""
@@ -124,7 +141,7 @@ class Checker:
         """Judge the deferred rows together."""
         keys, self._keys = self._keys, []
         after, self._revised_after = self._revised_after or 0, None
-        self.check(cur, keys, after, None, self._now)
+        self.check(cur, keys, after, self._run_id, self._now)
 
     def check(
         self,
@@ -134,9 +151,66 @@ class Checker:
         run_id: int | None,
         now: str,
     ) -> None:
-        """Judge the rows ``keys`` a stage just wrote (see the module docstring)."""
+        """Judge the rows ``keys`` a stage just wrote, or mark their hours for
+        :meth:`finish` (see the module docstring)."""
+        if self.deferring:
+            self.mark(cur, keys, None, revised_after, run_id, now)
+            return
         self._know(cur, set(map(itemgetter(0), keys)))
         scopes = self._scopes(keys)
+        outcome = self._judge(cur, scopes)
+        _extend(outcome, self._large_revisions(cur, revised_after))
+        self._store(cur, outcome, keys, now)
+
+    def mark(
+        self,
+        cur: sqlite3.Cursor,
+        keys: list[tuple[str, str]],
+        span: tuple[list[str], str, str] | None,
+        revised_after: int,
+        run_id: int | None,
+        now: str,
+    ) -> None:
+        """Mark the hours a stage wrote for :meth:`finish`: ``span`` (the page's BAs, its
+        first and last hour) when given, else the hours of ``keys``; and judge the
+        revisions it recorded (large_revision reads no frame)."""
+        if span is not None:
+            bas, lo, hi = span
+            pending.mark(cur, [dict.fromkeys(bas, (ts_hour(lo), ts_hour(hi)))], run_id)
+        elif keys:
+            self._know(cur, set(map(itemgetter(0), keys)))
+            pending.mark(cur, self._scopes(keys), run_id)
+        outcome = self._large_revisions(cur, revised_after)
+        if outcome.findings or outcome.evaluated:
+            self._store(cur, outcome, [], now)
+
+    def finish(self, store: Store, now: str | None = None) -> None:
+        """Judge every hour marked as staged and not judged (this run's, and any a killed
+        run left) and delete the markers: one transaction per pass of at most about
+        :data:`~outbox.quality.pending.CHUNK_ROWS` rows, which also re-marks the hours
+        still to judge (a kill between passes loses nothing)."""
+        from outbox.timeutil import now_ts
+
+        stamp = now or now_ts()
+        while True:
+            with store.write() as conn:
+                cur = store.cursor(conn)
+                newest, runs = pending.read(cur, sum(self.context) + 1)
+                if not newest:
+                    return
+                self._know(cur, None)
+                counts: dict[str, int] = defaultdict(int)
+                for ba, _ds in self._series.values():
+                    counts[ba] += 1
+                first, *rest = pending.chunks(runs, counts)
+                self._store(cur, self._judge(cur, [first]), [], stamp)
+                pending.clear(cur, newest)
+                pending.mark(cur, rest, None)
+                crashpoint("quality.judged")
+                cur.close()
+
+    def _judge(self, cur: sqlite3.Cursor, scopes: list[Scope]) -> Outcome:
+        """The frame rules and dropped_series over ``scopes``."""
         outcome = Outcome()
         for scope in scopes:
             frame = self._frame(cur, scope)
@@ -148,13 +222,13 @@ class Checker:
                     outcome.evaluated.extend(_whole(rule, scope))
         if scopes:
             _extend(outcome, self._dropped(cur, {ba: r for s in scopes for ba, r in s.items()}))
-        _extend(outcome, self._large_revisions(cur, revised_after))
-        self._store(cur, outcome, keys, now)
+        return outcome
 
     # -- reading -------------------------------------------------------------------
 
-    def _know(self, cur: sqlite3.Cursor, sids: Iterable[str]) -> None:
-        if all(s in self._series for s in sids):
+    def _know(self, cur: sqlite3.Cursor, sids: Iterable[str] | None) -> None:
+        """Read the series table when a series in ``sids`` is new (None: always)."""
+        if sids is not None and all(s in self._series for s in sids):
             return
         for sid, ba, type_, sub in cur.execute("SELECT series_id, ba, type, subtype FROM series"):
             ds = dataset_of(type_, sub)
@@ -235,7 +309,10 @@ class Checker:
     def _large_revisions(self, cur: sqlite3.Cursor, revised_after: int) -> Outcome:
         """large_revision: the revisions this stage recorded, against their old values."""
         out = Outcome()
-        for sid, ts, old, new in cur.execute(_REVISED, (revised_after,)).fetchall():
+        revised = cur.execute(_REVISED, (revised_after,)).fetchall()
+        if revised:
+            self._know(cur, {r[0] for r in revised})
+        for sid, ts, old, new in revised:
             known = self._series.get(sid)
             if known is None:
                 continue

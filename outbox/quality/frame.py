@@ -25,9 +25,10 @@ if TYPE_CHECKING:
 Scope = dict[str, tuple[int, int]]
 """BA -> (first, last) hour written."""
 
+# The first and last hour of a range: two seeks on the primary key (no scan).
 _SPAN = """
-SELECT min(ts), max(ts), count(*) FROM observations
-WHERE series_id = ?1 AND ts >= ?2 AND ts <= ?3
+SELECT (SELECT min(ts) FROM observations WHERE series_id = ?1 AND ts >= ?2 AND ts <= ?3),
+       (SELECT max(ts) FROM observations WHERE series_id = ?1 AND ts >= ?2 AND ts <= ?3)
 """
 _VALUES = "SELECT value FROM observations WHERE series_id = ?1 AND ts >= ?2 AND ts <= ?3"
 _ROWS = """
@@ -89,16 +90,18 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def _read(cur: sqlite3.Cursor, sid: str, lo: int, hi: int) -> tuple[list[int], list[float]]:
     """(hours, values) of a series' non-missing rows in ``lo..hi``."""
     params = (sid, _ts(lo), _ts(hi))
-    first, last, n = cur.execute(_SPAN, params).fetchone()
-    if not n:
+    first, last = cur.execute(_SPAN, params).fetchone()
+    if first is None:
         return [], []
-    h0, h1 = _hour(first), _hour(last)
-    if h1 - h0 + 1 == n and first.endswith(":00:00Z") and last.endswith(":00:00Z"):
-        values = [v for (v,) in cur.execute(_VALUES, params).fetchall()]
-        if None not in values:
-            return list(range(h0, h1 + 1)), values
-        hours = [h for h, v in zip(range(h0, h1 + 1), values, strict=True) if v is not None]
-        return hours, [v for v in values if v is not None]
+    if first.endswith(":00:00Z") and last.endswith(":00:00Z"):
+        h0, h1 = _hour(first), _hour(last)
+        rows = cur.execute(_VALUES, params).fetchall()
+        if len(rows) == h1 - h0 + 1:  # every hour: the hours follow from the first
+            values = [v for (v,) in rows]
+            if None not in values:
+                return list(range(h0, h1 + 1)), values
+            hours = [h for h, v in zip(range(h0, h1 + 1), values, strict=True) if v is not None]
+            return hours, [v for v in values if v is not None]
     rows = cur.execute(_ROWS, params).fetchall()
     return [h for h, _ in rows], [v for _, v in rows]
 
@@ -130,7 +133,10 @@ def read_frame(
     if not sids:
         return None
     info = [series[s] for s in sids]
-    ds = pd.Categorical(np.repeat(np.array([i.ds for i in info], dtype=object), counts))
+    names = sorted({i.ds for i in info})  # the categories pd.Categorical would infer
+    number = {name: k for k, name in enumerate(names)}
+    codes = np.repeat(np.array([number[i.ds] for i in info], dtype=np.int8), counts)
+    ds = pd.Categorical.from_codes(codes, categories=names)
     return pd.DataFrame(
         {
             "sid": np.repeat(np.array(sids, dtype=object), counts),

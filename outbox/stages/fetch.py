@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime
 
 from outbox.config import Config
+from outbox.crash import crashpoint
 from outbox.errors import SourceFatalError
 from outbox.logsetup import scoped
 from outbox.normalize import SKIP_REASONS
@@ -114,6 +115,10 @@ def _fetch_run(
                 store.staging.checker = result.quality = Checker(config)
             try:
                 yield fetcher
+                if result.quality is not None and result.quality.deferring:
+                    # Every page is committed with its hours marked: judge them all now.
+                    crashpoint("quality.pending")
+                    result.quality.finish(store)
             finally:
                 store.staging.checker = None
     if fill:

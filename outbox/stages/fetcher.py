@@ -397,6 +397,7 @@ class Fetcher:
             progress_updates=progress,
             history_updates=history,
             run_id=self.run_id,
+            hours=_page_hours(norm),
         )
         # Pages staged ahead are compressed ahead too while pages keep bringing new rows
         # (a backfill); while they bring nothing new (a re-run) the page is never stored.
@@ -466,3 +467,10 @@ def _param_list(params: dict[str, Any], names: Sequence[str]) -> list[str]:
         if values:
             return [str(v) for v in values]
     return []
+
+
+def _page_hours(norm: Normalized) -> tuple[str, str] | None:
+    """The first and last hour of a page's valid rows (None: it has none)."""
+    if not norm.stream_min or not norm.stream_max:
+        return None
+    return min(norm.stream_min.values()), max(norm.stream_max.values())

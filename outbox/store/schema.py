@@ -226,3 +226,16 @@ findings = Table(
 )
 Index("ix_findings_rule_ba_start", findings.c.rule, findings.c.ba, findings.c.start)
 Index("ix_findings_end", findings.c.end)
+
+# Hours a fetch staged that the warn-only quality checks have not judged yet: per BA, a
+# run of hours (``lo``..``hi``), written in the staging transaction, deleted by the
+# end-of-run pass that judges them (outbox/quality/pending.py).
+quality_pending = Table(
+    "quality_pending",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ba", Text, nullable=False),
+    Column("lo", Text, nullable=False),
+    Column("hi", Text, nullable=False),
+    Column("run_id", Integer, nullable=True),
+)

@@ -159,6 +159,22 @@ class StageChecker(Protocol):
     """What :meth:`Staging.stage` calls, inside its transaction, after writing rows
     (the data-quality engine, outbox.quality.engine.Checker)."""
 
+    deferring: bool
+    """Whether the checks only mark the hours written (:meth:`mark`), to judge them at
+    the end of the run (no rule quarantines), instead of judging them (:meth:`check`)."""
+
+    def mark(
+        self,
+        cur: sqlite3.Cursor,
+        keys: list[tuple[str, str]],
+        span: tuple[list[str], str, str] | None,
+        revised_after: int,
+        run_id: int | None,
+        now: str,
+    ) -> None:
+        """Mark the hours written: ``span`` (BAs, first and last hour) when given, else
+        those of ``keys``; judge the revisions recorded after id ``revised_after``."""
+
     def check(
         self,
         cur: sqlite3.Cursor,
@@ -202,10 +218,15 @@ class Staging:
         history_updates: Mapping[str, str | None] | None = None,
         run_id: int | None = None,
         now: str | None = None,
+        hours: tuple[str, str] | None = None,
     ) -> StageResult:
         """Upsert observation rows, the page they came from, watermarks, stream
         progress and history markers (stream -> hour, None to clear; see
         :meth:`history_markers`) atomically.
+
+        ``hours``: the first and last hour of the rows (the page's), when the caller
+        knows them: deferred quality checks mark them for the series' BAs instead of
+        reading back the keys written.
 
         ``rows`` are tuples in :data:`ROW_COLUMNS` order (or a :class:`RowBatch` of
         them); ``series_rows`` in :data:`SERIES_COLUMNS` order. The page is stored only
@@ -228,16 +249,15 @@ class Staging:
             page_id = None
             if page is not None:
                 page_id = cur.execute("SELECT coalesce(max(id), 0) + 1 FROM pages").fetchone()[0]
-            _insert_series(cur, [tuple(s) for s in series_rows], now)
+            series = [tuple(s) for s in series_rows]
+            _insert_series(cur, series, now)
             checker = self.checker
             written, keys, revised_after = self._write_rows(
                 cur, prepared, page, page_id, run_id, now
             )
             grouped = self._store.grouped()
-            if written and checker is not None and not grouped:
-                # Same transaction: a row a rule dead-letters is never claimed before.
-                checker.check(cur, keys, revised_after, run_id, now)
-                crashpoint("stage.checked")
+            if written and checker is not None and (checker.deferring or not grouped):
+                _judge_written(cur, checker, keys, rows, series, hours, revised_after, run_id, now)
             _upsert_watermarks(cur, [_mark_row(w) for w in watermark_updates], now, run_id)
             _upsert_progress(cur, progress_updates, now, run_id)
             for stream, before in (history_updates or {}).items():
@@ -246,7 +266,7 @@ class Staging:
                 self._check_bytes(cur, limit, pages_before)
             cur.close()
             crashpoint("stage.before_commit")
-        if written and checker is not None and grouped:
+        if written and checker is not None and grouped and not checker.deferring:
             # In a write group the checks run once, on every page's rows, before it commits.
             checker.defer(keys, revised_after, run_id, now)
         if limit is not None:
@@ -285,7 +305,7 @@ class Staging:
             if page is not None:
                 _insert_page(cur, page_id, run_id, page, now)
             revised_after = _last_revision_id(cur) if checker is not None else 0
-            if checker is None:
+            if checker is None or checker.deferring:
                 written = _upsert_json(cur, prepared, page_id, now)
             else:
                 keys = _upsert_json(cur, prepared, page_id, now, returning=True)
@@ -425,6 +445,31 @@ class Staging:
         now = now or now_ts()
         with self._store.write() as conn:
             return executemany(conn, _MARK_CHECKED, ((s, t, now) for s, t in hours))
+
+
+def _judge_written(
+    cur: sqlite3.Cursor,
+    checker: StageChecker,
+    keys: list[tuple[str, str]],
+    rows: Sequence[Sequence[Any]],
+    series: list[tuple[Any, ...]],
+    hours: tuple[str, str] | None,
+    revised_after: int,
+    run_id: int | None,
+    now: str,
+) -> None:
+    """The checker's part of a stage, in its transaction (outside a write group, or
+    deferring): mark the hours written, or judge the rows."""
+    if checker.deferring:
+        # No rule quarantines: mark the hours written, to judge at the run's end.
+        span = (sorted({s[1] for s in series}), *hours) if hours and series else None
+        if span is None and not keys:  # not told: every row offered
+            keys = [(r[0], r[1]) for r in rows]
+        checker.mark(cur, keys, span, revised_after, run_id, now)
+    else:
+        # Same transaction: a row a rule dead-letters is never claimed before.
+        checker.check(cur, keys, revised_after, run_id, now)
+    crashpoint("stage.checked")
 
 
 def _upsert_rows(
