@@ -125,11 +125,11 @@ def run_profile(work: Path, template: Path, rows: int) -> dict[str, Any]:
 
     with send_profile.profiled() as phases:
         seconds, receiver_cpu = _send_once(work, template, rows)
-    cpu = {name: v["cpu_s"] for name, v in phases.report(rows).items()}
-    ours_cpu = sum(v for k, v in cpu.items() if k != "wait_acks")
+    report = phases.report(rows)
+    ours_cpu = sum(v["cpu_s"] for k, v in report.items() if k != "wait_acks")
     return {
         "seconds": round(seconds, 3),
-        "phases": phases.report(rows),
+        "phases": report,
         "ours_cpu_us_per_row": round(ours_cpu / rows * 1e6, 2),
         "receiver_cpu_us_per_row": (
             round(receiver_cpu / rows * 1e6, 2) if receiver_cpu is not None else None

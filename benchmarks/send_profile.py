@@ -59,14 +59,14 @@ class Phases:
 
     def report(self, rows: int) -> dict[str, Any]:
         """Per phase: CPU and wall seconds, and CPU microseconds a row."""
-        cpu = dict(self.cpu)
+        cpu, wall = dict(self.cpu), dict(self.wall)
         if "prepare" in cpu:  # prepare includes the gzip it calls
             cpu["encode"] = cpu.pop("prepare") - cpu.get("gzip", 0.0)
-            self.wall["encode"] = self.wall.pop("prepare") - self.wall.get("gzip", 0.0)
+            wall["encode"] = wall.pop("prepare") - wall.get("gzip", 0.0)
         return {
             name: {
                 "cpu_s": round(seconds, 3),
-                "wall_s": round(self.wall[name], 3),
+                "wall_s": round(wall[name], 3),
                 "cpu_us_per_row": round(seconds / rows * 1e6, 2),
             }
             for name, seconds in sorted(cpu.items())
