@@ -125,6 +125,7 @@ class Delivery:
         With ``after`` (a ``(ts, series_id)`` key), only rows ordered after that key.
         """
         now = now or now_ts()
+        params: tuple[Any, ...]
         if after is None:
             sql, joined, params = _CLAIM, _CLAIM_JOINED, (now, limit)
         else:
