@@ -121,18 +121,49 @@ def run_floor(work: Path, prepared: list[tuple[str, bytes, int]]) -> float:
 
 def run_ours(work: Path, template: Path, rows: int) -> float:
     """run_send on a fresh copy of the pending outbox, to a fresh receiver."""
+    seconds, _ = _send_once(work, template, rows)
+    return seconds
+
+
+def run_profile(work: Path, template: Path, rows: int) -> dict[str, Any]:
+    """One more run of ours with each phase's CPU counted (see send_profile.py)."""
+    import send_profile
+
+    with send_profile.profiled() as phases:
+        seconds, receiver_cpu = _send_once(work, template, rows)
+    report = phases.report(rows)
+    ours_cpu = sum(v["cpu_s"] for k, v in report.items() if k != "wait_acks")
+    return {
+        "seconds": round(seconds, 3),
+        "phases": report,
+        "ours_cpu_us_per_row": round(ours_cpu / rows * 1e6, 2),
+        "receiver_cpu_us_per_row": (
+            round(receiver_cpu / rows * 1e6, 2) if receiver_cpu is not None else None
+        ),
+        "note": "thread CPU per phase; post's wall less its CPU is waiting for the receiver",
+    }
+
+
+def _send_once(work: Path, template: Path, rows: int) -> tuple[float, float | None]:
+    """Seconds of one run_send of ``rows`` pending rows, and the receiver's CPU seconds."""
+    from send_profile import process_cpu
+
     scratch = Path(tempfile.mkdtemp(dir=work))
     database = scratch / "outbox.db"
     shutil.copyfile(template, database)
     with running_receiver(scratch, api_key=KEY) as receiver, httpx.Client(timeout=60) as http:
         cfg = c.config_for(database, base_url=receiver.base_url)
         sink = GridPulseSink(GridPulseClient(http, receiver.base_url, KEY))
+        pid = receiver.proc.pid if receiver.proc is not None else None
+        before = process_cpu(pid) if pid is not None else None
         with Store.open(database) as store:
             seconds, result = c.timed(lambda: run_send(cfg, store, sink))
+        after = process_cpu(pid) if pid is not None else None
     if result.acked != rows:
         raise RuntimeError(f"send acked {result.acked} of {rows} rows")
     shutil.rmtree(scratch, ignore_errors=True)
-    return seconds
+    spent = after - before if after is not None and before is not None else None
+    return seconds, spent
 
 
 def run_postgres_sink(work: Path, template: Path, rows: int, cluster: Any) -> float:
@@ -242,6 +273,7 @@ def main() -> None:
     p = c.parser(__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--profile", action="store_true", help="one more run, CPU per phase")
     p.add_argument("--sink", choices=("gridpulse", "postgres"), default="gridpulse")
     args = p.parse_args()
     cfg = SETTINGS[args.size]
@@ -260,6 +292,7 @@ def main() -> None:
             if pg is not None:
                 runs["pg_sink"].append(run_postgres_sink(work, template, n, pg))
         hourly = hourly_requests(work)
+        profile = run_profile(work, template, n) if args.profile else None
     per_round = [o / f for o, f in zip(runs["ours"], runs["floor"], strict=True)]
     result = {
         "benchmark": "send",
@@ -280,6 +313,8 @@ def main() -> None:
         },
         "hourly": hourly,
     }
+    if profile is not None:
+        result["profile"] = profile
     if runs["pg_sink"]:
         result["postgres_sink"] = c.figure(n, runs["pg_sink"], note="direct sink, PostgreSQL")
         result["ratios"]["postgres_sink_over_ours"] = round(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import statistics
 import time
 import zlib
@@ -82,6 +83,13 @@ def test_batch_id_is_stable_for_the_same_keys() -> None:
     first = batch_id_of(keys)
     assert first == batch_id_of(iter(list(keys)))
     assert len(first) == 32 and int(first, 16) >= 0
+
+
+def test_batch_id_is_sha256_of_separated_keys() -> None:
+    # The id is part of the wire contract (a retry's Idempotency-Key): pinned to its bytes.
+    keys = [("EIA.PJM.demand", "2025-08-22T14:00:00Z", "r1"), ("EIA.SPP.demand", "x", "r2")]
+    raw = b"EIA.PJM.demand\x1f2025-08-22T14:00:00Z\x1fr1\x1eEIA.SPP.demand\x1fx\x1fr2\x1e"
+    assert batch_id_of(keys) == hashlib.sha256(raw).hexdigest()[:32]
 
 
 def test_batch_id_changes_with_revision_and_order() -> None:

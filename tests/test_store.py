@@ -162,6 +162,27 @@ def test_claim_orders_by_ts_then_series(store: Store) -> None:
     assert (first.ba, first.type, first.subtype, first.units) == ("PJM", "demand", None, "MW")
 
 
+def test_claim_knows_series_staged_after_its_first_claim(store: Store) -> None:
+    _stage(store, [obs(PJM, 1)])
+    assert [c.ba for c in store.delivery.claim(10, ts(100))] == ["PJM"]
+    _stage(store, [obs("EIA.MISO.fuel.WND", 2)])
+    got = [(c.series_id, c.ba, c.type, c.subtype) for c in store.delivery.claim(10, ts(100))]
+    assert got == [(PJM, "PJM", "demand", None), ("EIA.MISO.fuel.WND", "MISO", "fuel", "WND")]
+    after = store.delivery.claim(10, ts(100), after=(ts(1), PJM))
+    assert [(c.ba, c.subtype) for c in after] == [("MISO", "WND")]
+
+
+def test_claim_skips_a_row_without_its_series_row(store: Store, db_path: Path) -> None:
+    _stage(store, [obs(PJM, 1), obs(MISO, 2)])
+    assert len(store.delivery.claim(10, ts(100))) == 2
+    con = sqlite3.connect(db_path)
+    con.execute("DELETE FROM series WHERE series_id = ?", (MISO,))
+    con.commit()
+    con.close()
+    _stage(store, [obs("EIA.SPP.demand", 3)])  # a series the claim's map has not seen
+    assert [c.series_id for c in store.delivery.claim(10, ts(100))] == [PJM, "EIA.SPP.demand"]
+
+
 def test_watermark_never_moves_back(store: Store) -> None:
     _stage(store, [obs(PJM, 10)], [mark("demand:PJM", 10)])
     _stage(store, [obs(PJM, 3)], [mark("demand:PJM", 3)])

@@ -24,35 +24,41 @@ if TYPE_CHECKING:
     from outbox.store.handle import Store
 
 # The due pending rows, as a claim reads them; each claim below orders and bounds them.
-_DUE = """
+# A claim takes each row's ba/type/subtype from the series map the Delivery keeps (series
+# rows are only ever inserted, never changed), not from a join per row (a quarter of the
+# claim's CPU); the newest-due probe and a claim meeting a series the map lacks join.
+_DUE_COLUMNS = """
 SELECT o.series_id, o.ts, o.value, o.units, o.quality_flag, o.revision, o.attempts,
-       s.ba, s.type, s.subtype, o.page_id, o.page_row
+       {series} o.page_id, o.page_row
 FROM observations o INDEXED BY ix_observations_pending_due
-JOIN series s ON s.series_id = o.series_id
-WHERE o.state = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)
 """
-_CLAIM = (
-    _DUE
-    + """ORDER BY o.ts, o.series_id
+_DUE_WHERE = """WHERE o.state = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)
+"""
+_DUE = _DUE_COLUMNS.format(series="") + _DUE_WHERE
+_DUE_JOINED = (
+    _DUE_COLUMNS.format(series="s.ba, s.type, s.subtype,")
+    + "JOIN series s ON s.series_id = o.series_id\n"
+    + _DUE_WHERE
+)
+_FIRST = """ORDER BY o.ts, o.series_id
 LIMIT ?
 """
-)
-# The same, behind a (ts, series_id) key: a sender with a batch in flight claims the next
-# one from where that batch ends (a range seek on the pending index, not a re-scan).
-_CLAIM_AFTER = (
-    _DUE
-    + """  AND (o.ts, o.series_id) > (?, ?)
+# Behind a (ts, series_id) key: a sender with a batch in flight claims the next one from
+# where that batch ends (a range seek on the pending index, not a re-scan).
+_AFTER = """  AND (o.ts, o.series_id) > (?, ?)
 ORDER BY o.ts, o.series_id
 LIMIT ?
 """
-)
+_CLAIM, _CLAIM_JOINED = _DUE + _FIRST, _DUE_JOINED + _FIRST
+_CLAIM_AFTER, _CLAIM_AFTER_JOINED = _DUE + _AFTER, _DUE_JOINED + _AFTER
 # The newest due row: the circuit breaker's probe when the refused batch holds no other row.
 _NEWEST_DUE = (
-    _DUE
+    _DUE_JOINED
     + """ORDER BY o.ts DESC, o.series_id DESC
 LIMIT 1
 """
 )
+_SERIES = "SELECT series_id, ba, type, subtype FROM series"
 # Marks the rows of a JSON array of [series_id, ts, revision] keys acked, in one statement
 # (see stage._UPSERT_JSON): each key updates its row at most once.
 _ACK_JSON = """
@@ -108,6 +114,8 @@ class Delivery:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        # series_id -> (ba, type, subtype): what a claim adds to each row (see _DUE).
+        self._series: dict[str, tuple[Any, ...]] = {}
 
     def claim(
         self, limit: int, now: str | None = None, after: tuple[str, str] | None = None
@@ -117,14 +125,33 @@ class Delivery:
         With ``after`` (a ``(ts, series_id)`` key), only rows ordered after that key.
         """
         now = now or now_ts()
+        params: tuple[Any, ...]
+        if after is None:
+            sql, joined, params = _CLAIM, _CLAIM_JOINED, (now, limit)
+        else:
+            sql, joined, params = _CLAIM_AFTER, _CLAIM_AFTER_JOINED, (now, *after, limit)
         with self._store.read() as conn:
             cur = cursor(conn)
-            if after is None:
-                rows = cur.execute(_CLAIM, (now, limit)).fetchall()
-            else:
-                rows = cur.execute(_CLAIM_AFTER, (now, after[0], after[1], limit)).fetchall()
+            rows = cur.execute(sql, params).fetchall()
+            claimed = self._with_series(cur, rows)
+            if claimed is None:  # a row of a series the map has not seen even reloaded
+                claimed = [Claimed._make(r) for r in cur.execute(joined, params).fetchall()]
             cur.close()
-        return [Claimed._make(r) for r in rows]
+        return claimed
+
+    def _with_series(
+        self, cur: sqlite3.Cursor, rows: list[tuple[Any, ...]]
+    ) -> list[Claimed] | None:
+        """``rows`` (of :data:`_DUE`) with their series' ba/type/subtype from the map,
+        reloaded once when a row's series is not in it; None if one is missing still."""
+        series = self._series
+        try:
+            return [Claimed._make(r[:7] + series[r[0]] + r[7:]) for r in rows]
+        except KeyError:
+            self._series = series = {r[0]: tuple(r[1:]) for r in cur.execute(_SERIES)}
+        if any(r[0] not in series for r in rows):
+            return None
+        return [Claimed._make(r[:7] + series[r[0]] + r[7:]) for r in rows]
 
     def newest_due(self, now: str | None = None) -> Claimed | None:
         """The pending row due at ``now`` ordered last (newest ts, then series_id), if any."""
@@ -171,7 +198,11 @@ class Delivery:
             logged = cur.execute("SELECT id, acked_at, keys FROM ack_log ORDER BY id").fetchall()
             acked = 0
             for _id, acked_at, keys in logged:
-                acked += max(cur.execute(_ACK_JSON, (acked_at, keys)).rowcount, 0)
+                # In primary-key order, (series_id, ts), rather than the batch's (ts,
+                # series_id): the updates then walk the table's pages in order, ~20% less
+                # CPU than hopping series to series (ack_log keeps the wire order).
+                ordered = orjson.dumps(sorted(orjson.loads(keys))).decode()
+                acked += max(cur.execute(_ACK_JSON, (acked_at, ordered)).rowcount, 0)
             if logged:
                 cur.execute("DELETE FROM ack_log WHERE id <= ?", (logged[-1][0],))
                 crashpoint("acks.before_commit")
