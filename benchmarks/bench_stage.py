@@ -7,13 +7,16 @@ Contenders, alternating in rounds in this one process (so machine noise hits all
 * ``ours``: :func:`outbox.stages.fetch.run_fetch` of a ``ReplaySource(DIR)`` on a fresh outbox,
   then ``restage``: the same replay again (nothing changed, nothing may be written).
 * ``ours_cli``: ``outbox fetch --replay DIR`` as a subprocess (startup and migrations
-  included), fresh outbox.
+  included), fresh outbox; then ``restage_cli``: the same command again on that outbox
+  (nothing changed), with the checks on and (``restage_cli_no_checks``) off.
 * ``old_design``: pandas row-wise ``apply`` + ``to_sql(method="multi")`` into a temp
   table + ``INSERT ... ON CONFLICT`` from it; ``persist_queue``: persist-queue's
   ``SQLiteAckQueue.put`` of every row. Both are slow: at full size they run on the
   first files only and their rows/s is extrapolated (``subset: true``).
 
-Also reported: outbox size on disk per million staged rows, raw pages included.
+Also reported: outbox size on disk per million staged rows, raw pages included; and
+``region_65ba``: floor, ours and the re-stages on region-data-only pages of 65 BAs (the
+same number of rows; ``--region-bas 0`` skips it).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from functools import partial
 from hashlib import blake2b
 from pathlib import Path
 from typing import Any
@@ -127,14 +131,18 @@ def run_ours(
     return seconds, result
 
 
-def run_cli(directory: Path, database: Path) -> float:
-    """``outbox fetch --replay DIR`` in a fresh process on a fresh outbox (all included)."""
-    c.remove_db(database)
+def run_cli(directory: Path, database: Path, fresh: bool = True, checks: bool = True) -> float:
+    """``outbox fetch --replay DIR`` in a fresh process (all included), on a fresh outbox
+    unless not ``fresh``; ``checks=False`` turns the quality checks off."""
+    if fresh:
+        c.remove_db(database)
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX", "EIA_", "GRIDPULSE_"))
     }
     env["OUTBOX_DB"] = str(database)
     env.update(c.replay_env(directory))
+    if not checks:
+        env["OUTBOX__QUALITY__ENABLED"] = "false"
     seconds, done = c.timed(
         lambda: subprocess.run(
             [sys.executable, "-m", "outbox", "fetch", "--replay", str(directory)],
@@ -260,6 +268,9 @@ def main() -> None:
     p.add_argument("--ours-only", action="store_true", help="skip floor and older designs")
     p.add_argument("--no-cli", action="store_true", help="skip the subprocess run")
     p.add_argument("--no-old", action="store_true", help="skip the old design and persist-queue")
+    p.add_argument(
+        "--region-bas", type=int, default=65, help="BAs of the region-data-only shape (0: none)"
+    )
     args = p.parse_args()
     import pandas  # noqa: F401  (imported on first use by normalize: not charged to round 1)
 
@@ -272,41 +283,10 @@ def main() -> None:
     files = files_of(directory)
     n = info["rows"]
     with c.workdir(args.workdir) as work:
-        floor_db, ours_db, cli_db = work / "floor.db", work / "ours.db", work / "cli.db"
+        ours_db = work / "ours.db"
         old_files, old_rows = subset(files, cfg["old_rows"])
-        runs: dict[str, list[float]] = {
-            k: [] for k in ("floor", "ours", "ours_no_checks", "restage", "cli", "old", "queue")
-        }
-        written: dict[str, int] = {}
-        cpu: dict[str, list[float]] = {"floor": [], "ours": [], "ours_no_checks": [], "restage": []}
-        queued = 0
-        for i in range(rounds):
-            c.log(f"round {i + 1}/{rounds}: {n} rows in {len(files)} files")
-            if not args.ours_only:
-                started = c.cpu_seconds()
-                seconds, floor_rows = c.timed(lambda: run_floor(files, floor_db))
-                cpu["floor"].append(c.cpu_seconds() - started)
-                assert floor_rows == n, (floor_rows, n)
-                runs["floor"].append(seconds)
-            seconds, first = run_ours(directory, ours_db, True, cpu["ours"])
-            runs["ours"].append(seconds)
-            written["ours"] = first.written
-            seconds, again = run_ours(directory, ours_db, False, cpu["restage"])
-            runs["restage"].append(seconds)
-            written["restage"] = again.written
-            # Side by side: the same stage with the quality checks off.
-            seconds, plain = run_ours(directory, ours_db, True, cpu["ours_no_checks"], False)
-            runs["ours_no_checks"].append(seconds)
-            written["ours_no_checks"] = plain.written
-            if not args.no_cli:
-                runs["cli"].append(run_cli(directory, cli_db))
-            if not (args.ours_only or args.no_old):
-                seconds, got = c.timed(lambda: run_old_design(old_files, work / "old.db"))
-                runs["old"].append(seconds * old_rows / got)
-                seconds, queued = c.timed(
-                    lambda: run_persist_queue(files, work / "queue", cfg["queue_rows"])
-                )
-                runs["queue"].append(seconds)
+        old = None if args.ours_only or args.no_old else (old_files, old_rows, cfg["queue_rows"])
+        runs, written, cpu, queued = measure(directory, files, n, rounds, work, args, old)
         result = report(args.size, info, runs, written, old_rows, queued)
         result["cpu_seconds"] = {k: c.median(v) for k, v in cpu.items() if v}
         per_round = [a / b for a, b in zip(runs["ours"], runs["ours_no_checks"], strict=True)]
@@ -318,7 +298,71 @@ def main() -> None:
         # Stage once more on a fresh outbox so that its size is that of one staging.
         run_ours(directory, ours_db, True, [])
         result["disk"] = disk_figures(ours_db, n)
+        if args.region_bas:
+            result[f"region_{args.region_bas}ba"] = region_shape(args, rows, rounds, work)
     c.emit(result)
+
+
+def region_shape(args: Any, rows: int, rounds: int, work: Path) -> dict[str, Any]:
+    """The contenders but the older designs on region-data-only pages of many BAs."""
+    info = c.replay_pages(args.cache, rows, bas=args.region_bas, routes=("region",))
+    directory = Path(info["dir"])
+    files = files_of(directory)
+    runs, written, _cpu, _queued = measure(directory, files, info["rows"], rounds, work, args)
+    result = report(args.size, info, runs, written, 0, 0)
+    keep = ("rows", "files", "bas", "routes", "input_mb", "rounds", "ratios")
+    figures = ("floor", "ours", "ours_no_checks", "restage", "ours_cli", "restage_cli")
+    return {k: v for k, v in result.items() if k in keep or k.startswith(figures)}
+
+
+def measure(
+    directory: Path,
+    files: list[Path],
+    n: int,
+    rounds: int,
+    work: Path,
+    args: Any,
+    old: tuple[list[Path], int, int] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, int], dict[str, list[float]], int]:
+    """Every contender in alternating rounds: (seconds, rows written, CPU seconds, rows
+    persist-queue took); the older designs only with ``old`` (files, rows, queue rows)."""
+    floor_db, ours_db, cli_db = work / "floor.db", work / "ours.db", work / "cli.db"
+    names = ("floor", "ours", "ours_no_checks", "restage", "cli", "restage_cli")
+    runs: dict[str, list[float]] = {
+        k: [] for k in (*names, "restage_cli_no_checks", "old", "queue")
+    }
+    written: dict[str, int] = {}
+    cpu: dict[str, list[float]] = {"floor": [], "ours": [], "ours_no_checks": [], "restage": []}
+    queued = 0
+    for i in range(rounds):
+        c.log(f"round {i + 1}/{rounds}: {n} rows in {len(files)} files")
+        if not args.ours_only:
+            started = c.cpu_seconds()
+            seconds, floor_rows = c.timed(lambda: run_floor(files, floor_db))
+            cpu["floor"].append(c.cpu_seconds() - started)
+            assert floor_rows == n, (floor_rows, n)
+            runs["floor"].append(seconds)
+        seconds, first = run_ours(directory, ours_db, True, cpu["ours"])
+        runs["ours"].append(seconds)
+        written["ours"] = first.written
+        seconds, again = run_ours(directory, ours_db, False, cpu["restage"])
+        runs["restage"].append(seconds)
+        written["restage"] = again.written
+        # Side by side: the same stage with the quality checks off.
+        seconds, plain = run_ours(directory, ours_db, True, cpu["ours_no_checks"], False)
+        runs["ours_no_checks"].append(seconds)
+        written["ours_no_checks"] = plain.written
+        if not args.no_cli:
+            runs["cli"].append(run_cli(directory, cli_db))
+            runs["restage_cli"].append(run_cli(directory, cli_db, fresh=False))
+            runs["restage_cli_no_checks"].append(run_cli(directory, cli_db, False, False))
+        if old is not None:
+            old_files, old_rows, queue_rows = old
+            seconds, got = c.timed(partial(run_old_design, old_files, work / "old.db"))
+            runs["old"].append(seconds * old_rows / got)
+            seconds, queued = c.timed(partial(run_persist_queue, files, work / "queue", queue_rows))
+            runs["queue"].append(seconds)
+    return runs, written, cpu, queued
 
 
 def report(
@@ -351,6 +395,10 @@ def report(
     }
     if runs["cli"]:
         result["ours_cli"] = c.figure(n, runs["cli"], note="whole process: startup, migrations")
+        result["restage_cli"] = c.figure(n, runs["restage_cli"], note="whole process")
+        result["restage_cli_no_checks"] = c.figure(
+            n, runs["restage_cli_no_checks"], note="whole process, quality off"
+        )
     ratios: dict[str, float] = {}
     if runs["floor"]:
         result["floor"] = c.figure(n, runs["floor"])
@@ -359,9 +407,13 @@ def report(
         ratios["restage_over_floor"] = round(
             c.median([r / f for r, f in zip(runs["restage"], runs["floor"], strict=True)]), 3
         )
+        ratios["stage_over_floor"] = ratios["ours_over_floor"]
+        ratios["stage_no_checks_over_floor"] = per_round_ratio(runs, "ours_no_checks")
         if runs["cli"]:
-            ratios["ours_cli_over_floor"] = round(
-                c.median([o / f for o, f in zip(runs["cli"], runs["floor"], strict=True)]), 3
+            ratios["ours_cli_over_floor"] = per_round_ratio(runs, "cli")
+            ratios["restage_cli_over_floor"] = per_round_ratio(runs, "restage_cli")
+            ratios["restage_cli_no_checks_over_floor"] = per_round_ratio(
+                runs, "restage_cli_no_checks"
             )
     if runs["old"]:
         # runs["old"] holds seconds scaled to old_rows; rate = old_rows / seconds.
@@ -384,6 +436,11 @@ def report(
         )
     result["ratios"] = ratios
     return result
+
+
+def per_round_ratio(runs: dict[str, list[float]], name: str) -> float:
+    """The median over rounds of ``name``'s seconds over the floor's."""
+    return round(c.median([o / f for o, f in zip(runs[name], runs["floor"], strict=True)]), 3)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,18 @@ from outbox.normalize import SKIP_REASONS, Normalized, normalize_page
 from outbox.ports import Page, Source, iter_requests
 from outbox.readahead import SharedFlag, can_fork, forked_read_ahead, read_ahead
 from outbox.stages.plan import Window, asked_cutoffs, known_through, latest_hours
-from outbox.stages.prepared import READ_AHEAD, Prepared, detach, encode
+from outbox.stages.prepared import (
+    READ_AHEAD,
+    Prepared,
+    detach,
+    digest_context,
+    encode,
+    known,
+    page_digest,
+    recalled,
+    summary_of,
+    unknown,
+)
 from outbox.store import PageRecord, ProgressUpdate, RowBatch, Store, WatermarkUpdate
 from outbox.timeutil import HOUR, parse_ts, to_ts, utcnow
 
@@ -136,6 +147,9 @@ class Fetcher:
         self.cutoffs = asked_cutoffs(config, self.now)
         # Whether the last staged page wrote rows (read by a forked read-ahead too).
         self._writing = SharedFlag(True)
+        # Replayed pages staged whole before, by digest (a replay of unchanged pages).
+        self._known: set[str] = set()
+        self._context = b""
 
     def stage_window(
         self, source: Source, window: Window, *, backfill: bool, advance: bool = True
@@ -228,6 +242,9 @@ class Fetcher:
         newest period: the other rows of that hour may be on the next page.
         """
         carry: tuple[Page, dict[str, str]] | None = None
+        datasets = self.config.enabled_datasets()
+        self._context = digest_context(self.ba_codes, self.configured, datasets)
+        self._known = self.store.staging.known_digests()
         pages = source.iter_pages(None)
         if self.config.eia.replay_read_ahead == "process" and can_fork():
             prepared_pages = forked_read_ahead(pages, self._prepare_detached, READ_AHEAD)
@@ -251,7 +268,8 @@ class Fetcher:
         self, prepared: Prepared, carry: tuple[Page, dict[str, str]] | None
     ) -> tuple[Page, dict[str, str]] | None:
         """Stage one replayed page; returns what the next page of its request continues."""
-        page, norm, record, rows = prepared
+        prepared = self._recall(prepared)
+        page, norm, record, rows = prepared[:4]
         crashpoint("fetch.page_fetched")
         reach = dict(self.marks)
         if carry is not None and _continues(carry[0], page):
@@ -268,14 +286,35 @@ class Fetcher:
             if last_ts is not None:
                 dataset, respondent = key.split(":", 1)
                 updates.append(WatermarkUpdate(key, dataset, respondent, page.route, last_ts))
-        self._stage(page, norm, updates, (record, rows))
+        summary = None if prepared.known else summary_of(norm, self.latest)
+        remember = (
+            None if prepared.digest is None or summary is None else (prepared.digest, summary)
+        )
+        self._stage(page, norm, updates, (record, rows), remember=remember)
         return None if page.last else (page, reached)
 
-    def _prepare_replay(self, page: Page) -> Prepared:
-        """Normalize and encode one replayed page (runs on the read-ahead worker)."""
+    def _recall(self, prepared: Prepared) -> Prepared:
+        """A known page with its normalized summary, or prepared in full after all (a row
+        was revised or pruned since it was remembered: the digest no longer vouches)."""
+        if not prepared.known or prepared.digest is None:
+            return prepared
+        summary = self.store.staging.known_page(prepared.digest)
+        norm = None if summary is None else recalled(summary, self.latest)
+        if norm is None:
+            return self._prepare_replay(unknown(prepared.page), remembered=False)
+        self._check_invalid(prepared.page, norm)
+        return prepared._replace(norm=norm)
+
+    def _prepare_replay(self, page: Page, *, remembered: bool = True) -> Prepared:
+        """Normalize and encode one replayed page (runs on the read-ahead worker); a page
+        staged whole before is only recognized (:func:`~outbox.stages.prepared.known`)."""
+        digest = page_digest(page, self._context) if self._context else None
+        if remembered and digest in self._known:
+            return known(page, digest)
         respondents = _param_list(page.params, ("respondent", "fromba"))
         norm = self._normalize(page, None, respondents or None, None, configured=self.configured)
-        return Prepared(page, norm, *encode(page, norm, precompress=bool(self._writing)))
+        record, rows = encode(page, norm, precompress=bool(self._writing))
+        return Prepared(page, norm, record, rows, digest)
 
     def _prepare_detached(self, page: Page) -> Prepared:
         """:meth:`_prepare_replay` for a read-ahead process: only what the stage reads."""
@@ -299,6 +338,11 @@ class Fetcher:
             latest=self.latest,
             configured=configured,
         )
+        self._check_invalid(page, norm)
+        return norm
+
+    def _check_invalid(self, page: Page, norm: Normalized) -> None:
+        """SourceFatalError for a page with more invalid rows than ``eia.max_invalid_fraction``."""
         invalid = invalid_count(norm.invalid)
         considered = invalid + norm.count + norm.duplicates
         if considered and invalid / considered > self.config.eia.max_invalid_fraction:
@@ -307,7 +351,6 @@ class Fetcher:
                 f"{page.route} page {page.page_no} (offset {page.offset}): {invalid} of "
                 f"{considered} rows invalid ({reasons}); nothing from this page was staged"
             )
-        return norm
 
     def _advances(
         self, window: Window, seen: dict[str, str], cap: str | None, *, backfill: bool
@@ -384,6 +427,7 @@ class Fetcher:
         *,
         progress: Sequence[ProgressUpdate] = (),
         history: dict[str, str | None] | None = None,
+        remember: tuple[str, str] | None = None,
     ) -> None:
         record, rows = prepared or encode(page, norm)
         series_rows = [
@@ -398,6 +442,7 @@ class Fetcher:
             history_updates=history,
             run_id=self.run_id,
             hours=_page_hours(norm),
+            remember=remember,
         )
         # Pages staged ahead are compressed ahead too while pages keep bringing new rows
         # (a backfill); while they bring nothing new (a re-run) the page is never stored.

@@ -14,8 +14,10 @@ stay plain, and so do the store's (:class:`~outbox.store.PageRecord`,
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
+from datetime import datetime
+from hashlib import blake2b
 from typing import Any, NamedTuple
 
 import orjson
@@ -25,9 +27,12 @@ from outbox.ports import Page
 from outbox.readahead import Elided
 from outbox.store import PageRecord, RowBatch
 from outbox.store.rows import PAGE_LEVEL
+from outbox.timeutil import to_ts
 
 # Pages a replay reads and normalizes ahead of the one being staged (bounds memory).
 READ_AHEAD = 2
+# Part of every page digest: bump it when normalizing the same page may yield other rows.
+DIGEST_VERSION = 1
 
 
 class Prepared(NamedTuple):
@@ -37,6 +42,11 @@ class Prepared(NamedTuple):
     norm: Normalized
     record: PageRecord
     rows: RowBatch
+    digest: str | None = None
+    """The page's :func:`page_digest`."""
+    known: bool = False
+    """Whether the page was staged whole before (``digest`` is known): ``norm`` and
+    ``rows`` are then left empty, to be filled from the stored summary (:func:`recalled`)."""
 
 
 def encode(
@@ -68,10 +78,99 @@ def encode(
     return record, RowBatch.of(rows)
 
 
+def digest_context(
+    ba_codes: Mapping[str, str], configured: Collection[str] | None, datasets: Collection[str]
+) -> bytes:
+    """What normalizing a replayed page depends on besides the page (and the clock)."""
+    return orjson.dumps(
+        [DIGEST_VERSION, sorted(ba_codes.items()), sorted(configured or ()), sorted(datasets)]
+    )
+
+
+def page_digest(page: Page, context: bytes) -> str:
+    """A digest of what a page yields when normalized under ``context``."""
+    h = blake2b(context, digest_size=16)
+    h.update(b"\0" + page.route.encode() + b"\0")
+    h.update(page.body)
+    return h.hexdigest()
+
+
+def known(page: Page, digest: str) -> Prepared:
+    """A page staged whole before: only its body is kept (to normalize it after all, if
+    a row was revised or pruned since: :func:`unknown`)."""
+    empty = RowBatch.of(())
+    record = PageRecord(
+        page.route,
+        page.params,
+        page.url,
+        page.page_no,
+        page.offset,
+        page.total,
+        len(page.rows),
+        b"",
+    )
+    rows = Elided(len(page.rows))
+    return Prepared(replace(page, rows=rows), _EMPTY, record, empty, digest, True)
+
+
+def unknown(page: Page) -> Page:
+    """The page of :func:`known` with its rows again (parsed from its body)."""
+    return replace(page, rows=orjson.loads(page.body)["response"]["data"])
+
+
+def summary_of(norm: Normalized, latest: Mapping[str, datetime]) -> str | None:
+    """What staging a page again needs of its normalized rows, as JSON; None for a page
+    with rows past ``latest`` (a later run may accept them: it is not remembered)."""
+    if norm.invalid.get("future_period"):
+        return None
+    return orjson.dumps(
+        {
+            "rows": norm.count,
+            "stream_max": norm.stream_max,
+            "stream_min": norm.stream_min,
+            "page_max_ts": norm.page_max_ts,
+            "invalid": norm.invalid,
+            "duplicates": norm.duplicates,
+            "unconfigured": norm.unconfigured,
+            "latest": {k: to_ts(v) for k, v in latest.items()},
+        }
+    ).decode()
+
+
+def recalled(summary: str, latest: Mapping[str, datetime]) -> Normalized | None:
+    """The normalized page of a :func:`summary_of` (per-row lists elided), or None when
+    ``latest`` is earlier than then for a dataset (a row accepted then may not be now)."""
+    doc = orjson.loads(summary)
+    if any(k in latest and to_ts(latest[k]) < ts for k, ts in doc["latest"].items()):
+        return None
+    if any(k not in doc["latest"] for k in latest):
+        return None
+    n = doc["rows"]
+    return Normalized(
+        series_id=Elided(n),
+        ts=Elided(n),
+        value=Elided(n),
+        units=Elided(n),
+        quality_flag=Elided(n),
+        revision=Elided(n),
+        row=Elided(n),
+        series=[],  # staged with the page the first time; never deleted
+        stream_max=doc["stream_max"],
+        page_max_ts=doc["page_max_ts"],
+        invalid=doc["invalid"],
+        duplicates=doc["duplicates"],
+        stream_min=doc["stream_min"],
+        unconfigured=doc["unconfigured"],
+    )
+
+
 def detach(prepared: Prepared) -> Prepared:
     """What staging the page needs, without what only its preparation did: the parsed
     rows, the per-row lists, the raw body once compressed. Only counts of them remain,
-    so that the page crosses from a read-ahead process small."""
+    so that the page crosses from a read-ahead process small (a :func:`known` page is
+    small already: its body stays)."""
+    if prepared.known:
+        return prepared
     page, norm = prepared.page, prepared.norm
     n = norm.count
     return Prepared(
@@ -88,6 +187,7 @@ def detach(prepared: Prepared) -> Prepared:
         ),
         _record_detached(prepared.record),
         detach_rows(prepared.rows),
+        prepared.digest,
     )
 
 
@@ -125,3 +225,6 @@ class EncodedRows(Sequence[Sequence[Any]]):
 
     def __reduce__(self) -> tuple[type[EncodedRows], tuple[bytes, int]]:
         return (EncodedRows, (self.json, self.n))
+
+
+_EMPTY = Normalized([], [], [], [], [], [], [], [], {}, None)

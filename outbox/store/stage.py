@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 PAGE_ENCODING = "zlib"
 # meta key prefix of a stream's history marker (Staging.history_markers).
 HISTORY_PREFIX = "history:"
+# meta key prefix of a staged page's digest (Staging.known_digests): ':' is followed by ';'.
+DIGEST_PREFIX = "page_digest:"
+_DIGEST_END = "page_digest;"
 
 _ROW_CONFLICT = """
 ON CONFLICT (series_id, ts) DO UPDATE SET
@@ -122,6 +125,24 @@ _MARK_CHECKED = """
 INSERT OR IGNORE INTO checked_gaps (series_id, ts, checked_at)
 SELECT ?1, ?2, ?3 WHERE NOT EXISTS (SELECT 1 FROM observations WHERE series_id = ?1 AND ts = ?2)
 """
+# A page staged whole is remembered by its digest with the revision ledger's head at that
+# moment: while the head has not moved (no row revised since) and no row was pruned (prune
+# forgets every digest), staging the same page again would write nothing.
+_REMEMBER_PAGE = """
+INSERT INTO meta (key, value)
+SELECT ?1, json_object('ledger', coalesce(max(id), 0), 'page', json(?2)) FROM revisions WHERE true
+ON CONFLICT (key) DO UPDATE SET value = excluded.value
+"""
+_KNOWN_DIGESTS = """
+SELECT substr(key, ?1) FROM meta
+WHERE key > ?2 AND key < ?3
+  AND json_extract(value, '$.ledger') = (SELECT coalesce(max(id), 0) FROM revisions)
+"""
+_KNOWN_PAGE = """
+SELECT json_extract(value, '$.page') FROM meta
+WHERE key = ? AND json_extract(value, '$.ledger') = (SELECT coalesce(max(id), 0) FROM revisions)
+"""
+FORGET_PAGES = f"DELETE FROM meta WHERE key > '{DIGEST_PREFIX}' AND key < '{_DIGEST_END}'"
 _COUNT_NEW_KEYS = """
 SELECT count(*) FROM json_each(?) AS k
 WHERE NOT EXISTS (SELECT 1 FROM observations o
@@ -219,6 +240,7 @@ class Staging:
         run_id: int | None = None,
         now: str | None = None,
         hours: tuple[str, str] | None = None,
+        remember: tuple[str, str] | None = None,
     ) -> StageResult:
         """Upsert observation rows, the page they came from, watermarks, stream
         progress and history markers (stream -> hour, None to clear; see
@@ -232,7 +254,9 @@ class Staging:
         them); ``series_rows`` in :data:`SERIES_COLUMNS` order. The page is stored only
         when at least one row was written (an unchanged re-fetch writes nothing at all).
         Under a :meth:`limit_size` ceiling, a page that would pass it raises
-        OutboxFullError and nothing of it is written.
+        OutboxFullError and nothing of it is written. ``remember`` (digest, summary JSON)
+        records, in the same transaction, that the page is staged whole
+        (:meth:`known_digests`).
         """
         now = now or now_ts()
         limit = self.size_limit
@@ -264,6 +288,8 @@ class Staging:
                 _set_meta(cur, HISTORY_PREFIX + stream, before)
             if limit is not None and written:
                 self._check_bytes(cur, limit, pages_before)
+            if remember is not None:  # after the rows: the ledger's head includes theirs
+                cur.execute(_REMEMBER_PAGE, (DIGEST_PREFIX + remember[0], remember[1]))
             cur.close()
             crashpoint("stage.before_commit")
         if written and checker is not None and grouped and not checker.deferring:
@@ -325,6 +351,24 @@ class Staging:
             checker.flush(cur)
             cur.close()
             crashpoint("stage.checked")
+
+    def known_digests(self) -> set[str]:
+        """Digests of the pages staged whole since the last revised or pruned row: staging
+        one of them again would write nothing (see :meth:`known_page`)."""
+        with self._store.read() as conn:
+            rows = conn.exec_driver_sql(
+                _KNOWN_DIGESTS, (len(DIGEST_PREFIX) + 1, DIGEST_PREFIX, _DIGEST_END)
+            ).all()
+        return {r[0] for r in rows}
+
+    def known_page(self, digest: str) -> str | None:
+        """The summary a page was remembered with (``stage(remember=...)``) if staging it
+        again would still write nothing, else None. Read in the write transaction (a
+        write group's, with what its earlier pages wrote), so that it holds when the
+        caller stages in that transaction next."""
+        with self._store.write() as conn:
+            row = conn.exec_driver_sql(_KNOWN_PAGE, (DIGEST_PREFIX + digest,)).first()
+        return None if row is None else str(row[0])
 
     def watermarks(self) -> dict[str, str]:
         """stream -> last fully staged ts."""

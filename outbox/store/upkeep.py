@@ -14,6 +14,7 @@ from sqlalchemy.exc import DatabaseError
 
 from outbox.errors import StoreError
 from outbox.store.engine import cursor, disk_full_as_error, executemany, one_value, short_error
+from outbox.store.stage import FORGET_PAGES
 
 if TYPE_CHECKING:
     from outbox.store.handle import Store
@@ -69,14 +70,18 @@ class Upkeep:
             ).rowcount
             cur.close()
             rows = executemany(conn, _PRUNE_ACKED, ((sid, before) for sid in sids[:batch]))
+            # A page staged again may now bring back rows pruned here: forget every page.
+            conn.exec_driver_sql(FORGET_PAGES)
         for i in range(batch, len(sids), batch):
             with self._store.write() as conn:
+                conn.exec_driver_sql(FORGET_PAGES)
                 rows += executemany(
                     conn, _PRUNE_ACKED, ((sid, before) for sid in sids[i : i + batch])
                 )
         with self._store.write() as conn:
             # The ledger goes with its rows; findings about hours past retention go too.
             conn.exec_driver_sql(_PRUNE_REVISIONS, (before,))
+            conn.exec_driver_sql(FORGET_PAGES)  # the ledger's head may move back
             conn.exec_driver_sql('DELETE FROM findings WHERE "end" < ?', (before,))
         return rows, max(checked, 0), max(runs, 0)
 
