@@ -120,3 +120,22 @@ def pg_url(pg_cluster: object) -> str:
 
     assert isinstance(pg_cluster, Cluster)
     return pg_cluster.url(pg_cluster.database())
+
+
+RECEIVER_DBS = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+]
+
+
+@pytest.fixture(params=RECEIVER_DBS)
+def receiver_db(request: pytest.FixtureRequest) -> str | None:
+    """The database of a receiver subprocess: ``None`` (its SQLite file in tmp_path) or the
+    URL of a fresh PostgreSQL database, written as a user does (``postgresql://``)."""
+    if request.param == "sqlite":
+        return None
+    from tests.pgcluster import Cluster
+
+    cluster = request.getfixturevalue("pg_cluster")
+    assert isinstance(cluster, Cluster)
+    return cluster.dsn(cluster.database())
