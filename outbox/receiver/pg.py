@@ -64,7 +64,7 @@ def masked(url: str | URL) -> str:
     """``url`` with its password shown as ``***`` (the text itself when it does not parse)."""
     try:
         parsed = make_url(url) if isinstance(url, str) else url
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return "<unparsable database URL>"
     return parsed.render_as_string(hide_password=True)
 
@@ -77,7 +77,7 @@ def postgres_url(url: str) -> URL:
     """
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         raise ReceiverDatabaseError(f"not a database URL: {masked(url)}") from None
     driver = parsed.drivername.partition("+")[2]
     if driver not in ("", DRIVER):
