@@ -27,7 +27,7 @@ from outbox.receiver import pg as receiver_pg
 from outbox.receiver.db import ReceiverDB, parse_series_id, to_url
 from outbox.sample.receiver import receiver_batches
 from outbox.sinks.gridpulse import batch_id_of, encode_batch
-from tests.pgcluster import free_port
+from outbox.testing.pgcluster import free_port
 
 with warnings.catch_warnings():
     warnings.filterwarnings(
