@@ -44,7 +44,16 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from outbox.receiver import pg
+from outbox.receiver.pg import (
+    UPSERT_SQL,
+    connect_error,
+    is_postgres,
+    parse_rfc3339,
+    postgres_url,
+    rfc3339,
+    setup_timescale,
+    upsert_params,
+)
 
 SERIES_TYPES = frozenset(
     {"demand", "demand_forecast", "net_generation", "interchange", "generation"}
@@ -65,12 +74,12 @@ class Timestamp(TypeDecorator[str]):
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         if dialect.name == "postgresql" and isinstance(value, str):
-            return pg.parse_rfc3339(value)
+            return parse_rfc3339(value)
         return value
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         if dialect.name == "postgresql" and value is not None:
-            return pg.rfc3339(value)
+            return rfc3339(value)
         return value
 
 
@@ -166,8 +175,8 @@ def to_url(db: str | Path) -> str:
     missing.
     """
     text = str(db)
-    if pg.is_postgres(text):
-        return pg.postgres_url(text).render_as_string(hide_password=False)
+    if is_postgres(text):
+        return postgres_url(text).render_as_string(hide_password=False)
     if "://" in text:
         return text
     return f"sqlite:///{Path(text).expanduser().resolve()}"
@@ -180,7 +189,7 @@ def make_engine(db_url: str, *, announce: bool = True) -> Engine:
     (``announce`` logs which, once per receiver). A database that cannot be reached or
     used raises :class:`~outbox.receiver.pg.ReceiverDatabaseError` (password masked).
     """
-    if pg.is_postgres(db_url):
+    if is_postgres(db_url):
         return _postgres_engine(db_url, announce=announce)
     engine = create_engine(db_url)
     if engine.dialect.name != "sqlite":
@@ -191,17 +200,17 @@ def make_engine(db_url: str, *, announce: bool = True) -> Engine:
 
 
 def _postgres_engine(db_url: str, *, announce: bool) -> Engine:
-    url = pg.postgres_url(db_url)
+    url = postgres_url(db_url)
     engine = create_engine(url, pool_pre_ping=True)
     try:
         with engine.begin() as conn:
             # Two receivers starting on one empty database must not race on CREATE TABLE.
             conn.exec_driver_sql("SELECT pg_advisory_xact_lock(8700)")
             metadata.create_all(conn)
-            pg.setup_timescale(conn, announce=announce)
+            setup_timescale(conn, announce=announce)
     except DBAPIError as exc:
         engine.dispose()
-        raise pg.connect_error(url, exc) from None
+        raise connect_error(url, exc) from None
     return engine
 
 
@@ -366,7 +375,7 @@ class ReceiverDB:
         received_at: str,
     ) -> None:
         if conn.dialect.name == "postgresql":  # one statement over arrays
-            conn.exec_driver_sql(pg.UPSERT_SQL, pg.upsert_params(rows, ids, received_at))
+            conn.exec_driver_sql(UPSERT_SQL, upsert_params(rows, ids, received_at))
             return
         # Compiled once and run through the driver's executemany: SQLAlchemy's per-row
         # parameter processing would otherwise cost as much as SQLite's own work.
