@@ -7,6 +7,10 @@ Contenders, alternating in rounds, each against a fresh receiver subprocess on 1
 * ``ours``: :func:`outbox.stages.send.run_send` on a copy of an outbox holding N pending rows
   (claim, encode, gzip, POST, settle, batch after batch).
 
+With ``--sink postgres``, also ``postgres_sink``: the same run_send through the direct
+PostgreSQL sink (``sink: {kind: postgres}``) into a throwaway cluster (tests/pgcluster.py)
+holding GridPulse's schema, a fresh database per round.
+
 Also measured: ``receiver_alone``, the receiver's own work per batch (gunzip, JSON,
 validation, batch upsert) called in-process without HTTP; and ``hourly_requests``, the
 EIA requests one hourly ``outbox fetch`` makes for 5 BAs x all datasets against the
@@ -18,8 +22,10 @@ PostgreSQL cluster (:mod:`outbox.testing.pgcluster`) instead of a SQLite file.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sqlite3
+import sys
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -147,6 +153,46 @@ def run_ours(work: Path, template: Path, rows: int) -> float:
     return seconds
 
 
+def run_postgres_sink(work: Path, template: Path, rows: int, cluster: Any) -> float:
+    """run_send on a fresh copy of the pending outbox, through the direct PostgreSQL sink
+    into a fresh database of ``cluster`` holding GridPulse's tables."""
+    from outbox.sinks.postgres import PostgresSink
+    from tests.pgschema import create_contract_schema
+
+    scratch = Path(tempfile.mkdtemp(dir=work))
+    database = scratch / "outbox.db"
+    shutil.copyfile(template, database)
+    dsn = cluster.dsn(cluster.database())
+    create_contract_schema(dsn)
+    cfg = c.config_for(database)
+    sink = PostgresSink(dsn)
+    try:
+        with Store.open(database) as store:
+            seconds, result = c.timed(lambda: run_send(cfg, store, sink))
+    finally:
+        sink.close()
+    if result.acked != rows:
+        raise RuntimeError(f"postgres sink acked {result.acked} of {rows} rows")
+    shutil.rmtree(scratch, ignore_errors=True)
+    return seconds
+
+
+@contextlib.contextmanager
+def postgres_cluster(wanted: bool) -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster for ``--sink postgres`` (None without it)."""
+    if not wanted:
+        yield None
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.pgcluster import Cluster
+
+    cluster = Cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 def run_receiver_alone(work: Path, prepared: list[tuple[str, bytes, int]]) -> float:
     """The receiver's ingest work on every batch, in-process (no HTTP, no event loop)."""
     from outbox.receiver.app import _Receiver
@@ -214,6 +260,7 @@ def main() -> None:
     p = c.parser(__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--sink", choices=("gridpulse", "postgres"), default="gridpulse")
     p.add_argument("--receiver-db", choices=("sqlite", "postgres"), default="sqlite")
     args = p.parse_args()
     if args.receiver_db == "postgres":
@@ -235,13 +282,15 @@ def run(args: Any) -> None:
     c.log("building the floor's batches")
     prepared = list(batches(template))
     assert sum(b[2] for b in prepared) == n
-    runs: dict[str, list[float]] = {"floor": [], "ours": [], "receiver": []}
-    with c.workdir(args.workdir) as work:
+    runs: dict[str, list[float]] = {"floor": [], "ours": [], "receiver": [], "pg_sink": []}
+    with c.workdir(args.workdir) as work, postgres_cluster(args.sink == "postgres") as pg:
         for i in range(rounds):
             c.log(f"round {i + 1}/{rounds}: {n} rows in {len(prepared)} batches")
             runs["floor"].append(run_floor(work, prepared))
             runs["ours"].append(run_ours(work, template, n))
             runs["receiver"].append(run_receiver_alone(work, prepared))
+            if pg is not None:
+                runs["pg_sink"].append(run_postgres_sink(work, template, n, pg))
         hourly = hourly_requests(work)
     per_round = [o / f for o, f in zip(runs["ours"], runs["floor"], strict=True)]
     result = {
@@ -264,6 +313,11 @@ def run(args: Any) -> None:
         },
         "hourly": hourly,
     }
+    if runs["pg_sink"]:
+        result["postgres_sink"] = c.figure(n, runs["pg_sink"], note="direct sink, PostgreSQL")
+        result["ratios"]["postgres_sink_over_ours"] = round(
+            c.median([p / o for p, o in zip(runs["pg_sink"], runs["ours"], strict=True)]), 3
+        )
     c.emit(result)
 
 

@@ -14,7 +14,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("bench_stage", "bench_send", "bench_status", "bench_memory", "bench_report")
+SCRIPTS = (
+    "bench_stage",
+    "bench_send",
+    "bench_status",
+    "bench_memory",
+    "bench_report",
+    "bench_backfill",
+)
 
 
 def main() -> None:

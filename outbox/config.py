@@ -6,9 +6,10 @@ Precedence (highest first): environment variables, the YAML file, defaults.
   ``database:`` in the file is resolved against the file's directory; a relative
   ``OUTBOX_DB`` against the working directory.
 * Named overrides: ``OUTBOX_DB``, ``EIA_BASE_URL``, ``EIA_API_KEY``,
-  ``GRIDPULSE_BASE_URL``, ``GRIDPULSE_API_KEY``.
+  ``GRIDPULSE_BASE_URL``, ``GRIDPULSE_API_KEY``, ``OUTBOX_SINK_URL`` (the PostgreSQL URL
+  of ``sink: {kind: postgres}``; it replaces a ``sink.url_file`` of the file).
 * Secrets from files (systemd ``LoadCredential``): ``EIA_API_KEY_FILE``,
-  ``GRIDPULSE_API_KEY_FILE``.
+  ``GRIDPULSE_API_KEY_FILE``, ``OUTBOX_SINK_URL_FILE``.
 * Every other setting: ``OUTBOX__<SECTION>__<KEY>`` (double underscores separate
   the path; the value is parsed as a YAML scalar), e.g.
   ``OUTBOX__GRIDPULSE__BATCH_SIZE=1000`` or
@@ -53,10 +54,12 @@ NAMED_ENV = {
     "EIA_API_KEY": ("eia", "api_key"),
     "GRIDPULSE_BASE_URL": ("gridpulse", "base_url"),
     "GRIDPULSE_API_KEY": ("gridpulse", "api_key"),
+    "OUTBOX_SINK_URL": ("sink", "url"),
 }
 SECRET_FILE_ENV = {
     "EIA_API_KEY_FILE": ("eia", "api_key"),
     "GRIDPULSE_API_KEY_FILE": ("gridpulse", "api_key"),
+    "OUTBOX_SINK_URL_FILE": ("sink", "url"),
 }
 # A file of notification URLs, one a line (systemd LoadCredential).
 NAMED_ENV_PATHS = {"OUTBOX_ALERTS_URLS_FILE": ("alerts", "urls_file")}
@@ -111,6 +114,8 @@ class EIAConfig(_Model):
     page_length: int = Field(5000, ge=1, le=5000)
     max_requests_per_second: float = Field(1.0, gt=0, le=5)
     max_requests_per_hour: int = Field(2000, ge=1, le=9000)
+    max_in_flight: int = Field(4, ge=1, le=16)
+    """EIA requests a live fetch keeps in flight at once (1: one after another)."""
     retry: RetryConfig = Field(default_factory=RetryConfig)
     verify_tls: bool = True
     backfill_chunk_hours: int = Field(24 * 31, ge=1)
@@ -159,6 +164,58 @@ class GridPulseConfig(_Model):
     @classmethod
     def _url(cls, value: str) -> str:
         return _check_url(value)
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+class SinkConfig(_Model):
+    """Where ``outbox send`` delivers: the GridPulse ingest API (``kind: gridpulse``, the
+    ``gridpulse`` section) or GridPulse's PostgreSQL database directly (``kind: postgres``,
+    exactly one of ``url``/``url_file``; the batch size and retry budget stay those of the
+    ``gridpulse`` section)."""
+
+    kind: Literal["gridpulse", "postgres"] = "gridpulse"
+    url: SecretStr | None = None
+    url_file: str | None = None
+    catalog: Literal["open", "fixed"] = "open"
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    statement_timeout_seconds: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_url(self) -> SinkConfig:
+        if self.kind == "gridpulse":
+            if self.url is not None or self.url_file is not None:
+                raise ValueError(
+                    "sink.url (OUTBOX_SINK_URL) and sink.url_file are for kind: postgres; "
+                    "set sink.kind: postgres (OUTBOX__SINK__KIND=postgres) to use them"
+                )
+            return self
+        if (self.url is None) == (self.url_file is None):
+            raise ValueError(
+                "kind: postgres needs exactly one of sink.url and sink.url_file "
+                "(or OUTBOX_SINK_URL / OUTBOX_SINK_URL_FILE)"
+            )
+        url = self.url
+        if self.url_file is not None:
+            url = SecretStr(_read_secret_file("sink.url_file", self.url_file))
+        assert url is not None
+        text = url.get_secret_value()
+        if text.startswith("postgresql+psycopg://"):
+            text = "postgresql://" + text.split("://", 1)[1]
+        if not text.startswith(POSTGRES_SCHEMES) or not urlsplit(text).hostname:
+            scheme = text.split("://", 1)[0] if "://" in text else ""
+            raise ValueError(
+                f"sink.url: not a PostgreSQL URL (postgresql://user:password@host/db; "
+                f"got scheme {scheme!r})"
+            )
+        return self.model_copy(update={"url": SecretStr(text), "url_file": None})
+
+    def require_url(self) -> str:
+        """The PostgreSQL URL (only for ``kind: postgres``)."""
+        if self.url is None:
+            raise ConfigError("sink.url: missing: set sink.url, sink.url_file or OUTBOX_SINK_URL")
+        return self.url.get_secret_value()
 
 
 class StatusConfig(_Model):
@@ -308,6 +365,7 @@ class Config(_Model):
     datasets: dict[str, DatasetConfig] = Field(default_factory=dict)
     eia: EIAConfig = Field(default_factory=EIAConfig)
     gridpulse: GridPulseConfig = Field(default_factory=GridPulseConfig)
+    sink: SinkConfig = Field(default_factory=SinkConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
     housekeeping: HousekeepingConfig = Field(default_factory=HousekeepingConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
@@ -440,6 +498,8 @@ class Config(_Model):
         for section in ("eia", "gridpulse"):
             if data[section].get("api_key") is not None:
                 data[section]["api_key"] = MASK
+        if self.sink.url is not None:  # the host and database shown, the credentials not
+            data["sink"]["url"] = redact(self.sink.url.get_secret_value())
         redacted: dict[str, Any] = _redact_strings(data)
         return redacted
 
@@ -463,6 +523,20 @@ def _register_url(url: str) -> None:
         # Tokens, passwords and webhook ids; not short words or a host's labels.
         if len(part) >= 8 and "." not in part:
             register_secret(part)
+
+
+def _register_database_url(url: str) -> None:
+    """Mask a database URL's credentials wherever they appear (the password alone too:
+    a driver's message may quote it without the URL)."""
+    parts = urlsplit(url)
+    register_secret(url)
+    if parts.password:
+        register_secret(parts.password)
+    if parts.query:  # libpq parameters: password=... in the query string
+        for item in parts.query.split("&"):
+            key, _, value = item.partition("=")
+            if key.lower() in ("password", "sslpassword"):
+                register_secret(value)
 
 
 def _as_utc_hour(value: datetime) -> datetime:
@@ -505,6 +579,8 @@ def load_config(
             register_secret(secret.get_secret_value())
     for url in config.alerts.urls:
         _register_url(url.get_secret_value())
+    if config.sink.url is not None:
+        _register_database_url(config.sink.url.get_secret_value())
     return config
 
 
@@ -579,6 +655,8 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[str, 
         if env.get(name):
             _set_path(data, path, _read_secret_file(name, env[name]), name)
             from_env[path] = name
+    if ("sink", "url") in from_env and isinstance(data.get("sink"), dict):
+        data["sink"].pop("url_file", None)  # the variable replaces the file's url_file
     for name, path in NAMED_ENV_PATHS.items():
         if env.get(name):
             _set_path(data, path, env[name], name)

@@ -3,8 +3,10 @@
 Checks in order: the configuration (shown redacted), the database (``PRAGMA
 quick_check``), its schema version against the code's head, the fetch/send locks, the
 free space on the outbox's file system against ``housekeeping.min_free_bytes``,
-GridPulse (``POST /api/v1/auth/worker``: reachability and credentials), the clock against
-GridPulse's ``server_time``, EIA (one request for one row: reachability and key), and
+GridPulse (``POST /api/v1/auth/worker``: reachability and credentials; with ``sink: {kind:
+postgres}`` the database instead: reachable, GridPulse's tables in it), the clock against
+GridPulse's ``server_time`` (the database's ``now()``), EIA (one request for one row:
+reachability and key), and
 the configured balancing authorities against EIA's list of respondents (an unknown code
 is WARN, with the closest known codes: EIA answers an unknown code with no rows, not an
 error). A check that cannot run because an earlier one failed is SKIP, with the reason.
@@ -95,8 +97,11 @@ def run(
     findings = [check_config(config, config_path)]
     findings.extend(check_database(config, reset=reset, now=now))
     findings.append(check_disk(config))
-    with http(config.gridpulse.verify_tls) as client:
-        findings.extend(check_gridpulse(config, client, now=now))
+    if config.sink.kind == "postgres":
+        findings.extend(check_postgres(config, now=now))
+    else:
+        with http(config.gridpulse.verify_tls) as client:
+            findings.extend(check_gridpulse(config, client, now=now))
     with http(config.eia.verify_tls) as client:
         findings.append(check_eia(config, client, now=now))
         findings.append(check_eia_codes(config, client, findings[-1]))
@@ -119,6 +124,8 @@ def check_config(config: Config, config_path: str | os.PathLike[str] | None) -> 
         f"{section} key {'***' if data[section].get('api_key') else 'missing'}"
         for section in ("eia", "gridpulse")
     )
+    if config.sink.kind == "postgres":
+        keys += f", sink postgres {data['sink']['url']}"
     detail = (
         f"{source}: database {config.database}, {len(config.balancing_authorities)} BAs, "
         f"{len(config.enabled_datasets())} datasets, {keys}"
@@ -350,6 +357,34 @@ def _gridpulse_failure(base_url: str, exc: SinkError) -> Finding:
         return Finding("gridpulse", FAIL, f"{base_url}: unreachable: {exc}", hint)
     hint = "check gridpulse.base_url and GridPulse's health"
     return Finding("gridpulse", FAIL, f"{base_url}: {exc}", hint)
+
+
+def check_postgres(config: Config, *, now: Callable[[], datetime] = utcnow) -> list[Finding]:
+    """The direct sink (``sink: {kind: postgres}``): the database reachable, GridPulse's
+    schema in it, then the clock against the server's ``now()``."""
+    from outbox.wiring import postgres_sink
+
+    sink = postgres_sink(config)
+    where = sink.where
+    try:
+        before = now()
+        detail, server_time = sink.check()
+        after = now()
+    except SinkError as exc:
+        if isinstance(exc, SinkAuthError):
+            hint = "check the user and password in sink.url / OUTBOX_SINK_URL(_FILE)"
+        elif isinstance(exc, SinkTransientError):
+            hint = "check sink.url's host and port and the network; is PostgreSQL up?"
+        else:
+            hint = "the sink writes into GridPulse's tables: check the database named"
+        return [
+            Finding("gridpulse", FAIL, str(exc), hint),
+            Finding("clock", SKIP, "needs the database"),
+        ]
+    finally:
+        sink.close()
+    ok = Finding("gridpulse", OK, f"postgres {where}: {detail}")
+    return [ok, check_clock(server_time, before + (after - before) / 2)]
 
 
 def check_clock(server_time: Any, local: datetime) -> Finding:

@@ -12,7 +12,7 @@ reads from EIA, the rate limit) stays on that source.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
@@ -103,6 +103,23 @@ class Source(Protocol):
         answers requests raises ValueError for None.
         """
         ...
+
+
+def iter_requests(source: Source, requests: Sequence[Request]) -> Generator[tuple[int, Page]]:
+    """``(index into requests, page)`` for every page of ``requests``, request after
+    request, each request's pages in order.
+
+    A source may answer several requests at once (``EIAClient.iter_requests``: pages in
+    flight together, handed over in this same order); any other is asked one request
+    after another with ``iter_pages``.
+    """
+    many = getattr(source, "iter_requests", None)
+    if many is not None:
+        yield from many(requests)
+        return
+    for index, request in enumerate(requests):
+        for page in source.iter_pages(request):
+            yield index, page
 
 
 # ---------------------------------------------------------------------------------

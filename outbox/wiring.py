@@ -23,9 +23,11 @@ from outbox.store import Store
 if TYPE_CHECKING:
     import httpx
 
-    from outbox.ports import Source
+    from outbox.ports import Sink, Source
     from outbox.sinks.gridpulse import GridPulseClient, GridPulseSink
+    from outbox.sinks.postgres import PostgresSink
     from outbox.sources.eia import EIAClient
+    from outbox.status.remote import LatestSource
 
 _P = ParamSpec("_P")
 log = logging.getLogger(__name__)
@@ -117,10 +119,68 @@ def observed(
 
 
 def gridpulse_sink(config: Config, http: httpx.Client) -> GridPulseSink:
-    """The sink ``outbox send`` delivers to: GridPulse ingest v1 (needs the key)."""
+    """The GridPulse ingest v1 sink (needs the key)."""
     from outbox.sinks.gridpulse import GridPulseSink
 
     return GridPulseSink(gridpulse_client(config, http))
+
+
+def postgres_sink(config: Config) -> PostgresSink:
+    """The direct sink into GridPulse's PostgreSQL database (``sink: {kind: postgres}``)."""
+    from outbox.sinks.postgres import PostgresSink
+
+    s = config.sink
+    return PostgresSink(
+        s.require_url(),
+        catalog=s.catalog,
+        connect_timeout_seconds=s.connect_timeout_seconds,
+        statement_timeout_seconds=s.statement_timeout_seconds,
+    )
+
+
+def require_sink(config: Config) -> None:
+    """The configured sink's credentials, or a ConfigError (exit 2) saying how to set them."""
+    if config.sink.kind == "postgres":
+        config.sink.require_url()
+    else:
+        config.require_gridpulse_key()
+
+
+def sink_where(config: Config) -> str:
+    """Where the configured sink delivers, credentials masked (for messages)."""
+    from outbox.redact import redact
+
+    if config.sink.kind == "postgres":
+        return redact(config.sink.require_url())
+    return redact(config.gridpulse.base_url)
+
+
+@contextmanager
+def configured_sink(config: Config) -> Iterator[Sink]:
+    """The sink ``outbox send`` delivers to, by ``sink.kind``; closed when the block ends."""
+    if config.sink.kind == "postgres":
+        sink = postgres_sink(config)
+        try:
+            yield sink
+        finally:
+            sink.close()
+        return
+    with http_for(config.gridpulse) as http:
+        yield gridpulse_sink(config, http)
+
+
+@contextmanager
+def remote_latest(config: Config) -> Iterator[LatestSource]:
+    """What ``status --remote`` compares with: the configured sink's latest per series."""
+    if config.sink.kind == "postgres":
+        sink = postgres_sink(config)
+        try:
+            yield sink
+        finally:
+            sink.close()
+        return
+    with http_for(config.gridpulse) as http:
+        yield gridpulse_client(config, http)
 
 
 # ---------------------------------------------------------------------------------
@@ -142,6 +202,7 @@ def eia_client(config: Config, http: httpx.Client) -> EIAClient:
         retry=retry_policy(e.retry),
         max_per_second=e.max_requests_per_second,
         max_per_hour=e.max_requests_per_hour,
+        max_in_flight=e.max_in_flight,
     )
 
 
@@ -161,8 +222,18 @@ def fetch_source(config: Config, replay: Path | None = None) -> Iterator[Source]
 
 def gridpulse_series(config: Config) -> list[Mapping[str, object]] | None:
     """GridPulse's series listing, where a new outbox starts each stream
-    (:func:`~outbox.stages.plan.first_starts`); None when GridPulse is not configured or
-    cannot be asked (history start applies)."""
+    (:func:`~outbox.stages.plan.first_starts`), from the configured sink (the ingest API
+    or the database); None when it is not configured or cannot be asked (history start
+    applies)."""
+    if config.sink.kind == "postgres":
+        sink = postgres_sink(config)
+        try:
+            return sink.list_series()
+        except OutboxError as exc:
+            log.info("gridpulse latest unavailable, starting at history_start error=%s", exc)
+            return None
+        finally:
+            sink.close()
     if config.gridpulse.api_key is None:
         return None
     g = config.gridpulse

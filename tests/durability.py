@@ -133,10 +133,11 @@ def spawn(*args: str, env: dict[str, str], log: Path | None = None) -> subproces
 
 
 @contextlib.contextmanager
-def fake_eia_process(directory: Path, api_key: str = KEY_EIA) -> Iterator[str]:
-    """``python -m outbox.testing.fake_eia`` serving ``directory``; yields its v2 base URL."""
+def fake_eia_process(directory: Path, api_key: str = KEY_EIA, delay: float = 0.0) -> Iterator[str]:
+    """``python -m outbox.testing.fake_eia`` serving ``directory`` (each answer ``delay``
+    seconds late); yields its v2 base URL."""
     command = [sys.executable, "-m", "outbox.testing.fake_eia", "--port", "0"]
-    command += ["--api-key", api_key, "--dir", str(directory)]
+    command += ["--api-key", api_key, "--dir", str(directory), "--delay", str(delay)]
     proc = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,

@@ -26,6 +26,7 @@ EXPECTED = {
     "bench_status": {"rows", "status_cli", "status_inprocess", "check_all_pending", "claim"},
     "bench_memory": {"small", "large", "growth_mb", "tree_pss_growth_mb"},
     "bench_report": {"5_bas"},
+    "bench_backfill": {"backfill", "hourly", "ratios", "targets"},
 }
 
 
@@ -54,3 +55,6 @@ def test_every_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
             assert result["small"]["fetch"]["peak_tree_pss_mb"] > 0
         if name == "bench_report":
             assert result["5_bas"]["bytes"] > 50_000 and result["5_bas"]["seconds"] > 0
+        if name == "bench_backfill":
+            assert result["hourly"]["in_flight"]["requests"] == 3
+            assert result["backfill"]["in_flight"]["requests"] > 3

@@ -1,6 +1,10 @@
 """Fetch crash matrix: SIGKILL ``outbox fetch`` (replay, and live against a stand-in EIA
 server in its own process) at named crash points and at random times.
 
+``live`` fetches one request after another (``eia.max_in_flight=1``); ``inflight`` keeps
+four requests in flight against a stand-in that holds each answer 0.3 s (so a kill finds
+pages fetched, in flight and buffered out of order, none of them staged yet).
+
 After every kill, before anything else runs: the file passes ``integrity_check`` and no
 watermark is ahead of the rows it covers (every reference row of the stream at or before
 the watermark is staged, at its revision). After a clean rerun the outbox equals an
@@ -51,8 +55,18 @@ HOURS = 48
 POINTS = ("fetch.page_fetched", "stage.rows_written", "stage.before_commit")
 # Replay pages keep their page ids across a kill and a rerun; a live rerun asks EIA for a
 # different window (watermark minus look-back), so its pages differ: compare the rows.
-COLUMNS = {"replay": (*OBS_COLUMNS, "page_id", "page_row"), "live": OBS_COLUMNS}
-RANDOM_TRIALS = {"replay": {"ci": 4, "soak": 200}, "live": {"ci": 2, "soak": 80}}
+COLUMNS = {
+    "replay": (*OBS_COLUMNS, "page_id", "page_row"),
+    "live": OBS_COLUMNS,
+    "inflight": OBS_COLUMNS,
+}
+RANDOM_TRIALS = {
+    "replay": {"ci": 4, "soak": 200},
+    "live": {"ci": 2, "soak": 80},
+    "inflight": {"ci": 3, "soak": 80},
+}
+IN_FLIGHT = {"live": "1", "inflight": "4"}
+ANSWER_DELAY = {"live": 0.0, "inflight": 0.3}
 NAMED_CHAINS = {"ci": 1, "soak": 8}
 
 
@@ -76,6 +90,8 @@ class Source:
             eia_base=self.base_url,
             OUTBOX__EIA__HISTORY_START="2025-06-01T00:00:00Z",
             OUTBOX__EIA__PAGE_LENGTH="1000",
+            OUTBOX__EIA__MAX_IN_FLIGHT=IN_FLIGHT[self.mode],
+            **({"OUTBOX__EIA__MAX_REQUESTS_PER_SECOND": "5"} if self.mode == "inflight" else {}),
             **extra,
         )
 
@@ -90,7 +106,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_replay(tmp_path_factory.mktemp("eia"), route_rows(HOURS))
 
 
-@pytest.fixture(scope="module", params=["replay", "live"])
+@pytest.fixture(scope="module", params=["replay", "live", "inflight"])
 def source(
     request: pytest.FixtureRequest, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Source]:
@@ -100,8 +116,8 @@ def source(
     if request.param == "replay":
         yield _clean(Source("replay", data_dir, None, 0, reference))
         return
-    with fake_eia_process(data_dir) as base_url:
-        yield _clean(Source("live", data_dir, base_url, 0, reference))
+    with fake_eia_process(data_dir, delay=ANSWER_DELAY[request.param]) as base_url:
+        yield _clean(Source(request.param, data_dir, base_url, 0, reference))
 
 
 def _clean(src: Source) -> Source:
@@ -228,7 +244,7 @@ def test_sigkill_fetch_at_named_points(source: Source, scale: str, tmp_path: Pat
                     OUTBOX__EIA__REPLAY_COMMIT_ROWS="1",
                 ),
             )
-            if crashed.returncode == 0 and source.mode == "live" and before:
+            if crashed.returncode == 0 and source.mode != "replay" and before:
                 # A live rerun asks EIA only from its watermarks on: it can hold fewer
                 # pages than the point's count, and then it ends before the point. Only
                 # that may end a run of the chain unkilled (each point is hit at most
@@ -270,7 +286,7 @@ def _pages(db: Path) -> int:
         return con.execute("SELECT count(*) FROM pages").fetchone()[0]
 
 
-@pytest.mark.parametrize("mode", ["replay", "live"])
+@pytest.mark.parametrize("mode", ["replay", "live", "inflight"])
 def test_watermarks_cover_their_rows_after_every_committed_page(
     mode: str, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -300,9 +316,18 @@ def test_watermarks_cover_their_rows_after_every_committed_page(
         if mode == "replay":
             run_fetch(config, store, ReplaySource(data_dir))
         else:
-            with FakeEIA(read_rows(data_dir)) as fake, httpx.Client() as http:
+            delay = 0.1 if mode == "inflight" else 0.0
+            with FakeEIA(read_rows(data_dir), delay=delay) as fake, httpx.Client() as http:
                 assert fake.base_url is not None
-                client = EIAClient(http, fake.base_url, None, page_length=700, sleep=lambda s: None)
+                client = EIAClient(
+                    http,
+                    fake.base_url,
+                    None,
+                    page_length=700,
+                    max_per_second=50,
+                    max_in_flight=4 if mode == "inflight" else 1,
+                    sleep=lambda s: None,
+                )
                 run_fetch(config, store, client)
     assert len(checked) >= 7
     assert rows(db, OBS_COLUMNS[:6]) == rows(reference, OBS_COLUMNS[:6])

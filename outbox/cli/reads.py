@@ -88,16 +88,15 @@ def _status_check() -> int:
 def _compare_remote(config: Config, model: Status) -> bool:
     """``status --remote``: GridPulse's latest into ``model``; False (said) when unreachable."""
     from outbox import status as status_mod
-    from outbox.wiring import gridpulse_client, http_for
+    from outbox.wiring import remote_latest, sink_where
 
-    g = config.gridpulse
-    with http_for(g) as http:
-        client = gridpulse_client(config, http)
-        try:
-            model.remote = status_mod.compare_remote(model, client, g.base_url)
-        except SinkError as exc:
-            print_error(f"cannot compare with GridPulse at {redact(g.base_url)}: {exc}")
-            return False
+    where = sink_where(config)
+    try:
+        with remote_latest(config) as client:
+            model.remote = status_mod.compare_remote(model, client, where)
+    except SinkError as exc:
+        print_error(f"cannot compare with GridPulse at {where}: {exc}")
+        return False
     return True
 
 

@@ -12,7 +12,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -34,7 +34,6 @@ from outbox.cli.options import (
 from outbox.config import Config
 from outbox.errors import UsageError
 from outbox.logsetup import print_error
-from outbox.redact import redact
 from outbox.store import Store
 from outbox.timeutil import to_ts
 from outbox.wiring import observed
@@ -266,10 +265,10 @@ def run_send_command(
     """``outbox send``; before the first fetch has created the outbox, nothing to do."""
     from outbox.stages import housekeeping
     from outbox.stages import send as send_stage
-    from outbox.wiring import gridpulse_sink, http_for
+    from outbox.wiring import configured_sink, require_sink, sink_where
 
     if not dry_run:
-        config.require_gridpulse_key()  # a config error (exit 2) even before the first fetch
+        require_sink(config)  # a config error (exit 2) even before the first fetch
     if not Path(config.database).exists():
         # A send timer may fire before the first fetch: say so, create nothing, exit 0.
         typer.echo(
@@ -280,9 +279,8 @@ def run_send_command(
     g = config.gridpulse
     with (
         Store.open(config.database, create=False) as store,
-        http_for(g) as http,
+        nullcontext(None) if dry_run else configured_sink(config) as sink,
     ):
-        sink = None if dry_run else gridpulse_sink(config, http)
         try:
             result = send_stage.run_send(
                 config,
@@ -305,7 +303,7 @@ def run_send_command(
         later = f" until {result.waiting_until}" if result.waiting else ""
         typer.echo(
             f"dry run: {result.due} due now, {result.waiting} deferred{later}; "
-            f"{batches} batches to {redact(g.base_url)}"
+            f"{batches} batches to {sink_where(config)}"
         )
         return 0
     typer.echo(

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import repeat
@@ -52,6 +53,7 @@ from outbox.ports import (
 )
 from outbox.redact import MASK, RedactingFilter, redact, register_secret
 from outbox.retry import RetryPolicy, call_with_retry, parse_retry_after
+from outbox.sources.inflight import Abandoned, iter_in_order
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,11 @@ NOT_JSON = object()
 
 class RateLimiter:
     """Client-side limit: requests spaced by ``1/max_per_second`` and at most
-    ``max_per_hour`` in any sliding hour. ``sleep`` and ``clock`` are injectable."""
+    ``max_per_hour`` in any sliding hour. ``sleep`` and ``clock`` are injectable.
+
+    Thread-safe: each caller reserves the next free slot under a lock and waits for it
+    outside the lock, so concurrent callers start one interval apart, never closer.
+    """
 
     def __init__(
         self,
@@ -92,17 +98,24 @@ class RateLimiter:
         self._sleep = sleep
         self._clock = clock
         self._recent: deque[float] = deque()
+        self._lock = threading.Lock()
 
-    def acquire(self) -> float:
+    def acquire(self, sleep: Callable[[float], None] | None = None) -> float:
         """Wait until one more request is allowed; return the seconds waited."""
-        now = self._clock()
-        wait = self._wait_needed(now)
+        wait = self.reserve()[1]
         if wait > 0:
-            self._sleep(wait)
-            # A fake sleep may not advance a fake clock: never record a time before the slot.
-            now = max(self._clock(), now + wait)
-        self._recent.append(now)
+            (sleep or self._sleep)(wait)
         return wait
+
+    def reserve(self) -> tuple[float, float]:
+        """Take the next free slot: ``(its clock time, seconds from now until it)``."""
+        with self._lock:
+            now = self._clock()
+            # A fake sleep may not advance a fake clock: never grant a slot before the last.
+            wait = self._wait_needed(now)
+            slot = now + max(wait, 0.0)
+            self._recent.append(slot)
+            return slot, wait
 
     def _wait_needed(self, now: float) -> float:
         while self._recent and self._recent[0] <= now - 3600.0:
@@ -149,11 +162,14 @@ class EIAClient:
         retry: RetryPolicy = RetryPolicy(),
         max_per_second: float = 1.0,
         max_per_hour: int = 2000,
-        sleep: Callable[[float], None] = time.sleep,
+        max_in_flight: int = 1,
+        sleep: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 1 <= page_length <= MAX_PAGE_LENGTH:
             raise ValueError(f"page_length must be 1..{MAX_PAGE_LENGTH}, got {page_length}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self._http = http
         self._base = base_url.rstrip("/")
         self._key = api_key or None
@@ -161,9 +177,14 @@ class EIAClient:
         guard_http_logs()
         self._page_length = page_length
         self._retry = retry
-        self._sleep = sleep
+        # None: real waits, which a stopped concurrent walk can cut short (an injected
+        # sleep, a test's fake, is called as it is).
+        self._real_sleep = sleep is None
+        self._sleep = sleep or time.sleep
         self._clock = clock
-        self._limiter = RateLimiter(max_per_second, max_per_hour, sleep=sleep, clock=clock)
+        self._limiter = RateLimiter(max_per_second, max_per_hour, sleep=self._sleep, clock=clock)
+        self.max_in_flight = max_in_flight
+        self._count_lock = threading.Lock()
         self.requests_made = 0
 
     saved = False  # a Source that answers requests
@@ -185,6 +206,36 @@ class EIAClient:
             page_no += 1
         _warn_silent_respondents(req, seen)
 
+    def iter_requests(self, requests: Iterable[Request]) -> Generator[tuple[int, Page]]:
+        """``(index, page)`` for every page of ``requests``, in the order of
+        :meth:`iter_pages` over each request in turn, with up to ``max_in_flight``
+        requests in flight at once (:mod:`outbox.sources.inflight`). An error is raised
+        in its page's turn, after every page before it; pages in flight are abandoned."""
+        if self.max_in_flight == 1:
+            for index, req in enumerate(requests):
+                for page in self.iter_pages(req):
+                    yield index, page
+            return
+        reqs = list(requests)
+        stop = threading.Event()
+        seen: dict[int, set[str | None]] = {}
+        pages = iter_in_order(
+            reqs,
+            lambda req, page_no, offset: self._fetch_page(req, page_no, offset, stop),
+            page_length=self._page_length,
+            max_in_flight=self.max_in_flight,
+            stop=stop,
+        )
+        try:
+            for index, page in pages:
+                facet = RESPONDENT_FACET[page.route]
+                seen.setdefault(index, set()).update(row.get(facet) for row in page.rows)
+                yield index, page
+                if page.last:
+                    _warn_silent_respondents(reqs[index], seen.pop(index))
+        finally:
+            pages.close()
+
     def facet_values(self, route: str, facet: str) -> dict[str, str]:
         """The values EIA lists for one facet of ``route`` (``<route>/facet/<facet>/``),
         id -> name, e.g. every respondent code of region-data."""
@@ -201,7 +252,7 @@ class EIAClient:
         shown = self._redact(unquote(self._redact(str(url))))
         call = _Call(None, 0, 0, {}, f"EIA {route} facet {facet}", shown)
         self._limiter.acquire()
-        self.requests_made += 1
+        self._counted()
         response = self._get(url, call)
         check_size(len(response.content), call.say)
         doc = _loads(response.content)
@@ -215,16 +266,40 @@ class EIAClient:
             if isinstance(f, dict) and f.get("id") is not None
         }
 
-    def _fetch_page(self, req: Request, page_no: int, offset: int) -> Page:
+    def _fetch_page(
+        self, req: Request, page_no: int, offset: int, stop: threading.Event | None = None
+    ) -> Page:
         params = request_params(req, offset, self._page_length)
+        pause = self._sleep if stop is None else self._pause(stop)
         return call_with_retry(
             self._retry,
-            lambda: self._attempt(req, page_no, offset, params),
-            sleep=self._sleep,
+            lambda: self._attempt(req, page_no, offset, params, pause, stop),
+            sleep=pause,
             before_sleep=_log_retry,
         )
 
-    def _attempt(self, req: Request, page_no: int, offset: int, params: dict) -> Page:
+    def _pause(self, stop: threading.Event) -> Callable[[float], None]:
+        """A wait that ends (raising :class:`Abandoned`) once ``stop`` is set."""
+
+        def pause(seconds: float) -> None:
+            if self._real_sleep:
+                stop.wait(seconds)
+            else:
+                self._sleep(seconds)
+            if stop.is_set():
+                raise Abandoned("the fetch stopped")
+
+        return pause
+
+    def _attempt(
+        self,
+        req: Request,
+        page_no: int,
+        offset: int,
+        params: dict,
+        pause: Callable[[float], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> Page:
         items = query_items(params)
         if self._key:
             items.insert(0, ("api_key", self._key))
@@ -233,8 +308,10 @@ class EIAClient:
         call = _Call(
             req, page_no, offset, params, f"EIA {req.route} page {page_no} (offset {offset})", shown
         )
-        self._limiter.acquire()
-        self.requests_made += 1
+        self._limiter.acquire(pause)
+        if stop is not None and stop.is_set():
+            raise Abandoned("the fetch stopped")
+        self._counted()
         started = self._clock()
         response = self._get(url, call)
         check_size(len(response.content), call.say)
@@ -250,6 +327,10 @@ class EIAClient:
         )
         self._raise_for_error(response, doc, call)
         return self._page(req, call, doc)
+
+    def _counted(self) -> None:
+        with self._count_lock:
+            self.requests_made += 1
 
     def _get(self, url: httpx.URL, call: _Call) -> httpx.Response:
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}

@@ -83,10 +83,8 @@ def run_fetch(
                 )
                 # Then the older history of streams whose first rows came with some.
                 windows += plan_history(config, streams, fetcher.history, initial)
-                for i, window in enumerate(windows):
-                    fetcher.stage_window(source, window, backfill=False)
-                    if progress:
-                        progress(i + 1, len(windows), window)
+                tick = None if progress is None else _ticker(progress, windows)
+                fetcher.stage_windows(source, windows, backfill=False, done=tick)
     return result
 
 
@@ -171,9 +169,12 @@ def _fill(
     plan = plan_fill(gaps, store.reads.series_sources(), max_hours=config.eia.backfill_chunk_hours)
     fill.gap_hours = sum(g.hours for g in gaps)
     fill.windows = len(plan)
-    for request in plan:
-        fetcher.stage_window(source, request.window, backfill=True, advance=False)
-        fill.checked += store.staging.mark_checked(request.hours)
+
+    def filled(i: int) -> None:
+        fill.checked += store.staging.mark_checked(plan[i].hours)
+
+    windows = [request.window for request in plan]
+    fetcher.stage_windows(source, windows, backfill=True, advance=False, done=filled)
 
 
 def check_replay_staged(config: Config, result: FetchResult) -> None:
@@ -216,17 +217,40 @@ def _backfill(
     bounds: tuple[datetime, datetime],
     progress: Progress | None,
 ) -> None:
-    """Walk backfill chunks; a rerun of the same backfill resumes after the last done chunk."""
-    for i, window in enumerate(windows):
-        key = _backfill_key(window, bounds)
-        done = store.meta_get(key)
+    """Walk backfill chunks; a rerun of the same backfill resumes after the last done chunk.
+
+    The chunks still to do are fetched with requests in flight together; each is marked
+    done once its last page is staged."""
+    todo: list[Window] = []
+    tick = None if progress is None else _ticker(progress, windows)
+    for window in windows:
+        done = store.meta_get(_backfill_key(window, bounds))
         if done is None or parse_ts(done) < window.end:
-            fetcher.stage_window(source, window, backfill=True)
-            store.meta_set(key, to_ts(window.end))
+            todo.append(window)
         else:
             log.info("backfill chunk already done route=%s end=%s", window.route, done)
-        if progress:
-            progress(i + 1, len(windows), window)
+            if tick:
+                tick(window)
+
+    def chunk_done(i: int) -> None:
+        store.meta_set(_backfill_key(todo[i], bounds), to_ts(todo[i].end))
+        if tick:
+            tick(todo[i])
+
+    fetcher.stage_windows(source, todo, backfill=True, done=chunk_done)
+
+
+def _ticker(progress: Progress, windows: Sequence[Window]) -> Callable[..., None]:
+    """``progress(done, total, window)`` once per finished window (an index or the window)."""
+    count = 0
+
+    def tick(which: int | Window) -> None:
+        nonlocal count
+        count += 1
+        window = windows[which] if isinstance(which, int) else which
+        progress(count, len(windows), window)
+
+    return tick
 
 
 def _backfill_key(window: Window, bounds: tuple[datetime, datetime]) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,7 +24,7 @@ from outbox.config import Config
 from outbox.crash import crashpoint
 from outbox.errors import SourceFatalError
 from outbox.normalize import SKIP_REASONS, Normalized, normalize_page
-from outbox.ports import Page, Source
+from outbox.ports import Page, Source, iter_requests
 from outbox.readahead import SharedFlag, can_fork, forked_read_ahead, read_ahead
 from outbox.stages.plan import Window, asked_cutoffs, known_through, latest_hours
 from outbox.stages.prepared import READ_AHEAD, Prepared, detach, encode
@@ -140,7 +140,23 @@ class Fetcher:
     def stage_window(
         self, source: Source, window: Window, *, backfill: bool, advance: bool = True
     ) -> None:
-        """Fetch every page of one window and stage each with its watermark advance.
+        """Fetch every page of one window and stage each (:meth:`stage_windows`)."""
+        self.stage_windows(source, [window], backfill=backfill, advance=advance)
+
+    def stage_windows(
+        self,
+        source: Source,
+        windows: Sequence[Window],
+        *,
+        backfill: bool,
+        advance: bool = True,
+        done: Callable[[int], None] | None = None,
+    ) -> None:
+        """Fetch every page of each window and stage each with its watermark advance.
+
+        The source may have several requests in flight (:func:`~outbox.ports.iter_requests`);
+        pages still arrive, and are staged here one transaction each, in window order and
+        page order. ``done(i)`` runs once window ``i``'s last page is staged.
 
         The window's last page also records, for each of its streams, that EIA answered
         the window completely (:meth:`_asked`), in the same transaction.
@@ -148,34 +164,60 @@ class Fetcher:
         stream progress. A window of older history (``window.history_from``) moves no
         watermark either: its last page moves its streams' history markers instead.
         """
-        backfill = backfill or window.history_from is not None
-        req = window.request()
-        seen: dict[str, str] = {}
+        seen: dict[int, dict[str, str]] = {}
+        requests = [window.request() for window in windows]
+        pages = iter_requests(source, requests)
+        with closing(pages):
+            for index, page in pages:
+                window = windows[index]
+                self._stage_live(
+                    page,
+                    window,
+                    requests[index].respondents,
+                    seen.setdefault(index, {}),
+                    backfill=backfill or window.history_from is not None,
+                    advance=advance,
+                )
+                if page.last:
+                    seen.pop(index, None)
+                    if done is not None:
+                        done(index)
+
+    def _stage_live(
+        self,
+        page: Page,
+        window: Window,
+        respondents: Sequence[str],
+        seen: dict[str, str],
+        *,
+        backfill: bool,
+        advance: bool,
+    ) -> None:
+        """Stage one page of ``window``; ``seen`` is the newest hour per stream so far."""
+        crashpoint("fetch.page_fetched")
+        self.result.requests += 1
         datasets = {s.dataset for s in window.streams}
-        for page in source.iter_pages(req):
-            crashpoint("fetch.page_fetched")
-            self.result.requests += 1
-            norm = self._normalize(page, (window.start, window.end), req.respondents, datasets)
-            for key, ts in norm.stream_max.items():
-                if ts > seen.get(key, ""):
-                    seen[key] = ts
-            # Rows come sorted by period: once a page ends at hour H, every row before H has
-            # been seen; only the last page completes the window.
-            cap = None if page.last else _minus_hour(norm.page_max_ts)
-            updates = self._advances(window, seen, cap, backfill=backfill) if advance else []
-            asked = self._asked(window, backfill=backfill) if advance and page.last else []
-            history = self._history_found(window, norm) if advance and not backfill else {}
-            if advance and page.last and window.history_from is not None:
-                history = self._history_fetched(window)
-            self._stage(page, norm, updates, progress=asked, history=history)
-            for key, before in history.items():
-                if window.history_from is None and before is not None:
-                    log.info(
-                        "first rows reach back to the window start, older history to fetch"
-                        " stream=%s before=%s",
-                        key,
-                        before,
-                    )
+        norm = self._normalize(page, (window.start, window.end), respondents, datasets)
+        for key, ts in norm.stream_max.items():
+            if ts > seen.get(key, ""):
+                seen[key] = ts
+        # Rows come sorted by period: once a page ends at hour H, every row before H has
+        # been seen; only the last page completes the window.
+        cap = None if page.last else _minus_hour(norm.page_max_ts)
+        updates = self._advances(window, seen, cap, backfill=backfill) if advance else []
+        asked = self._asked(window, backfill=backfill) if advance and page.last else []
+        history = self._history_found(window, norm) if advance and not backfill else {}
+        if advance and page.last and window.history_from is not None:
+            history = self._history_fetched(window)
+        self._stage(page, norm, updates, progress=asked, history=history)
+        for key, before in history.items():
+            if window.history_from is None and before is not None:
+                log.info(
+                    "first rows reach back to the window start, older history to fetch"
+                    " stream=%s before=%s",
+                    key,
+                    before,
+                )
 
     def stage_replay(self, source: Source) -> None:
         """Stage every page of a source of saved pages (the route from each body).

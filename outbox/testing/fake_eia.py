@@ -14,6 +14,16 @@ added with :meth:`FakeEIA.add_facet_values` (a respondent EIA knows but has no r
 Faults are queued with :meth:`FakeEIA.fail_next` (status, body, headers, delay, or a
 dropped connection). Every request path is recorded in :attr:`FakeEIA.requests`.
 
+``delay`` (seconds, default 0) holds every answer that long, as the real API takes about
+a second over a 5,000-row page; ``delay_for(target)`` may choose it per request (e.g. to
+finish later pages first). Requests are served on their own threads, so delays overlap;
+:attr:`FakeEIA.peak_in_flight` is the most requests it held at once, and
+:attr:`FakeEIA.answered` lists the request targets in the order they were answered.
+
+``--synth 2023-01-01T00:8760`` (start and hours) serves synthetic rows of the five
+default BAs made on demand for each asked window (:func:`outbox.testing.synth.make_rows`),
+so a year of data costs no memory up front (benchmarks/bench_backfill.py).
+
 Run standalone: ``python -m outbox.testing.fake_eia --port 8930 --sample``.
 """
 
@@ -26,8 +36,9 @@ import signal
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -38,7 +49,14 @@ import orjson
 
 from outbox.redact import redact
 from outbox.sample import sample_dir
-from outbox.testing.synth import MAX_ROWS, ROUTES, read_rows, response_body
+from outbox.testing.synth import (
+    DEFAULT_RESPONDENTS,
+    MAX_ROWS,
+    ROUTES,
+    make_rows,
+    read_rows,
+    response_body,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +130,21 @@ class Query:
 class FakeEIA:
     """An in-process EIA v2 server over ``rows_by_route`` (route -> EIA rows)."""
 
-    def __init__(self, rows_by_route: Mapping[str, list[dict]], api_key: str | None = None):
+    def __init__(
+        self,
+        rows_by_route: Mapping[str, list[dict]],
+        api_key: str | None = None,
+        *,
+        delay: float = 0.0,
+        delay_for: Callable[[str], float] | None = None,
+        synth: tuple[datetime, int] | None = None,
+    ):
         self.api_key = api_key
+        self.delay = delay
+        self.delay_for = delay_for
+        self.in_flight = self.peak_in_flight = 0
+        self.answered: list[str] = []
+        self.synth = synth
         self.requests: list[str] = []
         self.base_url: str | None = None
         self._rows = {route: list(rows) for route, rows in rows_by_route.items()}
@@ -194,6 +225,16 @@ class FakeEIA:
             self.requests.append(target)
             return self._faults.popleft() if self._faults else None
 
+    def answer_delay(self, target: str) -> float:
+        """How long to hold the answer to ``target``."""
+        return self.delay_for(target) if self.delay_for is not None else self.delay
+
+    def entered(self, change: int) -> None:
+        """Count a request in (+1) or out (-1) of the server."""
+        with self._lock:
+            self.in_flight += change
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
     def handle(self, target: str) -> Reply:
         """Answer one GET request target (path and query) as EIA would."""
         parts = urlsplit(target)
@@ -258,12 +299,30 @@ class FakeEIA:
                 self._cache.move_to_end(key)
                 return self._cache[key]
             rows = self._rows.get(route, [])
+        if self.synth is not None:
+            rows = synth_rows(route, query, *self.synth)
         matched = sort_rows(filter_rows(rows, query), query.sort)
         with self._lock:
             self._cache[key] = matched
             while len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
         return matched
+
+
+def synth_rows(route: str, query: Query, first: datetime, hours: int) -> list[dict]:
+    """Synthetic rows of ``route`` for the default BAs over the asked hours that fall
+    within ``hours`` hours from ``first``."""
+    lo = max(first, _hour(query.start) if query.start else first)
+    last = first + timedelta(hours=hours - 1)
+    hi = min(last, _hour(query.end) if query.end else last)
+    if hi < lo:
+        return []
+    span = int((hi - lo).total_seconds() // 3600) + 1
+    return make_rows(route, DEFAULT_RESPONDENTS, lo, span)
+
+
+def _hour(bound: str) -> datetime:
+    return datetime.strptime(bound, "%Y-%m-%dT%H").replace(tzinfo=UTC)
 
 
 def parse_query(route: str, items: list[tuple[str, str]]) -> Query:
@@ -393,6 +452,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         fake: FakeEIA = self.server.fake  # type: ignore[attr-defined]
+        fake.entered(1)
+        try:
+            self._answer(fake)
+        finally:
+            fake.entered(-1)
+
+    def _answer(self, fake: FakeEIA) -> None:
         fault = fake.record(self.path)
         if fault is not None and fault.delay:
             time.sleep(fault.delay)
@@ -402,6 +468,11 @@ class _Handler(BaseHTTPRequestHandler):
         status, headers, body = (
             (fault.status, fault.headers, fault.body) if fault else fake.handle(self.path)
         )
+        delay = fake.answer_delay(self.path)
+        if delay > 0:
+            time.sleep(delay)
+        with fake._lock:
+            fake.answered.append(self.path)
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
@@ -421,10 +492,18 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--sample", action="store_true", help="serve the bundled sample")
     parser.add_argument("--dir", type=Path, help="serve the EIA response bodies in DIR")
     parser.add_argument("--api-key", default=None, help="require this api_key")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument(
+        "--synth", default=None, help="START:HOURS, e.g. 2023-01-01T00:8760: synthetic rows"
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     directory = args.dir or (sample_dir() if args.sample else None)
     rows = read_rows(directory) if directory else {route: [] for route in ROUTES}
-    fake = FakeEIA(rows, api_key=args.api_key)
+    made = None
+    if args.synth:
+        start, _, hours = args.synth.rpartition(":")
+        made = (_hour(start), int(hours))
+    fake = FakeEIA(rows, api_key=args.api_key, delay=args.delay, synth=made)
     stopping = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:

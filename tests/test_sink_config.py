@@ -1,0 +1,79 @@
+"""``sink:``: the HTTP API by default, or GridPulse's PostgreSQL database with its URL
+from the file, ``OUTBOX_SINK_URL`` or ``OUTBOX_SINK_URL_FILE``; the password masked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from outbox.config import load_config
+from outbox.errors import ConfigError
+from outbox.redact import redact
+
+URL = "postgresql://writer:pw-9f8e7d6c@db.internal:5432/gridpulse"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_default_sink_is_the_gridpulse_api() -> None:
+    assert load_config(env={}).sink.kind == "gridpulse"
+
+
+def test_a_postgres_sink_from_the_file_is_masked_everywhere(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, f"sink:\n  kind: postgres\n  url: {URL}\n"), env={})
+    assert config.sink.require_url() == URL
+    shown = config.redacted()["sink"]["url"]
+    assert "pw-9f8e7d6c" not in shown and "writer" not in shown
+    assert "db.internal:5432/gridpulse" in shown
+    assert "pw-9f8e7d6c" not in redact("FATAL: password pw-9f8e7d6c refused")
+
+
+def test_url_file_and_the_variables(tmp_path: Path) -> None:
+    secret = tmp_path / "url"
+    secret.write_text(URL + "\n")
+    config = load_config(
+        write(tmp_path, f"sink:\n  kind: postgres\n  url_file: {secret}\n"), env={}
+    )
+    assert config.sink.require_url() == URL
+    other = URL.replace("gridpulse", "other")
+    config = load_config(
+        write(tmp_path, f"sink:\n  kind: postgres\n  url_file: {secret}\n"),
+        env={"OUTBOX_SINK_URL": other},
+    )
+    assert config.sink.require_url() == other, "the variable replaces the file's url_file"
+    config = load_config(
+        env={"OUTBOX__SINK__KIND": "postgres", "OUTBOX_SINK_URL_FILE": str(secret)}
+    )
+    assert config.sink.require_url() == URL
+    sqlalchemy_form = URL.replace("postgresql://", "postgresql+psycopg://")
+    config = load_config(env={"OUTBOX__SINK__KIND": "postgres", "OUTBOX_SINK_URL": sqlalchemy_form})
+    assert config.sink.require_url() == URL
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("sink:\n  kind: postgres\n", {}, "exactly one of sink.url and sink.url_file"),
+        (f"sink:\n  kind: postgres\n  url: {URL}\n  url_file: /x\n", {}, "exactly one"),
+        (f"sink:\n  url: {URL}\n", {}, "are for kind: postgres"),
+        ("sink:\n  kind: postgres\n  url: mysql://a@b/c\n", {}, "not a PostgreSQL URL"),
+        ("sink:\n  kind: mongo\n", {}, "sink.kind"),
+        ("", {"OUTBOX_SINK_URL": URL}, "OUTBOX_SINK_URL"),
+    ],
+)
+def test_a_wrong_sink_is_a_config_error(
+    tmp_path: Path, text: str, env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(write(tmp_path, text), env=env)
+    assert "pw-9f8e7d6c" not in str(caught.value)
+
+
+def test_a_missing_url_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"sink\.url_file: cannot read secret file"):
+        load_config(write(tmp_path, "sink:\n  kind: postgres\n  url_file: /nonexistent\n"), env={})

@@ -1,0 +1,240 @@
+"""The direct PostgreSQL sink against a real throwaway cluster, in GridPulse's schema.
+
+Each test gets a fresh database holding the contract's tables (tests/pgschema.py); the
+sink is driven through its port (prepare/send) or, for row states, by the real send
+stage over a real migrated outbox in tmp_path.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from factories import obs, series_row, ts
+from pgschema import create_contract_schema, held
+
+from outbox.config import Config
+from outbox.errors import SinkError, SinkTransientError
+from outbox.ports import Batch
+from outbox.sinks.postgres import UNKNOWN_SERIES, PostgresSink
+from outbox.stages.send import run_send
+from outbox.store import Store
+
+pytestmark = pytest.mark.postgres
+
+
+@dataclass(frozen=True)
+class Row:
+    series_id: str
+    ts: str
+    value: float | None
+    units: str = "MW"
+    quality_flag: str = "good"
+    revision: str = "r1"
+    ba: str = "PJM"
+    type: str = "demand"
+    subtype: str | None = None
+
+
+@pytest.fixture
+def dsn(pg_cluster) -> str:
+    url = pg_cluster.dsn(pg_cluster.database())
+    create_contract_schema(url)
+    return url
+
+
+@pytest.fixture
+def sink(dsn: str) -> Iterator[PostgresSink]:
+    s = PostgresSink(dsn)
+    yield s
+    s.close()
+
+
+def send(sink: PostgresSink, rows: list[Row]):
+    return sink.send(sink.prepare(Batch(rows)))
+
+
+def execute(dsn: str, sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def test_a_batch_creates_its_series_and_upserts_its_rows(sink: PostgresSink, dsn: str) -> None:
+    rows = [Row("EIA.PJM.demand", ts(h), 100.0 + h) for h in range(3)]
+    rows.append(
+        Row(
+            "EIA.CAISO.generation.solar", ts(0), 7.5, ba="CAISO", type="generation", subtype="solar"
+        )
+    )
+    outcome = send(sink, rows)
+    assert (outcome.accepted, outcome.rejected) == (4, ())
+    assert held(dsn) == {
+        **{("EIA.PJM.demand", ts(h)): (100.0 + h, "good") for h in range(3)},
+        ("EIA.CAISO.generation.solar", ts(0)): (7.5, "good"),
+    }
+    listing = {s["series_id"]: s for s in sink.list_series()}
+    assert listing["EIA.PJM.demand"]["count"] == 3
+    assert listing["EIA.PJM.demand"]["latest_ts"] == ts(2)
+    assert listing["EIA.CAISO.generation.solar"]["subtype"] == "solar"
+    assert sink.latest("EIA.PJM.demand") == (ts(2), None)
+    assert sink.latest("EIA.MISO.demand") is None
+
+
+def test_a_revised_value_replaces_the_old_one_and_a_resend_is_harmless(
+    sink: PostgresSink, dsn: str
+) -> None:
+    send(sink, [Row("EIA.PJM.demand", ts(0), 100.0), Row("EIA.PJM.demand", ts(1), 5.0)])
+    before = _xmin(dsn, ts(1))
+    outcome = send(
+        sink,
+        [
+            Row("EIA.PJM.demand", ts(0), 123.456, quality_flag="estimated", revision="r2"),
+            Row("EIA.PJM.demand", ts(1), 5.0),
+        ],
+    )
+    assert outcome.accepted == 2
+    assert held(dsn) == {
+        ("EIA.PJM.demand", ts(0)): (123.456, "estimated"),
+        ("EIA.PJM.demand", ts(1)): (5.0, "good"),
+    }
+    assert _xmin(dsn, ts(1)) == before, "an unchanged row is not rewritten"
+
+
+def _xmin(dsn: str, when: str) -> str:
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT xmin::text FROM observations WHERE ts = %s::timestamptz", (when,)
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_rows_the_database_refuses_are_refused_with_its_reason(
+    sink: PostgresSink, dsn: str
+) -> None:
+    execute(dsn, "ALTER TABLE observations ADD CONSTRAINT demand_not_negative CHECK (value >= 0)")
+    rows = [Row("EIA.PJM.demand", ts(h), float(h)) for h in range(40)]
+    rows[7] = Row("EIA.PJM.demand", ts(7), -5.0)
+    rows[30] = Row("EIA.PJM.demand", ts(30), 1e10)  # past numeric(12,3)
+    outcome = send(sink, rows)
+    assert outcome.accepted == 38
+    refused = {r.index: r for r in outcome.rejected}
+    assert sorted(refused) == [7, 30]
+    assert refused[7].code == "CHECK_VIOLATION"
+    assert "demand_not_negative" in refused[7].message
+    assert refused[30].code == "NUMERIC_VALUE_OUT_OF_RANGE"
+    assert "numeric field overflow" in refused[30].message
+    assert set(held(dsn)) == {("EIA.PJM.demand", ts(h)) for h in range(40) if h not in (7, 30)}
+
+
+def test_a_fixed_catalogue_refuses_unknown_series(dsn: str) -> None:
+    open_sink = PostgresSink(dsn)
+    send(open_sink, [Row("EIA.PJM.demand", ts(0), 1.0)])
+    open_sink.close()
+    fixed = PostgresSink(dsn, catalog="fixed")
+    try:
+        outcome = send(
+            fixed,
+            [Row("EIA.PJM.demand", ts(1), 2.0), Row("EIA.MISO.demand", ts(1), 3.0, ba="MISO")],
+        )
+    finally:
+        fixed.close()
+    assert outcome.accepted == 1
+    (refusal,) = outcome.rejected
+    assert (refusal.index, refusal.code) == (1, UNKNOWN_SERIES)
+    assert "EIA.MISO.demand" in refusal.message
+    assert set(held(dsn)) == {("EIA.PJM.demand", ts(0)), ("EIA.PJM.demand", ts(1))}
+
+
+def test_a_role_that_may_not_create_series_refuses_their_rows_alone(dsn: str, pg_cluster) -> None:
+    send_sink = PostgresSink(dsn)
+    send(send_sink, [Row("EIA.PJM.demand", ts(0), 1.0)])
+    send_sink.close()
+    execute(dsn, "DROP ROLE IF EXISTS writer")
+    execute(dsn, "CREATE ROLE writer LOGIN")
+    execute(dsn, "GRANT SELECT ON ALL TABLES IN SCHEMA public TO writer")
+    execute(dsn, "GRANT INSERT, UPDATE ON observations TO writer")
+    writer = PostgresSink(dsn.replace("outbox_test@", "writer@"))
+    try:
+        outcome = send(
+            writer,
+            [Row("EIA.MISO.demand", ts(1), 3.0, ba="MISO"), Row("EIA.PJM.demand", ts(1), 2.0)],
+        )
+    finally:
+        writer.close()
+        execute(dsn, "DROP OWNED BY writer")
+        execute(dsn, "DROP ROLE writer")
+    assert outcome.accepted == 1
+    (refusal,) = outcome.rejected
+    assert refusal.index == 0
+    assert refusal.code == "INSUFFICIENT_PRIVILEGE"
+    assert "permission denied" in refusal.message
+
+
+def test_a_closed_port_and_a_lost_connection_are_transient(sink: PostgresSink, dsn: str) -> None:
+    from tests.pgcluster import free_port
+
+    nowhere = PostgresSink(f"postgresql://u:hunter2secret@127.0.0.1:{free_port()}/x")
+    with pytest.raises(SinkTransientError) as caught:
+        send(nowhere, [Row("EIA.PJM.demand", ts(0), 1.0)])
+    assert "hunter2secret" not in str(caught.value)
+    assert not nowhere.health()
+
+    send(sink, [Row("EIA.PJM.demand", ts(0), 1.0)])
+    execute(
+        dsn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name = 'gridpulse-outbox'",
+    )
+    with pytest.raises(SinkTransientError):
+        send(sink, [Row("EIA.PJM.demand", ts(1), 2.0)])
+    assert send(sink, [Row("EIA.PJM.demand", ts(1), 2.0)]).accepted == 1  # reconnected
+    assert sink.health()
+
+
+def test_a_database_without_the_schema_stops_the_run(pg_cluster) -> None:
+    empty = PostgresSink(pg_cluster.dsn(pg_cluster.database()))
+    try:
+        with pytest.raises(SinkError, match="no observations table") as caught:
+            send(empty, [Row("EIA.PJM.demand", ts(0), 1.0)])
+    finally:
+        empty.close()
+    assert not isinstance(caught.value, SinkTransientError)
+
+
+def test_the_send_stage_settles_rows_by_the_database(tmp_path: Path, dsn: str) -> None:
+    """Through the real send stage: acked rows are held, the refused one is dead with the
+    database's reason, and a revision staged later replaces the value."""
+    execute(dsn, "ALTER TABLE observations ADD CONSTRAINT demand_not_negative CHECK (value >= 0)")
+    db = tmp_path / "outbox.db"
+    config = Config(database=str(db))
+    sid = "EIA.PJM.demand"
+    with Store.open(db) as store:
+        rows = [obs(sid, h, float(h)) for h in range(10)] + [obs(sid, 10, -1.0)]
+        store.staging.stage(rows, series_rows=[series_row(sid)])
+        sink = PostgresSink(dsn)
+        try:
+            result = run_send(config, store, sink)
+            assert (result.acked, result.rejected) == (10, 1)
+            store.staging.stage([obs(sid, 3, 333.0)])
+            assert run_send(config, store, sink).acked == 1
+        finally:
+            sink.close()
+    with sqlite3.connect(db) as con:
+        dead = con.execute(
+            "SELECT ts, last_error_code, last_error FROM observations WHERE state = 'dead'"
+        ).fetchall()
+    assert len(dead) == 1
+    assert dead[0][0] == ts(10)
+    assert dead[0][1] == "CHECK_VIOLATION"
+    assert "demand_not_negative" in dead[0][2]
+    expected = {(sid, ts(h)): (float(h), "good") for h in range(10)}
+    expected[(sid, ts(3))] = (333.0, "good")
+    assert held(dsn) == expected
