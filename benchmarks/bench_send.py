@@ -15,6 +15,9 @@ Also measured: ``receiver_alone``, the receiver's own work per batch (gunzip, JS
 validation, batch upsert) called in-process without HTTP; and ``hourly_requests``, the
 EIA requests one hourly ``outbox fetch`` makes for 5 BAs x all datasets against the
 stand-in EIA server after a first fetch caught up.
+
+``--receiver-db postgres`` runs every receiver on a fresh database of a throwaway
+PostgreSQL cluster (:mod:`outbox.testing.pgcluster`) instead of a SQLite file.
 """
 
 from __future__ import annotations
@@ -62,6 +65,15 @@ FROM observations o INDEXED BY ix_observations_pending_due
 JOIN series s ON s.series_id = o.series_id
 WHERE o.state = 'pending' ORDER BY o.ts, o.series_id
 """
+_RECEIVER = SimpleNamespace(cluster=None)  # set by --receiver-db postgres
+
+
+def receiver_db() -> str | None:
+    """A fresh PostgreSQL database for the next receiver, or None (its SQLite file)."""
+    cluster = _RECEIVER.cluster
+    return None if cluster is None else cluster.dsn(cluster.database())
+
+
 _FIELDS = ("series_id", "ba", "type", "subtype", "units", "ts", "value", "quality_flag", "revision")
 
 
@@ -99,7 +111,10 @@ def batches(database: Path) -> Iterator[tuple[str, bytes, int]]:
 def run_floor(work: Path, prepared: list[tuple[str, bytes, int]]) -> float:
     """POST the pre-built batches with a plain httpx loop to a fresh receiver."""
     scratch = Path(tempfile.mkdtemp(dir=work))
-    with running_receiver(scratch, api_key=KEY) as receiver, httpx.Client(timeout=60) as http:
+    with (
+        running_receiver(scratch, api_key=KEY, db=receiver_db()) as receiver,
+        httpx.Client(timeout=60) as http,
+    ):
         url = receiver.url(INGEST_PATH)
         base = {
             "Authorization": f"Bearer {KEY}",
@@ -151,7 +166,10 @@ def _send_once(work: Path, template: Path, rows: int) -> tuple[float, float | No
     scratch = Path(tempfile.mkdtemp(dir=work))
     database = scratch / "outbox.db"
     shutil.copyfile(template, database)
-    with running_receiver(scratch, api_key=KEY) as receiver, httpx.Client(timeout=60) as http:
+    with (
+        running_receiver(scratch, api_key=KEY, db=receiver_db()) as receiver,
+        httpx.Client(timeout=60) as http,
+    ):
         cfg = c.config_for(database, base_url=receiver.base_url)
         sink = GridPulseSink(GridPulseClient(http, receiver.base_url, KEY))
         pid = receiver.proc.pid if receiver.proc is not None else None
@@ -213,7 +231,7 @@ def run_receiver_alone(work: Path, prepared: list[tuple[str, bytes, int]]) -> fl
     from outbox.receiver.faults import Faults
 
     scratch = Path(tempfile.mkdtemp(dir=work))
-    db = ReceiverDB(to_url(scratch / "receiver.db"))
+    db = ReceiverDB(to_url(receiver_db() or scratch / "receiver.db"))
     receiver = _Receiver(db, KEY, "auto", Faults())
 
     def loop() -> None:
@@ -275,7 +293,21 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="one more run, CPU per phase")
     p.add_argument("--sink", choices=("gridpulse", "postgres"), default="gridpulse")
+    p.add_argument("--receiver-db", choices=("sqlite", "postgres"), default="sqlite")
     args = p.parse_args()
+    if args.receiver_db == "postgres":
+        from outbox.testing.pgcluster import Cluster
+
+        _RECEIVER.cluster = Cluster.start()
+    try:
+        run(args)
+    finally:
+        if _RECEIVER.cluster is not None:
+            _RECEIVER.cluster.stop()
+
+
+def run(args: Any) -> None:
+    """The rounds and the figures of :func:`main`."""
     cfg = SETTINGS[args.size]
     rounds = args.rounds or cfg["rounds"]
     template, n = stage_template(args.cache, args.rows or cfg["rows"])
@@ -297,6 +329,7 @@ def main() -> None:
     result = {
         "benchmark": "send",
         "size": args.size,
+        "receiver_db": args.receiver_db,
         "rows": n,
         "batches": len(prepared),
         "batch_rows": BATCH,

@@ -99,7 +99,7 @@ def pg_cluster() -> Iterator[object]:
     ``REQUIRE_POSTGRES`` set; ``.ci/run`` sets the latter), where a missing PostgreSQL is
     a failure: CI always runs these tests.
     """
-    from tests.pgcluster import Cluster, Unavailable
+    from outbox.testing.pgcluster import Cluster, Unavailable
 
     try:
         cluster = Cluster.start()
@@ -116,7 +116,26 @@ def pg_cluster() -> Iterator[object]:
 @pytest.fixture
 def pg_url(pg_cluster: object) -> str:
     """A SQLAlchemy URL (``postgresql+psycopg://``) of a fresh empty database."""
-    from tests.pgcluster import Cluster
+    from outbox.testing.pgcluster import Cluster
 
     assert isinstance(pg_cluster, Cluster)
     return pg_cluster.url(pg_cluster.database())
+
+
+RECEIVER_DBS = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+]
+
+
+@pytest.fixture(params=RECEIVER_DBS)
+def receiver_db(request: pytest.FixtureRequest) -> str | None:
+    """The database of a receiver subprocess: ``None`` (its SQLite file in tmp_path) or the
+    URL of a fresh PostgreSQL database, written as a user does (``postgresql://``)."""
+    if request.param == "sqlite":
+        return None
+    from outbox.testing.pgcluster import Cluster
+
+    cluster = request.getfixturevalue("pg_cluster")
+    assert isinstance(cluster, Cluster)
+    return cluster.dsn(cluster.database())

@@ -281,8 +281,12 @@ def watermark_violations(db: Path, expected: dict[str, dict[Key, str]]) -> list[
 # -- the receiver's side ---------------------------------------------------------------
 
 
-def receiver_held(receiver_db: Path) -> dict[Key, str]:
-    """(series_id, ts) -> revision the receiver stores (read from its file, for speed)."""
+def receiver_held(receiver_db: Path | str) -> dict[Key, str]:
+    """(series_id, ts) -> revision the receiver stores (read from its file, for speed, or
+    from its PostgreSQL database when ``receiver_db`` is a URL)."""
+    if "://" in str(receiver_db):
+        return _postgres_held(str(receiver_db))
+    assert isinstance(receiver_db, Path)
     if not receiver_db.exists():
         return {}
     with connect(receiver_db) as con:
@@ -292,6 +296,21 @@ def receiver_held(receiver_db: Path) -> dict[Key, str]:
                 " JOIN series s ON s.id = o.series_id"
             ).fetchall()
         except sqlite3.OperationalError:  # not created yet
+            return {}
+    return {(r[0], r[1]): r[2] for r in found}
+
+
+def _postgres_held(url: str) -> dict[Key, str]:
+    import psycopg
+
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as con:
+        try:
+            found = con.execute(
+                "SELECT s.eia_series_id, to_char(o.ts AT TIME ZONE 'UTC',"
+                ' \'YYYY-MM-DD"T"HH24:MI:SS"Z"\'), o.revision FROM observations o'
+                " JOIN series s ON s.id = o.series_id"
+            ).fetchall()
+        except psycopg.errors.UndefinedTable:  # not created yet
             return {}
     return {(r[0], r[1]): r[2] for r in found}
 

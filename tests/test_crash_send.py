@@ -240,12 +240,13 @@ def final_checks(db: Path, receiver: Receiver, tally: Tally, figures, suite: str
 
 
 def test_sigkill_send_and_receiver_at_random_times(
-    outbox_db: tuple[Path, int], tmp_path: Path, scale: str, figures
+    outbox_db: tuple[Path, int], tmp_path: Path, scale: str, figures, receiver_db: str | None
 ) -> None:
+    """On the SQLite and on the PostgreSQL receiver (``receiver_db``)."""
     db, staged = outbox_db
     tally = Tally(staged_pairs=staged)
     rng = random.Random(f"send-{scale}")
-    with running_receiver(tmp_path, api_key=KEY_GP) as receiver:
+    with running_receiver(tmp_path, api_key=KEY_GP, db=receiver_db) as receiver:
         for epoch in range(EPOCHS[scale]):
             if epoch:
                 tally.staged_pairs += revise(db, rng, rng.uniform(0.3, 0.8))

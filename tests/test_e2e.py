@@ -26,6 +26,7 @@ from outbox.sample import sample_dir
 from outbox.sample.receiver import (
     Receiver,
     receiver_batches,
+    receiver_query,
     receiver_rows,
     running_receiver,
 )
@@ -39,8 +40,9 @@ KEY = "e2e-gridpulse-key-42"
 
 
 @pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    with running_receiver(tmp_path, api_key=KEY) as r:
+def receiver(tmp_path: Path, receiver_db: str | None) -> Iterator[Receiver]:
+    """The receiver subprocess, on SQLite and on PostgreSQL (``receiver_db``)."""
+    with running_receiver(tmp_path, api_key=KEY, db=receiver_db) as r:
         yield r
 
 
@@ -119,15 +121,14 @@ def test_outage_three_failed_sends_then_one_drains_in_order(
     assert "2376 acked" in drained.stdout
     assert receiver_rows(receiver.base_url, KEY) == acked_rows(db)
     # Oldest first: within each series, arrival order follows ts.
-    con = sqlite3.connect(receiver.db_path)
-    order = con.execute(
-        "SELECT s.eia_series_id, o.ts, o.received_at FROM observations o"
-        " JOIN series s ON s.id = o.series_id ORDER BY s.eia_series_id, o.ts"
-    ).fetchall()
-    con.close()
+    order = receiver_query(
+        receiver.db_path,
+        "SELECT s.eia_series_id AS sid, o.received_at AS received FROM observations o"
+        " JOIN series s ON s.id = o.series_id ORDER BY s.eia_series_id, o.ts",
+    )
     by_series: dict[str, list[str]] = {}
-    for sid, _ts, received in order:
-        by_series.setdefault(sid, []).append(received)
+    for row in order:
+        by_series.setdefault(row["sid"], []).append(row["received"])
     assert all(times == sorted(times) for times in by_series.values())
 
 
@@ -144,11 +145,19 @@ def big_replay(directory: Path, bump: int = 0, every: int = 0, hours: int = 480)
     return directory
 
 
-def test_sigkilled_sender_converges_exactly(tmp_path: Path, receiver: Receiver) -> None:
+# On PostgreSQL fewer kills by default: the variant must not add minutes to CI (the kill
+# points are the sender's; test_crash_send kills both sides on PostgreSQL too).
+KILL_TRIALS = {None: 30, "postgres": 6}
+
+
+def test_sigkilled_sender_converges_exactly(
+    tmp_path: Path, receiver: Receiver, receiver_db: str | None
+) -> None:
     db = tmp_path / "outbox.db"
     env = outbox_env(db, receiver=receiver, OUTBOX__GRIDPULSE__BATCH_SIZE="200")
     rng = random.Random(7)
-    trials = int(os.environ.get("OUTBOX_SEND_KILL_TRIALS", "30"))
+    default = KILL_TRIALS[None if receiver_db is None else "postgres"]
+    trials = int(os.environ.get("OUTBOX_SEND_KILL_TRIALS", str(default)))
     points = ["send.after_claim", "send.after_post", "settle.before_commit", "acks.before_commit"]
     kills = 0
     # One uncut send of ~100 batches first: its own work (imports excluded) is the range

@@ -82,8 +82,9 @@ def published(rows: dict[str, list[dict]], now: datetime) -> dict[str, list[dict
 
 
 def test_72_hours_of_503_then_one_run_drains_oldest_first(
-    tmp_path: Path, scale: str, figures
+    tmp_path: Path, scale: str, figures, receiver_db: str | None
 ) -> None:
+    """On the SQLite and on the PostgreSQL receiver (``receiver_db``)."""
     hours = OUTAGE_HOURS[scale]
     start = T0 - timedelta(hours=BACKFILL)
     rows = {
@@ -103,7 +104,7 @@ def test_72_hours_of_503_then_one_run_drains_oldest_first(
     )
     db = tmp_path / "outbox.db"
     with (
-        running_receiver(tmp_path, api_key=KEY_GP, faults=["503:1.0"]) as receiver,
+        running_receiver(tmp_path, api_key=KEY_GP, faults=["503:1.0"], db=receiver_db) as receiver,
         FakeEIA(published(rows, T0), api_key=KEY_EIA) as fake,
         httpx.Client(timeout=30) as http,
         Store.open(db) as store,

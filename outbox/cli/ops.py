@@ -129,7 +129,9 @@ def doctor(
 
 @app.command()
 def receiver(
-    db: Annotated[str, typer.Option(help="SQLite path or SQLAlchemy URL.")] = "receiver.db",
+    db: Annotated[
+        str, typer.Option(help="SQLite path or postgresql://user@host/dbname.")
+    ] = "receiver.db",
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 8700,
     api_key: Annotated[
@@ -165,8 +167,13 @@ def receiver(
             fail(UsageError(f"--db {db}: is a directory; name a database file"))
         if not target.absolute().parent.is_dir():
             fail(UsageError(f"--db {db}: directory {target.absolute().parent} does not exist"))
+    from outbox.receiver.pg import ReceiverDatabaseError
+
     with mapped_errors():
-        serve(db, host=host, port=port, api_key=key, catalog=catalog, faults=fault or ())
+        try:
+            serve(db, host=host, port=port, api_key=key, catalog=catalog, faults=fault or ())
+        except ReceiverDatabaseError as exc:  # a missing driver, a bad or unreachable URL
+            raise ConfigError(f"receiver: {exc}") from None
 
 
 @app.command()

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from outbox.receiver.db import seed_catalog, to_url
 from outbox.receiver.faults import Faults
+from outbox.receiver.pg import ReceiverDatabaseError
 from outbox.receiver.server import DEFAULT_PORT, serve
 
 
@@ -18,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m outbox.receiver",
         description="Reference GridPulse ingest API v1 receiver (a test peer).",
     )
-    parser.add_argument("--db", required=True, help="SQLite file path or SQLAlchemy URL")
+    parser.add_argument(
+        "--db", required=True, help="SQLite file path or postgresql://user@host/dbname"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
     parser.add_argument(
@@ -58,17 +61,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = [sid.strip() for item in args.seed_series for sid in item.split(",") if sid.strip()]
         if seeds:
             seed_catalog(to_url(args.db), seeds)
+        serve(
+            args.db,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            catalog=args.catalog,
+            faults=args.fault,
+            log_level=args.log_level,
+        )
+    except ReceiverDatabaseError as exc:  # one line, password masked; 2 as a config error
+        print(f"receiver: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         parser.error(str(exc))
-    serve(
-        args.db,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        catalog=args.catalog,
-        faults=args.fault,
-        log_level=args.log_level,
-    )
     return 0
 
 

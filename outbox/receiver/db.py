@@ -2,13 +2,16 @@
 
 The receiver is a test peer, not our outbox: its schema is created with
 ``metadata.create_all`` (no Alembic). SQLite is the default (WAL, ``synchronous=NORMAL``,
-``busy_timeout``); a PostgreSQL URL works too. Upserts use the dialect's
-``INSERT ... ON CONFLICT DO UPDATE`` with one ``executemany`` per request.
+``busy_timeout``); PostgreSQL (``postgresql://``, psycopg 3, the ``postgres`` extra) is
+the database GridPulse runs (see :mod:`outbox.receiver.pg`). On SQLite a request's upsert
+is one ``executemany`` of ``INSERT ... ON CONFLICT DO UPDATE``; on PostgreSQL it is one
+statement over arrays.
 
-Differences from GridPulse, on purpose: ``observations.series_id`` references
-``series.id`` as in GridPulse, but ``ts`` is stored as canonical RFC 3339 text
-(``2025-08-22T14:00:00Z``, fixed width, so it sorts chronologically) on every dialect, and
-``received_at``/``batches`` are receiver-only accounting.
+On PostgreSQL the types are GridPulse's: ``ts timestamptz``, ``value numeric(12,3)``
+(a hypertable when timescaledb is available). On SQLite ``ts`` is canonical RFC 3339 text
+(``2025-08-22T14:00:00Z``, fixed width, so it sorts chronologically) and ``value`` REAL.
+Either way the code above this module sees ``ts`` as that text. ``received_at`` and
+``batches`` are receiver-only accounting.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    TIMESTAMP,
     Column,
     Engine,
     Float,
@@ -37,11 +41,47 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from outbox.receiver.pg import (
+    UPSERT_SQL,
+    connect_error,
+    is_postgres,
+    parse_rfc3339,
+    postgres_url,
+    rfc3339,
+    setup_timescale,
+    upsert_params,
+)
 
 SERIES_TYPES = frozenset(
     {"demand", "demand_forecast", "net_generation", "interchange", "generation"}
 )
 BUSY_TIMEOUT_MS = 10_000
+
+
+class Timestamp(TypeDecorator[str]):
+    """An hour as RFC 3339 text in Python: ``timestamptz`` on PostgreSQL, text on SQLite."""
+
+    impl = String(20)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(TIMESTAMP(timezone=True))
+        return dialect.type_descriptor(String(20))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if dialect.name == "postgresql" and isinstance(value, str):
+            return parse_rfc3339(value)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if dialect.name == "postgresql" and value is not None:
+            return rfc3339(value)
+        return value
+
 
 metadata = MetaData(
     naming_convention={
@@ -78,7 +118,7 @@ observations = Table(
     "observations",
     metadata,
     Column("series_id", Integer, ForeignKey("series.id"), primary_key=True),
-    Column("ts", String(20), primary_key=True),
+    Column("ts", Timestamp(), primary_key=True),
     # numeric(12,3) as in GridPulse; REAL on SQLite so that values read back as floats.
     Column("value", Numeric(12, 3, asdecimal=False).with_variant(Float(), "sqlite")),
     Column("quality_flag", String(16), nullable=False),
@@ -128,21 +168,49 @@ class BatchOutcome:
 
 
 def to_url(db: str | Path) -> str:
-    """A SQLAlchemy URL for ``db``: a URL is kept, anything else is a SQLite file path."""
+    """A SQLAlchemy URL for ``db``: a URL is kept, anything else is a SQLite file path.
+
+    A PostgreSQL URL is put on the psycopg 3 driver (``postgresql://`` would otherwise
+    mean psycopg2); :class:`~outbox.receiver.pg.ReceiverDatabaseError` if that driver is
+    missing.
+    """
     text = str(db)
+    if is_postgres(text):
+        return postgres_url(text).render_as_string(hide_password=False)
     if "://" in text:
         return text
     return f"sqlite:///{Path(text).expanduser().resolve()}"
 
 
-def make_engine(db_url: str) -> Engine:
-    """An engine for the receiver's database, with its tables created if missing."""
+def make_engine(db_url: str, *, announce: bool = True) -> Engine:
+    """An engine for the receiver's database, with its tables created if missing.
+
+    On PostgreSQL ``observations`` becomes a hypertable when timescaledb is available
+    (``announce`` logs which, once per receiver). A database that cannot be reached or
+    used raises :class:`~outbox.receiver.pg.ReceiverDatabaseError` (password masked).
+    """
+    if is_postgres(db_url):
+        return _postgres_engine(db_url, announce=announce)
     engine = create_engine(db_url)
-    if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
-    elif engine.dialect.name != "postgresql":
+    if engine.dialect.name != "sqlite":
         raise ValueError(f"receiver supports sqlite and postgresql, not {engine.dialect.name}")
+    event.listen(engine, "connect", _sqlite_pragmas)
     metadata.create_all(engine)
+    return engine
+
+
+def _postgres_engine(db_url: str, *, announce: bool) -> Engine:
+    url = postgres_url(db_url)
+    engine = create_engine(url, pool_pre_ping=True)
+    try:
+        with engine.begin() as conn:
+            # Two receivers starting on one empty database must not race on CREATE TABLE.
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(8700)")
+            metadata.create_all(conn)
+            setup_timescale(conn, announce=announce)
+    except DBAPIError as exc:
+        engine.dispose()
+        raise connect_error(url, exc) from None
     return engine
 
 
@@ -173,7 +241,7 @@ def parse_series_id(series_id: str, units: str = "MW") -> SeriesSpec:
 def seed_catalog(db_url: str, series_ids: Iterable[str]) -> int:
     """Create the named series (units MW) for ``--catalog fixed``; returns how many are new."""
     specs = [parse_series_id(series_id) for series_id in series_ids]
-    engine = make_engine(db_url)
+    engine = make_engine(db_url, announce=False)
     try:
         with engine.begin() as conn:
             known = _lookup_series(conn, [spec.series_id for spec in specs])
@@ -306,6 +374,9 @@ class ReceiverDB:
         ids: Mapping[str, int],
         received_at: str,
     ) -> None:
+        if conn.dialect.name == "postgresql":  # one statement over arrays
+            conn.exec_driver_sql(UPSERT_SQL, upsert_params(rows, ids, received_at))
+            return
         # Compiled once and run through the driver's executemany: SQLAlchemy's per-row
         # parameter processing would otherwise cost as much as SQLite's own work.
         if self._upsert_sql is None:

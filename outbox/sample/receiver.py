@@ -11,6 +11,9 @@ Usage::
         rows = receiver_rows(receiver.base_url, receiver.api_key)
     batches = receiver_batches(receiver.db_path)
 
+``running_receiver(tmp_path, db="postgresql://...")`` runs it on that PostgreSQL database
+instead of ``tmp_path/receiver.db``; ``receiver.db_path`` is then that URL.
+
 The receiver is ``python -m outbox.receiver`` on 127.0.0.1, port 0 at first start. Its
 stdout and stderr go to files in ``tmp_path`` (``receiver-N.out``/``.err``) so that a
 failing test can show them and no pipe can fill up and stall the server.
@@ -56,14 +59,14 @@ class Receiver:
         faults: Sequence[str],
         catalog: str,
         seed_series: Sequence[str] = (),
-        db_path: Path | None = None,
+        db_path: Path | str | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.api_key = api_key
         self.faults = tuple(faults)
         self.catalog = catalog
         self.seed_series = tuple(seed_series)
-        self.db_path = db_path or self.workdir / "receiver.db"
+        self.db_path: Path | str = db_path or self.workdir / "receiver.db"
         self.port = 0
         self.base_url = ""
         self.proc: subprocess.Popen[bytes] | None = None
@@ -185,10 +188,19 @@ def running_receiver(
     faults: Sequence[str] = (),
     catalog: str = "auto",
     seed_series: Sequence[str] = (),
+    db: str | None = None,
 ) -> Iterator[Receiver]:
-    """A started receiver subprocess on 127.0.0.1, stopped when the block exits."""
+    """A started receiver subprocess on 127.0.0.1, stopped when the block exits.
+
+    ``db`` is a database URL (PostgreSQL); by default a SQLite file in ``tmp_path``.
+    """
     receiver = Receiver(
-        tmp_path, api_key=api_key, faults=faults, catalog=catalog, seed_series=seed_series
+        tmp_path,
+        api_key=api_key,
+        faults=faults,
+        catalog=catalog,
+        seed_series=seed_series,
+        db_path=db,
     )
     receiver.start()
     try:
@@ -225,10 +237,27 @@ def _pages(http: httpx.Client, series_id: str) -> Iterator[dict[str, Any]]:
 
 
 def receiver_batches(db_path: Path | str) -> dict[str, dict[str, Any]]:
-    """The receiver's ``batches`` table: ``batch_id -> {body_digest, times_seen, rows, ...}``."""
-    with contextlib.closing(sqlite3.connect(db_path, timeout=30.0)) as conn:
-        conn.row_factory = sqlite3.Row
-        return {
-            row["batch_id"]: dict(row)
-            for row in conn.execute("SELECT * FROM batches ORDER BY first_seen, batch_id")
-        }
+    """The receiver's ``batches`` table: ``batch_id -> {body_digest, times_seen, rows, ...}``.
+
+    ``db_path`` is the receiver's SQLite file or its database URL.
+    """
+    query = "SELECT * FROM batches ORDER BY first_seen, batch_id"
+    return {row["batch_id"]: row for row in receiver_query(db_path, query)}
+
+
+def receiver_query(db_path: Path | str, query: str) -> list[dict[str, Any]]:
+    """The rows of one read-only ``query`` on the receiver's database (a file or a URL)."""
+    if "://" not in str(db_path):
+        with contextlib.closing(sqlite3.connect(db_path, timeout=30.0)) as conn:
+            conn.row_factory = sqlite3.Row
+            return [dict(row) for row in conn.execute(query)]
+    from sqlalchemy import create_engine, text
+
+    from outbox.receiver.db import to_url
+
+    engine = create_engine(to_url(str(db_path)))
+    try:
+        with engine.connect() as conn:
+            return [dict(row) for row in conn.execute(text(query)).mappings()]
+    finally:
+        engine.dispose()

@@ -6,6 +6,8 @@
   injection.
 * :mod:`outbox.testing.scripted_gridpulse` - a local GridPulse stand-in whose answers a
   test scripts (the answers the reference receiver never gives).
+* :mod:`outbox.testing.pgcluster` - a throwaway PostgreSQL cluster (initdb in a temporary
+  directory, a free port on 127.0.0.1) for tests and benchmarks.
 
 The bundled one-day sample (synthetic, real format) and the receiver runner ship with
 the product in :mod:`outbox.sample`; the product imports nothing from here.
