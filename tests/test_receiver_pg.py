@@ -273,3 +273,23 @@ def test_unusable_url_is_one_line_with_the_password_masked(url: str) -> None:
     assert "s3cret-pw" not in done.stderr + done.stdout
     if "notaport" not in url:
         assert "***@127.0.0.1" in lines[0]  # (the CLI masks the user name too)
+
+
+def test_resent_revision_leaves_its_row_alone_on_sqlite_too(tmp_path: Path) -> None:
+    """The SQLite receiver's upsert has the same WHERE: a resend rewrites nothing."""
+    import sqlite3
+
+    db = tmp_path / "receiver.db"
+    rows = [wire_observation(0), wire_observation(1)]
+    with TestClient(create_app(to_url(db), KEY)) as client:
+        assert post(client, rows, "b-1").status_code == 200
+        with sqlite3.connect(db) as con:
+            con.execute("UPDATE observations SET received_at = 'marked'")
+        assert post(client, [*rows, wire_observation(2)], "b-2").json()["accepted"] == 3
+        revised = dict(rows[1], value=rows[1]["value"] + 1, revision="r-new")
+        assert post(client, [revised], "b-3").json()["accepted"] == 1
+    with sqlite3.connect(db) as con:
+        got = con.execute(
+            "SELECT ts, received_at != 'marked' FROM observations ORDER BY ts"
+        ).fetchall()
+    assert [changed for _, changed in got] == [0, 1, 1]

@@ -512,6 +512,8 @@ def compile_upsert(dialect: Dialect) -> tuple[str, bool]:
     stmt = stmt.on_conflict_do_update(
         index_elements=["series_id", "ts"],
         set_={name: stmt.excluded[name] for name in _OBSERVATION_COLUMNS[2:]},
+        # A resent revision leaves its row alone (as the PostgreSQL statement does).
+        where=observations.c.revision.is_distinct_from(stmt.excluded.revision),
     )
     compiled = stmt.compile(dialect=dialect)
     if compiled.positional:
