@@ -238,3 +238,34 @@ def test_the_send_stage_settles_rows_by_the_database(tmp_path: Path, dsn: str) -
     expected = {(sid, ts(h)): (float(h), "good") for h in range(10)}
     expected[(sid, ts(3))] = (333.0, "good")
     assert held(dsn) == expected
+
+
+def test_the_sink_writes_into_the_schema_the_receiver_creates(pg_cluster) -> None:
+    """One schema, two writers: rows the direct sink commits into a database whose tables
+    the reference receiver created read back through the receiver exactly, revisions too."""
+    from outbox.receiver.db import ReceiverDB
+
+    name = pg_cluster.database()
+    receiver = ReceiverDB(pg_cluster.url(name))  # creates GridPulse's tables
+    sink = PostgresSink(pg_cluster.dsn(name))
+    try:
+        rows = [Row("EIA.PJM.demand", ts(h), 100.5 + h, revision=f"r{h}") for h in range(3)]
+        rows.append(
+            Row("EIA.PJM.interchange.MISO", ts(0), -42.25, type="interchange", subtype="MISO")
+        )
+        assert send(sink, rows).accepted == 4
+        revised = [Row("EIA.PJM.demand", ts(1), 999.0, quality_flag="estimated", revision="r9")]
+        assert send(sink, revised).accepted == 1
+        page, _ = receiver.observations("EIA.PJM.demand", ts(0), ts(3), 10) or ([], None)
+        assert [(o["ts"], o["value"], o["quality_flag"]) for o in page] == [
+            (ts(0), 100.5, "good"),
+            (ts(1), 999.0, "estimated"),
+            (ts(2), 102.5, "good"),
+        ]
+        assert receiver.latest("EIA.PJM.demand") == (ts(2), "r2")
+        listing = {s["series_id"]: s for s in receiver.list_series()}
+        assert listing["EIA.PJM.interchange.MISO"]["subtype"] == "MISO"
+        assert sink.latest("EIA.PJM.demand") == receiver.latest("EIA.PJM.demand")
+    finally:
+        sink.close()
+        receiver.close()
