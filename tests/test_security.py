@@ -77,7 +77,17 @@ def test_no_key_in_any_output_run_history_metrics_or_database(
         fake.fail_next(
             3, status=500, body={"error": f"api_key {KEY_EIA} is over its limit", "code": 500}
         )
-        run("fetch-echoed-key", "-v", "--log-format", "json", "fetch", expect=1)
+        # One request at a time: the three failures all fall on one request and exhaust
+        # its retries (with requests in flight each route would take one and recover).
+        run(
+            "fetch-echoed-key",
+            "-v",
+            "--log-format",
+            "json",
+            "fetch",
+            expect=1,
+            OUTBOX__EIA__MAX_IN_FLIGHT="1",
+        )
         # a revision so that the failing send has something to send
         revised = tmp_path / "revised"
         shutil.copytree(sample_dir(), revised)

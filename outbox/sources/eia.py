@@ -83,8 +83,9 @@ EIA_MAX_PER_SECOND = 5
 
 class RateLimiter:
     """Client-side limit: on average ``max_per_second`` requests a second, up to ``burst``
-    of them at once after a pause, never more than EIA's 5 in any sliding second, and at
-    most ``max_per_hour`` in any sliding hour. ``sleep`` and ``clock`` are injectable.
+    of them at once after a pause, never more than EIA's 5 in any sliding second (for a
+    rate of at most 5; 0 is no limit), and at most ``max_per_hour`` in any sliding hour.
+    ``sleep`` and ``clock`` are injectable.
 
     The average and the burst are a token bucket, kept as its theoretical arrival time
     (GCRA): a request may start ``(burst - 1)`` intervals before its turn in an even
@@ -108,6 +109,8 @@ class RateLimiter:
             raise ValueError(f"burst must be at least 1, got {burst}")
         self._interval = 1.0 / max_per_second if max_per_second > 0 else 0.0
         self._tolerance = (burst - 1) * self._interval
+        # No limit at all (0) or a rate above EIA's (a stand-in's tests) is not capped.
+        self._capped = 0 < max_per_second <= EIA_MAX_PER_SECOND
         self._per_hour = max_per_hour
         self._sleep = sleep
         self._clock = clock
@@ -140,7 +143,7 @@ class RateLimiter:
         if self._recent:
             # A fake sleep may not advance a fake clock: never grant a slot before the last.
             slot = max(slot, self._recent[-1])
-        if len(self._recent) >= EIA_MAX_PER_SECOND:
+        if self._capped and len(self._recent) >= EIA_MAX_PER_SECOND:
             slot = max(slot, self._recent[-EIA_MAX_PER_SECOND] + 1.0)
         if self._per_hour > 0 and len(self._recent) >= self._per_hour:
             slot = max(slot, self._recent[-self._per_hour] + 3600.0)
