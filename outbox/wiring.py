@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, Protocol
 
@@ -159,11 +159,8 @@ def sink_where(config: Config) -> str:
 def configured_sink(config: Config) -> Iterator[Sink]:
     """The sink ``outbox send`` delivers to, by ``sink.kind``; closed when the block ends."""
     if config.sink.kind == "postgres":
-        sink = postgres_sink(config)
-        try:
+        with closing(postgres_sink(config)) as sink:
             yield sink
-        finally:
-            sink.close()
         return
     with http_for(config.gridpulse) as http:
         yield gridpulse_sink(config, http)
@@ -173,11 +170,8 @@ def configured_sink(config: Config) -> Iterator[Sink]:
 def remote_latest(config: Config) -> Iterator[LatestSource]:
     """What ``status --remote`` compares with: the configured sink's latest per series."""
     if config.sink.kind == "postgres":
-        sink = postgres_sink(config)
-        try:
+        with closing(postgres_sink(config)) as sink:
             yield sink
-        finally:
-            sink.close()
         return
     with http_for(config.gridpulse) as http:
         yield gridpulse_client(config, http)
