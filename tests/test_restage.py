@@ -150,6 +150,22 @@ def test_rows_pruned_since_are_staged_again(
     assert len(observations(db_path)) == len(rows)
 
 
+def test_a_prune_that_deletes_nothing_keeps_the_digests(
+    store: Store, db_path: Path, tmp_path: Path, rows: list[dict], normalized: list[str]
+) -> None:
+    """Every send prunes; one that finds nothing past retention leaves re-stage cheap."""
+    directory = pages(tmp_path / "v1", rows)
+    first = run_fetch(config(), store, ReplaySource(directory))
+    ack(store, [Key(c.series_id, c.ts, c.revision) for c in store.delivery.claim(10_000)])
+    digests = table(db_path, "SELECT key FROM meta WHERE key LIKE 'page_digest:%'")
+    assert len(digests) == first.pages
+    assert store.upkeep.prune_before("2025-08-20T00:00:00Z")[0] == 0  # before every row
+    assert table(db_path, "SELECT key FROM meta WHERE key LIKE 'page_digest:%'") == digests
+    normalized.clear()
+    again = run_fetch(config(), store, ReplaySource(directory))
+    assert again.written == 0 and normalized == []
+
+
 def test_another_ba_configured_since_is_staged(
     store: Store, db_path: Path, tmp_path: Path, rows: list[dict]
 ) -> None:

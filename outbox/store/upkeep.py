@@ -70,18 +70,24 @@ class Upkeep:
             ).rowcount
             cur.close()
             rows = executemany(conn, _PRUNE_ACKED, ((sid, before) for sid in sids[:batch]))
-            # A page staged again may now bring back rows pruned here: forget every page.
-            conn.exec_driver_sql(FORGET_PAGES)
+            # A page staged again may now bring back rows pruned here: forget every page,
+            # in the transaction that pruned them (a prune that deleted none forgets none:
+            # every send prunes, and the digests are what makes a re-stage cheap).
+            if rows:
+                conn.exec_driver_sql(FORGET_PAGES)
         for i in range(batch, len(sids), batch):
             with self._store.write() as conn:
-                conn.exec_driver_sql(FORGET_PAGES)
-                rows += executemany(
+                pruned = executemany(
                     conn, _PRUNE_ACKED, ((sid, before) for sid in sids[i : i + batch])
                 )
+                if pruned:
+                    conn.exec_driver_sql(FORGET_PAGES)
+                rows += pruned
         with self._store.write() as conn:
             # The ledger goes with its rows; findings about hours past retention go too.
-            conn.exec_driver_sql(_PRUNE_REVISIONS, (before,))
-            conn.exec_driver_sql(FORGET_PAGES)  # the ledger's head may move back
+            ledger = conn.exec_driver_sql(_PRUNE_REVISIONS, (before,)).rowcount
+            if ledger and ledger > 0:
+                conn.exec_driver_sql(FORGET_PAGES)  # the ledger's head may move back
             conn.exec_driver_sql('DELETE FROM findings WHERE "end" < ?', (before,))
         return rows, max(checked, 0), max(runs, 0)
 
