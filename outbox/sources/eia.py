@@ -300,7 +300,7 @@ class EIAClient:
             self._retry,
             lambda: self._attempt(req, page_no, offset, params, pause, stop),
             sleep=pause,
-            before_sleep=_log_retry,
+            before_sleep=_log_retry if stop is None else _quiet_once_stopped(stop),
         )
 
     def _pause(self, stop: threading.Event) -> Callable[[float], None]:
@@ -561,6 +561,17 @@ def _log_warnings(doc: dict, where: str) -> None:
         name = warning.get("warning") if isinstance(warning, dict) else warning
         if name != INCOMPLETE_RETURN:
             log.warning("eia warning where=%s warning=%s", _quoted(where), _quoted(str(warning)))
+
+
+def _quiet_once_stopped(stop: threading.Event) -> Callable[[tenacity.RetryCallState], None]:
+    """The retry log line, unless the walk has stopped: an abandoned request's error
+    (its connection closed under it) is no retry anyone will wait for."""
+
+    def log_retry(state: tenacity.RetryCallState) -> None:
+        if not stop.is_set():
+            _log_retry(state)
+
+    return log_retry
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:

@@ -20,10 +20,12 @@ one-after-another walk would: every page of request 0, then of request 1, and so
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Generator, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
+from typing import Any
 
 from outbox.ports import Page, Request
 
@@ -32,6 +34,50 @@ Fetch = Callable[[Request, int, int], Page]
 
 class Abandoned(Exception):
     """A page fetch ended early because the walk it belonged to has stopped."""
+
+
+class DaemonPool:
+    """A fixed pool of daemon threads running submitted calls as futures.
+
+    Unlike ``ThreadPoolExecutor``'s workers, which the interpreter joins at exit, these do
+    not keep a stopped process alive: a fetch interrupted by SIGTERM with requests in
+    flight exits at once instead of waiting out each abandoned HTTP read (up to
+    ``eia.timeout_seconds``). The calls only fetch; nothing they do needs to finish.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple] | None]
+        self._queue = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Queue ``fn(*args)``; its future may be cancelled until a worker takes it."""
+        future: Future[Any] = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        """Let each worker end after its current call; calls still queued are skipped
+        when cancelled (the walk cancels them) and run otherwise."""
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the consumer with the future
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
 
 
 @dataclass
@@ -54,7 +100,7 @@ class _Walk:
         self,
         requests: Iterable[Request],
         fetch: Fetch,
-        pool: ThreadPoolExecutor,
+        pool: DaemonPool,
         page_length: int,
         look_ahead: int,
     ) -> None:
@@ -161,7 +207,7 @@ def iter_in_order(
     """
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
-    pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="eia-fetch")
+    pool = DaemonPool(max_in_flight, "eia-fetch")
     walk = _Walk(requests, fetch, pool, page_length, look_ahead or 2 * max_in_flight)
     try:
         while (item := walk.next_page()) is not None:
@@ -169,4 +215,4 @@ def iter_in_order(
     finally:
         stop.set()
         walk.abandon()
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown()
