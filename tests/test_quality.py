@@ -575,14 +575,17 @@ def _table(db: Path, sql: str) -> list[tuple]:
         con.close()
 
 
+@pytest.mark.parametrize("then", ["warn", "quarantine"])
 @pytest.mark.parametrize("point", ["quality.pending", "quality.judged"])
 def test_a_kill_before_the_deferred_checks_commit_leaves_markers_the_next_fetch_judges(
-    tmp_path: Path, point: str
+    tmp_path: Path, point: str, then: str
 ) -> None:
     """With every rule warning, a fetch run's pages commit with their hours marked and the
     checks judge them at the end of the run. SIGKILL it after the pages committed, before
     (or while) the checks run: the rows and markers are there, no finding is, and the
-    next fetch, which writes nothing, judges the marked hours and opens the finding."""
+    next fetch, which writes nothing, judges the marked hours and opens the finding; also
+    when a rule has been set to quarantine since (its checks judge in the staging
+    transactions, and the markers left are judged at the end all the same)."""
     db = tmp_path / "o.db"
     spiked = edit_rows(
         at("2023-01-04T12", type="D"), lambda r: r.update(value=scale(r["value"], 1.6))
@@ -599,6 +602,8 @@ def test_a_kill_before_the_deferred_checks_commit_leaves_markers_the_next_fetch_
     assert min(lo for _ba, lo, _hi in marked) <= "2023-01-04T12:00:00Z"
     assert max(hi for _ba, _lo, hi in marked) >= "2023-01-04T12:00:00Z"
     assert found(db) == set()
+    if then == "quarantine":
+        cfg.write_text(cfg.read_text() + "quality: {rules: {flat_line: {action: quarantine}}}\n")
     again = outbox("fetch", "--replay", str(directory), env=env)
     assert again.returncode == 0, again.stderr
     assert found(db) == {

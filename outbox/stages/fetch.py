@@ -116,8 +116,9 @@ def _fetch_run(
                 store.staging.checker = result.quality = Checker(config)
             try:
                 yield fetcher
-                if result.quality is not None and result.quality.deferring:
-                    # Every page is committed with its hours marked: judge them all now.
+                if result.quality is not None:
+                    # Every page is committed with its hours marked: judge them all now
+                    # (with a rule quarantining, only the hours a killed run left marked).
                     crashpoint("quality.pending")
                     result.quality.finish(store)
             finally:
