@@ -119,7 +119,8 @@ def _fetch_run(
                 if result.quality is not None:
                     # Every page is committed with its hours marked: judge them all now
                     # (with a rule quarantining, only the hours a killed run left marked).
-                    crashpoint("quality.pending")
+                    if result.quality.deferring:
+                        crashpoint("quality.pending")
                     result.quality.finish(store)
             finally:
                 store.staging.checker = None
