@@ -269,3 +269,33 @@ def test_the_sink_writes_into_the_schema_the_receiver_creates(pg_cluster) -> Non
     finally:
         sink.close()
         receiver.close()
+
+
+def test_a_quality_flag_of_an_enum_or_domain_type_is_written(pg_cluster) -> None:
+    """GridPulse's quality_flag may be an enum or a domain: the batch's COPY lands in
+    columns of the target's own types, so the one upsert from them type-checks."""
+    for ddl in (
+        "CREATE TYPE quality AS ENUM ('good', 'estimated', 'missing')",
+        "CREATE DOMAIN quality AS text CHECK (VALUE IN ('good', 'estimated', 'missing'))",
+    ):
+        dsn = pg_cluster.dsn(pg_cluster.database())
+        create_contract_schema(dsn)
+        execute(dsn, ddl)
+        execute(
+            dsn,
+            "ALTER TABLE observations DROP CONSTRAINT observations_quality_flag_check, "
+            "ALTER COLUMN quality_flag TYPE quality USING quality_flag::quality",
+        )
+        sink = PostgresSink(dsn)
+        try:
+            rows = [Row("EIA.PJM.demand", ts(h), float(h)) for h in range(5)]
+            rows[2] = Row("EIA.PJM.demand", ts(2), 2.0, quality_flag="estimated")
+            rows[3] = Row("EIA.PJM.demand", ts(3), 3.0, quality_flag="bogus")
+            outcome = send(sink, rows)
+        finally:
+            sink.close()
+        assert outcome.accepted == 4, ddl
+        ((refused),) = outcome.rejected
+        assert refused.index == 3
+        assert held(dsn)[("EIA.PJM.demand", ts(2))] == (2.0, "estimated")
+        assert set(held(dsn)) == {("EIA.PJM.demand", ts(h)) for h in (0, 1, 2, 4)}

@@ -120,6 +120,7 @@ class PostgresSink:
         self._connect_timeout = max(1, round(connect_timeout_seconds))
         self._statement_ms = round(statement_timeout_seconds * 1000)
         self._conn: psycopg.Connection[Any] | None = None
+        self._staging_on: psycopg.Connection[Any] | None = None
         self._schema: _Schema | None = None
         self._upsert_sql = self._copy_sql = self._bulk_sql = ""
         self._series_ids: dict[str, int] = {}
@@ -148,7 +149,7 @@ class PostgresSink:
         """Write one batch in one transaction; its commit is the acknowledgement."""
         rows: list[_Row] = prepared.payload
         conn = self._connection()
-        self._schema_of(conn)
+        self._staging(conn, self._schema_of(conn))
         try:
             with conn.transaction():
                 ids, refused = self._resolve(conn, rows)
@@ -374,19 +375,28 @@ class PostgresSink:
                 application_name="gridpulse-outbox",
                 options=f"-c statement_timeout={self._statement_ms}",
             )
-            # the batch's rows are copied into a temporary table, emptied at every commit
-            conn.execute(
-                f"CREATE TEMPORARY TABLE {_STAGING} (series_id integer, ts text, "
-                "value double precision, quality_flag text, revision text) "
-                "ON COMMIT DELETE ROWS"
-            )
         except Exception as exc:
             if conn is not None:
                 conn.close()
             raise self._error(exc, "connecting") from None
         assert conn is not None
-        self._conn = conn
+        self._conn, self._staging_on = conn, None
         return conn
+
+    def _staging(self, conn: psycopg.Connection[Any], schema: _Schema) -> None:
+        """The temporary table a batch's rows are copied into (emptied at every commit),
+        made once a connection of the target's own column types (an enum or a domain
+        ``quality_flag`` too), so the one upsert from it type-checks."""
+        if self._staging_on is conn:
+            return
+        try:
+            conn.execute(
+                f"CREATE TEMPORARY TABLE {_STAGING} ON COMMIT DELETE ROWS AS "
+                f"SELECT {', '.join(_columns(schema))} FROM observations WITH NO DATA"
+            )
+        except Exception as exc:
+            raise self._error(exc, "preparing the batch table") from None
+        self._staging_on = conn
 
     def _schema_of(self, conn: psycopg.Connection[Any]) -> _Schema:
         if self._schema is not None:
@@ -421,7 +431,7 @@ class PostgresSink:
         return schema
 
     def _drop(self) -> None:
-        conn, self._conn = self._conn, None
+        conn, self._conn, self._staging_on = self._conn, None, None
         if conn is not None:
             try:
                 conn.close()
