@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import (
@@ -212,6 +212,7 @@ class SinkConfig(_Model):
                 f"sink.url: not a PostgreSQL URL (postgresql://user:password@host/db; "
                 f"got scheme {scheme!r})"
             )
+        _check_postgres_url(text)
         return self.model_copy(update={"url": SecretStr(text), "url_file": None})
 
     def require_url(self) -> str:
@@ -531,15 +532,53 @@ def _register_url(url: str) -> None:
 def _register_database_url(url: str) -> None:
     """Mask a database URL's credentials wherever they appear (the password alone too:
     a driver's message may quote it without the URL)."""
-    parts = urlsplit(url)
     register_secret(url)
-    if parts.password:
-        register_secret(parts.password)
-    if parts.query:  # libpq parameters: password=... in the query string
+    for secret in _database_url_secrets(url):
+        register_secret(secret)
+
+
+def _database_url_secrets(url: str) -> list[str]:
+    """The password of a database URL and the secret-bearing libpq parameters of its query
+    string (``password=``, ``sslpassword=``), as written and percent-decoded."""
+    parts = urlsplit(url)
+    found = [parts.password] if parts.password else []
+    if parts.query:
         for item in parts.query.split("&"):
             key, _, value = item.partition("=")
-            if key.lower() in ("password", "sslpassword"):
-                register_secret(value)
+            if key.lower() in ("password", "sslpassword") and value:
+                found.append(value)
+    return [*found, *(unquote(s) for s in found if unquote(s) != s)]
+
+
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _check_postgres_url(url: str) -> None:
+    """A ValueError (credentials masked) for a URL the driver could not use: one libpq
+    does not parse (an unknown query parameter, a bad percent-escape), a port out of
+    1-65535, an unknown sslmode. Checked only where psycopg is installed (without it the
+    sink names its extra)."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        return
+    secrets = _database_url_secrets(url)
+    try:
+        params = conninfo_to_dict(url)
+    except Exception as exc:  # psycopg.ProgrammingError: libpq's parse error
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise ValueError(
+            f"sink.url: not a usable PostgreSQL URL: {redact(lines[0], secrets)}"
+        ) from None
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError("sink.url: not a usable PostgreSQL URL: the port is not 1-65535")
+    sslmode = params.get("sslmode")
+    if sslmode is not None and sslmode not in _SSLMODES:
+        raise ValueError(
+            f"sink.url: not a usable PostgreSQL URL: sslmode {redact(str(sslmode), secrets)!r} "
+            f"is not one of {', '.join(_SSLMODES)}"
+        )
 
 
 def _as_utc_hour(value: datetime) -> datetime:

@@ -77,3 +77,31 @@ def test_a_wrong_sink_is_a_config_error(
 def test_a_missing_url_file_names_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"sink\.url_file: cannot read secret file"):
         load_config(write(tmp_path, "sink:\n  kind: postgres\n  url_file: /nonexistent\n"), env={})
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://writer:pw-9f8e7d6c@db.internal:99999/gridpulse", "port"),
+        ("postgresql://writer:pw-9f8e7d6c@db.internal:abc/gridpulse", "port"),
+        ("postgresql://writer:pw-9f8e7d6c@db.internal/gridpulse?sslmode=bogus", "sslmode"),
+        ("postgresql://writer:pw-9f8e7d6c@db.internal/gridpulse?foo=bar", "foo"),
+        ("postgresql://writer:pw-9f8e7d6c%zz@db.internal/gridpulse", "percent"),
+        ("postgresql://writer@db.internal/gridpulse?password=pw-9f8e7d6c&foo=1", "foo"),
+    ],
+)
+def test_an_unusable_url_is_a_config_error_with_the_password_masked(
+    tmp_path: Path, url: str, message: str
+) -> None:
+    """A URL the driver cannot use is refused when the configuration is read (exit 2),
+    in one line, instead of deferring the whole backlog as "GridPulse unavailable"."""
+    pytest.importorskip("psycopg")
+    env = {"OUTBOX__SINK__KIND": "postgres", "OUTBOX_SINK_URL": url}
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(env=env)
+    text = str(caught.value)
+    assert "pw-9f8e7d6c" not in text and "\n" not in text.strip()
+    assert "sink.url: not a usable PostgreSQL URL" in text
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(write(tmp_path, f"sink:\n  kind: postgres\n  url: '{url}'\n"), env={})
+    assert "pw-9f8e7d6c" not in str(caught.value)

@@ -60,8 +60,15 @@ _MAX_MESSAGE = 300
 _STAGING = "outbox_staged_batch"
 # SQLSTATE classes of a row the database refuses: data exception, integrity constraint.
 _ROW_CLASSES = ("22", "23")
-# Credentials and privileges: invalid authorization, insufficient privilege.
-_AUTH_STATES = ("28", "42501")
+# Credentials and privileges: invalid authorization, unknown database, insufficient privilege.
+_AUTH_STATES = ("28", "3D000", "42501")
+# A refused connect carries no SQLSTATE (psycopg: None): the server's FATAL message of the
+# same classes (28xxx, 3D000, 42501), or libpq's own when no password was given.
+_REFUSED_AT_CONNECT = re.compile(
+    r"authentication failed|is not permitted to log in|role \".*\" does not exist|"
+    r"database \".*\" does not exist|permission denied for database|no pg_hba\.conf entry|"
+    r"no password supplied"
+)
 # Transaction rollback (serialization failure, deadlock), connection, resources, operator.
 _TRANSIENT_CLASSES = ("40", "08", "53", "57")
 
@@ -446,7 +453,7 @@ class PostgresSink:
         state = _sqlstate(exc)
         text = f"PostgreSQL at {self.where}: {doing} failed: {self._clean(_first_line(exc))}"
         psycopg = load_driver()
-        if state.startswith(_AUTH_STATES) or "authentication failed" in str(exc):
+        if state.startswith(_AUTH_STATES) or (not state and _REFUSED_AT_CONNECT.search(str(exc))):
             self._drop()
             return SinkAuthError(text)
         if state.startswith(_ROW_CLASSES):
