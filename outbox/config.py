@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -44,7 +44,7 @@ from pydantic import (
 from outbox import datasets as table
 from outbox.errors import ConfigError
 from outbox.normalize import EIA_CODE_PATTERN
-from outbox.redact import MASK, redact, register_secret
+from outbox.redact import MASK, database_url_secrets, redact, register_secret
 
 DEFAULT_CONFIG_NAME = "config.yaml"
 DEFAULT_BAS = {"PJM": "PJM", "CAISO": "CISO", "MISO": "MISO", "ERCOT": "ERCO", "SPP": "SWPP"}
@@ -531,23 +531,10 @@ def _register_url(url: str) -> None:
 
 def _register_database_url(url: str) -> None:
     """Mask a database URL's credentials wherever they appear (the password alone too:
-    a driver's message may quote it without the URL)."""
-    register_secret(url)
-    for secret in _database_url_secrets(url):
+    a driver's message may quote it without the URL). Not the whole URL: its host and
+    database are shown (its user info is masked wherever a URL appears)."""
+    for secret in database_url_secrets(url):
         register_secret(secret)
-
-
-def _database_url_secrets(url: str) -> list[str]:
-    """The password of a database URL and the secret-bearing libpq parameters of its query
-    string (``password=``, ``sslpassword=``), as written and percent-decoded."""
-    parts = urlsplit(url)
-    found = [parts.password] if parts.password else []
-    if parts.query:
-        for item in parts.query.split("&"):
-            key, _, value = item.partition("=")
-            if key.lower() in ("password", "sslpassword") and value:
-                found.append(value)
-    return [*found, *(unquote(s) for s in found if unquote(s) != s)]
 
 
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -562,7 +549,7 @@ def _check_postgres_url(url: str) -> None:
         from psycopg.conninfo import conninfo_to_dict
     except ImportError:
         return
-    secrets = _database_url_secrets(url)
+    secrets = database_url_secrets(url)
     try:
         params = conninfo_to_dict(url)
     except Exception as exc:  # psycopg.ProgrammingError: libpq's parse error

@@ -105,3 +105,32 @@ def test_an_unusable_url_is_a_config_error_with_the_password_masked(
     with pytest.raises(ConfigError, match=message) as caught:
         load_config(write(tmp_path, f"sink:\n  kind: postgres\n  url: '{url}'\n"), env={})
     assert "pw-9f8e7d6c" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://db.example/gridpulse", "postgresql://db.example/gridpulse"),
+        (
+            "postgresql://db.example:5433/gridpulse?sslmode=require&password=pw-9f8e7d6c",
+            "postgresql://db.example:5433/gridpulse?sslmode=require&password=***",
+        ),
+        (
+            "postgresql://db.example/gridpulse?sslpassword=pw-9f8e7d6c",
+            "postgresql://db.example/gridpulse?sslpassword=***",
+        ),
+        (
+            "postgresql://writer:pw-9f8e7d6c@db.example/gridpulse",
+            "postgresql://***@db.example/gridpulse",
+        ),
+    ],
+)
+def test_only_the_secrets_of_a_url_are_masked(url: str, shown: str) -> None:
+    """A URL without user info (a .pgpass or PGPASSWORD setup) shows its host and
+    database; only the password and secret-bearing query parameters are masked."""
+    from outbox.sinks.postgres import PostgresSink
+
+    config = load_config(env={"OUTBOX__SINK__KIND": "postgres", "OUTBOX_SINK_URL": url})
+    assert config.redacted()["sink"]["url"] == shown
+    assert PostgresSink(url).where == shown
+    assert "pw-9f8e7d6c" not in redact(f"driver said: {url} and pw-9f8e7d6c")

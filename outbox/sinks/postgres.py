@@ -46,7 +46,7 @@ from outbox.errors import (
     SinkTransientError,
 )
 from outbox.ports import Batch, Outcome, Prepared, Refusal
-from outbox.redact import redact
+from outbox.redact import database_url_secrets, redact
 from outbox.timeutil import to_ts
 
 if TYPE_CHECKING:
@@ -123,6 +123,7 @@ class PostgresSink:
         statement_timeout_seconds: float = 60.0,
     ) -> None:
         self._url = url
+        self._secrets = database_url_secrets(url)  # the host and database stay readable
         self._fixed = catalog == "fixed"
         self._connect_timeout = max(1, round(connect_timeout_seconds))
         self._statement_ms = round(statement_timeout_seconds * 1000)
@@ -475,7 +476,7 @@ class PostgresSink:
         return _code_of(exc), self._clean(_first_line(exc))[:_MAX_MESSAGE]
 
     def _clean(self, text: str) -> str:
-        return redact(text, (self._url,))
+        return redact(text, self._secrets)
 
 
 def _columns(schema: _Schema) -> list[str]:
