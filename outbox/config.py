@@ -206,7 +206,7 @@ class SinkConfig(_Model):
         text = url.get_secret_value()
         if text.startswith("postgresql+psycopg://"):
             text = "postgresql://" + text.split("://", 1)[1]
-        if not text.startswith(POSTGRES_SCHEMES) or not urlsplit(text).hostname:
+        if not text.startswith(POSTGRES_SCHEMES):  # no host: a Unix socket (libpq's default)
             scheme = text.split("://", 1)[0] if "://" in text else ""
             raise ValueError(
                 f"sink.url: not a PostgreSQL URL (postgresql://user:password@host/db; "

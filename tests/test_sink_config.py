@@ -134,3 +134,18 @@ def test_only_the_secrets_of_a_url_are_masked(url: str, shown: str) -> None:
     assert config.redacted()["sink"]["url"] == shown
     assert PostgresSink(url).where == shown
     assert "pw-9f8e7d6c" not in redact(f"driver said: {url} and pw-9f8e7d6c")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql:///gridpulse?host=/var/run/postgresql",
+        "postgresql:///gridpulse",
+        "postgres://%2Fvar%2Frun%2Fpostgresql/gridpulse",
+    ],
+)
+def test_a_unix_socket_url_without_a_hostname_is_accepted(url: str) -> None:
+    """libpq connects over a Unix socket when the URL names no host (or a directory)."""
+    config = load_config(env={"OUTBOX__SINK__KIND": "postgres", "OUTBOX_SINK_URL": url})
+    assert config.sink.require_url() == url
+    assert config.redacted()["sink"]["url"] == url
