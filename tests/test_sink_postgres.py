@@ -78,7 +78,6 @@ def test_a_batch_creates_its_series_and_upserts_its_rows(sink: PostgresSink, dsn
         ("EIA.CAISO.generation.solar", ts(0)): (7.5, "good"),
     }
     listing = {s["series_id"]: s for s in sink.list_series()}
-    assert listing["EIA.PJM.demand"]["count"] == 3
     assert listing["EIA.PJM.demand"]["latest_ts"] == ts(2)
     assert listing["EIA.CAISO.generation.solar"]["subtype"] == "solar"
     assert sink.latest("EIA.PJM.demand") == (ts(2), None)
@@ -299,3 +298,35 @@ def test_a_quality_flag_of_an_enum_or_domain_type_is_written(pg_cluster) -> None
         assert refused.index == 3
         assert held(dsn)[("EIA.PJM.demand", ts(2))] == (2.0, "estimated")
         assert set(held(dsn)) == {("EIA.PJM.demand", ts(h)) for h in (0, 1, 2, 4)}
+
+
+def test_list_series_gives_each_series_latest_ts(sink: PostgresSink, dsn: str) -> None:
+    """The listing (what first-start watermarks read: series_id and latest_ts) matches a
+    plain GROUP BY over every observation; a series without rows has no latest_ts."""
+    rows = [Row("EIA.PJM.demand", ts(h), float(h)) for h in (5, 1, 9)]
+    rows += [Row("EIA.MISO.demand", ts(h), 1.0, ba="MISO") for h in (2, 3)]
+    rows.append(Row("EIA.PJM.generation.wind", ts(4), 1.0, type="generation", subtype="wind"))
+    send(sink, rows)
+    execute(
+        dsn,
+        "INSERT INTO series (ba_id, type, subtype, units, eia_series_id) "
+        "SELECT id, 'interchange', 'SWPP', 'MW', 'EIA.PJM.interchange.SWPP' "
+        "FROM balancing_authorities WHERE code = 'PJM'",
+    )
+    listing = sink.list_series()
+    assert [s["series_id"] for s in listing] == sorted(s["series_id"] for s in listing)
+    assert {s["series_id"]: s["latest_ts"] for s in listing} == {
+        "EIA.PJM.demand": ts(9),
+        "EIA.MISO.demand": ts(3),
+        "EIA.PJM.generation.wind": ts(4),
+        "EIA.PJM.interchange.SWPP": None,
+    }
+    wind = next(s for s in listing if s["series_id"] == "EIA.PJM.generation.wind")
+    assert wind == {
+        "series_id": "EIA.PJM.generation.wind",
+        "ba": "PJM",
+        "type": "generation",
+        "subtype": "wind",
+        "units": "MW",
+        "latest_ts": ts(4),
+    }, "the unused row count is not computed"

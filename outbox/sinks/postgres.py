@@ -201,22 +201,21 @@ class PostgresSink:
         return (None, None) if row is None else (_ts_text(row[0]), row[1])
 
     def list_series(self) -> list[Mapping[str, object]]:
-        """Every series the database holds, with its row count and latest ``ts``."""
+        """Every series the database holds, with its latest ``ts`` (one index seek per
+        series on the primary key ``(series_id, ts)``, not a scan of every observation)."""
         conn = self._connection()
         try:
             found = conn.execute(
                 "SELECT s.eia_series_id, b.code, s.type, s.subtype, s.units, "
-                "count(o.ts), max(o.ts) FROM series s "
+                "(SELECT max(o.ts) FROM observations o WHERE o.series_id = s.id) FROM series s "
                 "JOIN balancing_authorities b ON b.id = s.ba_id "
-                "LEFT JOIN observations o ON o.series_id = s.id "
-                "GROUP BY s.id, s.eia_series_id, b.code, s.type, s.subtype, s.units "
                 "ORDER BY s.eia_series_id"
             ).fetchall()
         except Exception as exc:
             raise self._error(exc, "listing the series") from None
-        keys = ("series_id", "ba", "type", "subtype", "units", "count", "latest_ts")
+        keys = ("series_id", "ba", "type", "subtype", "units", "latest_ts")
         return [
-            dict(zip(keys, (*row[:6], None if row[6] is None else _ts_text(row[6])), strict=True))
+            dict(zip(keys, (*row[:5], None if row[5] is None else _ts_text(row[5])), strict=True))
             for row in found
         ]
 
