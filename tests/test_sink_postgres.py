@@ -330,3 +330,16 @@ def test_list_series_gives_each_series_latest_ts(sink: PostgresSink, dsn: str) -
         "units": "MW",
         "latest_ts": ts(4),
     }, "the unused row count is not computed"
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [(0.0004, "1ms"), (2.5, "2500ms"), (60.0, "1min")])
+def test_the_statement_timeout_reaches_the_server_and_is_never_zero(
+    dsn: str, seconds: float, shown: str
+) -> None:
+    """A tiny statement_timeout_seconds is 1 ms, not 0 (PostgreSQL's "no timeout")."""
+    sink = PostgresSink(dsn, statement_timeout_seconds=seconds)
+    try:
+        found = sink._connection().execute("SHOW statement_timeout").fetchone()
+    finally:
+        sink.close()
+    assert found == (shown,)

@@ -126,7 +126,7 @@ class PostgresSink:
         self._secrets = database_url_secrets(url)  # the host and database stay readable
         self._fixed = catalog == "fixed"
         self._connect_timeout = max(1, round(connect_timeout_seconds))
-        self._statement_ms = round(statement_timeout_seconds * 1000)
+        self._statement_ms = max(1, round(statement_timeout_seconds * 1000))  # 0 is "none"
         self._conn: psycopg.Connection[Any] | None = None
         self._staging_on: psycopg.Connection[Any] | None = None
         self._schema: _Schema | None = None
