@@ -149,3 +149,43 @@ def test_a_unix_socket_url_without_a_hostname_is_accepted(url: str) -> None:
     config = load_config(env={"OUTBOX__SINK__KIND": "postgres", "OUTBOX_SINK_URL": url})
     assert config.sink.require_url() == url
     assert config.redacted()["sink"]["url"] == url
+
+
+def test_send_without_the_driver_is_a_config_error_naming_the_extra(tmp_path: Path) -> None:
+    """``outbox send`` to ``sink: {kind: postgres}`` where psycopg cannot be imported:
+    one line naming the extra, exit 2 (it was the run failing, exit 1)."""
+    import os
+    import subprocess
+    import sys
+
+    from factories import obs, series_row
+
+    from outbox.store import Store
+
+    with Store.open(tmp_path / "outbox.db") as store:  # a row to send
+        store.staging.stage(
+            [obs("EIA.PJM.demand", 0, 1.0)], series_rows=[series_row("EIA.PJM.demand")]
+        )
+    code = (
+        "import sys\nsys.modules['psycopg'] = None\nfrom outbox.cli import main\nsys.exit(main())"
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX", "GRIDPULSE"))},
+        "OUTBOX_DB": str(tmp_path / "outbox.db"),
+        "OUTBOX__SINK__KIND": "postgres",
+        "OUTBOX_SINK_URL": URL,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code, "send"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "pip install 'gridpulse-outbox[postgres]'" in lines[0]
+    assert "pw-9f8e7d6c" not in done.stdout + done.stderr
