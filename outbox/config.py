@@ -44,7 +44,7 @@ from pydantic import (
 from outbox import datasets as table
 from outbox.errors import ConfigError
 from outbox.normalize import EIA_CODE_PATTERN
-from outbox.redact import MASK, redact, register_secret
+from outbox.redact import MASK, database_url_secrets, redact, register_secret
 
 DEFAULT_CONFIG_NAME = "config.yaml"
 DEFAULT_BAS = {"PJM": "PJM", "CAISO": "CISO", "MISO": "MISO", "ERCOT": "ERCO", "SPP": "SWPP"}
@@ -206,12 +206,13 @@ class SinkConfig(_Model):
         text = url.get_secret_value()
         if text.startswith("postgresql+psycopg://"):
             text = "postgresql://" + text.split("://", 1)[1]
-        if not text.startswith(POSTGRES_SCHEMES) or not urlsplit(text).hostname:
+        if not text.startswith(POSTGRES_SCHEMES):  # no host: a Unix socket (libpq's default)
             scheme = text.split("://", 1)[0] if "://" in text else ""
             raise ValueError(
                 f"sink.url: not a PostgreSQL URL (postgresql://user:password@host/db; "
                 f"got scheme {scheme!r})"
             )
+        _check_postgres_url(text)
         return self.model_copy(update={"url": SecretStr(text), "url_file": None})
 
     def require_url(self) -> str:
@@ -530,16 +531,41 @@ def _register_url(url: str) -> None:
 
 def _register_database_url(url: str) -> None:
     """Mask a database URL's credentials wherever they appear (the password alone too:
-    a driver's message may quote it without the URL)."""
-    parts = urlsplit(url)
-    register_secret(url)
-    if parts.password:
-        register_secret(parts.password)
-    if parts.query:  # libpq parameters: password=... in the query string
-        for item in parts.query.split("&"):
-            key, _, value = item.partition("=")
-            if key.lower() in ("password", "sslpassword"):
-                register_secret(value)
+    a driver's message may quote it without the URL). Not the whole URL: its host and
+    database are shown (its user info is masked wherever a URL appears)."""
+    for secret in database_url_secrets(url):
+        register_secret(secret)
+
+
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _check_postgres_url(url: str) -> None:
+    """A ValueError (credentials masked) for a URL the driver could not use: one libpq
+    does not parse (an unknown query parameter, a bad percent-escape), a port out of
+    1-65535, an unknown sslmode. Checked only where psycopg is installed (without it the
+    sink names its extra)."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        return
+    secrets = database_url_secrets(url)
+    try:
+        params = conninfo_to_dict(url)
+    except Exception as exc:  # psycopg.ProgrammingError: libpq's parse error
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise ValueError(
+            f"sink.url: not a usable PostgreSQL URL: {redact(lines[0], secrets)}"
+        ) from None
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError("sink.url: not a usable PostgreSQL URL: the port is not 1-65535")
+    sslmode = params.get("sslmode")
+    if sslmode is not None and sslmode not in _SSLMODES:
+        raise ValueError(
+            f"sink.url: not a usable PostgreSQL URL: sslmode {redact(str(sslmode), secrets)!r} "
+            f"is not one of {', '.join(_SSLMODES)}"
+        )
 
 
 def _as_utc_hour(value: datetime) -> datetime:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
+from urllib.parse import unquote, urlsplit
 
 MASK = "***"
 _QUERY_KEY = re.compile(r"(?i)((?:api_key|apikey|api-key|key|token|password|secret)=)[^&#\s\"']+")
@@ -44,6 +45,18 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
         if secret and secret in text:
             text = text.replace(secret, MASK)
     return text
+
+
+def database_url_secrets(url: str) -> list[str]:
+    """The password of a database URL and the secret-bearing libpq parameters of its query
+    string (``password=``, ``sslpassword=``), as written and percent-decoded."""
+    parts = urlsplit(url)
+    found = [parts.password] if parts.password else []
+    for item in parts.query.split("&") if parts.query else ():
+        key, _, value = item.partition("=")
+        if key.lower() in ("password", "sslpassword") and value:
+            found.append(value)
+    return [*found, *(unquote(s) for s in found if unquote(s) != s)]
 
 
 def redact_url(url: object) -> str:

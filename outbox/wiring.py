@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Concatenate, ParamSpec, Protocol
 
 from outbox import USER_AGENT
 from outbox.config import Config
-from outbox.errors import OutboxError
+from outbox.errors import ConfigError, OutboxError
 from outbox.logsetup import log_scope
 from outbox.store import Store
 
@@ -142,6 +142,12 @@ def require_sink(config: Config) -> None:
     """The configured sink's credentials, or a ConfigError (exit 2) saying how to set them."""
     if config.sink.kind == "postgres":
         config.sink.require_url()
+        from outbox.sinks.postgres import EXTRA_HINT, load_driver
+
+        try:
+            load_driver()
+        except OutboxError:  # like the receiver: a missing extra is a config error
+            raise ConfigError(f"sink.kind: postgres needs psycopg 3: {EXTRA_HINT}") from None
     else:
         config.require_gridpulse_key()
 

@@ -293,3 +293,30 @@ def test_resent_revision_leaves_its_row_alone_on_sqlite_too(tmp_path: Path) -> N
             "SELECT ts, received_at != 'marked' FROM observations ORDER BY ts"
         ).fetchall()
     assert [changed for _, changed in got] == [0, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://gp:s3cret-pw@127.0.0.1:1/gridpulse",
+        "oracle://gp:s3cret-pw@127.0.0.1:1/gridpulse",
+        "foo://gp:s3cret-pw@127.0.0.1/gridpulse",
+        "sqlite:////nonexistent/dir/x.db",
+    ],
+)
+@pytest.mark.parametrize("entry", ["outbox receiver", "python -m outbox.receiver"])
+def test_another_database_or_an_unopenable_file_is_one_line_exit_2(url: str, entry: str) -> None:
+    """Another database, a dialect SQLAlchemy does not know, a SQLite file whose directory
+    is missing: one line, exit 2, the password masked (it was a traceback and exit 1)."""
+    if entry == "outbox receiver":
+        done = receiver_cli("--db", url)
+    else:
+        argv = [sys.executable, "-m", "outbox.receiver", "--port", "0", "--api-key", "k"]
+        done = subprocess.run(
+            [*argv, "--db", url], capture_output=True, text=True, timeout=60, check=False
+        )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "receiver: " in lines[0]
+    assert "s3cret-pw" not in done.stderr + done.stdout

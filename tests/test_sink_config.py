@@ -77,3 +77,115 @@ def test_a_wrong_sink_is_a_config_error(
 def test_a_missing_url_file_names_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"sink\.url_file: cannot read secret file"):
         load_config(write(tmp_path, "sink:\n  kind: postgres\n  url_file: /nonexistent\n"), env={})
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://writer:pw-9f8e7d6c@db.internal:99999/gridpulse", "port"),
+        ("postgresql://writer:pw-9f8e7d6c@db.internal:abc/gridpulse", "port"),
+        ("postgresql://writer:pw-9f8e7d6c@db.internal/gridpulse?sslmode=bogus", "sslmode"),
+        ("postgresql://writer:pw-9f8e7d6c@db.internal/gridpulse?foo=bar", "foo"),
+        ("postgresql://writer:pw-9f8e7d6c%zz@db.internal/gridpulse", "percent"),
+        ("postgresql://writer@db.internal/gridpulse?password=pw-9f8e7d6c&foo=1", "foo"),
+    ],
+)
+def test_an_unusable_url_is_a_config_error_with_the_password_masked(
+    tmp_path: Path, url: str, message: str
+) -> None:
+    """A URL the driver cannot use is refused when the configuration is read (exit 2),
+    in one line, instead of deferring the whole backlog as "GridPulse unavailable"."""
+    pytest.importorskip("psycopg")
+    env = {"OUTBOX__SINK__KIND": "postgres", "OUTBOX_SINK_URL": url}
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(env=env)
+    text = str(caught.value)
+    assert "pw-9f8e7d6c" not in text and "\n" not in text.strip()
+    assert "sink.url: not a usable PostgreSQL URL" in text
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(write(tmp_path, f"sink:\n  kind: postgres\n  url: '{url}'\n"), env={})
+    assert "pw-9f8e7d6c" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://db.example/gridpulse", "postgresql://db.example/gridpulse"),
+        (
+            "postgresql://db.example:5433/gridpulse?sslmode=require&password=pw-9f8e7d6c",
+            "postgresql://db.example:5433/gridpulse?sslmode=require&password=***",
+        ),
+        (
+            "postgresql://db.example/gridpulse?sslpassword=pw-9f8e7d6c",
+            "postgresql://db.example/gridpulse?sslpassword=***",
+        ),
+        (
+            "postgresql://writer:pw-9f8e7d6c@db.example/gridpulse",
+            "postgresql://***@db.example/gridpulse",
+        ),
+    ],
+)
+def test_only_the_secrets_of_a_url_are_masked(url: str, shown: str) -> None:
+    """A URL without user info (a .pgpass or PGPASSWORD setup) shows its host and
+    database; only the password and secret-bearing query parameters are masked."""
+    from outbox.sinks.postgres import PostgresSink
+
+    config = load_config(env={"OUTBOX__SINK__KIND": "postgres", "OUTBOX_SINK_URL": url})
+    assert config.redacted()["sink"]["url"] == shown
+    assert PostgresSink(url).where == shown
+    assert "pw-9f8e7d6c" not in redact(f"driver said: {url} and pw-9f8e7d6c")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql:///gridpulse?host=/var/run/postgresql",
+        "postgresql:///gridpulse",
+        "postgres://%2Fvar%2Frun%2Fpostgresql/gridpulse",
+    ],
+)
+def test_a_unix_socket_url_without_a_hostname_is_accepted(url: str) -> None:
+    """libpq connects over a Unix socket when the URL names no host (or a directory)."""
+    config = load_config(env={"OUTBOX__SINK__KIND": "postgres", "OUTBOX_SINK_URL": url})
+    assert config.sink.require_url() == url
+    assert config.redacted()["sink"]["url"] == url
+
+
+def test_send_without_the_driver_is_a_config_error_naming_the_extra(tmp_path: Path) -> None:
+    """``outbox send`` to ``sink: {kind: postgres}`` where psycopg cannot be imported:
+    one line naming the extra, exit 2 (it was the run failing, exit 1)."""
+    import os
+    import subprocess
+    import sys
+
+    from factories import obs, series_row
+
+    from outbox.store import Store
+
+    with Store.open(tmp_path / "outbox.db") as store:  # a row to send
+        store.staging.stage(
+            [obs("EIA.PJM.demand", 0, 1.0)], series_rows=[series_row("EIA.PJM.demand")]
+        )
+    code = (
+        "import sys\nsys.modules['psycopg'] = None\nfrom outbox.cli import main\nsys.exit(main())"
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX", "GRIDPULSE"))},
+        "OUTBOX_DB": str(tmp_path / "outbox.db"),
+        "OUTBOX__SINK__KIND": "postgres",
+        "OUTBOX_SINK_URL": URL,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code, "send"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "pip install 'gridpulse-outbox[postgres]'" in lines[0]
+    assert "pw-9f8e7d6c" not in done.stdout + done.stderr

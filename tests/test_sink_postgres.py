@@ -78,7 +78,6 @@ def test_a_batch_creates_its_series_and_upserts_its_rows(sink: PostgresSink, dsn
         ("EIA.CAISO.generation.solar", ts(0)): (7.5, "good"),
     }
     listing = {s["series_id"]: s for s in sink.list_series()}
-    assert listing["EIA.PJM.demand"]["count"] == 3
     assert listing["EIA.PJM.demand"]["latest_ts"] == ts(2)
     assert listing["EIA.CAISO.generation.solar"]["subtype"] == "solar"
     assert sink.latest("EIA.PJM.demand") == (ts(2), None)
@@ -269,3 +268,185 @@ def test_the_sink_writes_into_the_schema_the_receiver_creates(pg_cluster) -> Non
     finally:
         sink.close()
         receiver.close()
+
+
+def test_a_quality_flag_of_an_enum_or_domain_type_is_written(pg_cluster) -> None:
+    """GridPulse's quality_flag may be an enum or a domain: the batch's COPY lands in
+    columns of the target's own types, so the one upsert from them type-checks."""
+    for ddl in (
+        "CREATE TYPE quality AS ENUM ('good', 'estimated', 'missing')",
+        "CREATE DOMAIN quality AS text CHECK (VALUE IN ('good', 'estimated', 'missing'))",
+    ):
+        dsn = pg_cluster.dsn(pg_cluster.database())
+        create_contract_schema(dsn)
+        execute(dsn, ddl)
+        execute(
+            dsn,
+            "ALTER TABLE observations DROP CONSTRAINT observations_quality_flag_check, "
+            "ALTER COLUMN quality_flag TYPE quality USING quality_flag::quality",
+        )
+        sink = PostgresSink(dsn)
+        try:
+            rows = [Row("EIA.PJM.demand", ts(h), float(h)) for h in range(5)]
+            rows[2] = Row("EIA.PJM.demand", ts(2), 2.0, quality_flag="estimated")
+            rows[3] = Row("EIA.PJM.demand", ts(3), 3.0, quality_flag="bogus")
+            outcome = send(sink, rows)
+        finally:
+            sink.close()
+        assert outcome.accepted == 4, ddl
+        ((refused),) = outcome.rejected
+        assert refused.index == 3
+        assert held(dsn)[("EIA.PJM.demand", ts(2))] == (2.0, "estimated")
+        assert set(held(dsn)) == {("EIA.PJM.demand", ts(h)) for h in (0, 1, 2, 4)}
+
+
+def test_list_series_gives_each_series_latest_ts(sink: PostgresSink, dsn: str) -> None:
+    """The listing (what first-start watermarks read: series_id and latest_ts) matches a
+    plain GROUP BY over every observation; a series without rows has no latest_ts."""
+    rows = [Row("EIA.PJM.demand", ts(h), float(h)) for h in (5, 1, 9)]
+    rows += [Row("EIA.MISO.demand", ts(h), 1.0, ba="MISO") for h in (2, 3)]
+    rows.append(Row("EIA.PJM.generation.wind", ts(4), 1.0, type="generation", subtype="wind"))
+    send(sink, rows)
+    execute(
+        dsn,
+        "INSERT INTO series (ba_id, type, subtype, units, eia_series_id) "
+        "SELECT id, 'interchange', 'SWPP', 'MW', 'EIA.PJM.interchange.SWPP' "
+        "FROM balancing_authorities WHERE code = 'PJM'",
+    )
+    listing = sink.list_series()
+    assert [s["series_id"] for s in listing] == sorted(s["series_id"] for s in listing)
+    assert {s["series_id"]: s["latest_ts"] for s in listing} == {
+        "EIA.PJM.demand": ts(9),
+        "EIA.MISO.demand": ts(3),
+        "EIA.PJM.generation.wind": ts(4),
+        "EIA.PJM.interchange.SWPP": None,
+    }
+    wind = next(s for s in listing if s["series_id"] == "EIA.PJM.generation.wind")
+    assert wind == {
+        "series_id": "EIA.PJM.generation.wind",
+        "ba": "PJM",
+        "type": "generation",
+        "subtype": "wind",
+        "units": "MW",
+        "latest_ts": ts(4),
+    }, "the unused row count is not computed"
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [(0.0004, "1ms"), (2.5, "2500ms"), (60.0, "1min")])
+def test_the_statement_timeout_reaches_the_server_and_is_never_zero(
+    dsn: str, seconds: float, shown: str
+) -> None:
+    """A tiny statement_timeout_seconds is 1 ms, not 0 (PostgreSQL's "no timeout")."""
+    sink = PostgresSink(dsn, statement_timeout_seconds=seconds)
+    try:
+        found = sink._connection().execute("SHOW statement_timeout").fetchone()
+    finally:
+        sink.close()
+    assert found == (shown,)
+
+
+def test_a_serialization_failure_defers_the_batch_like_a_503(tmp_path: Path, dsn: str) -> None:
+    """SQLSTATE 40001 (here raised by a trigger, as the server does under SERIALIZABLE):
+    the batch is rolled back and its rows deferred, not refused; the next send delivers."""
+    from outbox.stages.send import SendFailed
+
+    execute(
+        dsn,
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001'; END $$; "
+        "CREATE TRIGGER refuse BEFORE INSERT ON observations "
+        "FOR EACH ROW EXECUTE FUNCTION refuse()",
+    )
+    db = tmp_path / "outbox.db"
+    config = Config(database=str(db))
+    sid = "EIA.PJM.demand"
+    with Store.open(db) as store:
+        store.staging.stage(
+            [obs(sid, h, float(h)) for h in range(3)], series_rows=[series_row(sid)]
+        )
+        sink = PostgresSink(dsn)
+        try:
+            with pytest.raises(SendFailed, match="could not serialize"):
+                run_send(config, store, sink)
+            with sqlite3.connect(db) as con:
+                found = con.execute(
+                    "SELECT state, count(*), count(next_attempt_at) FROM observations "
+                    "GROUP BY state"
+                ).fetchall()
+            assert found == [("pending", 3, 3)], "deferred with a next attempt time, none dead"
+            assert held(dsn) == {}
+            execute(dsn, "DROP TRIGGER refuse ON observations")
+            with sqlite3.connect(db) as con:
+                con.execute("UPDATE observations SET next_attempt_at = NULL")
+            assert run_send(config, store, sink).acked == 3
+        finally:
+            sink.close()
+
+
+def test_a_statement_timeout_is_transient(sink: PostgresSink, dsn: str) -> None:
+    """A statement cancelled by statement_timeout (57014), here waiting on a lock another
+    session holds, is a SinkTransientError (the batch deferred like a 503)."""
+    import psycopg
+
+    send(sink, [Row("EIA.PJM.demand", ts(0), 1.0)])
+    slow = PostgresSink(dsn, statement_timeout_seconds=0.2)
+    try:
+        send(slow, [Row("EIA.PJM.demand", ts(1), 1.0)])
+        with psycopg.connect(dsn) as holder:
+            holder.execute("LOCK TABLE observations IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(SinkTransientError, match="statement timeout"):
+                send(slow, [Row("EIA.PJM.demand", ts(2), 2.0)])
+        assert send(slow, [Row("EIA.PJM.demand", ts(2), 2.0)]).accepted == 1  # reconnected
+    finally:
+        slow.close()
+
+
+def test_the_configured_timeouts_reach_the_driver(dsn: str) -> None:
+    """sink.connect_timeout_seconds and sink.statement_timeout_seconds, through the
+    wiring, are the connection's connect_timeout and the server's statement_timeout."""
+    from outbox.config import load_config
+    from outbox.wiring import postgres_sink
+
+    config = load_config(
+        env={
+            "OUTBOX__SINK__KIND": "postgres",
+            "OUTBOX_SINK_URL": dsn,
+            "OUTBOX__SINK__CONNECT_TIMEOUT_SECONDS": "3",
+            "OUTBOX__SINK__STATEMENT_TIMEOUT_SECONDS": "2.5",
+        }
+    )
+    sink = postgres_sink(config)
+    try:
+        conn = sink._connection()
+        assert conn.info.get_parameters()["connect_timeout"] == "3"
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("2500ms",)
+    finally:
+        sink.close()
+
+
+def test_a_series_held_under_another_id_refuses_its_rows(sink: PostgresSink, dsn: str) -> None:
+    """GridPulse holds PJM/generation/wind under another eia_series_id: creating ours hits
+    UNIQUE (ba_id, type, subtype), so its rows are refused as SERIES_CONFLICT; the rest
+    of the batch is written."""
+    execute(
+        dsn,
+        "INSERT INTO balancing_authorities (code, name) VALUES ('PJM', 'PJM'); "
+        "INSERT INTO series (ba_id, type, subtype, units, eia_series_id) "
+        "SELECT id, 'generation', 'wind', 'MW', 'LEGACY.PJM.WND' FROM balancing_authorities",
+    )
+    wind = {"type": "generation", "subtype": "wind"}
+    outcome = send(
+        sink,
+        [
+            Row("EIA.PJM.demand", ts(0), 1.0),
+            Row("EIA.PJM.generation.wind", ts(0), 2.0, **wind),
+            Row("EIA.PJM.generation.wind", ts(1), 3.0, **wind),
+        ],
+    )
+    assert outcome.accepted == 1
+    assert [(r.index, r.code) for r in outcome.rejected] == [
+        (1, "SERIES_CONFLICT"),
+        (2, "SERIES_CONFLICT"),
+    ]
+    assert "PJM/generation/wind" in outcome.rejected[0].message
+    assert held(dsn) == {("EIA.PJM.demand", ts(0)): (1.0, "good")}

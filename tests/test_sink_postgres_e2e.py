@@ -228,3 +228,66 @@ def await_run(db: Path, proc) -> None:
         except sqlite3.Error:
             pass
         time.sleep(0.01)
+
+
+@pytest.fixture
+def refusing(pg_cluster, dsn: str):
+    """URLs the database refuses: a NOLOGIN role, a wrong password (a role that must give
+    one: a pg_hba.conf line for it alone), a role without INSERT on observations."""
+    import psycopg
+
+    hba = pg_cluster.data / "pg_hba.conf"
+    before = hba.read_text()
+    hba.write_text("host all outbox_pw 127.0.0.1/32 scram-sha-256\n" + before)
+    base = dsn.split("@", 1)[1]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_reload_conf()")
+        for role in ("outbox_nologin", "outbox_pw", "outbox_noinsert"):
+            conn.execute(f"DROP OWNED BY {role}" if _role(conn, role) else "SELECT 1")
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
+        conn.execute("CREATE ROLE outbox_nologin NOLOGIN")
+        conn.execute(f"CREATE ROLE outbox_pw LOGIN PASSWORD '{PASSWORD}'")
+        conn.execute("CREATE ROLE outbox_noinsert LOGIN")
+        conn.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO outbox_noinsert")
+        conn.execute(
+            "GRANT INSERT ON series, balancing_authorities TO outbox_noinsert; "
+            "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO outbox_noinsert"
+        )
+    yield {
+        "nologin": f"postgresql://outbox_nologin:{PASSWORD}@{base}",
+        "password": f"postgresql://outbox_pw:wrong-{PASSWORD}@{base}",
+        "noinsert": f"postgresql://outbox_noinsert:{PASSWORD}@{base}",
+        "nodatabase": f"postgresql://outbox_test:{PASSWORD}@{base.split('/')[0]}/no_such_db",
+    }
+    hba.write_text(before)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_reload_conf()")
+        for role in ("outbox_nologin", "outbox_pw", "outbox_noinsert"):
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
+def _role(conn, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is not None
+
+
+@pytest.mark.parametrize("case", ["nologin", "password", "noinsert", "nodatabase"])
+def test_refused_credentials_stop_the_send_and_defer_nothing(
+    tmp_path: Path, refusing: dict[str, str], case: str
+) -> None:
+    """A role that may not log in, a wrong password, a role without INSERT, a database
+    that does not exist: the send
+    stops (exit 1) with one line, and no row is deferred as if GridPulse were down."""
+    db = tmp_path / "outbox.db"
+    env = outbox_env(db, OUTBOX__SINK__KIND="postgres", OUTBOX_SINK_URL=refusing[case])
+    assert outbox("fetch", "--replay", str(sample_dir()), env=env).returncode == 0
+    failed = outbox("send", env=env)
+    assert failed.returncode == 1, failed.stderr
+    assert "Traceback" not in failed.stderr and PASSWORD not in failed.stdout + failed.stderr
+    assert "rows stay pending" not in failed.stderr, failed.stderr
+    with connect(db) as con:
+        found = con.execute(
+            "SELECT count(*), count(next_attempt_at), max(attempts) FROM observations "
+            "WHERE state = 'pending'"
+        ).fetchone()
+    assert found == (2376, 0, 0), (failed.stderr, found)

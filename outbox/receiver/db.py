@@ -37,17 +37,20 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    make_url,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from outbox.receiver.pg import (
     UPSERT_SQL,
+    ReceiverDatabaseError,
     connect_error,
     is_postgres,
+    masked,
     parse_rfc3339,
     postgres_url,
     rfc3339,
@@ -191,11 +194,21 @@ def make_engine(db_url: str, *, announce: bool = True) -> Engine:
     """
     if is_postgres(db_url):
         return _postgres_engine(db_url, announce=announce)
-    engine = create_engine(db_url)
-    if engine.dialect.name != "sqlite":
-        raise ValueError(f"receiver supports sqlite and postgresql, not {engine.dialect.name}")
-    event.listen(engine, "connect", _sqlite_pragmas)
-    metadata.create_all(engine)
+    try:
+        url = make_url(db_url)
+        backend = url.get_backend_name()
+    except (ArgumentError, ValueError):
+        raise ReceiverDatabaseError(f"not a database URL: {masked(db_url)}") from None
+    if backend != "sqlite":  # checked before SQLAlchemy imports the dialect or its driver
+        raise ReceiverDatabaseError(
+            f"{masked(url)}: the receiver supports sqlite and postgresql, not {backend}"
+        )
+    try:
+        engine = create_engine(url)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        metadata.create_all(engine)
+    except (SQLAlchemyError, ImportError) as exc:  # a file it cannot open, a driver missing
+        raise connect_error(url, exc) from None
     return engine
 
 

@@ -46,7 +46,7 @@ from outbox.errors import (
     SinkTransientError,
 )
 from outbox.ports import Batch, Outcome, Prepared, Refusal
-from outbox.redact import redact
+from outbox.redact import database_url_secrets, redact
 from outbox.timeutil import to_ts
 
 if TYPE_CHECKING:
@@ -60,8 +60,15 @@ _MAX_MESSAGE = 300
 _STAGING = "outbox_staged_batch"
 # SQLSTATE classes of a row the database refuses: data exception, integrity constraint.
 _ROW_CLASSES = ("22", "23")
-# Credentials and privileges: invalid authorization, insufficient privilege.
-_AUTH_STATES = ("28", "42501")
+# Credentials and privileges: invalid authorization, unknown database, insufficient privilege.
+_AUTH_STATES = ("28", "3D000", "42501")
+# A refused connect carries no SQLSTATE (psycopg: None): the server's FATAL message of the
+# same classes (28xxx, 3D000, 42501), or libpq's own when no password was given.
+_REFUSED_AT_CONNECT = re.compile(
+    r"authentication failed|is not permitted to log in|role \".*\" does not exist|"
+    r"database \".*\" does not exist|permission denied for database|no pg_hba\.conf entry|"
+    r"no password supplied"
+)
 # Transaction rollback (serialization failure, deadlock), connection, resources, operator.
 _TRANSIENT_CLASSES = ("40", "08", "53", "57")
 
@@ -116,10 +123,12 @@ class PostgresSink:
         statement_timeout_seconds: float = 60.0,
     ) -> None:
         self._url = url
+        self._secrets = database_url_secrets(url)  # the host and database stay readable
         self._fixed = catalog == "fixed"
         self._connect_timeout = max(1, round(connect_timeout_seconds))
-        self._statement_ms = round(statement_timeout_seconds * 1000)
+        self._statement_ms = max(1, round(statement_timeout_seconds * 1000))  # 0 is "none"
         self._conn: psycopg.Connection[Any] | None = None
+        self._staging_on: psycopg.Connection[Any] | None = None
         self._schema: _Schema | None = None
         self._upsert_sql = self._copy_sql = self._bulk_sql = ""
         self._series_ids: dict[str, int] = {}
@@ -148,7 +157,7 @@ class PostgresSink:
         """Write one batch in one transaction; its commit is the acknowledgement."""
         rows: list[_Row] = prepared.payload
         conn = self._connection()
-        self._schema_of(conn)
+        self._staging(conn, self._schema_of(conn))
         try:
             with conn.transaction():
                 ids, refused = self._resolve(conn, rows)
@@ -192,22 +201,21 @@ class PostgresSink:
         return (None, None) if row is None else (_ts_text(row[0]), row[1])
 
     def list_series(self) -> list[Mapping[str, object]]:
-        """Every series the database holds, with its row count and latest ``ts``."""
+        """Every series the database holds, with its latest ``ts`` (one index seek per
+        series on the primary key ``(series_id, ts)``, not a scan of every observation)."""
         conn = self._connection()
         try:
             found = conn.execute(
                 "SELECT s.eia_series_id, b.code, s.type, s.subtype, s.units, "
-                "count(o.ts), max(o.ts) FROM series s "
+                "(SELECT max(o.ts) FROM observations o WHERE o.series_id = s.id) FROM series s "
                 "JOIN balancing_authorities b ON b.id = s.ba_id "
-                "LEFT JOIN observations o ON o.series_id = s.id "
-                "GROUP BY s.id, s.eia_series_id, b.code, s.type, s.subtype, s.units "
                 "ORDER BY s.eia_series_id"
             ).fetchall()
         except Exception as exc:
             raise self._error(exc, "listing the series") from None
-        keys = ("series_id", "ba", "type", "subtype", "units", "count", "latest_ts")
+        keys = ("series_id", "ba", "type", "subtype", "units", "latest_ts")
         return [
-            dict(zip(keys, (*row[:6], None if row[6] is None else _ts_text(row[6])), strict=True))
+            dict(zip(keys, (*row[:5], None if row[5] is None else _ts_text(row[5])), strict=True))
             for row in found
         ]
 
@@ -374,19 +382,28 @@ class PostgresSink:
                 application_name="gridpulse-outbox",
                 options=f"-c statement_timeout={self._statement_ms}",
             )
-            # the batch's rows are copied into a temporary table, emptied at every commit
-            conn.execute(
-                f"CREATE TEMPORARY TABLE {_STAGING} (series_id integer, ts text, "
-                "value double precision, quality_flag text, revision text) "
-                "ON COMMIT DELETE ROWS"
-            )
         except Exception as exc:
             if conn is not None:
                 conn.close()
             raise self._error(exc, "connecting") from None
         assert conn is not None
-        self._conn = conn
+        self._conn, self._staging_on = conn, None
         return conn
+
+    def _staging(self, conn: psycopg.Connection[Any], schema: _Schema) -> None:
+        """The temporary table a batch's rows are copied into (emptied at every commit),
+        made once a connection of the target's own column types (an enum or a domain
+        ``quality_flag`` too), so the one upsert from it type-checks."""
+        if self._staging_on is conn:
+            return
+        try:
+            conn.execute(
+                f"CREATE TEMPORARY TABLE {_STAGING} ON COMMIT DELETE ROWS AS "
+                f"SELECT {', '.join(_columns(schema))} FROM observations WITH NO DATA"
+            )
+        except Exception as exc:
+            raise self._error(exc, "preparing the batch table") from None
+        self._staging_on = conn
 
     def _schema_of(self, conn: psycopg.Connection[Any]) -> _Schema:
         if self._schema is not None:
@@ -421,7 +438,7 @@ class PostgresSink:
         return schema
 
     def _drop(self) -> None:
-        conn, self._conn = self._conn, None
+        conn, self._conn, self._staging_on = self._conn, None, None
         if conn is not None:
             try:
                 conn.close()
@@ -436,7 +453,7 @@ class PostgresSink:
         state = _sqlstate(exc)
         text = f"PostgreSQL at {self.where}: {doing} failed: {self._clean(_first_line(exc))}"
         psycopg = load_driver()
-        if state.startswith(_AUTH_STATES) or "authentication failed" in str(exc):
+        if state.startswith(_AUTH_STATES) or (not state and _REFUSED_AT_CONNECT.search(str(exc))):
             self._drop()
             return SinkAuthError(text)
         if state.startswith(_ROW_CLASSES):
@@ -458,7 +475,7 @@ class PostgresSink:
         return _code_of(exc), self._clean(_first_line(exc))[:_MAX_MESSAGE]
 
     def _clean(self, text: str) -> str:
-        return redact(text, (self._url,))
+        return redact(text, self._secrets)
 
 
 def _columns(schema: _Schema) -> list[str]:
