@@ -401,6 +401,44 @@ def test_write_group_runs_commit_actions_only_for_what_commits(store: Store, db_
     assert _committed(db_path)[0] == 1
 
 
+def test_series_rows_offered_again_until_committed(store: Store, db_path: Path) -> None:
+    """A stage leaves out of its series insert only the series a committed stage wrote:
+    one rolled back with its page, or not yet committed by its write group, is offered
+    again."""
+    statements: list[str] = []
+
+    @event.listens_for(store.engine, "connect")
+    def trace(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        dbapi_connection.set_trace_callback(statements.append)
+
+    store.engine.dispose()
+
+    def series_inserts() -> int:
+        return sum("INTO series" in s for s in statements)
+
+    bad = (PJM, ts(9), None, "MW", "good", "r9", 0)  # no value and not flagged missing
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        _stage(store, [obs(PJM, 0), bad])  # rolled back, its series row with it
+    assert series_inserts() == 1
+    with store.write_group() as group:
+        _stage(store, [obs(PJM, 0)])
+        _stage(store, [obs(PJM, 1)])  # the first is not committed yet: offered again
+        assert series_inserts() == 3
+        group.commit()
+    _stage(store, [obs(PJM, 2)])
+    assert series_inserts() == 3  # PJM is staged and committed: not offered again
+    _stage(store, [obs(PJM, 3), obs(MISO, 3)])
+    assert series_inserts() == 4  # MISO is new
+    con = sqlite3.connect(db_path)
+    try:
+        assert con.execute("SELECT series_id FROM series ORDER BY 1").fetchall() == [
+            (MISO,),
+            (PJM,),
+        ]
+    finally:
+        con.close()
+
+
 def test_write_group_is_per_thread_and_does_not_nest(store: Store, db_path: Path) -> None:
     with store.write_group() as group:
         _stage(store, [obs(PJM, 0)])

@@ -82,6 +82,9 @@ class RowBatch:
     """Whether every row's ``page_row`` is its position in ``rows``."""
     checked: bool
     """Whether every row passes the CHECK constraints of ``observations`` (checked here)."""
+    first: tuple[Any, Any, Any] | None = None
+    """The first row's key and revision (series_id, ts, revision); None without rows.
+    A stage asks whether that one row is new or revised before it probes every row."""
 
     @classmethod
     def of(cls, rows: Iterable[Sequence[Any]]) -> RowBatch:
@@ -95,6 +98,7 @@ class RowBatch:
             quality_flag=_same(rows, 4),
             row_is_position=list(map(itemgetter(6), rows)) == list(range(len(rows))),
             checked=encoded is not None and _pass_checks(rows),
+            first=(rows[0][0], rows[0][1], rows[0][5]) if rows else None,
         )
 
 

@@ -100,6 +100,12 @@ WHERE NOT EXISTS (SELECT 1 FROM observations AS o
                     AND o.revision = json_extract(j.value, '$[5]'))
 LIMIT 1
 """
+# Whether one row (series_id, ts, revision) is new or staged with another revision: when
+# the first row of a page is, _ANY_CHANGE_JSON's answer is known without parsing the page.
+_ROW_CHANGED = """
+SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM observations
+                           WHERE series_id = ? AND ts = ? AND revision = ?)
+"""
 _SERIES_INSERT_JSON = """
 INSERT OR IGNORE INTO series (series_id, ba, type, subtype, units, route, facets, first_seen)
 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
@@ -227,6 +233,9 @@ class Staging:
         self._store = store
         self.size_limit: SizeLimit | None = None
         self.checker: StageChecker | None = None
+        # Series ids whose row a committed stage inserted (series rows are never deleted):
+        # a page's series already among them are not offered to INSERT OR IGNORE again.
+        self._series_staged: set[str] = set()
 
     def stage(
         self,
@@ -274,7 +283,8 @@ class Staging:
             if page is not None:
                 page_id = cur.execute("SELECT coalesce(max(id), 0) + 1 FROM pages").fetchone()[0]
             series = [tuple(s) for s in series_rows]
-            _insert_series(cur, series, now)
+            known = self._series_staged
+            _insert_series(cur, [s for s in series if s[0] not in known], now)
             checker = self.checker
             written, keys, revised_after = self._write_rows(
                 cur, prepared, page, page_id, run_id, now
@@ -292,6 +302,9 @@ class Staging:
                 cur.execute(_REMEMBER_PAGE, (DIGEST_PREFIX + remember[0], remember[1]))
             cur.close()
             crashpoint("stage.before_commit")
+        added = {s[0] for s in series} - known
+        if added:  # once the rows are committed (a write group's: when it commits)
+            self._store.on_commit(lambda: known.update(added))
         if written and checker is not None and grouped and not checker.deferring:
             # In a write group the checks run once, on every page's rows, before it commits.
             checker.defer(keys, revised_after, run_id, now)
@@ -325,7 +338,7 @@ class Staging:
                 cur.execute("DELETE FROM pages WHERE id = ?", (page_id,))
             if written and checker is not None:
                 keys = [(r[0], r[1]) for r in rows]
-        elif page is None or cur.execute(_ANY_CHANGE_JSON, (batch,)).fetchone():
+        elif page is None or _any_change(cur, prepared):
             # The page goes in before its rows: inserted after them, SQLite would scan
             # all of observations (no index on page_id) to settle the deferred key.
             if page is not None:
@@ -514,6 +527,14 @@ def _judge_written(
         # Same transaction: a row a rule dead-letters is never claimed before.
         checker.check(cur, keys, revised_after, run_id, now)
     crashpoint("stage.checked")
+
+
+def _any_change(cur: sqlite3.Cursor, batch: RowBatch) -> bool:
+    """Whether upserting the rows would write any (a row new, or with another revision):
+    the first row alone when it is one (a first stage), else every row."""
+    if batch.first is not None and cur.execute(_ROW_CHANGED, batch.first).fetchone():
+        return True
+    return cur.execute(_ANY_CHANGE_JSON, (batch.json,)).fetchone() is not None
 
 
 def _upsert_rows(
