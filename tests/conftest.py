@@ -62,13 +62,36 @@ def scale(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def figures(request: pytest.FixtureRequest):
-    """Record a suite's figures (trials, kills, rows, lost, duplicates) for the summary."""
-    found = request.config.stash.setdefault(_FIGURES, [])
+    """Record a suite's figures (trials, kills, rows, lost, duplicates) for the summary.
+
+    They travel in the test's report (``user_properties``), so a run spread over
+    pytest-xdist workers prints them in the controller's summary too.
+    """
 
     def record(**values: object) -> None:
-        found.append({"test": request.node.name, **values})
+        row = {"test": request.node.name, **values}
+        request.node.user_properties.append((_FIGURES_PROPERTY, row))
 
     return record
+
+
+_FIGURES_PROPERTY = "durability_figures"
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Collect the figures a test recorded, from its report (here or from a worker)."""
+    config = _CONFIG.get("config")
+    if report.when != "teardown" or config is None:
+        return
+    found = config.stash.setdefault(_FIGURES, [])
+    found.extend(v for k, v in report.user_properties if k == _FIGURES_PROPERTY)
+
+
+_CONFIG: dict[str, pytest.Config] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _CONFIG["config"] = config
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

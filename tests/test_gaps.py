@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from outbox.cli import app
 from outbox.config import load_config
 from outbox.gaps import Gap, find_gaps
+from outbox.quality import ledger
 from outbox.stages.plan import MERGE_HOURS, plan_fill
 from outbox.store import Store
 from outbox.testing.fake_eia import FakeEIA
@@ -125,6 +126,7 @@ def test_gaps_listed_then_filled_then_checked(tmp_path: Path) -> None:
         assert out == (
             "fill-gaps run 2: 4 missing hours, 3 requests, 3 filled, "
             "1 not at EIA (recorded as checked)\n"
+            "quality: 0 findings opened, 0 resolved, 0 rows quarantined\n"
         )
         # Requests are in flight together (eia.max_in_flight), so they reach EIA in any
         # order; each missing hour is asked for exactly once.
@@ -156,8 +158,38 @@ def test_gaps_listed_then_filled_then_checked(tmp_path: Path) -> None:
         assert out == (
             "fill-gaps run 3: 0 missing hours, 0 requests, 0 filled, "
             "0 not at EIA (recorded as checked)\n"
+            "quality: 0 findings opened, 0 resolved, 0 rows quarantined\n"
         )
         assert len(fake.requests) == again  # the hour EIA lacks is not asked for again
+
+
+def test_a_filled_hour_is_judged_and_a_quarantining_rule_holds_it_back(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    cfg.write_text(cfg.read_text() + "quality: {rules: {spike: {action: quarantine}}}\n")
+    hole = ("PJM", "D", 70)
+    with FakeEIA({ROUTE_REGION: _rows(drop={hole})}, api_key=KEY) as fake:
+        assert fake.base_url is not None
+        end = (START + timedelta(hours=HOURS - 1)).isoformat()
+        _invoke(cfg, fake.base_url, "fetch", "--start", START.isoformat(), "--end", end)
+        # EIA now serves the missing hour, at four times the series' level.
+        rows = _rows(drop=set())
+        for row in rows:
+            if (row["respondent"], row["type"], _hour_of(row["period"])) == hole:
+                row["value"] = str(float(row["value"]) * 4)
+        fake.set_rows(ROUTE_REGION, rows)
+        out = _invoke(cfg, fake.base_url, "fetch", "--fill-gaps")
+    assert out == (
+        "fill-gaps run 2: 1 missing hours, 1 requests, 1 filled, 0 not at EIA "
+        "(recorded as checked)\n"
+        "quality: 2 findings opened, 0 resolved, 1 rows quarantined\n"
+    )
+    with Store.open(tmp_path / "outbox.db") as store:
+        spiked = store.reads.row("EIA.PJM.demand", _ts(70))
+        opened = {(f["rule"], f["ba"], f["start"]) for f in ledger.findings(store)}
+    # The spike quarantines; the broken balance of that hour (warn) is a finding only.
+    assert opened == {("spike", "PJM", _ts(70)), ("balance", "PJM", _ts(70))}
+    assert spiked is not None
+    assert (spiked["state"], spiked["last_error_code"]) == ("dead", "QUALITY_SPIKE")
 
 
 def test_fill_gaps_refuses_other_fetch_options(tmp_path: Path) -> None:

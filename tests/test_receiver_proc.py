@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -82,3 +84,30 @@ def test_running_receiver_passes_faults_and_catalogue(tmp_path: Path) -> None:
         assert list(receiver_rows(receiver.base_url, "test-key")) == [
             ("EIA.PJM.demand", "2025-08-22T00:00:00Z")
         ]
+
+
+@pytest.mark.parametrize("entry", ["cli", "module"])
+def test_a_taken_port_or_foreign_address_is_one_line_and_exit_1(tmp_path: Path, entry: str) -> None:
+    command = (
+        [sys.executable, "-m", "outbox", "receiver"]
+        if entry == "cli"
+        else [sys.executable, "-m", "outbox.receiver"]
+    )
+    with running_receiver(tmp_path, api_key="proc-key") as receiver:
+        for host, port, why in (
+            ("127.0.0.1", receiver.port, "address already in use"),
+            ("192.0.2.1", receiver.port, "cannot assign requested address"),  # TEST-NET-1
+        ):
+            args = ["--db", str(tmp_path / "other.db"), "--host", host, "--port", str(port)]
+            done = subprocess.run(
+                [*command, *args, "--api-key", "proc-key"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 1, done.stderr
+            (line,) = done.stderr.splitlines()
+            assert line.endswith(f"receiver: cannot listen on {host}:{port}: {why}"), line
+            assert "proc-key" not in done.stdout + done.stderr
+        assert receiver.running  # the first receiver serves on, untouched
+    assert not (tmp_path / "other.db").exists()  # nothing created

@@ -21,7 +21,7 @@ from outbox.cli.app import (
     timers_app,
 )
 from outbox.cli.options import check_directory, check_unit_user
-from outbox.errors import ConfigError, UsageError
+from outbox.errors import ConfigError, TerminalError, UsageError
 from outbox.store import Store
 from outbox.wiring import open_store
 
@@ -168,12 +168,15 @@ def receiver(
         if not target.absolute().parent.is_dir():
             fail(UsageError(f"--db {db}: directory {target.absolute().parent} does not exist"))
     from outbox.receiver.pg import ReceiverDatabaseError
+    from outbox.receiver.server import ReceiverStartError
 
     with mapped_errors():
         try:
             serve(db, host=host, port=port, api_key=key, catalog=catalog, faults=fault or ())
         except ReceiverDatabaseError as exc:  # a missing driver, a bad or unreachable URL
             raise ConfigError(f"receiver: {exc}") from None
+        except ReceiverStartError as exc:  # the port is taken, the address not this host's
+            raise TerminalError(f"receiver: {exc}") from None
 
 
 @app.command()

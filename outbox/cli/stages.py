@@ -190,23 +190,29 @@ def _print_fetch(config: Config, result: FetchResult) -> int:
         f"{result.rows} rows, {result.written} written, {invalid} invalid, "
         f"{result.duplicates} duplicates{skipped}"
     )
+    _print_quality(result)
+    return 0
+
+
+def _print_quality(result: FetchResult) -> None:
     if result.quality is not None:
         q = result.quality
         typer.echo(
             f"quality: {q.opened} findings opened, {q.resolved} resolved, "
             f"{q.quarantined} rows quarantined"
         )
-    return 0
 
 
 def _print_fill(result: FetchResult) -> int:
-    """``outbox fetch --fill-gaps``'s line: gap hours asked for, filled, not at EIA."""
+    """``outbox fetch --fill-gaps``'s lines: gap hours asked for, filled, not at EIA; what
+    the quality checks found in the filled hours."""
     assert result.fill is not None
     typer.echo(
         f"fill-gaps run {result.run_id}: {result.fill.gap_hours} missing hours, "
         f"{result.fill.windows} requests, {result.fill.filled} filled, "
         f"{result.fill.checked} not at EIA (recorded as checked)"
     )
+    _print_quality(result)
     return 0
 
 

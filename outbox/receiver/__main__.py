@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from outbox.receiver.db import seed_catalog, to_url
 from outbox.receiver.faults import Faults
 from outbox.receiver.pg import ReceiverDatabaseError
-from outbox.receiver.server import DEFAULT_PORT, serve
+from outbox.receiver.server import DEFAULT_PORT, ReceiverStartError, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReceiverDatabaseError as exc:  # one line, password masked; 2 as a config error
         print(f"receiver: {exc}", file=sys.stderr)
         return 2
+    except ReceiverStartError as exc:  # the address is taken: one line, exit 1
+        print(f"receiver: {exc}", file=sys.stderr)
+        return 1
     except ValueError as exc:
         parser.error(str(exc))
     return 0

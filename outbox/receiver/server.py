@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -16,6 +17,11 @@ from outbox.receiver.faults import Faults
 DEFAULT_PORT = 8700
 LISTENING = "receiver listening on http://{host}:{port}"
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+log = logging.getLogger("outbox.receiver")
+
+
+class ReceiverStartError(Exception):
+    """The receiver could not start serving (the address is taken or not this host's)."""
 
 
 class _Server(uvicorn.Server):
@@ -51,7 +57,19 @@ def serve(
     if not api_key:
         raise ValueError("the receiver needs an API key (--api-key or GRIDPULSE_API_KEY)")
     _configure_logging(log_level)
-    app = create_app(to_url(db), api_key, catalog=catalog, faults=Faults.parse(faults))
+    parsed = Faults.parse(faults)
+    sock = bind(host, port)  # first: a receiver that cannot listen creates no database
+    try:
+        app = create_app(to_url(db), api_key, catalog=catalog, faults=parsed)
+    except BaseException:
+        sock.close()
+        raise
+    if host in ("0.0.0.0", "::", ""):
+        log.warning(
+            "receiver listening on every interface (%s): anyone who can reach this host "
+            "and holds the key can write to its database",
+            host or "all",
+        )
     config = uvicorn.Config(
         app,
         host=host,
@@ -63,7 +81,34 @@ def serve(
         lifespan="on",
         log_config=None,
     )
-    _Server(config).run()
+    try:
+        _Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on ``host:port`` (SO_REUSEADDR, so a restarted
+    receiver gets its port back); a taken or foreign address is one ReceiverStartError."""
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ReceiverStartError(
+            f"cannot listen on {host}:{port}: {str(exc.strerror).lower()}"
+        ) from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ReceiverStartError(
+            f"cannot listen on {host}:{port}: {(exc.strerror or str(exc)).lower()}"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _configure_logging(level: str) -> None:

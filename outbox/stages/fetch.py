@@ -96,8 +96,9 @@ def _fetch_run(
     """The run's bookkeeping (:mod:`outbox.stages.runs`): the fetch lock (None when
     another run holds it), the run record, the quality checker, the end-of-run log line.
 
-    A fill-gaps run keeps what it always had: no quality checks, its recorded error
-    without the exception's type, its own ``fill-gaps done`` line.
+    A fill-gaps run judges what it stages like any other (a rule quarantining holds a
+    filled row back as well), and keeps its recorded error without the exception's type
+    and its own ``fill-gaps done`` line.
     """
     fill = result.fill is not None
     with stage_lock(store, "fetch") as lock:
@@ -109,7 +110,7 @@ def _fetch_run(
         with recorded_run(store, "fetch", result.counts, describe=describe) as run:
             result.run_id = run.id
             fetcher = Fetcher(config, store, run.id, result, now=None if fill else now)
-            if config.quality.enabled and not fill:
+            if config.quality.enabled:
                 from outbox.quality.engine import Checker
 
                 store.staging.checker = result.quality = Checker(config)
