@@ -44,10 +44,10 @@ def test_readme_opens_with_the_two_fresh_machine_commands() -> None:
     lines = [line for line in block.group(1).splitlines() if line.strip()]
     assert len(lines) == 2
     assert "pip install -e '.[dev]'" in lines[0] and lines[0].endswith("outbox demo")
-    assert lines[1] == "python -m pytest -q"
+    assert lines[1] == "python -m pytest -q -n 2"
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install --quiet -e '.[dev]'" in ci
-    assert re.search(r"^python -m pytest -q$", ci, re.M), "CI runs the README's test command"
+    assert re.search(r"^python -m pytest -q -n 2$", ci, re.M), "CI runs the README's test command"
 
 
 def _help(*words: str) -> str:
