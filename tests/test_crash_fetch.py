@@ -191,7 +191,7 @@ def test_sigkill_fetch_at_random_times(source: Source, scale: str, tmp_path: Pat
             *source.args(), env=source.env(db, OUTBOX__EIA__REPLAY_COMMIT_ROWS=commit_rows)
         )
         await_run(db, proc)
-        time.sleep(rng.uniform(0.0, source.seconds * 1.1))
+        time.sleep(rng.uniform(0.0, _kill_window(source, db)))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         code = proc.wait(60)
@@ -277,6 +277,16 @@ def _run_pages(stdout: str) -> int:
     found = re.search(r"^fetch run \d+: \d+ requests, (\d+) pages", stdout, flags=re.M)
     assert found, stdout
     return int(found.group(1))
+
+
+def _kill_window(source: Source, db: Path) -> float:
+    """The seconds a kill time is drawn from: the whole run's work, or, for a live fetch
+    resuming what a kill left (it asks only for what is not staged), the share of the
+    pages still to stage, so that its kills too land mid-run rather than after it ended."""
+    if source.mode == "replay":
+        return source.seconds * 1.1
+    left = 1.0 - min(_pages(db), source.pages) / source.pages
+    return source.seconds * 1.1 * max(left, 0.2)
 
 
 def _pages(db: Path) -> int:
