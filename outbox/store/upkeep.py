@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -69,24 +69,13 @@ class Upkeep:
                 "DELETE FROM runs WHERE started_at < ? AND status <> 'running'", (before,)
             ).rowcount
             cur.close()
-            rows = executemany(conn, _PRUNE_ACKED, ((sid, before) for sid in sids[:batch]))
-            # A page staged again may now bring back rows pruned here: forget every page,
-            # in the transaction that pruned them (a prune that deleted none forgets none:
-            # every send prunes, and the digests are what makes a re-stage cheap).
-            if rows:
-                conn.exec_driver_sql(FORGET_PAGES)
+            rows = _prune_series(conn, sids[:batch], before)
         for i in range(batch, len(sids), batch):
             with self._store.write() as conn:
-                pruned = executemany(
-                    conn, _PRUNE_ACKED, ((sid, before) for sid in sids[i : i + batch])
-                )
-                if pruned:
-                    conn.exec_driver_sql(FORGET_PAGES)
-                rows += pruned
+                rows += _prune_series(conn, sids[i : i + batch], before)
         with self._store.write() as conn:
             # The ledger goes with its rows; findings about hours past retention go too.
-            ledger = conn.exec_driver_sql(_PRUNE_REVISIONS, (before,)).rowcount
-            if ledger and ledger > 0:
+            if conn.exec_driver_sql(_PRUNE_REVISIONS, (before,)).rowcount > 0:
                 conn.exec_driver_sql(FORGET_PAGES)  # the ledger's head may move back
             conn.exec_driver_sql('DELETE FROM findings WHERE "end" < ?', (before,))
         return rows, max(checked, 0), max(runs, 0)
@@ -195,3 +184,16 @@ class Upkeep:
             raise StoreError(
                 f"{self._store.path}: not a usable outbox database: {short_error(exc)}"
             ) from None
+
+
+def _prune_series(conn: Connection, sids: Sequence[str], before: str) -> int:
+    """Delete the acknowledged rows of ``sids`` older than ``before``; returns how many.
+
+    A page staged again may bring back rows pruned here, so the page digests are
+    forgotten in the same transaction, and only when a row went (every send prunes, and
+    the digests are what makes a re-stage cheap).
+    """
+    pruned = executemany(conn, _PRUNE_ACKED, ((sid, before) for sid in sids))
+    if pruned:
+        conn.exec_driver_sql(FORGET_PAGES)
+    return pruned
