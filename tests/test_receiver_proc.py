@@ -111,3 +111,32 @@ def test_a_taken_port_or_foreign_address_is_one_line_and_exit_1(tmp_path: Path, 
             assert "proc-key" not in done.stdout + done.stderr
         assert receiver.running  # the first receiver serves on, untouched
     assert not (tmp_path / "other.db").exists()  # nothing created
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_listening_on_every_interface_is_said_in_a_warning(
+    tmp_path: Path, host: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning comes from serve() itself; the socket is bound on 127.0.0.1 here so
+    that no test listens beyond this host, and the server is not run."""
+    from outbox.receiver import server
+
+    bound: list[tuple[str, int]] = []
+
+    def loopback(asked: str, port: int):  # type: ignore[no-untyped-def]
+        bound.append((asked, port))
+        return real_bind("127.0.0.1", 0)
+
+    real_bind = server.bind
+    monkeypatch.setattr(server, "bind", loopback)
+    monkeypatch.setattr(server._Server, "run", lambda self, sockets=None: None)
+    with caplog.at_level("WARNING", logger="outbox.receiver"):
+        server.serve(str(tmp_path / "r.db"), host=host, port=0, api_key="proc-key")
+    assert bound == [(host, 0)]
+    (record,) = [r for r in caplog.records if r.name == "outbox.receiver"]
+    assert record.levelname == "WARNING"
+    assert f"receiver listening on every interface ({host})" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="outbox.receiver"):
+        server.serve(str(tmp_path / "r.db"), host="127.0.0.1", port=0, api_key="proc-key")
+    assert [r for r in caplog.records if r.name == "outbox.receiver"] == []
