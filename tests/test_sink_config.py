@@ -133,7 +133,14 @@ def test_only_the_secrets_of_a_url_are_masked(url: str, shown: str) -> None:
     config = load_config(env={"OUTBOX__SINK__KIND": "postgres", "OUTBOX_SINK_URL": url})
     assert config.redacted()["sink"]["url"] == shown
     assert PostgresSink(url).where == shown
-    assert "pw-9f8e7d6c" not in redact(f"driver said: {url} and pw-9f8e7d6c")
+    said = redact(f"driver said: {url} and pw-9f8e7d6c", secrets=())
+    if "pw-9f8e7d6c" in url:
+        # Reading the config registered the password: a driver message that echoes
+        # it alone is masked too.
+        assert "pw-9f8e7d6c" not in said
+    else:
+        # Nothing secret in this URL: the text is left as it was said.
+        assert url in said
 
 
 @pytest.mark.parametrize(
