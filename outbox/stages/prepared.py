@@ -26,7 +26,7 @@ from outbox.normalize import Normalized
 from outbox.ports import Page
 from outbox.readahead import Elided
 from outbox.store import PageRecord, RowBatch
-from outbox.store.rows import PAGE_LEVEL
+from outbox.store.rows import PAGE_LEVEL, decode_rows
 from outbox.timeutil import to_ts
 
 # Pages a replay reads and normalizes ahead of the one being staged (bounds memory).
@@ -201,18 +201,24 @@ def detach_rows(batch: RowBatch) -> RowBatch:
     process boundary small; reading its ``rows`` then decodes ``json``."""
     if batch.json is None or isinstance(batch.rows, EncodedRows):
         return batch
-    return replace(batch, rows=EncodedRows(batch.json, len(batch.rows)))
+    rows = EncodedRows(batch.json, len(batch.rows), batch.units, batch.quality_flag)
+    return replace(batch, rows=rows)
 
 
 class EncodedRows(Sequence[Sequence[Any]]):
-    """The rows of a :class:`~outbox.store.RowBatch` kept only as its JSON, decoded on
-    first read (a stage reads them only near ``housekeeping.max_rows``)."""
+    """The rows of a :class:`~outbox.store.RowBatch` kept only as its JSON (with the units
+    and quality flag the batch binds once), decoded on first read (a stage reads them
+    only near ``housekeeping.max_rows``)."""
 
-    __slots__ = ("_decoded", "json", "n")
+    __slots__ = ("_decoded", "json", "n", "quality_flag", "units")
 
-    def __init__(self, encoded: bytes, n: int) -> None:
+    def __init__(
+        self, encoded: bytes, n: int, units: str | None = None, quality_flag: str | None = None
+    ) -> None:
         self.json = encoded
         self.n = n
+        self.units = units
+        self.quality_flag = quality_flag
         self._decoded: list[Any] | None = None
 
     def __len__(self) -> int:
@@ -220,11 +226,13 @@ class EncodedRows(Sequence[Sequence[Any]]):
 
     def __getitem__(self, index: Any) -> Any:
         if self._decoded is None:
-            self._decoded = orjson.loads(self.json)
+            self._decoded = decode_rows(self.json, self.units, self.quality_flag)
         return self._decoded[index]
 
-    def __reduce__(self) -> tuple[type[EncodedRows], tuple[bytes, int]]:
-        return (EncodedRows, (self.json, self.n))
+    def __reduce__(
+        self,
+    ) -> tuple[type[EncodedRows], tuple[bytes, int, str | None, str | None]]:
+        return (EncodedRows, (self.json, self.n, self.units, self.quality_flag))
 
 
 _EMPTY = Normalized([], [], [], [], [], [], [], [], {}, None)

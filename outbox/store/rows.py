@@ -25,6 +25,16 @@ PAGE_LEVEL = 1  # zlib level of stored pages (see docs/performance.md)
 
 ROW_COLUMNS = ("series_id", "ts", "value", "units", "quality_flag", "revision", "page_row")
 SERIES_COLUMNS = ("series_id", "ba", "type", "subtype", "units", "route", "facets")
+# Each row of RowBatch.json, in this order. The columns after the revision are left out
+# when the batch binds them once instead: all of them when every row has the same units
+# and quality flag and page_row is the row's position (a page's usual case), all but the
+# quality flag when only that varies (a page with missing values). SQLite parses every
+# row's array once per row (json_each renders it, json_extract parses it again), so a
+# 4-element array instead of 7 makes the stage's upsert ~6% cheaper a row.
+JSON_COLUMNS = ("series_id", "ts", "value", "revision", "quality_flag", "units", "page_row")
+_JSON_WIDTHS = {
+    width: itemgetter(*(ROW_COLUMNS.index(c) for c in JSON_COLUMNS[:width])) for width in (4, 5, 7)
+}
 
 # The CHECK constraints of observations that _pass_checks mirrors in Python. When the rows
 # of a page pass them there, SQLite is told to skip them (PRAGMA ignore_check_constraints)
@@ -73,7 +83,9 @@ class RowBatch:
     rows: Sequence[Sequence[Any]]
     """The row tuples (any sequence of them: a read-ahead may hand over a lazy one)."""
     json: bytes | None
-    """The rows as one JSON array; None when a row does not travel as JSON exactly."""
+    """The rows as one JSON array of :data:`JSON_COLUMNS` arrays, cut short when the
+    batch binds the columns left out (see there); None when a row does not travel as
+    JSON exactly."""
     units: str | None
     """The units of every row when they all have the same, else None."""
     quality_flag: str | None
@@ -90,13 +102,17 @@ class RowBatch:
     def of(cls, rows: Iterable[Sequence[Any]]) -> RowBatch:
         """Encode ``rows`` (tuples in :data:`ROW_COLUMNS` order)."""
         rows = rows if isinstance(rows, list) else list(rows)
-        encoded = json_rows(rows, value_at=2)
+        units, quality_flag = _same(rows, 3), _same(rows, 4)
+        row_is_position = list(map(itemgetter(6), rows)) == list(range(len(rows)))
+        bound = row_is_position and units is not None
+        width = 7 if not bound else 5 if quality_flag is None else 4
+        encoded = json_rows(list(map(_JSON_WIDTHS[width], rows)), value_at=2)
         return cls(
             rows=rows,
             json=encoded,
-            units=_same(rows, 3),
-            quality_flag=_same(rows, 4),
-            row_is_position=list(map(itemgetter(6), rows)) == list(range(len(rows))),
+            units=units,
+            quality_flag=quality_flag,
+            row_is_position=row_is_position,
             checked=encoded is not None and _pass_checks(rows),
             first=(rows[0][0], rows[0][1], rows[0][5]) if rows else None,
         )
@@ -139,6 +155,28 @@ def json_rows(rows: Sequence[Sequence[Any]], value_at: int | None = None) -> byt
         return orjson.dumps(rows, option=_JSON_STRICT)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         return None
+
+
+def decode_rows(
+    encoded: bytes, units: str | None, quality_flag: str | None
+) -> list[tuple[Any, ...]]:
+    """The rows of a :attr:`RowBatch.json` (with the batch's ``units`` and
+    ``quality_flag``) as tuples in :data:`ROW_COLUMNS` order again."""
+    rows = []
+    for i, r in enumerate(orjson.loads(encoded)):
+        n = len(r)
+        rows.append(
+            (
+                r[0],
+                r[1],
+                r[2],
+                r[5] if n > 5 else units,
+                r[4] if n > 4 else quality_flag,
+                r[3],
+                r[6] if n > 6 else i,
+            )
+        )
+    return rows
 
 
 def _same(rows: Sequence[Sequence[Any]], at: int) -> Any:

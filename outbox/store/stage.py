@@ -78,14 +78,17 @@ WHERE excluded.asked_through > stream_progress.asked_through
 # array of row arrays (json_each) instead of an executemany. SQLite then does a page in one
 # step, without a Python round trip per row, and the GIL stays released for the whole page
 # (the fetch pipeline normalizes the next page meanwhile). Same statements, same order of
-# rows, so the same outcome row by row. Units and quality flag that are the same on every
-# row come as ?4/?5 (NULL otherwise), and ?6 says "page_row is the row's position".
+# rows, so the same outcome row by row. Each row is an array of JSON_COLUMNS (series_id,
+# ts, value, revision, quality_flag, units, page_row), cut after the columns the batch
+# binds once: units and quality flag that are the same on every row come as ?4/?5 (NULL
+# otherwise), and ?6 says "page_row is the row's position" (an element left out is never
+# read: coalesce and CASE stop before it).
 _UPSERT_JSON = f"""
 INSERT INTO observations (series_id, ts, value, units, quality_flag, revision, page_row,
                           page_id, fetched_at, state, attempts)
 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
-       coalesce(?4, json_extract(value, '$[3]')), coalesce(?5, json_extract(value, '$[4]')),
-       json_extract(value, '$[5]'), CASE WHEN ?6 THEN key ELSE json_extract(value, '$[6]') END,
+       coalesce(?4, json_extract(value, '$[5]')), coalesce(?5, json_extract(value, '$[4]')),
+       json_extract(value, '$[3]'), CASE WHEN ?6 THEN key ELSE json_extract(value, '$[6]') END,
        ?1, ?2, 'pending', 0
 FROM json_each(?3) WHERE true
 {_ROW_CONFLICT}"""
@@ -97,7 +100,7 @@ SELECT 1 FROM json_each(?) AS j
 WHERE NOT EXISTS (SELECT 1 FROM observations AS o
                   WHERE o.series_id = json_extract(j.value, '$[0]')
                     AND o.ts = json_extract(j.value, '$[1]')
-                    AND o.revision = json_extract(j.value, '$[5]'))
+                    AND o.revision = json_extract(j.value, '$[3]'))
 LIMIT 1
 """
 # Whether one row (series_id, ts, revision) is new or staged with another revision: when
