@@ -502,19 +502,26 @@ def spike(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
         return out
     sid, v = f["sid"].to_numpy(), f["v"].to_numpy()
     resid, same_prev, same_next = neighbour_residuals(sid, f["h"].to_numpy(), v)
-    f = f.assign(r=resid, a=np.abs(resid))
+    a = np.abs(resid)
+    a_prev, a_next = np.r_[np.nan, a[:-1]], np.r_[a[1:], np.nan]
+    local_max = (np.nan_to_num(a_prev) < a) & (np.nan_to_num(a_next) < a)
+    local_max &= same_prev & (~same_next | np.r_[same_prev[1:], False])
+    local_max &= _in_scope(f, scope, 1, 2).to_numpy()
+    # The scale is at least min_mw, so a row whose residual is not above threshold x
+    # min_mw (the smallest over the settings in play) cannot be an outlier: the rolling
+    # medians are taken only at the rows that can.
+    bas = f["ba"].unique()
+    settings = (resolver.get("spike", ds, str(ba)) for ds in enabled for ba in bas)
+    floor = min((s.threshold * s.min_mw for s in settings if s.enabled), default=0.0)
+    if floor > 0:
+        local_max &= a > floor * (1 - 1e-9)
+    at = np.flatnonzero(local_max)
     window = max(resolver.get("spike", ds).window_hours for ds in enabled)
     starts = group_starts(sid)
-    mad = rolling_median(f["a"].to_numpy(), starts, window, 6, lag=1)
-    level = rolling_median(np.abs(v), starts, window, 1, lag=0)
-    f = f.assign(mad=mad, lvl=level)
-    a_prev = np.r_[np.nan, f["a"].to_numpy()[:-1]]
-    a_next = np.r_[f["a"].to_numpy()[1:], np.nan]
-    local_max = (np.nan_to_num(a_prev) < f["a"].to_numpy()) & (
-        np.nan_to_num(a_next) < f["a"].to_numpy()
-    )
-    local_max &= same_prev & (~same_next | np.r_[same_prev[1:], False])
-    cand = f[local_max & _in_scope(f, scope, 1, 2).to_numpy() & f["mad"].notna().to_numpy()]
+    mad = rolling_median(a, starts, window, 6, lag=1, at=at)
+    level = rolling_median(np.abs(v), starts, window, 1, lag=0, at=at)
+    f = f.assign(r=resid, a=a, mad=mad, lvl=level)
+    cand = f[local_max & ~np.isnan(mad)]
     for r, s, scale, z in _outliers(cand, resolver):
         text = (
             f"{r.v:g} MW, {r.r:+g} MW from its neighbours: robust z {z:.1f} "

@@ -1,0 +1,150 @@
+"""Reading the rows of the end-of-run quality passes in a process of their own.
+
+:meth:`outbox.quality.engine.Checker.finish` judges what a large run staged in passes of
+about 250,000 rows; reading a pass's rows from SQLite is about half of its CPU, and
+needs neither pandas nor the run's state. A reader process (``python -m
+outbox.quality.reader``: sqlite3 and numpy only, about 0.1 s to start) reads the passes
+after the first, in order, while the run reads the first itself and then judges and
+stores each: on two cores the reading costs the run little wall time.
+
+A fresh interpreter, not a fork: a forked child inherits SQLite's per-process state of
+the open database file and cannot open it again (``SQLITE_PROTOCOL``).
+
+The run names the database in the reader's arguments (so ``ps`` shows which outbox it
+reads) and hands it the series, the context hours and the scopes on its stdin
+(pickled); the reader writes each scope's :class:`Rows` to its stdout
+in that order, each from one read-only snapshot; the pipe's buffer bounds how far ahead
+it reads (one pass, a few MB). It ignores SIGINT (the run decides when to stop it, and
+kills it when done) and ends when the run is gone (a write to a closed pipe fails).
+Whatever goes wrong with it (it cannot start, it dies, it hands over something else),
+the run reads the remaining passes itself: the reader can make a run faster, never fail
+it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO
+
+from outbox.quality.frame import Rows, Scope, SeriesInfo, read_rows
+
+log = logging.getLogger(__name__)
+
+_PRAGMAS = (
+    "PRAGMA query_only = ON",
+    "PRAGMA busy_timeout = 5000",
+    "PRAGMA cache_size = -65536",
+    "PRAGMA mmap_size = 4294967296",
+)
+
+
+class RowReader:
+    """The run's side of a reader process: :meth:`next` is the next scope's rows."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+        self._failed = False
+
+    @classmethod
+    def start(
+        cls,
+        path: str | os.PathLike[str],
+        series: dict[str, SeriesInfo],
+        context: tuple[int, int],
+        scopes: list[Scope],
+    ) -> RowReader | None:
+        """A reader of ``scopes``' rows, started; None when there is nothing to read or
+        it cannot start (the caller reads them itself)."""
+        if not scopes:
+            return None
+        root = str(Path(__file__).resolve().parents[2])  # where the package is imported from
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "outbox.quality.reader", str(path)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env=env,
+            )
+        except OSError as exc:
+            log.debug("quality: no reader process (%s); reading every pass here", exc)
+            return None
+        request = pickle.dumps(
+            ({sid: tuple(info) for sid, info in series.items()}, context, scopes),
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+        # Written from a thread: a request larger than the pipe's buffer must not hold
+        # the run up while the reader starts.
+        threading.Thread(target=_hand, args=(proc.stdin, request), daemon=True).start()
+        return cls(proc)
+
+    def next(self) -> Rows | None:
+        """The next scope's rows; None once the reader has failed (read them yourself)."""
+        if self._failed:
+            return None
+        try:
+            rows = pickle.load(self._proc.stdout)  # type: ignore[arg-type]
+            if not isinstance(rows, Rows):
+                raise TypeError(f"the reader handed over {type(rows).__name__}")
+            return rows
+        except Exception as exc:  # any failure of the reader: the run reads on itself
+            self._failed = True
+            log.debug("quality: the reader process failed (%s); reading the rest here", exc)
+            self.close()
+            return None
+
+    def close(self) -> None:
+        """Stop the reader (whatever it was doing) and reap it."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+
+def _hand(pipe: IO[bytes] | None, data: bytes) -> None:
+    if pipe is None:
+        return
+    try:
+        pipe.write(data)
+        pipe.close()
+    except OSError:  # the reader is gone: next() finds out and reads here
+        pass
+
+
+def main() -> None:
+    """The reader process: read each scope's rows and hand them over in order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    path = sys.argv[1]
+    series, context, scopes = pickle.load(sys.stdin.buffer)
+    info = {sid: SeriesInfo(*fields) for sid, fields in series.items()}
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    connection = sqlite3.connect(uri, uri=True, isolation_level=None)
+    for pragma in _PRAGMAS:
+        connection.execute(pragma)
+    out = sys.stdout.buffer
+    try:
+        for scope in scopes:
+            cur = connection.cursor()
+            cur.execute("BEGIN")
+            rows = read_rows(cur, info, scope, context)
+            cur.execute("ROLLBACK")
+            pickle.dump(rows, out, protocol=pickle.HIGHEST_PROTOCOL)
+            out.flush()
+    except BrokenPipeError:
+        os._exit(0)  # the run is gone or has stopped reading: nothing to do
+    connection.close()
+
+
+if __name__ == "__main__":
+    main()
