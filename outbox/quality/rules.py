@@ -178,29 +178,39 @@ def _compare(
 class _SeriesOf:
     """(ba, ds) -> its series ids in the frame, read only when a finding needs them."""
 
-    def __init__(self, frame: pd.DataFrame) -> None:
-        self.frame = frame
+    def __init__(self, data: Frame) -> None:
+        self.data = data
         self._map: dict[tuple[str, str], list[str]] | None = None
 
     def get(self, key: tuple[str, str], default: list[str]) -> list[str]:
         if self._map is None:
-            pairs = self.frame[["ba", "ds", "sid"]].drop_duplicates()
+            import numpy as np
+
+            # One row per series: its first (the frame is sorted by series).
+            starts = self.data.starts()
+            first = np.flatnonzero(starts == np.arange(len(starts)))
+            rows = self.data.rows
             found: dict[tuple[str, str], list[str]] = {}
-            for ba, ds, sid in pairs.itertuples(index=False):
-                found.setdefault((ba, ds), []).append(sid)
+            for ba, ds, sid in zip(
+                rows["ba"].to_numpy()[first].tolist(),
+                rows["ds"].to_numpy()[first].tolist(),
+                rows["sid"].to_numpy()[first].tolist(),
+                strict=True,
+            ):
+                found.setdefault((ba, str(ds)), []).append(sid)
             self._map = {k: sorted(v) for k, v in found.items()}
         return self._map.get(key, default)
 
 
-def _series_of(frame: pd.DataFrame) -> _SeriesOf:
-    return _SeriesOf(frame)
+def _series_of(data: Frame) -> _SeriesOf:
+    return _SeriesOf(data)
 
 
 def balance(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """|NG - D - TI| beyond ``max(min_mw, tolerance * D)`` for a BA and hour."""
     d, ng, ti = (_by_hour(data, ds) for ds in ("demand", "net_generation", "interchange"))
     measured = (ng - d).dropna()
-    series = _series_of(data.rows)
+    series = _series_of(data)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
         return tuple(
@@ -221,7 +231,7 @@ def interchange_sum(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     flows = data.at_hours("ba_interchange")
     total = _sum_by_hour(data, flows, flows["v"])
     gross = _sum_by_hour(data, flows, flows["v"].abs())
-    series = _series_of(data.rows)
+    series = _series_of(data)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
         return tuple(series.get((ba, "interchange"), []) + series.get((ba, "ba_interchange"), []))
@@ -238,7 +248,7 @@ def fuel_sum(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     ng = _by_hour(data, "net_generation")
     fuels = data.at_hours("generation")
     total = _sum_by_hour(data, fuels, fuels["v"])
-    series = _series_of(data.rows)
+    series = _series_of(data)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
         return tuple(series.get((ba, "net_generation"), []) + series.get((ba, "generation"), []))
