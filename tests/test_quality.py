@@ -668,7 +668,7 @@ def test_a_run_killed_between_passes_leaves_no_reader_and_the_next_run_judges_th
     assert _table(db, "SELECT count(*) FROM quality_pending") == [(0,)]
 
 
-@pytest.mark.parametrize("reader", ["process", "none", "dies", "garbage"])
+@pytest.mark.parametrize("reader", ["process", "none", "dies", "garbage", "hangs"])
 def test_the_later_passes_are_read_by_a_reader_process_or_here_if_it_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
 ) -> None:
@@ -691,10 +691,12 @@ def test_the_later_passes_are_read_by_a_reader_process_or_here_if_it_fails(
     fake = tmp_path / "fake-python"
     if reader == "none":
         monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
-    elif reader in ("dies", "garbage"):
-        fake.write_text("#!/bin/sh\nexit 3\n" if reader == "dies" else "#!/bin/sh\necho garbage\n")
+    elif reader in ("dies", "garbage", "hangs"):
+        body = {"dies": "exit 3", "garbage": "echo garbage", "hangs": "exec sleep 600"}[reader]
+        fake.write_text(f"#!/bin/sh\n{body}\n")
         fake.chmod(0o755)
         monkeypatch.setattr(sys, "executable", str(fake))
+        monkeypatch.setattr(module, "READ_TIMEOUT_SECONDS", 1.0)
     handed: list[bool] = []
     real_next = module.RowReader.next
     monkeypatch.setattr(

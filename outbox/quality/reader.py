@@ -16,7 +16,8 @@ reads) and hands it the series, the context hours and the scopes on its stdin
 in that order, each from one read-only snapshot; the pipe's buffer bounds how far ahead
 it reads (one pass, a few MB). It ignores SIGINT (the run decides when to stop it, and
 kills it when done) and ends when the run is gone (a write to a closed pipe fails).
-Whatever goes wrong with it (it cannot start, it dies, it hands over something else),
+Whatever goes wrong with it (it cannot start, it dies, it hands over something else,
+it hands over nothing for :data:`READ_TIMEOUT_SECONDS`),
 the run reads the remaining passes itself: the reader can make a run faster, never fail
 it.
 """
@@ -44,6 +45,11 @@ _PRAGMAS = (
     "PRAGMA cache_size = -65536",
     "PRAGMA mmap_size = 4294967296",
 )
+
+
+READ_TIMEOUT_SECONDS = 60.0
+"""How long the run waits for one pass's rows (about 0.1 s each on a PC) before it
+stops the reader and reads the rest itself: a stuck reader never holds a run up."""
 
 
 class RowReader:
@@ -92,6 +98,9 @@ class RowReader:
         """The next scope's rows; None once the reader has failed (read them yourself)."""
         if self._failed:
             return None
+        watchdog = threading.Timer(READ_TIMEOUT_SECONDS, self._proc.kill)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             rows = pickle.load(self._proc.stdout)  # type: ignore[arg-type]
             if not isinstance(rows, Rows):
@@ -102,6 +111,8 @@ class RowReader:
             log.debug("quality: the reader process failed (%s); reading the rest here", exc)
             self.close()
             return None
+        finally:
+            watchdog.cancel()
 
     def close(self) -> None:
         """Stop the reader (whatever it was doing) and reap it."""
