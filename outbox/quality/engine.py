@@ -200,6 +200,8 @@ class Checker:
         from outbox.timeutil import now_ts
 
         stamp = now or now_ts()
+        # Markers, series and the reader's rows are read on connections of their own: a
+        # fetch run calls this after its write groups have committed.
         with store.read() as conn:
             cur = store.cursor(conn)
             newest, runs = pending.read(cur, sum(self.context) + 1)
@@ -221,8 +223,9 @@ class Checker:
                     cur = store.cursor(conn)
                     frame = self._frame(cur, scope) if rows is None else to_frame(rows, self._info)
                     self._store(cur, self._judge(cur, [scope], [frame]), [], stamp)
-                    pending.clear(cur, pending.newest(cur))
+                    pending.clear(cur, newest)  # the markers read, or re-marked by the last pass
                     pending.mark(cur, scopes[done:], None)
+                    newest = pending.newest(cur)
                     crashpoint("quality.judged")
                     cur.close()
         finally:
