@@ -346,6 +346,7 @@ class QualityConfig(_Model):
     enabled: bool = True
     check_warning_severity: Literal["info", "warn", "crit", "off"] = "crit"
     check_critical_severity: Literal["info", "warn", "crit", "off"] = "off"
+    pass_rows: int = Field(250_000, ge=1)
     rules: dict[str, RuleConfig] = Field(default_factory=dict)
 
     @field_validator("rules", mode="before")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from durability import KEY_GP, outbox, outbox_env
+from durability import KEY_GP, outbox, outbox_env, processes_naming
 from factories import ack
 from typer.testing import CliRunner
 
@@ -630,12 +630,112 @@ def test_the_deferred_checks_in_many_small_passes_find_what_one_pass_finds(
                 r["value"] = "4321"
 
     directory = pacw_pages(tmp_path / "p", edit)
+    chunks, passes = pending.chunks, []
+    monkeypatch.setattr(pending, "chunks", lambda *a: passes.append(chunks(*a)) or passes[-1])
     replay(tmp_path / "one.db", directory, **PACW)
-    monkeypatch.setattr(pending, "CHUNK_ROWS", 200)
-    replay(tmp_path / "many.db", directory, **PACW)
+    replay(tmp_path / "many.db", directory, **PACW, quality={"pass_rows": 200})
+    assert len(passes[0]) == 1 and len(passes[1]) > 5
     assert found(tmp_path / "many.db") == found(tmp_path / "one.db")
     assert {f[0] for f in found(tmp_path / "one.db")} >= {"spike", "flat_line"}
     assert _table(tmp_path / "many.db", "SELECT count(*) FROM quality_pending") == [(0,)]
+
+
+def test_a_run_killed_between_passes_leaves_no_reader_and_the_next_run_judges_the_rest(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL a fetch inside its second of many passes (the first committed), while its
+    reader process still has passes to hand over (more than a pipe's buffer holds, so it
+    is blocked writing them): the reader goes too, the passes not judged stay marked, and
+    the next run, which writes nothing, ends with the findings of one clean pass and no
+    marker."""
+    spiked = edit_rows(
+        at("2023-01-04T12", type="D"), lambda r: r.update(value=scale(r["value"], 1.6))
+    )
+    directory = pacw_pages(tmp_path / "p", spiked)
+    replay(tmp_path / "clean.db", directory, **PACW)
+    db = tmp_path / "o.db"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("balancing_authorities: {PACW: PACW}\nquality: {pass_rows: 50}\n")
+    env = outbox_env(db, OUTBOX_CONFIG=str(cfg))
+    crash = {"OUTBOX_CRASH_AT": "quality.judged", "OUTBOX_CRASH_AFTER": "2"}
+    killed = outbox("fetch", "--replay", str(directory), env={**env, **crash})
+    assert killed.returncode == -9, killed.stderr
+    assert processes_naming(str(db), wait=5) == []
+    assert _table(db, "SELECT count(*) FROM quality_pending")[0][0] > 0
+    again = outbox("fetch", "--replay", str(directory), env=env)
+    assert again.returncode == 0, again.stderr
+    assert found(db) == found(tmp_path / "clean.db")
+    assert ("spike", "PACW", "EIA.PACW.demand") in {f[:3] for f in found(db)}
+    assert _table(db, "SELECT count(*) FROM quality_pending") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    "reader", ["process", "none", "frozen", "dies", "garbage", "wrong", "hangs"]
+)
+def test_the_later_passes_are_read_by_a_reader_process_or_here_if_it_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    """A run of many passes has a reader process read the rows of every pass after the
+    first; whether it works, cannot start (no interpreter, a frozen app), dies, hands over
+    garbage or rows that do not add up, or hangs, the findings are those of one pass read
+    in the run's own process, and the reader is gone after. It is given no secret."""
+    import sys
+
+    from outbox.quality import reader as module
+
+    def edit(name: str, rows: Rows) -> None:
+        for r in rows:
+            if r["period"] == "2023-01-04T12" and r.get("type") == "D":
+                r["value"] = scale(r["value"], 1.6)
+            if "2023-01-05T06" <= r["period"] <= "2023-01-05T13" and r.get("type") == "D":
+                r["value"] = "4321"
+
+    directory = pacw_pages(tmp_path / "p", edit)
+    replay(tmp_path / "one.db", directory, **PACW)
+    monkeypatch.setenv("EIA_API_KEY", "eia-secret-3141")
+    monkeypatch.setenv("OUTBOX_GRIDPULSE_API_KEY_FILE", "/run/gp-secret-2718")
+    fake, seen = tmp_path / "fake-python", tmp_path / "reader-env.txt"
+    python = sys.executable
+    wrong = (
+        "import pickle, sys, numpy as np; from outbox.quality.frame import Rows; "
+        "sys.stdout.buffer.write(pickle.dumps(Rows(['EIA.PACW.demand'], [5], "
+        "np.zeros(1, np.int64), np.zeros(1))))"
+    )
+    bodies = {
+        "dies": "exit 3",
+        "garbage": "echo garbage",
+        "wrong": f'exec "{python}" -c "{wrong}"',
+        # keeps its arguments (the database's path) on its command line while it hangs
+        "hangs": f'env > "{seen}"; exec "{python}" -c "import time; time.sleep(600)" "$@"',
+    }
+    if reader == "none":
+        monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    elif reader == "frozen":
+        monkeypatch.setattr(sys, "frozen", True, raising=False)
+    elif reader in bodies:
+        fake.write_text(f"#!/bin/sh\n{bodies[reader]}\n")
+        fake.chmod(0o755)
+        monkeypatch.setattr(sys, "executable", str(fake))
+        monkeypatch.setattr(module, "READ_TIMEOUT_SECONDS", 1.0)
+    handed: list[bool] = []
+    real_next = module.RowReader.next
+    monkeypatch.setattr(
+        module.RowReader, "next", lambda self: handed.append(bool(r := real_next(self))) or r
+    )
+    many = tmp_path / "many.db"
+    replay(many, directory, **PACW, quality={"pass_rows": 200})
+    assert found(many) == found(tmp_path / "one.db")
+    assert {f[0] for f in found(many)} >= {"spike", "flat_line"}
+    if reader == "process":
+        assert len(handed) > 4 and all(handed)  # every later pass came from the reader
+    elif reader in ("none", "frozen"):
+        assert handed == []  # no reader: every pass read here
+    else:
+        assert len(handed) > 4 and not any(handed)  # it failed: every pass read here
+    assert processes_naming(str(many), wait=5) == []
+    if reader == "hangs":
+        given = seen.read_text()
+        assert "PATH=" in given and "secret" not in given
 
 
 def test_with_a_rule_quarantining_the_checks_judge_in_the_staging_transaction(

@@ -17,21 +17,29 @@ def group_starts(keys: np.ndarray) -> np.ndarray:
 
 
 def rolling_median(
-    x: np.ndarray, starts: np.ndarray, window: int, min_periods: int, lag: int
+    x: np.ndarray,
+    starts: np.ndarray,
+    window: int,
+    min_periods: int,
+    lag: int,
+    at: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per row ``i``, the median of the non-NaN ``x[j]`` for ``j`` in ``i - lag - window + 1
     .. i - lag`` within its group (rows from ``starts[i]``), NaN with fewer than
     ``min_periods`` of them: pandas' ``groupby(g)[x].transform(lambda s:
     s.shift(lag).rolling(window, min_periods).median())``, computed on all groups at once.
+
+    With ``at`` (sorted row numbers), only at those rows: the others are NaN.
     """
     import numpy as np
 
     n = len(x)
     out = np.full(n, np.nan)
+    wanted = np.arange(n) if at is None else at
     offsets = np.arange(window) - (window - 1) - lag
     step = max(1, 2_000_000 // max(window, 1))  # rows per block: bounded memory
-    for lo in range(0, n, step):
-        rows = np.arange(lo, min(n, lo + step))
+    for lo in range(0, len(wanted), step):
+        rows = wanted[lo : lo + step]
         idx = rows[:, None] + offsets[None, :]
         vals = np.where(idx >= starts[rows][:, None], x[np.clip(idx, 0, None)], np.nan)
         count = np.count_nonzero(~np.isnan(vals), axis=1)

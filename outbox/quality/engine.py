@@ -34,7 +34,8 @@ from outbox import datasets
 from outbox.config import Config
 from outbox.crash import crashpoint
 from outbox.quality import pending
-from outbox.quality.frame import Frame, SeriesInfo, read_frame
+from outbox.quality.frame import Frame, SeriesInfo, read_frame, to_frame
+from outbox.quality.reader import RowReader
 from outbox.quality.rules import FRAME_RULES, Evaluated, Finding, Outcome, Scope, context_hours
 from outbox.quality.settings import Resolver
 from outbox.timeutil import hour_ts, ts_hour
@@ -187,33 +188,61 @@ class Checker:
     def finish(self, store: Store, now: str | None = None) -> None:
         """Judge every hour marked as staged and not judged (this run's, and any a killed
         run left) and delete the markers: one transaction per pass of at most about
-        :data:`~outbox.quality.pending.CHUNK_ROWS` rows, which also re-marks the hours
-        still to judge (a kill between passes loses nothing)."""
+        ``quality.pass_rows`` rows, which also re-marks the hours
+        still to judge (a kill between passes loses nothing).
+
+        With more than one pass (a backfill, a replay), a reader process
+        (:mod:`outbox.quality.reader`) reads the next passes' rows while this one judges
+        and stores the current one: reading is half of a pass's CPU. What it reads cannot
+        change meanwhile: the run holds the fetch lock, and nothing else writes a value
+        (a send changes only delivery state, prune only rows past retention).
+        """
         from outbox.timeutil import now_ts
 
         stamp = now or now_ts()
-        while True:
-            with store.write() as conn:
-                cur = store.cursor(conn)
-                newest, runs = pending.read(cur, sum(self.context) + 1)
-                if not newest:
-                    return
+        # Markers, series and the reader's rows are read on connections of their own: a
+        # fetch run calls this after its write groups have committed.
+        with store.read() as conn:
+            cur = store.cursor(conn)
+            newest, runs = pending.read(cur, sum(self.context) + 1)
+            if newest:
                 self._know(cur, None)
-                counts: dict[str, int] = defaultdict(int)
-                for ba, _ds in self._series.values():
-                    counts[ba] += 1
-                first, *rest = pending.chunks(runs, counts)
-                self._store(cur, self._judge(cur, [first]), [], stamp)
-                pending.clear(cur, newest)
-                pending.mark(cur, rest, None)
-                crashpoint("quality.judged")
-                cur.close()
+            cur.close()
+        if not newest:
+            return
+        counts: dict[str, int] = defaultdict(int)
+        for ba, _ds in self._series.values():
+            counts[ba] += 1
+        scopes = pending.chunks(runs, counts, self.config.quality.pass_rows)
+        # The first pass is read here while the reader starts; it reads the others.
+        reader = RowReader.start(store.path, self._info, self.context, scopes[1:])
+        try:
+            for done, scope in enumerate(scopes, start=1):
+                rows = reader.next() if reader is not None and done > 1 else None
+                with store.write() as conn:
+                    cur = store.cursor(conn)
+                    frame = self._frame(cur, scope) if rows is None else to_frame(rows, self._info)
+                    self._store(cur, self._judge(cur, [scope], [frame]), [], stamp)
+                    pending.clear(cur, newest)  # the markers read, or re-marked by the last pass
+                    pending.mark(cur, scopes[done:], None)
+                    newest = pending.newest(cur)
+                    crashpoint("quality.judged")
+                    cur.close()
+        finally:
+            if reader is not None:
+                reader.close()
 
-    def _judge(self, cur: sqlite3.Cursor, scopes: list[Scope]) -> Outcome:
-        """The frame rules and dropped_series over ``scopes``."""
+    def _judge(
+        self,
+        cur: sqlite3.Cursor,
+        scopes: list[Scope],
+        frames: list[pd.DataFrame | None] | None = None,
+    ) -> Outcome:
+        """The frame rules and dropped_series over ``scopes`` (on ``frames``, the scopes'
+        frames when already read)."""
         outcome = Outcome()
-        for scope in scopes:
-            frame = self._frame(cur, scope)
+        for i, scope in enumerate(scopes):
+            frame = self._frame(cur, scope) if frames is None else frames[i]
             data = Frame(frame, scope) if frame is not None and not frame.empty else None
             for rule, judge in FRAME_RULES.items():
                 if data is not None:

@@ -106,15 +106,24 @@ def _read(cur: sqlite3.Cursor, sid: str, lo: int, hi: int) -> tuple[list[int], l
     return [h for h, _ in rows], [v for _, v in rows]
 
 
-def read_frame(
+class Rows(NamedTuple):
+    """A frame's rows as arrays (what a reader hands over; it pickles small): per series
+    read, in order, its id and row count; per row, its hour and value."""
+
+    sids: list[str]
+    counts: list[int]
+    hours: np.ndarray
+    values: np.ndarray
+
+
+def read_rows(
     cur: sqlite3.Cursor,
     series: dict[str, SeriesInfo],
     scope: Scope,
     context: tuple[int, int],
-) -> pd.DataFrame | None:
-    """The rules' frame for ``scope`` (see the module docstring), sorted by (sid, h)."""
+) -> Rows:
+    """The rows of ``scope``'s frame (see the module docstring), sorted by (sid, h)."""
     import numpy as np
-    import pandas as pd
 
     hours: list[int] = []
     values: list[float] = []
@@ -130,6 +139,25 @@ def read_frame(
         if n:
             sids.append(sid)
             counts.append(n)
+    return Rows(sids, counts, np.array(hours, dtype=np.int64), np.array(values, dtype=np.float64))
+
+
+def read_frame(
+    cur: sqlite3.Cursor,
+    series: dict[str, SeriesInfo],
+    scope: Scope,
+    context: tuple[int, int],
+) -> pd.DataFrame | None:
+    """The rules' frame for ``scope`` (see the module docstring), sorted by (sid, h)."""
+    return to_frame(read_rows(cur, series, scope, context), series)
+
+
+def to_frame(rows: Rows, series: dict[str, SeriesInfo]) -> pd.DataFrame | None:
+    """The rules' frame of ``rows`` (None when there are none)."""
+    import numpy as np
+    import pandas as pd
+
+    sids, counts = rows.sids, rows.counts
     if not sids:
         return None
     info = [series[s] for s in sids]
@@ -142,8 +170,8 @@ def read_frame(
             "sid": np.repeat(np.array(sids, dtype=object), counts),
             "ba": np.repeat(np.array([i.ba for i in info], dtype=object), counts),
             "sub": np.repeat(np.array([i.sub for i in info], dtype=object), counts),
-            "h": np.array(hours, dtype=np.int64),
-            "v": np.array(values, dtype=np.float64),
+            "h": rows.hours,
+            "v": rows.values,
             "ds": ds,
         }
     )

@@ -19,11 +19,13 @@ from outbox.quality.frame import Scope
 from outbox.timeutil import hour_ts, ts_hour
 
 CHUNK_ROWS = 250_000
-"""About how many rows (series x hours, context excluded) one pass reads at most: the
-frame and the rules' arrays stay a few tens of MB however much a run staged."""
+"""About how many rows (series x hours, context excluded) one pass reads at most by
+default (``quality.pass_rows``): the frame and the rules' arrays stay a few tens of MB
+however much a run staged."""
 
 _MARK = "INSERT INTO quality_pending (ba, lo, hi, run_id) VALUES (?, ?, ?, ?)"
 _READ = "SELECT id, ba, lo, hi FROM quality_pending ORDER BY id"
+_NEWEST = "SELECT coalesce(max(id), 0) FROM quality_pending"
 _CLEAR = "DELETE FROM quality_pending WHERE id <= ?"
 
 
@@ -59,28 +61,35 @@ def merged(runs: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
     return out
 
 
-def chunks(runs: dict[str, list[tuple[int, int]]], series: dict[str, int]) -> list[Scope]:
-    """The runs as scopes of at most about :data:`CHUNK_ROWS` rows each (``series``: the
+def chunks(
+    runs: dict[str, list[tuple[int, int]]], series: dict[str, int], limit: int = CHUNK_ROWS
+) -> list[Scope]:
+    """The runs as scopes of at most about ``limit`` rows each (``series``: the
     number of series per BA). A run longer than that is cut in consecutive pieces (each
     piece reads its own context); the pieces are ordered by hour, so that one scope holds
     the same hours of many BAs."""
     pieces: list[tuple[int, str, int]] = []
     for ba, ranges in runs.items():
-        width = max(1, CHUNK_ROWS // max(1, series.get(ba, 1)))
+        width = max(1, limit // max(1, series.get(ba, 1)))
         for lo, hi in ranges:
             for start in range(lo, hi + 1, width):
                 pieces.append((start, ba, min(hi, start + width - 1)))
     pieces.sort()
     out: list[Scope] = []
-    size = CHUNK_ROWS
+    size = limit
     for lo, ba, hi in pieces:
         rows = series.get(ba, 1) * (hi - lo + 1)
-        if size + rows > CHUNK_ROWS or ba in out[-1]:
+        if size + rows > limit or ba in out[-1]:
             out.append({})
             size = 0
         out[-1][ba] = (lo, hi)
         size += rows
     return out
+
+
+def newest(cur: sqlite3.Cursor) -> int:
+    """The newest marker's id (0 for none)."""
+    return int(cur.execute(_NEWEST).fetchone()[0])
 
 
 def clear(cur: sqlite3.Cursor, newest: int) -> None:

@@ -178,29 +178,39 @@ def _compare(
 class _SeriesOf:
     """(ba, ds) -> its series ids in the frame, read only when a finding needs them."""
 
-    def __init__(self, frame: pd.DataFrame) -> None:
-        self.frame = frame
+    def __init__(self, data: Frame) -> None:
+        self.data = data
         self._map: dict[tuple[str, str], list[str]] | None = None
 
     def get(self, key: tuple[str, str], default: list[str]) -> list[str]:
         if self._map is None:
-            pairs = self.frame[["ba", "ds", "sid"]].drop_duplicates()
+            import numpy as np
+
+            # One row per series: its first (the frame is sorted by series).
+            starts = self.data.starts()
+            first = np.flatnonzero(starts == np.arange(len(starts)))
+            rows = self.data.rows
             found: dict[tuple[str, str], list[str]] = {}
-            for ba, ds, sid in pairs.itertuples(index=False):
-                found.setdefault((ba, ds), []).append(sid)
+            for ba, ds, sid in zip(
+                rows["ba"].to_numpy()[first].tolist(),
+                rows["ds"].to_numpy()[first].tolist(),
+                rows["sid"].to_numpy()[first].tolist(),
+                strict=True,
+            ):
+                found.setdefault((ba, str(ds)), []).append(sid)
             self._map = {k: sorted(v) for k, v in found.items()}
         return self._map.get(key, default)
 
 
-def _series_of(frame: pd.DataFrame) -> _SeriesOf:
-    return _SeriesOf(frame)
+def _series_of(data: Frame) -> _SeriesOf:
+    return _SeriesOf(data)
 
 
 def balance(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """|NG - D - TI| beyond ``max(min_mw, tolerance * D)`` for a BA and hour."""
     d, ng, ti = (_by_hour(data, ds) for ds in ("demand", "net_generation", "interchange"))
     measured = (ng - d).dropna()
-    series = _series_of(data.rows)
+    series = _series_of(data)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
         return tuple(
@@ -221,7 +231,7 @@ def interchange_sum(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     flows = data.at_hours("ba_interchange")
     total = _sum_by_hour(data, flows, flows["v"])
     gross = _sum_by_hour(data, flows, flows["v"].abs())
-    series = _series_of(data.rows)
+    series = _series_of(data)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
         return tuple(series.get((ba, "interchange"), []) + series.get((ba, "ba_interchange"), []))
@@ -238,7 +248,7 @@ def fuel_sum(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     ng = _by_hour(data, "net_generation")
     fuels = data.at_hours("generation")
     total = _sum_by_hour(data, fuels, fuels["v"])
-    series = _series_of(data.rows)
+    series = _series_of(data)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
         return tuple(series.get((ba, "net_generation"), []) + series.get((ba, "generation"), []))
@@ -502,19 +512,26 @@ def spike(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
         return out
     sid, v = f["sid"].to_numpy(), f["v"].to_numpy()
     resid, same_prev, same_next = neighbour_residuals(sid, f["h"].to_numpy(), v)
-    f = f.assign(r=resid, a=np.abs(resid))
+    a = np.abs(resid)
+    a_prev, a_next = np.r_[np.nan, a[:-1]], np.r_[a[1:], np.nan]
+    local_max = (np.nan_to_num(a_prev) < a) & (np.nan_to_num(a_next) < a)
+    local_max &= same_prev & (~same_next | np.r_[same_prev[1:], False])
+    local_max &= _in_scope(f, scope, 1, 2).to_numpy()
+    # The scale is at least min_mw, so a row whose residual is not above threshold x
+    # min_mw (the smallest over the settings in play) cannot be an outlier: the rolling
+    # medians are taken only at the rows that can.
+    bas = f["ba"].unique()
+    settings = (resolver.get("spike", ds, str(ba)) for ds in enabled for ba in bas)
+    floor = min((s.threshold * s.min_mw for s in settings if s.enabled), default=0.0)
+    if floor > 0:
+        local_max &= a > floor * (1 - 1e-9)
+    at = np.flatnonzero(local_max)
     window = max(resolver.get("spike", ds).window_hours for ds in enabled)
     starts = group_starts(sid)
-    mad = rolling_median(f["a"].to_numpy(), starts, window, 6, lag=1)
-    level = rolling_median(np.abs(v), starts, window, 1, lag=0)
-    f = f.assign(mad=mad, lvl=level)
-    a_prev = np.r_[np.nan, f["a"].to_numpy()[:-1]]
-    a_next = np.r_[f["a"].to_numpy()[1:], np.nan]
-    local_max = (np.nan_to_num(a_prev) < f["a"].to_numpy()) & (
-        np.nan_to_num(a_next) < f["a"].to_numpy()
-    )
-    local_max &= same_prev & (~same_next | np.r_[same_prev[1:], False])
-    cand = f[local_max & _in_scope(f, scope, 1, 2).to_numpy() & f["mad"].notna().to_numpy()]
+    mad = rolling_median(a, starts, window, 6, lag=1, at=at)
+    level = rolling_median(np.abs(v), starts, window, 1, lag=0, at=at)
+    f = f.assign(r=resid, a=a, mad=mad, lvl=level)
+    cand = f[local_max & ~np.isnan(mad)]
     for r, s, scale, z in _outliers(cand, resolver):
         text = (
             f"{r.v:g} MW, {r.r:+g} MW from its neighbours: robust z {z:.1f} "
