@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from outbox import datasets
 from outbox.quality.arrays import group_starts, neighbour_residuals, rolling_median
@@ -396,7 +396,7 @@ def _series_rule(
     runs: pd.DataFrame,
     scope: Scope,
     resolver: Resolver,
-    describe: Callable[[pd.Series, object], str | None],
+    describe: Callable[[dict[str, Any], object], str | None],
     before: int,
     after: int,
 ) -> Outcome:
@@ -408,7 +408,7 @@ def _series_rule(
         ends = in_scope(runs.assign(h=runs["end"]), scope, before, 10**9).to_numpy(bool)
         starts = in_scope(runs.assign(h=runs["start"]), scope, 10**9, after).to_numpy(bool)
         runs = runs[ends & starts]
-    for _, r in runs.iterrows():
+    for r in runs.to_dict("records"):  # plain dicts: iterrows builds a Series a row
         if r["ba"] not in scope:
             continue
         lo, hi = scope[r["ba"]]
@@ -452,7 +452,7 @@ def repeated_day(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     flag = (key[at] == key - 24) & (v[at] == v) if len(key) else np.zeros(0, bool)
     runs = _runs(frame, flag)
 
-    def describe(r: pd.Series, s: object) -> str | None:
+    def describe(r: dict[str, Any], s: object) -> str | None:
         if r["n"] < s.window_hours or r["distinct"] < 2:  # type: ignore[attr-defined]
             return None
         return (
@@ -475,7 +475,7 @@ def flat_line(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     flag = (same | np.r_[same[1:], False]) & (v != 0)
     runs = _runs(frame, flag)
 
-    def describe(r: pd.Series, s: object) -> str | None:
+    def describe(r: dict[str, Any], s: object) -> str | None:
         if r["n"] < s.window_hours:  # type: ignore[attr-defined]
             return None
         return f"{r['v']:g} MW for {int(r['n'])} consecutive hours"
