@@ -40,11 +40,13 @@ from outbox.quality.frame import Rows, Scope, SeriesInfo, read_rows
 
 log = logging.getLogger(__name__)
 
+# A small page cache and no memory-mapped I/O: the reader reads each series' range once,
+# and pages it mapped would count in its memory (a million rows' pages: ~190 MB of PSS).
 _PRAGMAS = (
     "PRAGMA query_only = ON",
     "PRAGMA busy_timeout = 5000",
-    "PRAGMA cache_size = -65536",
-    "PRAGMA mmap_size = 4294967296",
+    "PRAGMA cache_size = -2048",
+    "PRAGMA mmap_size = 0",
 )
 
 
