@@ -289,8 +289,6 @@ def main() -> None:
         runs, written, cpu, queued = measure(directory, files, n, rounds, work, args, old)
         result = report(args.size, info, runs, written, old_rows, queued)
         result["cpu_seconds"] = {k: c.median(v) for k, v in cpu.items() if v}
-        per_round = [a / b for a, b in zip(runs["ours"], runs["ours_no_checks"], strict=True)]
-        result["ratios"]["checks_on_over_off"] = round(c.median(per_round), 3)
         if cpu["floor"]:
             result["ratios"]["ours_over_floor_cpu"] = c.ratio(
                 c.median(cpu["ours"]), c.median(cpu["floor"])
@@ -434,6 +432,9 @@ def report(
         ratios["ours_speedup_over_persist_queue"] = c.ratio(
             ours_rate, result["persist_queue"]["rows_per_s"]
         )
+    # Issue 13's budget: the stage with the quality checks against the same stage without.
+    per_round = [a / b for a, b in zip(runs["ours"], runs["ours_no_checks"], strict=True)]
+    ratios["checks_on_over_off"] = round(c.median(per_round), 3)
     result["ratios"] = ratios
     return result
 
