@@ -188,8 +188,8 @@ class Checker:
     def finish(self, store: Store, now: str | None = None) -> None:
         """Judge every hour marked as staged and not judged (this run's, and any a killed
         run left) and delete the markers: one transaction per pass of at most about
-        ``quality.pass_rows`` rows, which also re-marks the hours
-        still to judge (a kill between passes loses nothing).
+        ``quality.pass_rows`` rows, which also re-marks the hours still to judge (a kill
+        between passes loses nothing).
 
         With more than one pass (a backfill, a replay), a reader process
         (:mod:`outbox.quality.reader`) reads the next passes' rows while this one judges

@@ -202,6 +202,7 @@ class Frame:
         self._parts: dict[str, pd.DataFrame] | None = None
         self._hours: dict[tuple[str, bool], pd.DataFrame] = {}
         self._starts: np.ndarray | None = None
+        self._firsts: np.ndarray | None = None
         self._ba_codes: tuple[np.ndarray, np.ndarray] | None = None
         self.bas: list[str] = sorted(set(rows["ba"].unique()) | set(scope))
         """The BAs of the frame and scope, sorted: :meth:`key` numbers them."""
@@ -255,9 +256,8 @@ class Frame:
         import numpy as np
 
         if self._ba_codes is None:
-            starts = self.starts()
-            first = np.flatnonzero(starts == np.arange(len(starts)))
-            counts = np.diff(np.r_[first, len(starts)])
+            first = self.firsts()
+            counts = np.diff(np.r_[first, len(self.rows)])
             number = {ba: i for i, ba in enumerate(self.bas)}
             bas = self.rows["ba"].to_numpy()[first].tolist()
             subs = self.rows["sub"].to_numpy()[first].tolist()
@@ -265,6 +265,15 @@ class Frame:
             sub = np.array([number.get(b, -1) if isinstance(b, str) else -1 for b in subs])
             self._ba_codes = np.repeat(ba, counts), np.repeat(sub.astype(np.int64), counts)
         return self._ba_codes
+
+    def firsts(self) -> np.ndarray:
+        """The position of each series' first row, in frame order."""
+        import numpy as np
+
+        if self._firsts is None:
+            starts = self.starts()
+            self._firsts = np.flatnonzero(starts == np.arange(len(starts)))
+        return self._firsts
 
     def starts(self) -> np.ndarray:
         """Per row, the index of the first row of its series."""

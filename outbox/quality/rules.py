@@ -184,11 +184,7 @@ class _SeriesOf:
 
     def get(self, key: tuple[str, str], default: list[str]) -> list[str]:
         if self._map is None:
-            import numpy as np
-
-            # One row per series: its first (the frame is sorted by series).
-            starts = self.data.starts()
-            first = np.flatnonzero(starts == np.arange(len(starts)))
+            first = self.data.firsts()  # one row per series
             rows = self.data.rows
             found: dict[tuple[str, str], list[str]] = {}
             for ba, ds, sid in zip(
@@ -202,15 +198,11 @@ class _SeriesOf:
         return self._map.get(key, default)
 
 
-def _series_of(data: Frame) -> _SeriesOf:
-    return _SeriesOf(data)
-
-
 def balance(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     """|NG - D - TI| beyond ``max(min_mw, tolerance * D)`` for a BA and hour."""
     d, ng, ti = (_by_hour(data, ds) for ds in ("demand", "net_generation", "interchange"))
     measured = (ng - d).dropna()
-    series = _series_of(data)
+    series = _SeriesOf(data)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
         return tuple(
@@ -231,7 +223,7 @@ def interchange_sum(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     flows = data.at_hours("ba_interchange")
     total = _sum_by_hour(data, flows, flows["v"])
     gross = _sum_by_hour(data, flows, flows["v"].abs())
-    series = _series_of(data)
+    series = _SeriesOf(data)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
         return tuple(series.get((ba, "interchange"), []) + series.get((ba, "ba_interchange"), []))
@@ -248,7 +240,7 @@ def fuel_sum(data: Frame, scope: Scope, resolver: Resolver) -> Outcome:
     ng = _by_hour(data, "net_generation")
     fuels = data.at_hours("generation")
     total = _sum_by_hour(data, fuels, fuels["v"])
-    series = _series_of(data)
+    series = _SeriesOf(data)
 
     def judged(ba: str, _h: int) -> tuple[str, ...]:
         return tuple(series.get((ba, "net_generation"), []) + series.get((ba, "generation"), []))
