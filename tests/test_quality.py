@@ -615,6 +615,15 @@ def test_a_kill_before_the_deferred_checks_commit_leaves_markers_the_next_fetch_
     assert json.loads(counts)["findings_opened"] == 1
 
 
+def _spike_and_flat_line(name: str, rows: Rows) -> None:
+    """PACW demand with a spike at 2023-01-04T12 and eight flat hours on 2023-01-05."""
+    for r in rows:
+        if r["period"] == "2023-01-04T12" and r.get("type") == "D":
+            r["value"] = scale(r["value"], 1.6)
+        if "2023-01-05T06" <= r["period"] <= "2023-01-05T13" and r.get("type") == "D":
+            r["value"] = "4321"
+
+
 def test_the_deferred_checks_in_many_small_passes_find_what_one_pass_finds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -622,14 +631,7 @@ def test_the_deferred_checks_in_many_small_passes_find_what_one_pass_finds(
     context) open the same findings as the default single pass, and leave no marker."""
     from outbox.quality import pending
 
-    def edit(name: str, rows: Rows) -> None:
-        for r in rows:
-            if r["period"] == "2023-01-04T12" and r.get("type") == "D":
-                r["value"] = scale(r["value"], 1.6)
-            if "2023-01-05T06" <= r["period"] <= "2023-01-05T13" and r.get("type") == "D":
-                r["value"] = "4321"
-
-    directory = pacw_pages(tmp_path / "p", edit)
+    directory = pacw_pages(tmp_path / "p", _spike_and_flat_line)
     chunks, passes = pending.chunks, []
     monkeypatch.setattr(pending, "chunks", lambda *a: passes.append(chunks(*a)) or passes[-1])
     replay(tmp_path / "one.db", directory, **PACW)
@@ -678,19 +680,13 @@ def test_the_later_passes_are_read_by_a_reader_process_or_here_if_it_fails(
     """A run of many passes has a reader process read the rows of every pass after the
     first; whether it works, cannot start (no interpreter, a frozen app), dies, hands over
     garbage or rows that do not add up, or hangs, the findings are those of one pass read
-    in the run's own process, and the reader is gone after. It is given no secret."""
+    in the run's own process, and the reader is gone after. It is given no secret, and a
+    working directory holding modules of the same names does not shadow its own."""
     import sys
 
     from outbox.quality import reader as module
 
-    def edit(name: str, rows: Rows) -> None:
-        for r in rows:
-            if r["period"] == "2023-01-04T12" and r.get("type") == "D":
-                r["value"] = scale(r["value"], 1.6)
-            if "2023-01-05T06" <= r["period"] <= "2023-01-05T13" and r.get("type") == "D":
-                r["value"] = "4321"
-
-    directory = pacw_pages(tmp_path / "p", edit)
+    directory = pacw_pages(tmp_path / "p", _spike_and_flat_line)
     replay(tmp_path / "one.db", directory, **PACW)
     monkeypatch.setenv("EIA_API_KEY", "eia-secret-3141")
     monkeypatch.setenv("OUTBOX_GRIDPULSE_API_KEY_FILE", "/run/gp-secret-2718")
@@ -708,7 +704,15 @@ def test_the_later_passes_are_read_by_a_reader_process_or_here_if_it_fails(
         # keeps its arguments (the database's path) on its command line while it hangs
         "hangs": f'env > "{seen}"; exec "{python}" -c "import time; time.sleep(600)" "$@"',
     }
-    if reader == "none":
+    if reader == "process":
+        # Run from a directory whose own outbox/ and numpy.py would break the reader if
+        # it put the working directory on its path (it starts with -P).
+        shadow = tmp_path / "shadow"
+        (shadow / "outbox").mkdir(parents=True)
+        for module_file in (shadow / "outbox" / "__init__.py", shadow / "numpy.py"):
+            module_file.write_text("raise ImportError('the shadow, not the package')\n")
+        monkeypatch.chdir(shadow)
+    elif reader == "none":
         monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
     elif reader == "frozen":
         monkeypatch.setattr(sys, "frozen", True, raising=False)
