@@ -742,6 +742,21 @@ def test_the_later_passes_are_read_by_a_reader_process_or_here_if_it_fails(
         assert "PATH=" in given and "secret" not in given
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "many"])
+def test_a_bad_pass_size_is_a_config_error_before_anything_is_written(
+    tmp_path: Path, value: str
+) -> None:
+    """``quality.pass_rows`` must be a positive number of rows: otherwise one line naming
+    the variable, exit 2, and no outbox created."""
+    db = tmp_path / "o.db"
+    env = outbox_env(db, OUTBOX__QUALITY__PASS_ROWS=value)
+    result = outbox("fetch", "--replay", str(pacw_pages(tmp_path / "p")), env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "OUTBOX__QUALITY__PASS_ROWS: quality.pass_rows" in lines[0]
+    assert "Traceback" not in result.stderr and not db.exists()
+
+
 def test_with_a_rule_quarantining_the_checks_judge_in_the_staging_transaction(
     tmp_path: Path,
 ) -> None:
