@@ -61,9 +61,9 @@ BATCH = 5_000
 GZIP_LEVEL = 1  # GridPulseClient's default
 _ROWS = """
 SELECT o.series_id, s.ba, s.type, s.subtype, o.units, o.ts, o.value, o.quality_flag, o.revision
-FROM observations o INDEXED BY ix_observations_pending_due
+FROM queue q CROSS JOIN observations o ON o.series_id = q.series_id AND o.ts = q.ts
 JOIN series s ON s.series_id = o.series_id
-WHERE o.state = 'pending' ORDER BY o.ts, o.series_id
+WHERE q.state = 'pending' ORDER BY q.ts, q.series_id
 """
 _RECEIVER = SimpleNamespace(cluster=None)  # set by --receiver-db postgres
 

@@ -50,23 +50,24 @@ START = "2014-01-01T00:00:00Z"
 _FILL = """
 WITH RECURSIVE h(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM h WHERE n < :hours - 1)
 INSERT INTO observations (series_id, ts, value, units, quality_flag, revision, page_id,
-    page_row, state, attempts, next_attempt_at, last_error, last_error_code, fetched_at,
-    acked_at, acked_revision)
+    page_row, fetched_at)
 SELECT :sid, strftime('%Y-%m-%dT%H:%M:%SZ', :start, '+' || n || ' hours'), 1000.0 + n % 500,
     'MW', 'good', printf('%016x', (n * 2654435761 + :salt) % 9007199254740991), NULL, NULL,
-    CASE WHEN :all_pending OR n >= :pending_from THEN 'pending'
-         WHEN n % :dead_every = 0 THEN 'dead' ELSE 'acked' END,
-    CASE WHEN NOT :all_pending AND n < :pending_from AND n % :dead_every = 0 THEN 1 ELSE 0 END,
-    NULL,
-    CASE WHEN NOT :all_pending AND n < :pending_from AND n % :dead_every = 0
-         THEN 'value below 0 for demand' END,
-    CASE WHEN NOT :all_pending AND n < :pending_from AND n % :dead_every = 0
-         THEN 'VALUE_OUT_OF_RANGE' END,
-    :start, CASE WHEN NOT :all_pending AND n < :pending_from AND n % :dead_every <> 0
-                 THEN :start END,
-    CASE WHEN NOT :all_pending AND n < :pending_from AND n % :dead_every <> 0
-         THEN printf('%016x', (n * 2654435761 + :salt) % 9007199254740991) END
+    :start
 FROM h
+"""
+# The queue entries of the series just filled: its newest hours pending (all of them with
+# all_pending), one hour in DEAD_EVERY of the others dead, the rest acknowledged (no entry).
+_QUEUE = """
+WITH RECURSIVE h(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM h WHERE n < :hours - 1)
+INSERT INTO queue (ts, series_id, revision, state, attempts, last_error, last_error_code)
+SELECT strftime('%Y-%m-%dT%H:%M:%SZ', :start, '+' || n || ' hours'), :sid,
+    printf('%016x', (n * 2654435761 + :salt) % 9007199254740991),
+    CASE WHEN :all_pending OR n >= :pending_from THEN 'pending' ELSE 'dead' END,
+    CASE WHEN :all_pending OR n >= :pending_from THEN 0 ELSE 1 END,
+    CASE WHEN :all_pending OR n >= :pending_from THEN NULL ELSE 'value below 0 for demand' END,
+    CASE WHEN :all_pending OR n >= :pending_from THEN NULL ELSE 'VALUE_OUT_OF_RANGE' END
+FROM h WHERE :all_pending OR n >= :pending_from OR n % :dead_every = 0
 """
 
 
@@ -90,12 +91,14 @@ def build(path: Path, bas: int, hours: int, *, all_pending: bool) -> int:
     con.execute("PRAGMA synchronous = OFF")
     con.execute("PRAGMA cache_size = -262144")
     indexes = con.execute(
-        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'observations'"
-        " AND sql IS NOT NULL"
+        "SELECT type, name, sql FROM sqlite_master WHERE type IN ('index', 'trigger')"
+        " AND tbl_name IN ('observations', 'queue') AND sql IS NOT NULL"
     ).fetchall()
     con.execute("BEGIN")
-    for name, _ in indexes:  # built once at the end: much faster than row by row
-        con.execute(f"DROP INDEX {name}")
+    # Indexes built once at the end: much faster than row by row; the queue written here
+    # rather than by the triggers, which come back at the end too.
+    for kind, name, _ in indexes:
+        con.execute(f"DROP {kind.upper()} {name}")
     series = series_of(bas)
     con.executemany(
         "INSERT INTO series (series_id, ba, type, subtype, units, route, facets, first_seen)"
@@ -111,7 +114,8 @@ def build(path: Path, bas: int, hours: int, *, all_pending: bool) -> int:
     }
     for i, (sid, *_rest) in enumerate(series):
         con.execute(_FILL, {**params, "sid": sid, "salt": i})
-    for _, sql in indexes:
+        con.execute(_QUEUE, {**params, "sid": sid, "salt": i})
+    for _, _, sql in indexes:
         con.execute(sql)
     for stage in ("fetch", "send"):
         con.execute(

@@ -109,7 +109,7 @@ def build(config: Config, *, days: int = DEFAULT_DAYS, now: datetime | None = No
         "groups": groups,
         "bas": bas,
         "selector": len(bas) > SELECTOR_ABOVE_BAS,
-        "backlog": _backlog(staged, acked),
+        "backlog": _backlog(staged, acked, model.totals["pending"]),
         "runs": [_run(r) for r in reversed(runs)],
         "freshness": [_freshness(g) for g in model.groups if g.enabled],
         "findings": findings,
@@ -204,9 +204,14 @@ def _marks(
 
 
 def _backlog(
-    staged: Sequence[tuple[str, int]], acked: Sequence[tuple[str, int, str]]
+    staged: Sequence[tuple[str, int]], acked: Sequence[tuple[str, int, str]], pending_now: int
 ) -> dict[str, list[Any]]:
-    """Pending rows and the newest acknowledged hour after each minute anything happened."""
+    """Pending rows and the newest acknowledged hour after each minute anything happened.
+
+    The backlog is counted back from ``pending_now``: rows pruned since (staged minutes
+    lose them, acknowledged minutes do not) and revisions (a row staged once, acknowledged
+    twice) then shift only the oldest minutes, never today's figure.
+    """
     events: dict[str, list[Any]] = {}
     for minute, n in staged:
         events.setdefault(minute, [0, 0, None])[0] += n
@@ -224,9 +229,10 @@ def _backlog(
         if newest is not None and (newest_acked is None or newest > newest_acked):
             newest_acked = newest
         t.append(int(parse_ts(minute + ":00Z").timestamp()))
-        pending.append(max(0, total_staged - total_acked))
+        pending.append(total_staged - total_acked)
         delivered.append(int(parse_ts(newest_acked).timestamp()) if newest_acked else None)
-    return {"t": t, "pending": pending, "delivered": delivered}
+    shift = pending_now - (total_staged - total_acked)
+    return {"t": t, "pending": [max(0, p + shift) for p in pending], "delivered": delivered}
 
 
 def _run(run: RunRecord) -> dict[str, Any]:

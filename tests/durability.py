@@ -37,7 +37,6 @@ OBS_COLUMNS = (
     "revision",
     "state",
     "attempts",
-    "acked_revision",
 )
 REGION_TYPES = {"D": "demand", "DF": "demand_forecast", "NG": "net_generation", "TI": "interchange"}
 Key = tuple[str, str]
@@ -203,10 +202,11 @@ def connect(db: Path) -> Iterator[sqlite3.Connection]:
 
 
 def rows(db: Path, columns: Sequence[str] = OBS_COLUMNS) -> list[tuple]:
-    """Every observation, the given columns, in key order."""
+    """Every observation, the given columns (of the ``row_states`` view: the row with its
+    delivery state), in key order."""
     with connect(db) as con:
         return con.execute(
-            f"SELECT {', '.join(columns)} FROM observations ORDER BY series_id, ts"
+            f"SELECT {', '.join(columns)} FROM row_states ORDER BY series_id, ts"
         ).fetchall()
 
 
@@ -230,7 +230,7 @@ def integrity(db: Path) -> str:
 def states(db: Path) -> dict[str, int]:
     """Rows per state."""
     with connect(db) as con:
-        return dict(con.execute("SELECT state, count(*) FROM observations GROUP BY state"))
+        return dict(con.execute("SELECT state, count(*) FROM row_states GROUP BY state"))
 
 
 def stream_of(route: str, facets: str) -> str:
@@ -316,12 +316,13 @@ def _postgres_held(url: str) -> dict[Key, str]:
 
 
 def acked_not_held(db: Path, held: dict[Key, str]) -> list[tuple]:
-    """Rows the outbox marks acked that the receiver does not hold at that revision."""
+    """Rows the outbox takes as acked (no queue entry left) that the receiver does not hold
+    at their current revision (a revision staged after an ack re-queues the row)."""
     with connect(db) as con:
         acked = con.execute(
-            "SELECT series_id, ts, revision, acked_revision FROM observations WHERE state = 'acked'"
+            "SELECT series_id, ts, revision FROM row_states WHERE state = 'acked'"
         ).fetchall()
-    return [r for r in acked if held.get((r[0], r[1])) != r[2] or r[2] != r[3]]
+    return [r for r in acked if held.get((r[0], r[1])) != r[2]]
 
 
 def latest_staged(db: Path) -> dict[Key, str]:

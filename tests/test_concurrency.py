@@ -68,7 +68,7 @@ def start_together(n: int, env: dict[str, str]) -> list[tuple[int, str]]:
 def revise(db: Path, rng: random.Random, share: float) -> int:
     with connect(db) as con:
         acked = con.execute(
-            "SELECT series_id, ts, value FROM observations WHERE state = 'acked'"
+            "SELECT series_id, ts, value FROM row_states WHERE state = 'acked'"
         ).fetchall()
     rows = []
     for sid, ts, value in rng.sample(acked, int(len(acked) * share)):

@@ -108,7 +108,7 @@ def revise(db: Path, rng: random.Random, share: float) -> int:
     """EIA revises ``share`` of the delivered rows; returns how many were staged anew."""
     with connect(db) as con:
         acked = con.execute(
-            "SELECT series_id, ts, value FROM observations WHERE state = 'acked'"
+            "SELECT series_id, ts, value FROM row_states WHERE state = 'acked'"
         ).fetchall()
     chosen = rng.sample(acked, int(len(acked) * share))
     revised = []

@@ -121,7 +121,7 @@ def test_a_killed_send_is_failed_by_the_next_send(tmp_path: Path) -> None:
         (3, "send", "ok", None, done_pid(db, 3), 1),
     ]
     with connect(db) as con:
-        assert con.execute("SELECT DISTINCT state FROM observations").fetchall() == [("acked",)]
+        assert con.execute("SELECT DISTINCT state FROM row_states").fetchall() == [("acked",)]
 
 
 def test_a_run_whose_process_holds_the_lock_is_running(tmp_path: Path) -> None:

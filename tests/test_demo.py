@@ -33,7 +33,7 @@ def outbox(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproce
 
 def states(db: Path) -> list[tuple[str, int]]:
     with sqlite3.connect(db) as conn:
-        return conn.execute("SELECT state, count(*) FROM observations GROUP BY state").fetchall()
+        return conn.execute("SELECT state, count(*) FROM row_states GROUP BY state").fetchall()
 
 
 def sqlite3_lines(text: str) -> list[tuple[str, str]]:

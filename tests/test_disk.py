@@ -156,7 +156,7 @@ def test_send_whose_ack_write_finds_the_disk_full_leaves_every_row_pending(
         assert (resent["batch_id"], resent["times_seen"]) == (batch["batch_id"], 2)
         held = receiver_rows(receiver.base_url, receiver.api_key)
     with sqlite3.connect(db) as con:
-        states = dict(con.execute("SELECT state, count(*) FROM observations GROUP BY state"))
+        states = dict(con.execute("SELECT state, count(*) FROM row_states GROUP BY state"))
     assert states == {"acked": 2376} and len(held) == 2376
 
 
@@ -239,7 +239,7 @@ def test_send_on_a_full_tmpfs(small_disk: Path, tmp_path: Path) -> None:
         assert again.returncode == 0, again.stderr
         held = receiver_rows(receiver.base_url, receiver.api_key)
     with sqlite3.connect(db) as con:
-        states = dict(con.execute("SELECT state, count(*) FROM observations GROUP BY state"))
+        states = dict(con.execute("SELECT state, count(*) FROM row_states GROUP BY state"))
     assert states == {"acked": 2376} and len(held) == 2376
 
 

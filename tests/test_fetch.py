@@ -30,15 +30,14 @@ from outbox.testing.synth import ROUTES, make_rows, read_rows, write_pages
 
 KEY = "eia-test-key-0123456789"
 ROW_FIELDS = (
-    "series_id, ts, value, units, quality_flag, revision, page_id, page_row, state, attempts,"
-    " acked_revision"
+    "series_id, ts, value, units, quality_flag, revision, page_id, page_row, state, attempts"
 )
 
 
 def snapshot(db: Path) -> list[tuple]:
     """Every observation row, minus the fetch timestamps (they are wall-clock)."""
     con = sqlite3.connect(db)
-    rows = con.execute(f"SELECT {ROW_FIELDS} FROM observations ORDER BY series_id, ts").fetchall()
+    rows = con.execute(f"SELECT {ROW_FIELDS} FROM row_states ORDER BY series_id, ts").fetchall()
     con.close()
     return rows
 

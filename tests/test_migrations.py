@@ -23,6 +23,8 @@ from outbox.store.schema import metadata
 
 TABLES = {
     "observations",
+    "queue",
+    "ack_minutes",
     "pages",
     "series",
     "watermarks",
@@ -31,7 +33,7 @@ TABLES = {
     "checked_gaps",
     "meta",
 }
-VIEWS = {"pending", "dead", "series_status"}
+VIEWS = {"pending", "dead", "series_status", "row_states"}
 
 
 def _objects(path: Path) -> dict[str, set[str]]:
@@ -54,7 +56,9 @@ def test_open_creates_schema_at_head(store: Store, db_path: Path) -> None:
     objects = _objects(db_path)
     assert objects["table"] >= TABLES
     assert objects["view"] >= VIEWS
-    assert {"ix_observations_pending_due", "ix_observations_dead"} <= objects["index"]
+    assert {"ix_queue_dead", "ix_queue_deferred"} <= objects["index"]
+    assert {"tr_observations_queued", "tr_observations_requeued"} <= objects["trigger"]
+    assert {"tr_observations_forgotten", "tr_observations_revised"} <= objects["trigger"]
     assert _drift(store) == []
 
 
@@ -75,6 +79,7 @@ def _index_columns(path: Path, name: str) -> list[str]:
 
 
 def test_0002_puts_state_last_in_the_partial_indexes_and_back(store: Store, db_path: Path) -> None:
+    downgrade(store, "0002")  # the indexes of observations, as 0002 left them
     assert _index_columns(db_path, "ix_observations_pending_due") == [
         "ts",
         "series_id",
@@ -226,3 +231,60 @@ def test_a_schema_from_a_newer_version_is_one_line_and_left_alone(tmp_path: Path
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0099",)]
         assert conn.execute("SELECT count(*) FROM observations").fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+
+
+def _legacy_rows(path: Path) -> list[tuple]:
+    con = sqlite3.connect(path)
+    rows = con.execute(
+        "SELECT ts, value, revision, state, attempts, next_attempt_at, last_error,"
+        " last_error_code, acked_revision FROM observations ORDER BY ts"
+    ).fetchall()
+    con.close()
+    return rows
+
+
+def test_0008_moves_each_rows_delivery_state_to_the_queue_and_back(
+    store: Store, db_path: Path
+) -> None:
+    sid = "EIA.PJM.demand"
+    rows = [obs(sid, h, 100.0 + h) for h in range(5)]
+    store.staging.stage(rows, series_rows=[series_row(sid)])
+    store.delivery.record_outcome(
+        [(r[0], r[1], r[5]) for r in rows[:2]],
+        rejected=[((rows[2][0], rows[2][1], rows[2][5]), "VALUE_OUT_OF_RANGE", "bad")],
+        now="2026-11-22T00:00:00Z",
+    )
+    store.delivery.apply_acks()
+    store.delivery.defer([(rows[3][0], rows[3][1], rows[3][5])], "2026-11-23T00:00:00Z", "503", "X")
+    downgrade(store, "0007")
+    before = _legacy_rows(db_path)
+    assert [r[3] for r in before] == ["acked", "acked", "dead", "pending", "pending"]
+    assert before[0][8] == rows[0][5] and before[3][4:6] == (1, "2026-11-23T00:00:00Z")
+    assert before[2][6:8] == ("bad", "VALUE_OUT_OF_RANGE")
+    con = sqlite3.connect(db_path)
+    with con:  # an acknowledged row as 0007 kept it: with its ack time
+        con.execute(
+            "UPDATE observations SET acked_at = '2026-11-22T00:00:00Z'"
+            " WHERE acked_at IS NULL AND state = 'acked'"
+        )
+    con.close()
+    upgrade(store)
+    assert _drift(store) == []
+    assert [store.reads.row(sid, r[1])["state"] for r in rows] == [
+        "acked",
+        "acked",
+        "dead",
+        "pending",
+        "pending",
+    ]
+    deferred = store.reads.row(sid, rows[3][1])
+    assert (deferred["attempts"], deferred["next_attempt_at"]) == (1, "2026-11-23T00:00:00Z")
+    assert store.reads.row(sid, rows[2][1])["last_error_code"] == "VALUE_OUT_OF_RANGE"
+    assert [c.ts for c in store.delivery.claim(10, "2026-11-22T12:00:00Z")] == [rows[4][1]]
+    with store.read() as conn:
+        minutes = conn.exec_driver_sql("SELECT * FROM ack_minutes").all()
+    assert [tuple(m) for m in minutes] == [("2026-11-22T00:00", 2, rows[1][1])]
+    downgrade(store, "0007")  # and back: the same states, attempts and errors
+    assert _legacy_rows(db_path) == before
+    upgrade(store)
+    assert _drift(store) == []

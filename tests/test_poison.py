@@ -178,7 +178,7 @@ def _geothermal(respondent: str, period: str, value: str) -> dict:
 def _dead(db: Path) -> dict[str, tuple[str, str]]:
     with connect(db) as con:
         found = con.execute(
-            "SELECT series_id, last_error_code, last_error FROM observations WHERE state = 'dead'"
+            "SELECT series_id, last_error_code, last_error FROM row_states WHERE state = 'dead'"
         ).fetchall()
     return {r[0]: (r[1], r[2]) for r in found}
 

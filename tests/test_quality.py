@@ -447,7 +447,7 @@ SPIKE = ("EIA.PACW.demand", "2023-01-04T12:00:00Z")
 def _state(db: Path, key: tuple[str, str]) -> tuple[str, str | None]:
     con = sqlite3.connect(db)
     row = con.execute(
-        "SELECT state, last_error_code FROM observations WHERE series_id = ? AND ts = ?", key
+        "SELECT state, last_error_code FROM row_states WHERE series_id = ? AND ts = ?", key
     ).fetchone()
     con.close()
     return row

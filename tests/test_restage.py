@@ -58,7 +58,7 @@ def table(db: Path, sql: str) -> list[tuple]:
 
 
 def observations(db: Path) -> list[tuple]:
-    return table(db, "SELECT series_id, ts, value, revision, state FROM observations ORDER BY 1, 2")
+    return table(db, "SELECT series_id, ts, value, revision, state FROM row_states ORDER BY 1, 2")
 
 
 def target_of(rows: list[dict]) -> dict:

@@ -61,7 +61,7 @@ def accept_all(request: httpx.Request) -> httpx.Response:
 
 def states(store: Store) -> dict[str, int]:
     with store.read() as conn:
-        rows = conn.exec_driver_sql("SELECT state, count(*) FROM observations GROUP BY state").all()
+        rows = conn.exec_driver_sql("SELECT state, count(*) FROM row_states GROUP BY state").all()
     return {r[0]: r[1] for r in rows}
 
 
@@ -468,7 +468,7 @@ def test_k_bad_rows_at_the_head_are_dead_and_the_rest_delivered(store: Store, ba
     assert (result.acked, result.rejected) == (20 - bad, bad)
     assert states(store) == {"acked": 20 - bad, "dead": bad}
     with store.read() as conn:
-        dead = conn.exec_driver_sql("SELECT ts FROM observations WHERE state = 'dead'").scalars()
+        dead = conn.exec_driver_sql("SELECT ts FROM row_states WHERE state = 'dead'").scalars()
         assert sorted(dead) == hours[:bad]
     # The first bisection: 20 -> 10 -> 5 -> 3 -> 2 -> 1; then each next row in its batch
     # and alone.
@@ -507,7 +507,7 @@ def test_circuit_breaker_trips_when_a_row_from_outside_the_run_is_refused_too(
     assert requests[-1] == [19]
     assert states(store) == {"dead": 4, "pending": 16}
     with store.read() as conn:
-        dead = conn.exec_driver_sql("SELECT ts FROM observations WHERE state = 'dead'").scalars()
+        dead = conn.exec_driver_sql("SELECT ts FROM row_states WHERE state = 'dead'").scalars()
         assert sorted(dead) == [*hours[:3], hours[19]]
 
 
@@ -529,7 +529,7 @@ def test_a_probe_refused_with_another_code_restarts_the_count(store: Store) -> N
     with store.read() as conn:
         codes = dict(
             conn.exec_driver_sql(
-                "SELECT ts, last_error_code FROM observations WHERE state = 'dead'"
+                "SELECT ts, last_error_code FROM row_states WHERE state = 'dead'"
             ).all()
         )
     assert codes == {**{h: "POISONED" for h in hours[:3]}, hours[19]: "OTHER"}
@@ -575,7 +575,7 @@ def test_a_probe_too_large_alone_is_dead_and_the_run_goes_on(store: Store) -> No
     assert (result.acked, result.rejected) == (16, 4)
     with store.read() as conn:
         code = conn.exec_driver_sql(
-            "SELECT last_error_code FROM observations WHERE ts = ?", (hours[19],)
+            "SELECT last_error_code FROM row_states WHERE ts = ?", (hours[19],)
         ).scalar()
     assert code == "PAYLOAD_TOO_LARGE"
 

@@ -250,7 +250,7 @@ def test_three_bad_rows_at_the_head_are_dead_and_every_good_row_delivered(db: Pa
     assert states(db) == {"acked": SAMPLE_ROWS - 3, "dead": 3}
     with sqlite3.connect(db) as con:
         dead = con.execute(
-            "SELECT series_id, ts, last_error_code FROM observations WHERE state = 'dead'"
+            "SELECT series_id, ts, last_error_code FROM row_states WHERE state = 'dead'"
         ).fetchall()
     assert sorted(f"{sid} {ts}" for sid, ts, _ in dead) == sorted(bad)
     assert {code for *_, code in dead} == {"OUT_OF_RANGE"}

@@ -140,7 +140,7 @@ def rows(store: Store) -> dict[Key, tuple[str, str | None, str | None]]:
     """(series_id, ts) -> (state, last_error_code, next_attempt_at), read from the file."""
     with sqlite3.connect(store.path) as con:
         found = con.execute(
-            "SELECT series_id, ts, state, last_error_code, next_attempt_at FROM observations"
+            "SELECT series_id, ts, state, last_error_code, next_attempt_at FROM row_states"
         ).fetchall()
     return {(r[0], r[1]): (r[2], r[3], r[4]) for r in found}
 

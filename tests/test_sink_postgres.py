@@ -228,7 +228,7 @@ def test_the_send_stage_settles_rows_by_the_database(tmp_path: Path, dsn: str) -
             sink.close()
     with sqlite3.connect(db) as con:
         dead = con.execute(
-            "SELECT ts, last_error_code, last_error FROM observations WHERE state = 'dead'"
+            "SELECT ts, last_error_code, last_error FROM row_states WHERE state = 'dead'"
         ).fetchall()
     assert len(dead) == 1
     assert dead[0][0] == ts(10)
@@ -370,14 +370,13 @@ def test_a_serialization_failure_defers_the_batch_like_a_503(tmp_path: Path, dsn
                 run_send(config, store, sink)
             with sqlite3.connect(db) as con:
                 found = con.execute(
-                    "SELECT state, count(*), count(next_attempt_at) FROM observations "
-                    "GROUP BY state"
+                    "SELECT state, count(*), count(next_attempt_at) FROM row_states GROUP BY state"
                 ).fetchall()
             assert found == [("pending", 3, 3)], "deferred with a next attempt time, none dead"
             assert held(dsn) == {}
             execute(dsn, "DROP TRIGGER refuse ON observations")
             with sqlite3.connect(db) as con:
-                con.execute("UPDATE observations SET next_attempt_at = NULL")
+                con.execute("UPDATE queue SET next_attempt_at = NULL")
             assert run_send(config, store, sink).acked == 3
         finally:
             sink.close()

@@ -59,7 +59,7 @@ def pg_env(db: Path, url: str, **extra: str) -> dict[str, str]:
 def acked(db: Path) -> dict[tuple[str, str], tuple[float | None, str]]:
     with connect(db) as con:
         found = con.execute(
-            "SELECT series_id, ts, value, quality_flag, state FROM observations"
+            "SELECT series_id, ts, value, quality_flag, state FROM row_states"
         ).fetchall()
     assert {r[4] for r in found} == {"acked"}
     return {(r[0], r[1]): (r[2], r[3]) for r in found}
@@ -154,7 +154,7 @@ def test_a_closed_port_defers_the_rows(tmp_path: Path) -> None:
     assert "rows stay pending" in failed.stderr and "Traceback" not in failed.stderr
     with connect(db) as con:
         pending = con.execute(
-            "SELECT count(*), count(next_attempt_at) FROM observations WHERE state = 'pending'"
+            "SELECT count(*), count(next_attempt_at) FROM row_states WHERE state = 'pending'"
         ).fetchone()
     assert pending[0] == 2376 and pending[1] == 2376, "deferred with a next attempt time"
 
@@ -287,7 +287,7 @@ def test_refused_credentials_stop_the_send_and_defer_nothing(
     assert "rows stay pending" not in failed.stderr, failed.stderr
     with connect(db) as con:
         found = con.execute(
-            "SELECT count(*), count(next_attempt_at), max(attempts) FROM observations "
+            "SELECT count(*), count(next_attempt_at), max(attempts) FROM row_states "
             "WHERE state = 'pending'"
         ).fetchone()
     assert found == (2376, 0, 0), (failed.stderr, found)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -59,6 +60,20 @@ def test_restage_of_unchanged_rows_writes_nothing(store: Store, db_path: Path) -
         assert conn.exec_driver_sql("SELECT count(*) FROM pages").scalar() == 1
 
 
+def _queued_revision(store: Store, series_id: str, hour: int) -> str | None:
+    """The revision the row's queue entry is for (None: no entry, the row is acked)."""
+    with store.read() as conn:
+        found = conn.exec_driver_sql(
+            "SELECT revision FROM queue WHERE series_id = ? AND ts = ?", (series_id, ts(hour))
+        ).first()
+    return found[0] if found else None
+
+
+def _ack_minutes(store: Store) -> list[tuple[str, int, str]]:
+    with store.read() as conn:
+        return [tuple(r) for r in conn.exec_driver_sql("SELECT * FROM ack_minutes ORDER BY 1")]
+
+
 def test_new_revision_goes_back_to_pending(store: Store) -> None:
     _stage(store, [obs(PJM, 0, 10.0), obs(PJM, 1, 11.0)])
     ack(store, [_key(obs(PJM, 0, 10.0)), _key(obs(PJM, 1, 11.0))])
@@ -68,7 +83,8 @@ def test_new_revision_goes_back_to_pending(store: Store) -> None:
     assert _state(store, PJM, 0) == "acked"
     row = store.reads.row(PJM, ts(1))
     assert row["state"] == "pending" and row["value"] == 12.5 and row["attempts"] == 0
-    assert row["acked_revision"] == obs(PJM, 1, 11.0)[5]
+    assert _queued_revision(store, PJM, 1) == obs(PJM, 1, 12.5)[5]
+    assert ack(store, [_key(obs(PJM, 1, 11.0))]) == 0  # a late ack of the old one: stale
     assert [c.ts for c in store.delivery.claim(10, ts(100))] == [ts(1)]
 
 
@@ -125,9 +141,10 @@ def test_defer_hides_rows_until_due_and_counts_attempts(store: Store) -> None:
     assert store.delivery.count_due(ts(0)) == 2
 
 
-def test_pending_and_dead_scans_read_only_their_index(store: Store, db_path: Path) -> None:
-    """Status, count_due, count_deferred and has_deferred never read a table row per
-    pending or dead row: the partial indexes cover them (migration 0002)."""
+def test_pending_and_dead_scans_read_only_the_queue(store: Store, db_path: Path) -> None:
+    """Status, count_due, count_deferred and has_deferred never read an observation per
+    pending or dead row: the queue's own rows, or its covering partial indexes, answer
+    (migrations 0002 and 0008); observations are only sought by primary key."""
     _stage(store, [obs(PJM, h) for h in range(4)] + [obs(MISO, h) for h in range(4)])
     store.delivery.defer([_key(obs(PJM, 1))], ts(10), "503", code="SINK_UNAVAILABLE")
     reject(store, [(_key(obs(MISO, 2)), "VALUE_OUT_OF_RANGE", "no")])
@@ -142,16 +159,23 @@ def test_pending_and_dead_scans_read_only_their_index(store: Store, db_path: Pat
     store.delivery.count_deferred(ts(5))
     store.delivery.has_deferred("SINK_UNAVAILABLE")
     con = sqlite3.connect(db_path)
-    uses = [
+    lines = [
         line
         for sql in statements
         if sql.lstrip().upper().startswith("SELECT")
         for *_, line in con.execute(f"EXPLAIN QUERY PLAN {sql}")
-        if "ix_observations_pending_due" in line or "ix_observations_dead" in line
     ]
     con.close()
+    uses = [line for line in lines if re.search(r"\bqueue\b", line)]
     assert len(uses) >= 6
-    assert all("COVERING INDEX" in line for line in uses), uses
+    assert all(
+        "COVERING INDEX ix_queue_" in line or re.fullmatch(r"(SCAN|SEARCH) queue\b.*", line)
+        for line in uses
+    ), uses
+    # A plain `SCAN queue` reads the narrow queue rows themselves (WITHOUT ROWID).
+    assert not [line for line in lines if re.match(r"SCAN (o|observations)\b", line)], lines
+    assert any("COVERING INDEX ix_queue_dead" in line for line in uses), uses
+    assert any("COVERING INDEX ix_queue_deferred" in line for line in uses), uses
 
 
 def test_claim_orders_by_ts_then_series(store: Store) -> None:
@@ -470,8 +494,12 @@ def test_recorded_acks_reach_their_rows_when_applied(store: Store) -> None:
     _stage(store, [obs(PJM, 1, 99.0)])
     assert store.delivery.apply_acks() == 2
     assert [_state(store, PJM, h) for h in range(3)] == ["acked", "pending", "acked"]
-    row = store.reads.row(PJM, ts(0))
-    assert row is not None and row["acked_at"] == ts(50) and row["acked_revision"] == rows[0][5]
+    # The minute of the ack counts the two rows it acknowledged (the report's backlog).
+    assert _ack_minutes(store) == [(ts(50)[:16], 2, ts(2))]
+    assert _queued_revision(store, PJM, 0) is None and _queued_revision(store, PJM, 2) is None
+    assert (
+        _queued_revision(store, PJM, 1) == obs(PJM, 1, 99.0)[5]
+    )  # the entry left is the new revision's
     assert (
         store.delivery.unapplied_acks() == 0 and store.delivery.apply_acks() == 0
     )  # nothing left to apply
@@ -485,6 +513,5 @@ def test_recorded_acks_apply_in_order_and_survive_reopen(store: Store, db_path: 
     with Store.open(db_path) as again:  # as after a kill: the log is still there
         assert again.delivery.unapplied_acks() == 4
         assert again.delivery.apply_acks() == 4
-        assert [again.reads.row(PJM, ts(h))["acked_at"] for h in range(4)] == [ts(50)] * 2 + [
-            ts(51)
-        ] * 2
+        assert [_state(again, PJM, h) for h in range(4)] == ["acked"] * 4
+        assert _ack_minutes(again) == [(ts(50)[:16], 2, ts(1)), (ts(51)[:16], 2, ts(3))]

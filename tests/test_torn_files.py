@@ -226,7 +226,7 @@ def recover(copy: Path, data: Path, held: dict, reference: list[tuple]) -> int:
     with connect(db) as con:
         try:
             acked = con.execute(
-                "SELECT series_id, ts, revision FROM observations WHERE state = 'acked'"
+                "SELECT series_id, ts, revision FROM row_states WHERE state = 'acked'"
             ).fetchall()
         except Exception:  # the snapshot came before the schema existed
             acked = []

@@ -76,12 +76,12 @@ WHERE id = ?1
 """
 _RESOLVE = "UPDATE findings SET resolved_at = ?2, last_seen = ?2 WHERE id = ?1"
 _QUARANTINE = """
-UPDATE observations SET state = 'dead', last_error_code = ?1, last_error = ?2,
+UPDATE queue SET state = 'dead', last_error_code = ?1, last_error = ?2,
        next_attempt_at = NULL
 WHERE series_id = ?3 AND ts = ?4 AND state = 'pending'
 """
 _RELEASE = """
-UPDATE observations SET state = 'pending', attempts = 0, next_attempt_at = NULL,
+UPDATE queue SET state = 'pending', attempts = 0, next_attempt_at = NULL,
        last_error = NULL, last_error_code = NULL
 WHERE series_id = ?1 AND ts >= ?2 AND ts <= ?3 AND state = 'dead' AND last_error_code = ?4
 """

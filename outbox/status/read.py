@@ -104,10 +104,10 @@ def collect(
     """Read the outbox and build the status model (reads only).
 
     ``for_check`` (the monitoring probe) reads only what ``evaluate`` needs: the
-    total pending is a count of the pending index, and the per-series and per-group
+    total pending is a count of the queue, and the per-series and per-group
     pending counts, oldest pending, newest acked, delivered-through and next retry are
     left empty. With millions of rows pending the probe then answers in well under a
-    second, where the full status sorts the pending index by series.
+    second, where the full status sorts the queue by series.
     """
     now = now or utcnow()
     states = store.reads.series_states(pending=not for_check)

@@ -16,13 +16,18 @@ Layout (each module holds its own SQL):
 
 Semantics (the contract every stage relies on):
 
-* ``observations`` is keyed by ``(series_id, ts)``. :meth:`Staging.stage` upserts rows;
-  a row whose revision equals the stored one is not written at all (no timestamp
-  moves, ``total_changes()`` does not move). A new revision goes back to ``pending``
-  with ``attempts = 0`` - even one equal to ``acked_revision`` (EIA flipped a value and
-  flipped it back): the revision in between may have reached GridPulse without its ack
-  being recorded (a crash after the 2xx), so only sending again makes GridPulse's copy
-  certain.
+* ``observations`` is keyed by ``(series_id, ts)`` and holds the data; ``queue`` holds
+  the delivery state of every row not acknowledged yet, keyed ``(ts, series_id)`` (the
+  claim's order): ``pending`` or ``dead``, attempts, retry time, last error, and the
+  revision it is for. A row without a queue entry is acknowledged. Triggers on
+  ``observations`` (migration 0008) keep the queue: a new row or a new revision gets a
+  pending entry, a deleted row loses its entry, so no statement stages without queueing.
+* :meth:`Staging.stage` upserts rows; a row whose revision equals the stored one is not
+  written at all (no timestamp moves, ``total_changes()`` does not move). A new revision
+  goes back to ``pending`` with ``attempts = 0`` - even one equal to the revision last
+  acknowledged (EIA flipped a value and flipped it back): the revision in between may
+  have reached GridPulse without its ack being recorded (a crash after the 2xx), so only
+  sending again makes GridPulse's copy certain.
 * Watermarks advance in the same transaction as the rows they cover, and never move
   backwards, so a kill at any instant leaves rows and watermarks consistent.
 * ``stream_progress`` records how far EIA has been asked for a stream and answered
@@ -32,9 +37,9 @@ Semantics (the contract every stage relies on):
   is still to be fetched (its first rows reached back to the start of the window asked);
   it is written with those rows and cleared with the last page of that history.
 * :meth:`Delivery.record_outcome` (acks recorded in ``ack_log``, applied by
-  :meth:`Delivery.apply_acks`, rejections at once) and :meth:`Delivery.defer` only touch
-  a row whose current revision is the one that was sent; a revision staged meanwhile
-  stays pending.
+  :meth:`Delivery.apply_acks`, which deletes queue entries; rejections at once) and
+  :meth:`Delivery.defer` only touch an entry whose revision is the one that was sent; a
+  revision staged meanwhile stays pending.
 * Delivered-through of a series is the newest ``ts`` such that every staged row at or
   before it is ``acked`` or ``dead``.
 

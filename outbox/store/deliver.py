@@ -1,10 +1,11 @@
 """Delivery: what the send side claims, and how it records each batch's outcome.
 
-A sender claims due rows oldest first (a seek on the pending index), records a batch's
-acknowledgements as one ``ack_log`` row (:meth:`Delivery.record_outcome`) and applies
-them to their rows while the next POST is in flight (:meth:`Delivery.apply_acks`).
-Rejected rows go dead, deferred ones stay pending until their retry time; each touches
-only a row whose current revision is the one that was sent.
+A sender claims due rows oldest first (a range of the ``queue`` table, which is ordered
+as a claim reads it), records a batch's acknowledgements as one ``ack_log`` row
+(:meth:`Delivery.record_outcome`) and applies them while the next POST is in flight
+(:meth:`Delivery.apply_acks`): an applied ack deletes the row's queue entry. Rejected rows
+go dead, deferred ones stay pending until their retry time; each touches only an entry
+whose revision is the one that was sent (a revision staged meanwhile re-queued it).
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ if TYPE_CHECKING:
 # A claim takes each row's ba/type/subtype from the series map the Delivery keeps (series
 # rows are only ever inserted, never changed), not from a join per row (a quarter of the
 # claim's CPU); the newest-due probe and a claim meeting a series the map lacks join.
+# CROSS JOIN keeps the queue the outer loop: its order is the claim's.
 _DUE_COLUMNS = """
-SELECT o.series_id, o.ts, o.value, o.units, o.quality_flag, o.revision, o.attempts,
+SELECT q.series_id, q.ts, o.value, o.units, o.quality_flag, q.revision, q.attempts,
        {series} o.page_id, o.page_row
-FROM observations o INDEXED BY ix_observations_pending_due
+FROM queue q CROSS JOIN observations o ON o.series_id = q.series_id AND o.ts = q.ts
 """
-_DUE_WHERE = """WHERE o.state = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)
+_DUE_WHERE = """WHERE q.state = 'pending' AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= ?)
 """
 _DUE = _DUE_COLUMNS.format(series="") + _DUE_WHERE
 _DUE_JOINED = (
@@ -40,13 +42,13 @@ _DUE_JOINED = (
     + "JOIN series s ON s.series_id = o.series_id\n"
     + _DUE_WHERE
 )
-_FIRST = """ORDER BY o.ts, o.series_id
+_FIRST = """ORDER BY q.ts, q.series_id
 LIMIT ?
 """
 # Behind a (ts, series_id) key: a sender with a batch in flight claims the next one from
-# where that batch ends (a range seek on the pending index, not a re-scan).
-_AFTER = """  AND (o.ts, o.series_id) > (?, ?)
-ORDER BY o.ts, o.series_id
+# where that batch ends (a range seek on the queue, not a re-scan).
+_AFTER = """  AND (q.ts, q.series_id) > (?, ?)
+ORDER BY q.ts, q.series_id
 LIMIT ?
 """
 _CLAIM, _CLAIM_JOINED = _DUE + _FIRST, _DUE_JOINED + _FIRST
@@ -54,30 +56,34 @@ _CLAIM_AFTER, _CLAIM_AFTER_JOINED = _DUE + _AFTER, _DUE_JOINED + _AFTER
 # The newest due row: the circuit breaker's probe when the refused batch holds no other row.
 _NEWEST_DUE = (
     _DUE_JOINED
-    + """ORDER BY o.ts DESC, o.series_id DESC
+    + """ORDER BY q.ts DESC, q.series_id DESC
 LIMIT 1
 """
 )
 _SERIES = "SELECT series_id, ba, type, subtype FROM series"
-# Marks the rows of a JSON array of [series_id, ts, revision] keys acked, in one statement
-# (see stage._UPSERT_JSON): each key updates its row at most once.
+# Acknowledges the rows of a JSON array of [series_id, ts, revision] keys in one
+# statement (see stage._UPSERT_JSON): deletes each key's pending entry if it is for that
+# revision (a primary-key seek per key; keys in the batch's order walk the queue in order).
 _ACK_JSON = """
-UPDATE observations SET state = 'acked', acked_revision = revision, acked_at = ?1,
-       last_error = NULL, last_error_code = NULL, next_attempt_at = NULL
-FROM (SELECT json_extract(value, '$[0]') AS key_series, json_extract(value, '$[1]') AS key_ts,
-             json_extract(value, '$[2]') AS key_revision
-      FROM json_each(?2)) AS k
-WHERE observations.series_id = k.key_series AND observations.ts = k.key_ts
-  AND observations.revision = k.key_revision AND observations.state = 'pending'
+DELETE FROM queue
+WHERE (ts, series_id, revision) IN (SELECT json_extract(value, '$[1]'), json_extract(value, '$[0]'),
+                                           json_extract(value, '$[2]') FROM json_each(?))
+  AND state = 'pending'
+"""
+_ACK_MINUTE = """
+INSERT INTO ack_minutes (minute, rows, newest_ts) VALUES (substr(?1, 1, 16), ?2, ?3)
+ON CONFLICT (minute) DO UPDATE SET
+    rows = ack_minutes.rows + excluded.rows,
+    newest_ts = max(ack_minutes.newest_ts, excluded.newest_ts)
 """
 _ACK_LOG_INSERT = "INSERT INTO ack_log (acked_at, keys) VALUES (?, ?)"
 _REJECT = """
-UPDATE observations SET state = 'dead', last_error_code = ?, last_error = ?,
+UPDATE queue SET state = 'dead', last_error_code = ?, last_error = ?,
        attempts = attempts + 1, next_attempt_at = NULL
 WHERE series_id = ? AND ts = ? AND revision = ? AND state = 'pending'
 """
 _DEFER = """
-UPDATE observations SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?,
+UPDATE queue SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?,
        last_error_code = ?
 WHERE series_id = ? AND ts = ? AND revision = ? AND state = 'pending'
 """
@@ -187,9 +193,9 @@ class Delivery:
         return dead
 
     def apply_acks(self) -> int:
-        """Mark the rows of every recorded batch acknowledgement ``acked``; returns how
-        many rows changed (a row revised since it was sent stays pending). Safe to call
-        at any time, from one thread at a time."""
+        """Apply every recorded batch acknowledgement (the rows' queue entries go); returns
+        how many rows it acknowledged (a row revised since it was sent stays pending). Safe
+        to call at any time, from one thread at a time."""
         with self._store.read() as conn:  # the usual case: nothing recorded, no write lock taken
             if conn.exec_driver_sql("SELECT 1 FROM ack_log LIMIT 1").first() is None:
                 return 0
@@ -198,11 +204,11 @@ class Delivery:
             logged = cur.execute("SELECT id, acked_at, keys FROM ack_log ORDER BY id").fetchall()
             acked = 0
             for _id, acked_at, keys in logged:
-                # In primary-key order, (series_id, ts), rather than the batch's (ts,
-                # series_id): the updates then walk the table's pages in order, ~20% less
-                # CPU than hopping series to series (ack_log keeps the wire order).
-                ordered = orjson.dumps(sorted(orjson.loads(keys))).decode()
-                acked += max(cur.execute(_ACK_JSON, (acked_at, ordered)).rowcount, 0)
+                done = max(cur.execute(_ACK_JSON, (keys,)).rowcount, 0)
+                if done:
+                    newest = max(k[1] for k in orjson.loads(keys))
+                    cur.execute(_ACK_MINUTE, (acked_at, done, newest))
+                acked += done
             if logged:
                 cur.execute("DELETE FROM ack_log WHERE id <= ?", (logged[-1][0],))
                 crashpoint("acks.before_commit")
@@ -239,16 +245,14 @@ class Delivery:
     def has_deferred(self, code: str) -> bool:
         """Whether any pending row waits on a deferral recorded with ``code``.
 
-        The deferred rows are found in the pending index alone (it covers the test); only
-        their table rows are read for ``last_error_code``, not one per pending row.
+        The deferred entries are found in their partial index alone (it covers the test),
+        not one per pending row.
         """
         with self._store.read() as conn:
             return (
                 conn.exec_driver_sql(
-                    "SELECT 1 FROM observations AS d INDEXED BY ix_observations_pending_due"
-                    " JOIN observations AS o ON o.series_id = d.series_id AND o.ts = d.ts"
-                    " WHERE d.state = 'pending' AND d.next_attempt_at IS NOT NULL"
-                    " AND o.last_error_code = ? LIMIT 1",
+                    "SELECT 1 FROM queue WHERE next_attempt_at IS NOT NULL"
+                    " AND state = 'pending' AND last_error_code = ? LIMIT 1",
                     (code,),
                 ).first()
                 is not None
@@ -258,12 +262,8 @@ class Delivery:
         """Make rows deferred with ``code`` due now (the cause went away)."""
         with self._store.write() as conn:
             return conn.exec_driver_sql(
-                "UPDATE observations SET next_attempt_at = NULL"
-                " WHERE (series_id, ts) IN (SELECT series_id, ts FROM observations"
-                "   INDEXED BY ix_observations_pending_due"
-                "   WHERE state = 'pending' AND next_attempt_at IS NOT NULL)"
-                " AND state = 'pending' AND next_attempt_at IS NOT NULL"
-                " AND last_error_code = ?",
+                "UPDATE queue SET next_attempt_at = NULL WHERE next_attempt_at IS NOT NULL"
+                " AND state = 'pending' AND last_error_code = ?",
                 (code,),
             ).rowcount
 
@@ -272,8 +272,7 @@ class Delivery:
         with self._store.read() as conn:
             return int(
                 conn.exec_driver_sql(
-                    "SELECT count(*) FROM observations INDEXED BY ix_observations_pending_due"
-                    " WHERE state = 'pending'"
+                    "SELECT count(*) FROM queue WHERE state = 'pending'"
                     " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
                     (now or now_ts(),),
                 ).scalar()
@@ -284,9 +283,8 @@ class Delivery:
         """Pending rows not due before a later time than ``now``, and the earliest such time."""
         with self._store.read() as conn:
             found = conn.exec_driver_sql(
-                "SELECT count(*), min(next_attempt_at) FROM observations"
-                " INDEXED BY ix_observations_pending_due"
-                " WHERE state = 'pending' AND next_attempt_at > ?",
+                "SELECT count(*), min(next_attempt_at) FROM queue"
+                " WHERE next_attempt_at > ? AND state = 'pending'",
                 (now or now_ts(),),
             ).one()
         return int(found[0] or 0), found[1]
@@ -307,20 +305,17 @@ class Delivery:
             clauses.append("ts >= ?")
             params.append(since)
         sql = (
-            "UPDATE observations SET state = 'pending', attempts = 0, next_attempt_at = NULL"
+            "UPDATE queue SET state = 'pending', attempts = 0, next_attempt_at = NULL"
             f" WHERE {' AND '.join(clauses)}"
         )
         with self._store.write() as conn:
             return conn.exec_driver_sql(sql, tuple(params)).rowcount
 
     def count_pending(self) -> int:
-        """How many rows are pending (a count of the pending index: no sort)."""
+        """How many rows are pending (a count of the queue: no sort)."""
         with self._store.read() as conn:
             return int(
-                conn.exec_driver_sql(
-                    "SELECT count(*) FROM observations INDEXED BY ix_observations_pending_due"
-                    " WHERE state = 'pending'"
-                ).scalar()
+                conn.exec_driver_sql("SELECT count(*) FROM queue WHERE state = 'pending'").scalar()
                 or 0
             )
 

@@ -1,8 +1,9 @@
 """Read models: what status, doctor, gaps, the report and the demo read of the outbox.
 
 Every read is one snapshot (:meth:`Store.read`) and never blocks a writer (WAL). Counts
-come from the partial indexes where they can (pending, dead); per-series figures are
-primary-key seeks per series, so they cost the same with millions of rows staged.
+come from the ``queue`` (pending, dead; acknowledged rows have no entry there); per-series
+figures are primary-key seeks per series, so they cost the same with millions of rows
+staged.
 """
 
 from __future__ import annotations
@@ -15,13 +16,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from outbox.store.engine import cursor, one_value
-from outbox.store.schema import observations, pages
+from outbox.store.schema import pages
 from outbox.timeutil import parse_ts
 
 if TYPE_CHECKING:
     from outbox.store.handle import Store
 
 _AFTER_EVERY_TS = "~"  # sorts after every RFC 3339 timestamp: `ts < ?` bounds nothing
+# An observation has been acknowledged when no queue entry is left for it.
+_ACKED = "NOT EXISTS (SELECT 1 FROM queue q WHERE q.ts = o.ts AND q.series_id = o.series_id)"
+_ROW = """
+SELECT o.series_id, o.ts, o.value, o.units, o.quality_flag, o.revision, o.page_id,
+       o.page_row, o.fetched_at, coalesce(q.state, 'acked') AS state,
+       coalesce(q.attempts, 0) AS attempts, q.next_attempt_at, q.last_error, q.last_error_code
+FROM observations o LEFT JOIN queue q ON q.ts = o.ts AND q.series_id = o.series_id
+WHERE o.series_id = ? AND o.ts = ?
+"""
 
 _TS_FMT = "'%Y-%m-%dT%H:%M:%SZ'"
 # Missing hours per series, in one statement:
@@ -96,14 +106,14 @@ class Reads:
     def series_states(self, pending: bool = True) -> list[SeriesState]:
         """Per-series pending/dead counts, newest staged/acked and delivered-through.
 
-        The pending index is scanned once (counts, oldest ts and earliest retry time
+        The queue is scanned once (counts, oldest ts and earliest retry time
         together); everything else is a primary-key seek per series: one when the newest
         row of the series is acknowledged and none is pending (the steady state).
 
         With ``pending=False`` only the dead counts and the newest staged row are read:
         the pending fields are 0 or None, and newest acked and delivered-through are None.
         That costs no more with millions of rows pending (the per-series pending counts
-        sort the pending index: seconds at 10M pending); the monitoring probe needs no
+        sort the queue: seconds at 10M pending); the monitoring probe needs no
         more.
         """
         with self._store.read() as conn:
@@ -111,8 +121,7 @@ class Reads:
             pend = _pending_by_series(cur) if pending else {}
             dead = dict(
                 cur.execute(
-                    "SELECT series_id, count(*) FROM observations WHERE state = 'dead'"
-                    " GROUP BY series_id"
+                    "SELECT series_id, count(*) FROM queue WHERE state = 'dead' GROUP BY series_id"
                 ).fetchall()
             )
             found = cur.execute(
@@ -138,7 +147,9 @@ class Reads:
         sid, ba, typ, sub = series
         n_pending, oldest, retry = pend
         newest, newest_state = cur.execute(
-            "SELECT ts, state FROM observations WHERE series_id = ? ORDER BY ts DESC LIMIT 1",
+            "SELECT o.ts, coalesce(q.state, 'acked') FROM observations o"
+            " LEFT JOIN queue q ON q.ts = o.ts AND q.series_id = o.series_id"
+            " WHERE o.series_id = ? ORDER BY o.ts DESC LIMIT 1",
             (sid,),
         ).fetchone() or (None, None)
         acked = delivered = None  # not read for the probe (pending=False)
@@ -174,8 +185,8 @@ class Reads:
         filled = oldest is not None and n_pending == _hours(oldest, newest) + 1
         acked: str | None = one_value(
             cur,
-            "SELECT ts FROM observations WHERE series_id = ?"
-            " AND state = 'acked' AND ts < ? ORDER BY ts DESC LIMIT 1",
+            f"SELECT o.ts FROM observations o WHERE o.series_id = ? AND o.ts < ? AND {_ACKED}"
+            " ORDER BY o.ts DESC LIMIT 1",
             (sid, oldest if filled else _AFTER_EVERY_TS),
         )
         return acked
@@ -190,40 +201,31 @@ class Reads:
         return delivered
 
     def counts(self) -> dict[str, int]:
-        """Rows per state (pending and dead from their indexes; acked by difference)."""
+        """Rows pending and dead (counts of the queue; acked rows are the others)."""
         with self._store.read() as conn:
             cur = cursor(conn)
-            pending = one_value(
-                cur,
-                "SELECT count(*) FROM observations INDEXED BY ix_observations_pending_due"
-                " WHERE state = 'pending'",
-            )
-            dead = one_value(
-                cur,
-                "SELECT count(*) FROM observations INDEXED BY ix_observations_dead"
-                " WHERE state = 'dead'",
-            )
+            pending = one_value(cur, "SELECT count(*) FROM queue WHERE state = 'pending'")
+            dead = one_value(cur, "SELECT count(*) FROM queue WHERE state = 'dead'")
             cur.close()
         return {"pending": int(pending or 0), "dead": int(dead or 0)}
 
     def count_state(self, state: str) -> int:
-        """Rows in ``state`` (a full count: for tests, the demo and small outboxes)."""
+        """Rows in ``state`` (acked: a full count, for tests, the demo and small outboxes)."""
+        sql = (
+            f"SELECT count(*) FROM observations o WHERE {_ACKED}"
+            if state == "acked"
+            else "SELECT count(*) FROM queue WHERE state = ?"
+        )
         with self._store.read() as conn:
             return int(
-                conn.exec_driver_sql(
-                    "SELECT count(*) FROM observations WHERE state = ?", (state,)
-                ).scalar()
-                or 0
+                conn.exec_driver_sql(sql, () if state == "acked" else (state,)).scalar() or 0
             )
 
     def row(self, series_id: str, ts: str) -> dict[str, Any] | None:
-        """One observation with its states, or None."""
+        """One observation with its delivery state (``pending``, ``dead`` or ``acked``,
+        attempts and last error), or None."""
         with self._store.read() as conn:
-            found = conn.execute(
-                observations.select().where(
-                    observations.c.series_id == series_id, observations.c.ts == ts
-                )
-            ).first()
+            found = conn.exec_driver_sql(_ROW, (series_id, ts)).first()
         return dict(found._mapping) if found else None
 
     def page_body(self, page_id: int) -> tuple[dict[str, Any], bytes] | None:
@@ -240,9 +242,9 @@ class Reads:
         """``(series_id, ts, fetched_at)`` of the oldest pending row (the send queue's head)."""
         with self._store.read() as conn:
             row = conn.exec_driver_sql(
-                "SELECT series_id, ts, fetched_at FROM observations"
-                " INDEXED BY ix_observations_pending_due WHERE state = 'pending'"
-                " ORDER BY ts, series_id LIMIT 1"
+                "SELECT q.series_id, q.ts, o.fetched_at FROM queue q"
+                " CROSS JOIN observations o ON o.series_id = q.series_id AND o.ts = q.ts"
+                " WHERE q.state = 'pending' ORDER BY q.ts, q.series_id LIMIT 1"
             ).first()
         return (row[0], row[1], row[2]) if row else None
 
@@ -304,34 +306,40 @@ class Reads:
         return rows
 
     def flow_by_minute(self) -> tuple[list[tuple[str, int]], list[tuple[str, int, str]]]:
-        """Rows staged per minute (``fetched_at``) and acknowledged per minute (``acked_at``,
-        with the newest hour acknowledged in that minute), of the rows still in the outbox.
+        """Rows staged per minute (``fetched_at``, of the rows still in the outbox and not
+        dead) and acknowledged per minute (``ack_minutes``, with the newest hour
+        acknowledged in that minute).
 
         Cumulated, they give the backlog and the newest delivered hour over wall time.
         """
         with self._store.read() as conn:
             cur = cursor(conn)
-            staged = cur.execute(
-                "SELECT substr(fetched_at, 1, 16), count(*) FROM observations"
-                " WHERE state != 'dead' GROUP BY 1 ORDER BY 1"
-            ).fetchall()
+            staged = dict(
+                cur.execute(
+                    "SELECT substr(fetched_at, 1, 16), count(*) FROM observations GROUP BY 1"
+                ).fetchall()
+            )
+            for minute, n in cur.execute(
+                "SELECT substr(o.fetched_at, 1, 16), count(*) FROM queue q"
+                " CROSS JOIN observations o ON o.series_id = q.series_id AND o.ts = q.ts"
+                " WHERE q.state = 'dead' GROUP BY 1"
+            ):
+                staged[minute] -= n
             acked = cur.execute(
-                "SELECT substr(acked_at, 1, 16), count(*), max(ts) FROM observations"
-                " WHERE acked_at IS NOT NULL AND state != 'dead' GROUP BY 1 ORDER BY 1"
+                "SELECT minute, rows, newest_ts FROM ack_minutes ORDER BY minute"
             ).fetchall()
             cur.close()
-        return staged, acked
+        return sorted((m, n) for m, n in staged.items() if n), [tuple(r) for r in acked]
 
 
 def _pending_by_series(cur: sqlite3.Cursor) -> dict[str, tuple[int, str | None, str | None]]:
     """series_id -> (pending rows, oldest pending ts, earliest retry time): one pass over
-    the pending index."""
+    the queue."""
     return {
         r[0]: (r[1], r[2], r[3])
         for r in cur.execute(
             "SELECT series_id, count(*), min(ts), min(next_attempt_at)"
-            " FROM observations INDEXED BY ix_observations_pending_due"
-            " WHERE state = 'pending' GROUP BY series_id"
+            " FROM queue WHERE state = 'pending' GROUP BY series_id"
         )
     }
 

@@ -42,7 +42,6 @@ _JSON_WIDTHS = {
 # CHECK added to the table but not mirrored here turns that off.
 _MIRRORED_CHECKS = frozenset(
     {
-        "state IN ('pending', 'acked', 'dead')",
         "quality_flag IN ('good', 'estimated', 'missing')",
         "value IS NOT NULL OR quality_flag = 'missing'",
     }
@@ -191,8 +190,9 @@ def _same(rows: Sequence[Sequence[Any]], at: int) -> Any:
 def _pass_checks(rows: Sequence[Sequence[Any]]) -> bool:
     """Whether every row passes the CHECK constraints of ``observations`` (checked here).
 
-    ``state`` always does: the upsert writes 'pending' or 'acked'. Rows that fail are left
-    to SQLite, which raises its IntegrityError as it always did.
+    Rows that fail are left to SQLite, which raises its IntegrityError as it always did.
+    (The queue entries the upsert's triggers write are always 'pending', which passes
+    ``queue``'s own CHECK.)
     """
     if not _CHECKS_MIRRORED or not set(map(itemgetter(4), rows)) <= _QUALITY_FLAG_SET:
         return False

@@ -21,7 +21,7 @@ from sqlalchemy import (
     text,
 )
 
-STATES = ("pending", "acked", "dead")
+STATES = ("pending", "acked", "dead")  # acked: no queue entry
 QUALITY_FLAGS = ("good", "estimated", "missing")
 
 NAMING = {
@@ -79,36 +79,58 @@ observations = Table(
         nullable=True,
     ),
     Column("page_row", Integer, nullable=True),
-    Column("state", Text, nullable=False),
-    Column("attempts", Integer, nullable=False, server_default=text("0")),
-    Column("next_attempt_at", Text, nullable=True),
-    Column("last_error", Text, nullable=True),
-    Column("last_error_code", Text, nullable=True),
     Column("fetched_at", Text, nullable=False),
-    Column("acked_at", Text, nullable=True),
-    Column("acked_revision", Text, nullable=True),
-    CheckConstraint("state IN ('pending', 'acked', 'dead')", name="state"),
     CheckConstraint("quality_flag IN ('good', 'estimated', 'missing')", name="quality_flag"),
     CheckConstraint("value IS NOT NULL OR quality_flag = 'missing'", name="value_or_missing"),
     sqlite_with_rowid=False,
 )
-# `state` is the last column of both partial indexes although each holds one state: SQLite
-# does not count a partial index as covering a query that names `state` otherwise, and
-# reads the table row of every entry (migration 0002).
+
+# The rows not delivered yet, in the order a send claims them (migration 0008): an entry
+# per staged row that is pending (to be sent) or dead (refused, or quarantined); a row of
+# ``observations`` without one is acknowledged. Triggers on ``observations`` keep it: a new
+# row or a new revision puts (back) a pending entry carrying that revision, a deleted row
+# takes its entry along. An acknowledgement deletes the entry of the revision sent (a
+# revision staged meanwhile stays), so an ack costs the delete of a narrow entry, in claim
+# order, instead of the rewrite of the wide row in another order.
+queue = Table(
+    "queue",
+    metadata,
+    Column("ts", Text, primary_key=True),
+    Column("series_id", Text, primary_key=True),
+    Column("revision", Text, nullable=False),
+    Column("state", Text, nullable=False, server_default=text("'pending'")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", Text, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("last_error_code", Text, nullable=True),
+    CheckConstraint("state IN ('pending', 'dead')", name="state"),
+    sqlite_with_rowid=False,
+)
+# `state` ends both partial indexes so that SQLite counts them as covering (see 0002).
 Index(
-    "ix_observations_pending_due",
-    observations.c.ts,
-    observations.c.series_id,
-    observations.c.next_attempt_at,
-    observations.c.state,
-    sqlite_where=text("state = 'pending'"),
+    "ix_queue_dead",
+    queue.c.series_id,
+    queue.c.ts,
+    queue.c.state,
+    sqlite_where=text("state = 'dead'"),
 )
 Index(
-    "ix_observations_dead",
-    observations.c.series_id,
-    observations.c.ts,
-    observations.c.state,
-    sqlite_where=text("state = 'dead'"),
+    "ix_queue_deferred",
+    queue.c.next_attempt_at,
+    queue.c.last_error_code,
+    queue.c.state,
+    sqlite_where=text("next_attempt_at IS NOT NULL"),
+)
+
+# Rows acknowledged per minute (UTC, ``YYYY-MM-DDTHH:MM``) and the newest hour among them:
+# the report's backlog over time, now that a row no longer keeps its ack time. One upsert
+# per applied batch; housekeeping prunes minutes past retention.
+ack_minutes = Table(
+    "ack_minutes",
+    metadata,
+    Column("minute", Text, primary_key=True),
+    Column("rows", Integer, nullable=False),
+    Column("newest_ts", Text, nullable=False),
 )
 
 watermarks = Table(

@@ -42,18 +42,19 @@ HISTORY_PREFIX = "history:"
 DIGEST_PREFIX = "page_digest:"
 _DIGEST_END = "page_digest;"
 
+# A row inserted, or updated to a new revision, is queued for sending by the triggers of
+# migration 0008 (tr_observations_queued / _requeued) inside the same statement.
 _ROW_CONFLICT = """
 ON CONFLICT (series_id, ts) DO UPDATE SET
     value = excluded.value, units = excluded.units, quality_flag = excluded.quality_flag,
     revision = excluded.revision, page_row = excluded.page_row, page_id = excluded.page_id,
-    fetched_at = excluded.fetched_at, state = 'pending',
-    attempts = 0, next_attempt_at = NULL, last_error = NULL, last_error_code = NULL
+    fetched_at = excluded.fetched_at
 WHERE observations.revision <> excluded.revision
 """
 _UPSERT = f"""
 INSERT INTO observations (series_id, ts, value, units, quality_flag, revision, page_row,
-                          page_id, fetched_at, state, attempts)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0)
+                          page_id, fetched_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 {_ROW_CONFLICT}"""
 _SERIES_INSERT = """
 INSERT OR IGNORE INTO series (series_id, ba, type, subtype, units, route, facets, first_seen)
@@ -85,11 +86,11 @@ WHERE excluded.asked_through > stream_progress.asked_through
 # read: coalesce and CASE stop before it).
 _UPSERT_JSON = f"""
 INSERT INTO observations (series_id, ts, value, units, quality_flag, revision, page_row,
-                          page_id, fetched_at, state, attempts)
+                          page_id, fetched_at)
 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
        coalesce(?4, json_extract(value, '$[5]')), coalesce(?5, json_extract(value, '$[4]')),
        json_extract(value, '$[3]'), CASE WHEN ?6 THEN key ELSE json_extract(value, '$[6]') END,
-       ?1, ?2, 'pending', 0
+       ?1, ?2
 FROM json_each(?3) WHERE true
 {_ROW_CONFLICT}"""
 _UPSERT_JSON_RETURNING = _UPSERT_JSON + "RETURNING series_id, ts"

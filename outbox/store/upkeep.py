@@ -19,7 +19,12 @@ from outbox.store.stage import FORGET_PAGES
 if TYPE_CHECKING:
     from outbox.store.handle import Store
 
-_PRUNE_ACKED = "DELETE FROM observations WHERE series_id = ? AND ts < ? AND state = 'acked'"
+# Acknowledged rows: those without a queue entry (pending and dead rows stay).
+_PRUNE_ACKED = """
+DELETE FROM observations WHERE series_id = ? AND ts < ?
+AND NOT EXISTS (SELECT 1 FROM queue q
+                WHERE q.ts = observations.ts AND q.series_id = observations.series_id)
+"""
 _PRUNE_REVISIONS = """
 DELETE FROM revisions WHERE ts < ? AND NOT EXISTS
     (SELECT 1 FROM observations o WHERE o.series_id = revisions.series_id AND o.ts = revisions.ts)
@@ -78,6 +83,9 @@ class Upkeep:
             if conn.exec_driver_sql(_PRUNE_REVISIONS, (before,)).rowcount > 0:
                 conn.exec_driver_sql(FORGET_PAGES)  # the ledger's head may move back
             conn.exec_driver_sql('DELETE FROM findings WHERE "end" < ?', (before,))
+            conn.exec_driver_sql(
+                "DELETE FROM ack_minutes WHERE minute < substr(?, 1, 16)", (before,)
+            )
         return rows, max(checked, 0), max(runs, 0)
 
     def sweep_pages(self, fetched_before: str | None = None, rows_before: str | None = None) -> int:
