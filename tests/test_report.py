@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from outbox.config import Config
-from outbox.report import SELECTOR_ABOVE_BAS, build, render, write_report
+from outbox.report import SELECTOR_ABOVE_BAS, _backlog, build, render, write_report
 from outbox.sample import sample_dir
 from tests.durability import outbox, outbox_env
 
@@ -70,6 +70,22 @@ def test_the_report_holds_every_group_and_marks_the_gap(sample_outbox: Path) -> 
     # The reasons are the verdict's own problems, not a re-parse of its line.
     assert len(v["reasons"]) == 6 and v["summary"] == "CRITICAL - " + "; ".join(v["reasons"])
     assert not data["selector"]
+
+
+def test_the_backlog_ends_at_the_pending_total_however_much_was_pruned(
+    sample_outbox: Path,
+) -> None:
+    backlog = build(_config(sample_outbox))["backlog"]
+    assert backlog["pending"][-1] == 2375  # the sample's rows, one deleted, none sent yet
+    staged = [("2026-12-01T00:00", 10), ("2026-12-01T01:00", 5)]
+    acked = [("2026-12-01T00:30", 8, "2026-11-30T09:00:00Z")]
+    assert _backlog(staged, acked, 7)["pending"] == [10, 2, 7]
+    # Three rows of the first minute acknowledged and pruned since: their staging is gone,
+    # their ack minute is not; counted back from the 7 pending, today's figures hold.
+    pruned = [("2026-12-01T00:00", 7), ("2026-12-01T01:00", 5)]
+    got = _backlog(pruned, acked, 7)
+    assert got["pending"] == [10, 2, 7]
+    assert got["delivered"] == [None, 1796029200, 1796029200]
 
 
 def test_the_page_is_self_contained(sample_outbox: Path) -> None:
