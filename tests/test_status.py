@@ -230,6 +230,30 @@ def test_status_reads_a_schema_from_before_the_ack_log(outbox_dir: Path) -> None
     assert model.totals["pending"] == 34
 
 
+def test_a_reader_open_across_the_upgrade_to_the_queue_reads_the_new_schema(
+    outbox_dir: Path,
+) -> None:
+    """A read-only store opened on a 0007 outbox (its queue: temporary views) that another
+    process upgrades meanwhile reads the real queue afterwards, not the views."""
+    from outbox.store.migrate import downgrade
+
+    path = outbox_dir / "outbox.db"
+    with Store.open(path) as store:
+        want = store.reads.counts()
+        downgrade(store, "0007")
+    reader = Store.open_readonly(path)
+    try:
+        assert reader.reads.counts() == want  # through the views over observations.state
+        Store.open(path).close()  # a fetch or send migrates the file to head
+        assert reader.reads.counts() == want
+        assert reader.delivery.count_pending() == want["pending"]
+        with reader.read() as conn:
+            temp = conn.exec_driver_sql("SELECT name FROM sqlite_temp_master").all()
+        assert temp == []
+    finally:
+        reader.close()
+
+
 # -- times, totals and piped output -------------------------------------------------------
 
 

@@ -186,7 +186,6 @@ def _on_connect_readonly(dbapi_connection: sqlite3.Connection, _record: object) 
     cursor.execute(f"PRAGMA busy_timeout = {READ_BUSY_TIMEOUT_MS}")
     # Before the temporary views: changing temp_store drops every temporary object.
     cursor.execute("PRAGMA temp_store = MEMORY")
-    _legacy_queue_views(cursor)
     cursor.execute("PRAGMA query_only = ON")
     cursor.execute("PRAGMA cache_size = -65536")
     # Status seeks a few table pages per series: mapped pages save a read() per page
@@ -207,6 +206,29 @@ _LEGACY_VIEWS = (
     " count(*) AS rows, max(ts) AS newest_ts FROM main.observations"
     " WHERE state = 'acked' AND acked_at IS NOT NULL GROUP BY 1",
 )
+
+
+def _recheck_legacy_views(
+    dbapi_connection: sqlite3.Connection, record: Any, _proxy: object
+) -> None:
+    """At each checkout of a read-only connection: (re)make the legacy views when the
+    file's schema changed since they were last decided (another process may have
+    migrated it to 0008 meanwhile: the views would then hide the real queue). One
+    ``PRAGMA schema_version`` (a header read) when nothing changed."""
+    cursor = dbapi_connection.cursor()
+    try:
+        version = cursor.execute("PRAGMA main.schema_version").fetchone()[0]
+    except sqlite3.DatabaseError:  # not a database, or unreadable: open_readonly says so
+        cursor.close()
+        return
+    if record.info.get("outbox_schema_version") != version:
+        cursor.execute("PRAGMA query_only = OFF")  # temporary objects only, never the file
+        for name in ("queue", "ack_minutes"):
+            cursor.execute(f"DROP VIEW IF EXISTS temp.{name}")
+        _legacy_queue_views(cursor)
+        cursor.execute("PRAGMA query_only = ON")
+        record.info["outbox_schema_version"] = version
+    cursor.close()
 
 
 def _legacy_queue_views(cursor: sqlite3.Cursor) -> None:
@@ -244,6 +266,7 @@ def make_readonly_engine(path: str | os.PathLike[str]) -> Engine:
 
     engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool)
     event.listen(engine, "connect", _on_connect_readonly)
+    event.listen(engine, "checkout", _recheck_legacy_views)
     event.listen(engine, "begin", _on_begin)
     return engine
 
