@@ -59,15 +59,15 @@ FROM h
 # The queue entries of the series just filled: its newest hours pending (all of them with
 # all_pending), one hour in DEAD_EVERY of the others dead, the rest acknowledged (no entry).
 _QUEUE = """
-WITH RECURSIVE h(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM h WHERE n < :hours - 1)
+WITH RECURSIVE h(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM h WHERE n < :hours - 1),
+e(n, pending) AS (SELECT n, :all_pending OR n >= :pending_from FROM h)
 INSERT INTO queue (ts, series_id, revision, state, attempts, last_error, last_error_code)
 SELECT strftime('%Y-%m-%dT%H:%M:%SZ', :start, '+' || n || ' hours'), :sid,
     printf('%016x', (n * 2654435761 + :salt) % 9007199254740991),
-    CASE WHEN :all_pending OR n >= :pending_from THEN 'pending' ELSE 'dead' END,
-    CASE WHEN :all_pending OR n >= :pending_from THEN 0 ELSE 1 END,
-    CASE WHEN :all_pending OR n >= :pending_from THEN NULL ELSE 'value below 0 for demand' END,
-    CASE WHEN :all_pending OR n >= :pending_from THEN NULL ELSE 'VALUE_OUT_OF_RANGE' END
-FROM h WHERE :all_pending OR n >= :pending_from OR n % :dead_every = 0
+    CASE WHEN pending THEN 'pending' ELSE 'dead' END, CASE WHEN pending THEN 0 ELSE 1 END,
+    CASE WHEN NOT pending THEN 'value below 0 for demand' END,
+    CASE WHEN NOT pending THEN 'VALUE_OUT_OF_RANGE' END
+FROM e WHERE pending OR n % :dead_every = 0
 """
 
 

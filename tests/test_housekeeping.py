@@ -144,7 +144,8 @@ def test_prune_removes_only_old_acknowledged_rows_and_orphaned_pages(db_path: Pa
         # page 2: a revision of hour 5 only (page 1 keeps hours 0..4); page 3: a recent row
         store.staging.stage([obs(PJM, 5, 99.0)], page=page(), now=ts(7))
         store.staging.stage([obs(PJM, 24 * 95)], page=page(), now=ts(24 * 95 + 1))
-        ack(store, [_key(0), _key(1), _key(5, 99.0)])
+        ack(store, [_key(0), _key(1)], now=ts(8))  # acknowledged long ago
+        ack(store, [_key(5, 99.0)], now=to_ts(now - timedelta(days=1)))
         reject(store, [(_key(2), "X", "bad")])
         result = prune(config, store, now=now)
         assert (result.rows, result.pages) == (3, 1)  # hours 0, 1, 5; page 2 (hour 5's)
@@ -155,6 +156,10 @@ def test_prune_removes_only_old_acknowledged_rows_and_orphaned_pages(db_path: Pa
             3: "pending",
             4: "pending",
         }
+        # The per-minute ack counts go with retention too: the old minute, not yesterday's.
+        with store.read() as conn:
+            minutes = conn.exec_driver_sql("SELECT minute, rows FROM ack_minutes").all()
+        assert [tuple(m) for m in minutes] == [(to_ts(now - timedelta(days=1))[:16], 1)]
         assert store.reads.page_body(1) is not None  # still behind the dead and pending rows
         assert store.reads.page_body(3) is not None
         # once those rows are acknowledged and pruned, the page goes too

@@ -74,6 +74,21 @@ def _ack_minutes(store: Store) -> list[tuple[str, int, str]]:
         return [tuple(r) for r in conn.exec_driver_sql("SELECT * FROM ack_minutes ORDER BY 1")]
 
 
+def test_a_deleted_row_takes_its_queue_entry_along(store: Store, db_path: Path) -> None:
+    """Whoever deletes an observation (sqlite3 by hand, a test, housekeeping), its queue
+    entry goes in the same statement: nothing is claimed or counted for a row not there."""
+    _stage(store, [obs(PJM, h) for h in range(3)])
+    reject(store, [(_key(obs(PJM, 2)), "VALUE_OUT_OF_RANGE", "no")])
+    con = sqlite3.connect(db_path)
+    with con:
+        con.execute("DELETE FROM observations WHERE ts IN (?, ?)", (ts(0), ts(2)))
+    queued = con.execute("SELECT ts, state FROM queue ORDER BY ts").fetchall()
+    con.close()
+    assert queued == [(ts(1), "pending")]
+    assert store.reads.counts() == {"pending": 1, "dead": 0}
+    assert [c.ts for c in store.delivery.claim(10, ts(100))] == [ts(1)]
+
+
 def test_new_revision_goes_back_to_pending(store: Store) -> None:
     _stage(store, [obs(PJM, 0, 10.0), obs(PJM, 1, 11.0)])
     ack(store, [_key(obs(PJM, 0, 10.0)), _key(obs(PJM, 1, 11.0))])

@@ -28,6 +28,8 @@ Create Date: 2026-12-02
 
 from __future__ import annotations
 
+from importlib import import_module
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -35,6 +37,11 @@ revision = "0008"
 down_revision = "0007"
 branch_labels = None
 depends_on = None
+
+# What 0001 and 0006 created on `observations`, put back exactly by the downgrade (and the
+# revision ledger's trigger re-created with the rebuilt table): their own text, not a copy.
+OLD_VIEWS: dict[str, str] = import_module("migrations.versions.0001_initial").VIEWS
+REVISED: str = import_module("migrations.versions.0006_quality").TRIGGER
 
 _REQUEUE = """
     INSERT INTO queue (ts, series_id, revision) VALUES (new.ts, new.series_id, new.revision)
@@ -57,19 +64,6 @@ BEGIN
     DELETE FROM queue WHERE ts = old.ts AND series_id = old.series_id;
 END""",
 }
-# The revision ledger's trigger (0006), dropped and created again with the table.
-REVISED = """
-CREATE TRIGGER tr_observations_revised AFTER UPDATE OF revision ON observations
-WHEN old.revision IS NOT new.revision
-BEGIN
-    INSERT INTO revisions (series_id, ts, old_value, new_value, old_revision, new_revision,
-                           old_quality_flag, new_quality_flag, old_units, new_units,
-                           seen_at, run_id)
-    VALUES (new.series_id, new.ts, old.value, new.value, old.revision, new.revision,
-            old.quality_flag, new.quality_flag, old.units, new.units, new.fetched_at,
-            (SELECT p.run_id FROM pages p WHERE p.id = new.page_id));
-END
-"""
 _JOINED = "FROM queue q JOIN observations o ON o.series_id = q.series_id AND o.ts = q.ts"
 VIEWS = {
     "pending": f"""
@@ -108,38 +102,6 @@ VIEWS = {
                     THEN (SELECT max(ts) FROM observations o WHERE o.series_id = s.series_id)
                     ELSE (SELECT o.ts FROM observations o WHERE o.series_id = s.series_id
                           AND o.ts < (SELECT min(p.ts) FROM queue p
-                                      WHERE p.series_id = s.series_id AND p.state = 'pending')
-                          ORDER BY o.ts DESC LIMIT 1)
-               END AS delivered_through
-        FROM series s ORDER BY s.series_id""",
-}
-# The views as 0001 created them (the downgrade puts them back).
-OLD_VIEWS = {
-    "pending": """
-        SELECT series_id, ts, value, quality_flag, revision, attempts, next_attempt_at,
-               last_error, fetched_at
-        FROM observations WHERE state = 'pending' ORDER BY ts, series_id""",
-    "dead": """
-        SELECT series_id, ts, value, quality_flag, revision, attempts, last_error_code,
-               last_error, fetched_at
-        FROM observations WHERE state = 'dead' ORDER BY series_id, ts""",
-    "series_status": """
-        SELECT s.series_id, s.ba, s.type, s.subtype,
-               (SELECT count(*) FROM observations o
-                 WHERE o.series_id = s.series_id AND o.state = 'pending') AS pending,
-               (SELECT count(*) FROM observations o
-                 WHERE o.series_id = s.series_id AND o.state = 'acked') AS acked,
-               (SELECT count(*) FROM observations o
-                 WHERE o.series_id = s.series_id AND o.state = 'dead') AS dead,
-               (SELECT max(ts) FROM observations o
-                 WHERE o.series_id = s.series_id) AS newest_staged,
-               (SELECT ts FROM observations o WHERE o.series_id = s.series_id
-                 AND o.state = 'acked' ORDER BY ts DESC LIMIT 1) AS newest_acked,
-               CASE WHEN NOT EXISTS (SELECT 1 FROM observations o
-                      WHERE o.series_id = s.series_id AND o.state = 'pending')
-                    THEN (SELECT max(ts) FROM observations o WHERE o.series_id = s.series_id)
-                    ELSE (SELECT o.ts FROM observations o WHERE o.series_id = s.series_id
-                          AND o.ts < (SELECT min(p.ts) FROM observations p
                                       WHERE p.series_id = s.series_id AND p.state = 'pending')
                           ORDER BY o.ts DESC LIMIT 1)
                END AS delivered_through

@@ -70,8 +70,11 @@ WHERE (ts, series_id, revision) IN (SELECT json_extract(value, '$[1]'), json_ext
                                            json_extract(value, '$[2]') FROM json_each(?))
   AND state = 'pending'
 """
+# Counts ?2 rows acknowledged at ?1 in its minute, with the newest hour of the batch ?3
+# (the JSON keys the ack statement read; SQLite reads them again rather than Python).
 _ACK_MINUTE = """
-INSERT INTO ack_minutes (minute, rows, newest_ts) VALUES (substr(?1, 1, 16), ?2, ?3)
+INSERT INTO ack_minutes (minute, rows, newest_ts)
+SELECT substr(?1, 1, 16), ?2, max(json_extract(value, '$[1]')) FROM json_each(?3) WHERE true
 ON CONFLICT (minute) DO UPDATE SET
     rows = ack_minutes.rows + excluded.rows,
     newest_ts = max(ack_minutes.newest_ts, excluded.newest_ts)
@@ -206,8 +209,7 @@ class Delivery:
             for _id, acked_at, keys in logged:
                 done = max(cur.execute(_ACK_JSON, (keys,)).rowcount, 0)
                 if done:
-                    newest = max(k[1] for k in orjson.loads(keys))
-                    cur.execute(_ACK_MINUTE, (acked_at, done, newest))
+                    cur.execute(_ACK_MINUTE, (acked_at, done, keys))
                 acked += done
             if logged:
                 cur.execute("DELETE FROM ack_log WHERE id <= ?", (logged[-1][0],))

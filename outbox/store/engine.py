@@ -196,59 +196,47 @@ def _on_connect_readonly(dbapi_connection: sqlite3.Connection, _record: object) 
 
 # An outbox from before migration 0008 keeps each row's delivery state in observations.
 # The reading commands do not migrate (status must not write), so a read-only connection
-# to such a file sees the queue and the per-minute acks as temporary views over the old
-# columns: the same queries answer, only slower.
-_LEGACY_VIEWS = (
-    "CREATE TEMP VIEW queue AS SELECT ts, series_id, revision, state, attempts,"
-    " next_attempt_at, last_error, last_error_code FROM main.observations"
-    " WHERE state IN ('pending', 'dead')",
-    "CREATE TEMP VIEW ack_minutes AS SELECT substr(acked_at, 1, 16) AS minute,"
-    " count(*) AS rows, max(ts) AS newest_ts FROM main.observations"
+# to such a file sees the queue, the per-minute acks and the row states as temporary views
+# over the old columns: the same queries answer, only slower.
+_LEGACY_VIEWS = {
+    "queue": "SELECT ts, series_id, revision, state, attempts, next_attempt_at, last_error,"
+    " last_error_code FROM main.observations WHERE state IN ('pending', 'dead')",
+    "ack_minutes": "SELECT substr(acked_at, 1, 16) AS minute, count(*) AS rows,"
+    " max(ts) AS newest_ts FROM main.observations"
     " WHERE state = 'acked' AND acked_at IS NOT NULL GROUP BY 1",
-)
+    "row_states": "SELECT series_id, ts, value, units, quality_flag, revision, page_id,"
+    " page_row, fetched_at, state, attempts, next_attempt_at, last_error_code, last_error"
+    " FROM main.observations",
+}
 
 
 def _recheck_legacy_views(
     dbapi_connection: sqlite3.Connection, record: Any, _proxy: object
 ) -> None:
-    """At each checkout of a read-only connection: (re)make the legacy views when the
+    """At each checkout of a read-only connection: (re)decide the legacy views when the
     file's schema changed since they were last decided (another process may have
     migrated it to 0008 meanwhile: the views would then hide the real queue). One
-    ``PRAGMA schema_version`` (a header read) when nothing changed."""
+    ``PRAGMA schema_version`` (a header read) when nothing changed. An outbox is legacy
+    when its ``observations`` still has a ``state`` column."""
     cursor = dbapi_connection.cursor()
     try:
         version = cursor.execute("PRAGMA main.schema_version").fetchone()[0]
-    except sqlite3.DatabaseError:  # not a database, or unreadable: open_readonly says so
-        cursor.close()
-        return
-    if record.info.get("outbox_schema_version") != version:
-        cursor.execute("PRAGMA query_only = OFF")  # temporary objects only, never the file
-        for name in ("queue", "ack_minutes"):
-            cursor.execute(f"DROP VIEW IF EXISTS temp.{name}")
-        _legacy_queue_views(cursor)
-        cursor.execute("PRAGMA query_only = ON")
-        record.info["outbox_schema_version"] = version
-    cursor.close()
-
-
-def _legacy_queue_views(cursor: sqlite3.Cursor) -> None:
-    """The 0008 queue as temporary views on an outbox whose schema predates it."""
-    try:
-        found = {
-            r[0]
-            for r in cursor.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'"
-                " AND name IN ('observations', 'queue')"
-            )
-        }
-        if found != {"observations"}:
+        if record.info.get("outbox_schema_version") == version:
             return
         columns = {r[1] for r in cursor.execute("PRAGMA main.table_info(observations)")}
     except sqlite3.DatabaseError:  # not a database, or unreadable: open_readonly says so
         return
-    if "state" in columns:
-        for sql in _LEGACY_VIEWS:
-            cursor.execute(sql)
+    finally:
+        cursor.close()
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA query_only = OFF")  # temporary objects only, never the file
+    for name, sql in _LEGACY_VIEWS.items():
+        cursor.execute(f"DROP VIEW IF EXISTS temp.{name}")
+        if "state" in columns:
+            cursor.execute(f"CREATE TEMP VIEW {name} AS {sql}")
+    cursor.execute("PRAGMA query_only = ON")
+    cursor.close()
+    record.info["outbox_schema_version"] = version
 
 
 def make_readonly_engine(path: str | os.PathLike[str]) -> Engine:

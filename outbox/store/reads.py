@@ -23,15 +23,9 @@ if TYPE_CHECKING:
     from outbox.store.handle import Store
 
 _AFTER_EVERY_TS = "~"  # sorts after every RFC 3339 timestamp: `ts < ?` bounds nothing
-# An observation has been acknowledged when no queue entry is left for it.
-_ACKED = "NOT EXISTS (SELECT 1 FROM queue q WHERE q.ts = o.ts AND q.series_id = o.series_id)"
-_ROW = """
-SELECT o.series_id, o.ts, o.value, o.units, o.quality_flag, o.revision, o.page_id,
-       o.page_row, o.fetched_at, coalesce(q.state, 'acked') AS state,
-       coalesce(q.attempts, 0) AS attempts, q.next_attempt_at, q.last_error, q.last_error_code
-FROM observations o LEFT JOIN queue q ON q.ts = o.ts AND q.series_id = o.series_id
-WHERE o.series_id = ? AND o.ts = ?
-"""
+# One row with its delivery state: the `row_states` view (migration 0008: observations
+# left-joined to their queue entries, 'acked' where there is none) answers every read of a
+# row's state; SQLite flattens it into primary-key seeks.
 
 _TS_FMT = "'%Y-%m-%dT%H:%M:%SZ'"
 # Missing hours per series, in one statement:
@@ -147,9 +141,7 @@ class Reads:
         sid, ba, typ, sub = series
         n_pending, oldest, retry = pend
         newest, newest_state = cur.execute(
-            "SELECT o.ts, coalesce(q.state, 'acked') FROM observations o"
-            " LEFT JOIN queue q ON q.ts = o.ts AND q.series_id = o.series_id"
-            " WHERE o.series_id = ? ORDER BY o.ts DESC LIMIT 1",
+            "SELECT ts, state FROM row_states WHERE series_id = ? ORDER BY ts DESC LIMIT 1",
             (sid,),
         ).fetchone() or (None, None)
         acked = delivered = None  # not read for the probe (pending=False)
@@ -185,8 +177,8 @@ class Reads:
         filled = oldest is not None and n_pending == _hours(oldest, newest) + 1
         acked: str | None = one_value(
             cur,
-            f"SELECT o.ts FROM observations o WHERE o.series_id = ? AND o.ts < ? AND {_ACKED}"
-            " ORDER BY o.ts DESC LIMIT 1",
+            "SELECT ts FROM row_states WHERE series_id = ? AND state = 'acked' AND ts < ?"
+            " ORDER BY ts DESC LIMIT 1",
             (sid, oldest if filled else _AFTER_EVERY_TS),
         )
         return acked
@@ -211,21 +203,22 @@ class Reads:
 
     def count_state(self, state: str) -> int:
         """Rows in ``state`` (acked: a full count, for tests, the demo and small outboxes)."""
-        sql = (
-            f"SELECT count(*) FROM observations o WHERE {_ACKED}"
-            if state == "acked"
-            else "SELECT count(*) FROM queue WHERE state = ?"
-        )
+        table = "row_states" if state == "acked" else "queue"
         with self._store.read() as conn:
             return int(
-                conn.exec_driver_sql(sql, () if state == "acked" else (state,)).scalar() or 0
+                conn.exec_driver_sql(
+                    f"SELECT count(*) FROM {table} WHERE state = ?", (state,)
+                ).scalar()
+                or 0
             )
 
     def row(self, series_id: str, ts: str) -> dict[str, Any] | None:
         """One observation with its delivery state (``pending``, ``dead`` or ``acked``,
         attempts and last error), or None."""
         with self._store.read() as conn:
-            found = conn.exec_driver_sql(_ROW, (series_id, ts)).first()
+            found = conn.exec_driver_sql(
+                "SELECT * FROM row_states WHERE series_id = ? AND ts = ?", (series_id, ts)
+            ).first()
         return dict(found._mapping) if found else None
 
     def page_body(self, page_id: int) -> tuple[dict[str, Any], bytes] | None:
