@@ -39,7 +39,7 @@ def test_db_upgrade_creates_the_outbox_status_reads(tmp_path: Path) -> None:
     data = json.loads(result.output)
     assert data["schema_version"] == 1
     assert data["totals"] == {"series": 0, "pending": 0, "dead": 0, "acks_unapplied": 0}
-    assert data["groups"] == [] and data["outbox_schema"] == "0008"
+    assert data["groups"] == [] and data["outbox_schema"] == "0009"
     con = sqlite3.connect(tmp_path / "fresh.db")
     names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
     assert {
@@ -61,9 +61,9 @@ def test_db_commands(tmp_path: Path) -> None:
     missing = runner.invoke(app, ["db", "current"], env=env)
     assert missing.exit_code == 2 and f"no outbox at {tmp_path / 'o.db'}" in missing.output
     up = runner.invoke(app, ["db", "upgrade"], env=env)
-    assert up.exit_code == 0 and "schema at 0008" in up.output
+    assert up.exit_code == 0 and "schema at 0009" in up.output
     cur = runner.invoke(app, ["db", "current"], env=env)
-    assert cur.output.strip() == "0008 (head 0008, up to date)"
+    assert cur.output.strip() == "0009 (head 0009, up to date)"
 
 
 def test_console_script_and_sqlite3_view(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ OK_LINES = {
     "config": "OK    config    config.yaml: database outbox.db, 2 BAs, 6 datasets, "
     "eia key ***, gridpulse key ***",
     "database": "OK    database  outbox.db: quick_check ok (<size>)",
-    "schema": "OK    schema    0008 (head)",
+    "schema": "OK    schema    0009 (head)",
     "locks": "OK    locks     fetch idle, send idle",
     "disk": "OK    disk      <free> on the file system of outbox.db; floor 268.4 MB",
     "gridpulse": "OK    gridpulse https://gp.test: credentials accepted (worker gridpulse-outbox)",
@@ -297,7 +297,7 @@ def test_broken_database_is_reported_then_set_aside_with_reset(workdir: Path) ->
     assert aside.read_bytes() == GARBAGE
     assert (workdir / "outbox.db.broken-20250822T120000Z-wal").read_bytes() == WAL
     with Store.open_readonly(db) as store:
-        assert store.upkeep.quick_check() == ["ok"] and store.schema_version() == "0008"
+        assert store.upkeep.quick_check() == ["ok"] and store.schema_version() == "0009"
 
 
 @freeze_time(NOW)

@@ -6,7 +6,6 @@ endpoints against what the outbox acknowledged; outages; SIGKILLed senders; over
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -34,6 +33,7 @@ from outbox.sinks.gridpulse import batch_id_of
 from outbox.sources.replay import ReplaySource
 from outbox.stages.fetch import run_fetch
 from outbox.store import Store
+from outbox.store.deliver import decode_acks
 from outbox.testing.synth import ROUTES, make_rows, write_pages
 
 KEY = "e2e-gridpulse-key-42"
@@ -214,9 +214,9 @@ def test_batch_recorded_but_not_applied_is_not_sent_again(
     )
     assert crashed.returncode == -signal.SIGKILL
     con = sqlite3.connect(db)
-    logged = [json.loads(k) for (k,) in con.execute("SELECT keys FROM ack_log")]
+    logged = [decode_acks(k) for (k,) in con.execute("SELECT keys FROM ack_log")]
     con.close()
-    recorded = {batch_id_of([tuple(k) for k in keys]) for keys in logged}
+    recorded = {batch_id_of(keys) for keys in logged}
     assert recorded, "the kill came while a recorded batch was being applied"
     posted = receiver_batches(receiver.db_path)
     assert recorded <= posted.keys()

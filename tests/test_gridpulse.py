@@ -33,15 +33,18 @@ from outbox.errors import (
     TerminalError,
     TransientError,
 )
+from outbox.ports import Batch
 from outbox.sinks.gridpulse import (
     WIRE_FIELDS,
     GridPulseClient,
+    GridPulseSink,
     IngestResult,
     Rejection,
     batch_id_of,
     check_result,
     encode_batch,
 )
+from outbox.store import Claimed
 
 BASE = "https://gridpulse.test"
 KEY = "gp-secret-key-123456"
@@ -547,3 +550,34 @@ def test_health(router: respx.MockRouter, client: GridPulseClient) -> None:
     )
     assert [client.health() for _ in range(4)] == [True, False, False, False]
     assert "authorization" not in route.calls[0].request.headers
+
+
+def test_the_sink_prepares_claimed_rows_as_encode_batch_does() -> None:
+    """The send path builds each body from claimed rows directly: the same bytes and the
+    same batch id as encode_batch over the wire dicts, with and without source_data."""
+    wire = [
+        wire_observation(0),
+        wire_observation(1, "EIA.PJM.generation.gas", value=None, quality_flag="missing"),
+        wire_observation(2, "EIA.PJM.interchange.MISO", value=-12.375),
+    ]
+    claimed = [
+        Claimed(**{k: w[k] for k in WIRE_FIELDS}, attempts=0, page_id=None, page_row=None)
+        for w in wire
+    ]
+
+    class Packer:
+        def pack(self, body: bytes) -> bytes:
+            return b"packed:" + body
+
+    sink = GridPulseSink(Packer())  # type: ignore[arg-type]
+    keys = [(w["series_id"], w["ts"], w["revision"]) for w in wire]
+    batch_id = batch_id_of(keys)
+    plain = sink.prepare(Batch(claimed))
+    assert plain.payload.body == encode_batch(batch_id, wire)
+    assert plain.payload.batch_id == batch_id and plain.payload.keys == keys
+    assert plain.payload.packed == b"packed:" + plain.payload.body
+    assert plain.size == len(plain.payload.body)
+    sources = [{"period": "2025-08-22T00"}, None, {"period": "2025-08-22T02"}]
+    with_sources = sink.prepare(Batch(claimed, sources))
+    expected = [{**w, "source_data": s} for w, s in zip(wire, sources, strict=True)]
+    assert with_sources.payload.body == encode_batch(batch_id, expected)

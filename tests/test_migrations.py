@@ -288,3 +288,36 @@ def test_0008_moves_each_rows_delivery_state_to_the_queue_and_back(
     assert _legacy_rows(db_path) == before
     upgrade(store)
     assert _drift(store) == []
+
+
+def test_0009_rewrites_recorded_acks_both_ways(store: Store, db_path: Path) -> None:
+    """A batch a killed send recorded and did not apply survives the upgrade and the
+    downgrade: the keys are rewritten, none is lost, and they apply to their rows."""
+    sid = "EIA.PJM.demand"
+    rows = [obs(sid, h, 100.0 + h) for h in range(5)]
+    store.staging.stage(rows, series_rows=[series_row(sid)])
+    keys = [(r[0], r[1], r[5]) for r in rows]
+    store.delivery.record_outcome(keys[3:1:-1], now="2026-11-22T00:00:00Z")
+    store.delivery.record_outcome(keys[:1], now="2026-11-22T00:01:00Z")
+    downgrade(store, "0008")
+    con = sqlite3.connect(db_path)
+    logged = [json.loads(k) for (k,) in con.execute("SELECT keys FROM ack_log ORDER BY id")]
+    con.close()
+    assert logged == [[list(k) for k in keys[3:1:-1]], [list(keys[0])]]  # as 0008 wrote them
+    assert store.delivery.unapplied_acks() == 3  # status reads either format
+    upgrade(store)
+    assert _drift(store) == []
+    con = sqlite3.connect(db_path)
+    logged = [json.loads(k) for (k,) in con.execute("SELECT keys FROM ack_log ORDER BY id")]
+    con.close()
+    assert logged[0] == {
+        "from": rows[2][1],
+        "to": rows[3][1],
+        "keys": [f"{k[1]}\x1f{k[0]}\x1f{k[2]}" for k in keys[3:1:-1]],
+    }
+    assert store.delivery.unapplied_acks() == 3
+    assert store.delivery.apply_acks() == 3
+    assert store.reads.count_state("acked") == 3 and store.reads.count_state("pending") == 2
+    with store.read() as conn:
+        minutes = [tuple(m) for m in conn.exec_driver_sql("SELECT * FROM ack_minutes")]
+    assert minutes == [("2026-11-22T00:00", 2, rows[3][1]), ("2026-11-22T00:01", 1, rows[0][1])]

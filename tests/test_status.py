@@ -532,7 +532,7 @@ def test_metrics_parse_strictly_and_carry_the_model(outbox_dir: Path) -> None:
     assert value("outbox_last_run_success", stage="fetch") == 1
     assert value("outbox_last_fetch_invalid_rows") == 2
     assert value("outbox_check_status") == 1
-    assert value("outbox_info", version=_version(), schema="0008", schema_head="0008") == 1
+    assert value("outbox_info", version=_version(), schema="0009", schema_head="0009") == 1
     # Disabled groups export their age but no freshness level.
     assert not [s for s in families["outbox_freshness_level"].samples if s.labels["ba"] == "MISO"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import re
 import sqlite3
@@ -518,6 +519,58 @@ def test_recorded_acks_reach_their_rows_when_applied(store: Store) -> None:
     assert (
         store.delivery.unapplied_acks() == 0 and store.delivery.apply_acks() == 0
     )  # nothing left to apply
+
+
+def test_a_recorded_ack_deletes_only_its_own_keys_inside_its_span(store: Store) -> None:
+    """An ack reads the queue from its batch's first hour to its last: entries in that
+    span it does not hold (a series claimed by no batch, a row deferred or dead, a row
+    staged after the claim, another revision) are left as they are."""
+    sids = [PJM, MISO, "EIA.SPP.demand", "EIA.ERCO.demand"]
+    _stage(store, [obs(s, h) for s in sids[:3] for h in range(1, 5)])
+    store.delivery.defer([_key(obs(MISO, 2))], ts(99), "503", code="SINK_UNAVAILABLE")
+    reject(store, [(_key(obs(MISO, 3)), "VALUE_OUT_OF_RANGE", "no")])
+    sent = [obs(PJM, h) for h in range(1, 5)] + [obs(MISO, 1), obs(MISO, 4)]
+    # Staged after the claim, inside the span: a new series, and a new revision.
+    _stage(store, [obs(sids[3], 2), obs(PJM, 3, 77.0)])
+    # Out of order on purpose: the span comes from the keys, not from their order.
+    store.delivery.record_outcome([_key(r) for r in reversed(sent)], now=ts(50))
+    assert store.delivery.unapplied_acks() == 6
+    assert store.delivery.apply_acks() == 5
+    assert [_state(store, PJM, h) for h in range(1, 5)] == ["acked", "acked", "pending", "acked"]
+    assert [_state(store, MISO, h) for h in range(1, 5)] == ["acked", "pending", "dead", "acked"]
+    assert [_state(store, "EIA.SPP.demand", h) for h in range(1, 5)] == ["pending"] * 4
+    assert _state(store, sids[3], 2) == "pending"
+    assert _ack_minutes(store) == [(ts(50)[:16], 5, ts(4))]
+
+
+def test_an_ack_reads_one_range_of_the_queue(store: Store, db_path: Path) -> None:
+    """The ack statement's plan: the batch's span of the queue's primary key, no seek per
+    key and no scan of the queue (which may hold millions of entries)."""
+    from outbox.store.deliver import _ACK_RANGE, encode_acks
+
+    con = sqlite3.connect(db_path)
+    plan = [
+        r[3]
+        for r in con.execute(
+            f"EXPLAIN QUERY PLAN {_ACK_RANGE}", (encode_acks([_key(obs(PJM, 1))]),)
+        )
+    ]
+    con.close()
+    assert plan[0] == "SEARCH queue USING PRIMARY KEY (ts>? AND ts<?)", plan
+    assert not [line for line in plan if line.startswith("SCAN queue")], plan
+
+
+def test_recorded_keys_decode_as_they_were_recorded() -> None:
+    from outbox.store.deliver import decode_acks, encode_acks
+
+    keys = [Key(MISO, ts(3), "r3"), Key(PJM, ts(1), "r1"), Key("EIA.X-Y.z w", ts(2), "r2")]
+    text = encode_acks(keys)
+    assert text is not None and decode_acks(text) == keys
+    assert encode_acks([]) is None
+    doc = json.loads(text)
+    assert (doc["from"], doc["to"]) == (ts(1), ts(3))
+    old = '[["EIA.PJM.demand", "2026-01-01T00:00:00Z", "ab"]]'  # before migration 0009
+    assert decode_acks(old) == [Key(PJM, "2026-01-01T00:00:00Z", "ab")]
 
 
 def test_recorded_acks_apply_in_order_and_survive_reopen(store: Store, db_path: Path) -> None:

@@ -13,7 +13,6 @@ the full set with one fetch and one send.
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import shutil
 import signal
@@ -46,6 +45,7 @@ from outbox.sources.replay import ReplaySource
 from outbox.stages.fetch import run_fetch
 from outbox.stages.send import run_send
 from outbox.store import Store
+from outbox.store.deliver import decode_acks
 
 HOURS = 48
 CHUNKS = {"ci": 3, "soak": 12}
@@ -234,7 +234,7 @@ def recover(copy: Path, data: Path, held: dict, reference: list[tuple]) -> int:
         # count as acknowledged: the next send applies them and never sends them again.
         with contextlib.suppress(sqlite3.Error):
             for (keys,) in con.execute("SELECT keys FROM ack_log"):
-                acked.extend(tuple(k) for k in json.loads(keys))
+                acked.extend(decode_acks(keys))
     assert [r for r in acked if held.get((r[0], r[1])) != r[2]] == [], "acked but not held"
     recorder = RecordingClient()
     config = Config.model_validate({"housekeeping": {"retention_days": 36500}})

@@ -35,6 +35,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import quote
 
@@ -75,6 +76,9 @@ WIRE_FIELDS = (
     "revision",
 )
 OPTIONAL_WIRE_FIELDS = ("source_data",)
+# A row's wire fields, and its (series_id, ts, revision) key, read in one C call each.
+_WIRE_OF = attrgetter(*WIRE_FIELDS)
+_KEY_OF = attrgetter("series_id", "ts", "revision")
 _PLAIN_KEYS = frozenset(WIRE_FIELDS)
 _FULL_KEYS = frozenset(WIRE_FIELDS + OPTIONAL_WIRE_FIELDS)
 _GZIP_WBITS = 31  # zlib's "gzip container" window setting
@@ -428,13 +432,22 @@ class GridPulseSink:
     def prepare(self, batch: Batch) -> Prepared:
         """The wire form of ``batch`` (thread-safe: touches no connection)."""
         rows, sources = batch.rows, batch.source_data
-        keys = [(r.series_id, r.ts, r.revision) for r in rows]
+        keys = list(map(_KEY_OF, rows))
         batch_id = batch_id_of(keys)
         if sources is None:
-            observations = [_observation(r) for r in rows]
+            # The hot path: each row's wire fields in one C call, unpacked into a dict
+            # literal, serialised as they are (the same bytes as encode_batch).
+            body = orjson.dumps(
+                {
+                    "batch_id": batch_id,
+                    "source": SOURCE,
+                    "observations": _wire_rows(rows),
+                },
+                default=_encode_default,
+            )
         else:
             observations = [_observation(r, s) for r, s in zip(rows, sources, strict=True)]
-        body = encode_batch(batch_id, observations)
+            body = encode_batch(batch_id, observations)
         packed = self.client.pack(body)
         return Prepared(batch, len(body), _Encoded(keys, batch_id, body, packed))
 
@@ -451,6 +464,25 @@ class GridPulseSink:
     def health(self) -> bool:
         """Whether GridPulse answers its health check."""
         return self.client.health()
+
+
+def _wire_rows(rows: Sequence[SendRow]) -> list[dict[str, Any]]:
+    """Every row in wire shape (no ``source_data``): the fields in one C call a row,
+    unpacked into a dict literal (half the cost of an attribute read per field)."""
+    return [
+        {
+            "series_id": sid,
+            "ba": ba,
+            "type": kind,
+            "subtype": sub,
+            "units": units,
+            "ts": ts,
+            "value": value,
+            "quality_flag": flag,
+            "revision": rev,
+        }
+        for sid, ba, kind, sub, units, ts, value, flag, rev in map(_WIRE_OF, rows)
+    ]
 
 
 def _observation(row: SendRow, source: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
@@ -31,14 +32,14 @@ if TYPE_CHECKING:
 # CROSS JOIN keeps the queue the outer loop: its order is the claim's.
 _DUE_COLUMNS = """
 SELECT q.series_id, q.ts, o.value, o.units, o.quality_flag, q.revision, q.attempts,
-       {series} o.page_id, o.page_row
+       o.page_id, o.page_row{series}
 FROM queue q CROSS JOIN observations o ON o.series_id = q.series_id AND o.ts = q.ts
 """
 _DUE_WHERE = """WHERE q.state = 'pending' AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= ?)
 """
 _DUE = _DUE_COLUMNS.format(series="") + _DUE_WHERE
 _DUE_JOINED = (
-    _DUE_COLUMNS.format(series="s.ba, s.type, s.subtype,")
+    _DUE_COLUMNS.format(series=", s.ba, s.type, s.subtype")
     + "JOIN series s ON s.series_id = o.series_id\n"
     + _DUE_WHERE
 )
@@ -61,23 +62,30 @@ LIMIT 1
 """
 )
 _SERIES = "SELECT series_id, ba, type, subtype FROM series"
-# Acknowledges the rows of a JSON array of [series_id, ts, revision] keys in one
-# statement (see stage._UPSERT_JSON): deletes each key's pending entry if it is for that
-# revision (a primary-key seek per key; keys in the batch's order walk the queue in order).
-_ACK_JSON = """
+# Acknowledges the rows of one recorded batch (an ack_log row, see encode_acks) in one
+# statement: deletes each key's pending entry if it is for that revision. It reads the
+# batch's span of the queue (its keys are one range of hours) and keeps the entries whose
+# joined key is among the batch's: no JSON parsed per key, no seek per key.
+_ACK_RANGE = """
 DELETE FROM queue
-WHERE (ts, series_id, revision) IN (SELECT json_extract(value, '$[1]'), json_extract(value, '$[0]'),
-                                           json_extract(value, '$[2]') FROM json_each(?))
-  AND state = 'pending'
+WHERE ts >= json_extract(?1, '$.from') AND ts <= json_extract(?1, '$.to') AND state = 'pending'
+  AND ts || char(31) || series_id || char(31) || revision
+      IN (SELECT value FROM json_each(?1, '$.keys'))
 """
-# Counts ?2 rows acknowledged at ?1 in its minute, with the newest hour of the batch ?3
-# (the JSON keys the ack statement read; SQLite reads them again rather than Python).
+# Counts ?2 rows acknowledged at ?1 in its minute, with the newest hour of the batch ?3.
 _ACK_MINUTE = """
 INSERT INTO ack_minutes (minute, rows, newest_ts)
-SELECT substr(?1, 1, 16), ?2, max(json_extract(value, '$[1]')) FROM json_each(?3) WHERE true
+VALUES (substr(?1, 1, 16), ?2, json_extract(?3, '$.to'))
 ON CONFLICT (minute) DO UPDATE SET
     rows = ack_minutes.rows + excluded.rows,
     newest_ts = max(ack_minutes.newest_ts, excluded.newest_ts)
+"""
+# Rows recorded and not applied: a batch is an object since migration 0009, an array of
+# [series_id, ts, revision] before (status reads an outbox as it is, without upgrading).
+_UNAPPLIED = """
+SELECT coalesce(sum(CASE json_type(keys) WHEN 'object' THEN json_array_length(keys, '$.keys')
+                    ELSE json_array_length(keys) END), 0)
+FROM ack_log
 """
 _ACK_LOG_INSERT = "INSERT INTO ack_log (acked_at, keys) VALUES (?, ?)"
 _REJECT = """
@@ -102,11 +110,12 @@ class Claimed(NamedTuple):
     quality_flag: str
     revision: str
     attempts: int
+    page_id: int | None
+    page_row: int | None
+    # The series' identity last: a claim appends it to the row SQLite returns (see _DUE).
     ba: str
     type: str
     subtype: str | None
-    page_id: int | None
-    page_row: int | None
 
 
 class Key(NamedTuple):
@@ -154,13 +163,16 @@ class Delivery:
         """``rows`` (of :data:`_DUE`) with their series' ba/type/subtype from the map,
         reloaded once when a row's series is not in it; None if one is missing still."""
         series = self._series
+        # tuple.__new__ on the row plus its series: a Claimed at half the cost of _make
+        # (the map holds (ba, type, subtype) triples, so every row has all its fields).
+        new = tuple.__new__
         try:
-            return [Claimed._make(r[:7] + series[r[0]] + r[7:]) for r in rows]
+            return [new(Claimed, r + series[r[0]]) for r in rows]
         except KeyError:
             self._series = series = {r[0]: tuple(r[1:]) for r in cur.execute(_SERIES)}
         if any(r[0] not in series for r in rows):
             return None
-        return [Claimed._make(r[:7] + series[r[0]] + r[7:]) for r in rows]
+        return [new(Claimed, r + series[r[0]]) for r in rows]
 
     def newest_due(self, now: str | None = None) -> Claimed | None:
         """The pending row due at ``now`` ordered last (newest ts, then series_id), if any."""
@@ -185,12 +197,12 @@ class Delivery:
         every claim of a new pass comes after :meth:`apply_acks`.
         """
         now = now or now_ts()
-        keys = [(k[0], k[1], k[2]) for k in acked]
+        logged = encode_acks(acked)
         with self._store.write() as conn:
             cur = cursor(conn)
             dead = _dead_letter(cur, rejected)
-            if keys:
-                cur.execute(_ACK_LOG_INSERT, (now, orjson.dumps(keys).decode()))
+            if logged is not None:
+                cur.execute(_ACK_LOG_INSERT, (now, logged))
             cur.close()
             crashpoint("settle.before_commit")
         return dead
@@ -207,7 +219,7 @@ class Delivery:
             logged = cur.execute("SELECT id, acked_at, keys FROM ack_log ORDER BY id").fetchall()
             acked = 0
             for _id, acked_at, keys in logged:
-                done = max(cur.execute(_ACK_JSON, (keys,)).rowcount, 0)
+                done = max(cur.execute(_ACK_RANGE, (keys,)).rowcount, 0)
                 if done:
                     cur.execute(_ACK_MINUTE, (acked_at, done, keys))
                 acked += done
@@ -223,12 +235,7 @@ class Delivery:
         with self._store.read() as conn:
             if not has_table(conn, "ack_log"):
                 return 0
-            return int(
-                conn.exec_driver_sql(
-                    "SELECT coalesce(sum(json_array_length(keys)), 0) FROM ack_log"
-                ).scalar()
-                or 0
-            )
+            return int(conn.exec_driver_sql(_UNAPPLIED).scalar() or 0)
 
     def defer(
         self,
@@ -320,6 +327,31 @@ class Delivery:
                 conn.exec_driver_sql("SELECT count(*) FROM queue WHERE state = 'pending'").scalar()
                 or 0
             )
+
+
+def encode_acks(keys: Iterable[Sequence[str]]) -> str | None:
+    """The ``ack_log.keys`` of a batch's acknowledged ``(series_id, ts, revision)`` keys:
+    ``{"from": ts, "to": ts, "keys": ["ts\\x1fseries_id\\x1frevision", ...]}`` (None for
+    no keys). No field of a key holds the unit separator (``batch_id_of`` relies on it too).
+    """
+    keys = keys if isinstance(keys, list) else list(keys)
+    if not keys:
+        return None
+    hours = list(map(itemgetter(1), keys))  # the span; the keys' order is not relied on
+    joined = [f"{ts}\x1f{series_id}\x1f{revision}" for series_id, ts, revision in keys]
+    return orjson.dumps({"from": min(hours), "to": max(hours), "keys": joined}).decode()
+
+
+def decode_acks(text: str) -> list[Key]:
+    """The keys of one ``ack_log.keys`` value, in their recorded order (either format:
+    see :func:`encode_acks`; before migration 0009, ``[[series_id, ts, revision], ...]``)."""
+    doc = orjson.loads(text)
+    if isinstance(doc, list):
+        return [Key(*k) for k in doc]
+    return [
+        Key(series_id, ts, revision)
+        for ts, series_id, revision in (j.split("\x1f") for j in doc["keys"])
+    ]
 
 
 def _dead_letter(cur: sqlite3.Cursor, items: Iterable[tuple[Sequence[str], str, str]]) -> int:

@@ -199,7 +199,8 @@ ack_log = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("acked_at", Text, nullable=False),
-    Column("keys", Text, nullable=False),  # JSON [[series_id, ts, revision], ...]
+    # JSON {"from": ts, "to": ts, "keys": ["ts\x1fseries_id\x1frevision", ...]} (0009)
+    Column("keys", Text, nullable=False),
 )
 
 # The revision ledger: one row per revision that replaced a staged row's value, quality
