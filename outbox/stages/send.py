@@ -36,6 +36,7 @@ from outbox.errors import (
     RejectsEverythingError,
     SinkTransientError,
 )
+from outbox.heap import frozen_heap
 from outbox.logsetup import quote, scoped
 from outbox.ports import Batch, Outcome, Prepared, Sink
 from outbox.readahead import read_ahead
@@ -420,7 +421,8 @@ def run_send(
             ) as run:
                 result.run_id = run.id
                 try:
-                    _drain(store, sender, max_batches, max_seconds, clock)
+                    with frozen_heap():  # see outbox.heap: full collections stay cheap
+                        _drain(store, sender, max_batches, max_seconds, clock)
                 finally:
                     sender.close()
         except BaseException as exc:
