@@ -560,6 +560,23 @@ def test_an_ack_reads_one_range_of_the_queue(store: Store, db_path: Path) -> Non
     assert not [line for line in plan if line.startswith("SCAN queue")], plan
 
 
+def test_acks_recorded_in_the_format_before_0009_still_apply(store: Store, db_path: Path) -> None:
+    """A send started before the upgrade to 0009 may still record a batch as arrays."""
+    rows = [obs(PJM, h) for h in range(3)]
+    _stage(store, rows)
+    con = sqlite3.connect(db_path)
+    with con:
+        con.execute(
+            "INSERT INTO ack_log (acked_at, keys) VALUES (?, ?)",
+            (ts(50), json.dumps([list(_key(r)) for r in rows[:2]])),
+        )
+    con.close()
+    assert store.delivery.unapplied_acks() == 2
+    assert store.delivery.apply_acks() == 2
+    assert [_state(store, PJM, h) for h in range(3)] == ["acked", "acked", "pending"]
+    assert _ack_minutes(store) == [(ts(50)[:16], 2, ts(1))]
+
+
 def test_recorded_keys_decode_as_they_were_recorded() -> None:
     from outbox.store.deliver import decode_acks, encode_acks
 

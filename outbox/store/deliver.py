@@ -219,6 +219,8 @@ class Delivery:
             logged = cur.execute("SELECT id, acked_at, keys FROM ack_log ORDER BY id").fetchall()
             acked = 0
             for _id, acked_at, keys in logged:
+                if keys.startswith("["):  # written by a send from before 0009, still running
+                    keys = encode_acks(decode_acks(keys)) or '{"keys": []}'  # across the upgrade
                 done = max(cur.execute(_ACK_RANGE, (keys,)).rowcount, 0)
                 if done:
                     cur.execute(_ACK_MINUTE, (acked_at, done, keys))
