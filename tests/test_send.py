@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import math
 import time
@@ -240,6 +241,7 @@ def test_transient_then_success(store: Store, failure: Any) -> None:
         mock.post(INGEST).mock(side_effect=[failure, failure, accept_all])
         result = send(store, make_config())
     assert result.acked == 3 and result.requests == 3
+    assert gc.get_freeze_count() == 0  # the drain loop gave the heap back (outbox.heap)
 
 
 def test_retry_budget_exhausted_defers_and_fails(store: Store) -> None:
@@ -250,6 +252,7 @@ def test_retry_budget_exhausted_defers_and_fails(store: Store) -> None:
         with pytest.raises(SendFailed):
             send(store, cfg)
         assert route.call_count == 3  # the configured attempts, then give up
+    assert gc.get_freeze_count() == 0  # given back on the failure too
     assert states(store) == {"pending": 7}
     deferred = store.reads.row("EIA.PJM.demand", ts(0))
     assert deferred["attempts"] == 1 and deferred["next_attempt_at"] is not None
@@ -270,6 +273,22 @@ def test_retry_budget_exhausted_defers_and_fails(store: Store) -> None:
     assert [o["ts"] for o in body_of(route.calls[0].request)["observations"]] == [
         ts(h) for h in range(5)
     ]
+
+
+def test_the_heap_is_frozen_while_batches_are_sent_and_given_back_after(store: Store) -> None:
+    stage(store, 3)
+    frozen_during: list[int] = []
+
+    def count_then_accept(request: httpx.Request) -> httpx.Response:
+        frozen_during.append(gc.get_freeze_count())
+        return accept_all(request)
+
+    assert gc.get_freeze_count() == 0
+    with respx.mock() as mock:
+        mock.post(INGEST).mock(side_effect=count_then_accept)
+        assert send(store, make_config()).acked == 3
+    assert len(frozen_during) == 1 and frozen_during[0] > 0  # outbox.heap, the drain loop
+    assert gc.get_freeze_count() == 0
 
 
 def test_revision_staged_meanwhile_stays_pending(store: Store) -> None:

@@ -497,6 +497,15 @@ def test_write_group_is_per_thread_and_does_not_nest(store: Store, db_path: Path
     assert _committed(db_path)[0] == 3
 
 
+def test_an_outcome_with_nothing_acknowledged_records_no_batch(store: Store, db_path: Path) -> None:
+    _stage(store, [obs(PJM, 0)])
+    assert store.delivery.record_outcome([], [(_key(obs(PJM, 0)), "INVALID_VALUE", "bad")]) == 1
+    con = sqlite3.connect(db_path)
+    assert con.execute("SELECT count(*) FROM ack_log").fetchone() == (0,)
+    con.close()
+    assert _state(store, PJM, 0) == "dead"
+
+
 def test_recorded_acks_reach_their_rows_when_applied(store: Store) -> None:
     rows = [obs(PJM, h, 10.0 + h) for h in range(4)]
     _stage(store, rows)
@@ -570,11 +579,13 @@ def test_acks_recorded_in_the_format_before_0009_still_apply(store: Store, db_pa
             "INSERT INTO ack_log (acked_at, keys) VALUES (?, ?)",
             (ts(50), json.dumps([list(_key(r)) for r in rows[:2]])),
         )
+        con.execute("INSERT INTO ack_log (acked_at, keys) VALUES (?, '[]')", (ts(51),))
     con.close()
     assert store.delivery.unapplied_acks() == 2
     assert store.delivery.apply_acks() == 2
     assert [_state(store, PJM, h) for h in range(3)] == ["acked", "acked", "pending"]
     assert _ack_minutes(store) == [(ts(50)[:16], 2, ts(1))]
+    assert store.delivery.unapplied_acks() == 0 and store.delivery.apply_acks() == 0
 
 
 def test_recorded_keys_decode_as_they_were_recorded() -> None:
@@ -582,10 +593,11 @@ def test_recorded_keys_decode_as_they_were_recorded() -> None:
 
     keys = [Key(MISO, ts(3), "r3"), Key(PJM, ts(1), "r1"), Key("EIA.X-Y.z w", ts(2), "r2")]
     text = encode_acks(keys)
-    assert text is not None and decode_acks(text) == keys
-    assert encode_acks([]) is None
+    assert decode_acks(text) == keys
     doc = json.loads(text)
     assert (doc["from"], doc["to"]) == (ts(1), ts(3))
+    empty = encode_acks([])  # a span of nothing: its range statement deletes no row
+    assert decode_acks(empty) == [] and json.loads(empty) == {"from": None, "to": None, "keys": []}
     old = '[["EIA.PJM.demand", "2026-01-01T00:00:00Z", "ab"]]'  # before migration 0009
     assert decode_acks(old) == [Key(PJM, "2026-01-01T00:00:00Z", "ab")]
 

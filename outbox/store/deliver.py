@@ -83,8 +83,8 @@ ON CONFLICT (minute) DO UPDATE SET
 # Rows recorded and not applied: a batch is an object since migration 0009, an array of
 # [series_id, ts, revision] before (status reads an outbox as it is, without upgrading).
 _UNAPPLIED = """
-SELECT coalesce(sum(CASE json_type(keys) WHEN 'object' THEN json_array_length(keys, '$.keys')
-                    ELSE json_array_length(keys) END), 0)
+SELECT coalesce(sum(json_array_length(
+    keys, CASE json_type(keys) WHEN 'object' THEN '$.keys' ELSE '$' END)), 0)
 FROM ack_log
 """
 _ACK_LOG_INSERT = "INSERT INTO ack_log (acked_at, keys) VALUES (?, ?)"
@@ -197,12 +197,12 @@ class Delivery:
         every claim of a new pass comes after :meth:`apply_acks`.
         """
         now = now or now_ts()
-        logged = encode_acks(acked)
+        keys = list(acked)
         with self._store.write() as conn:
             cur = cursor(conn)
             dead = _dead_letter(cur, rejected)
-            if logged is not None:
-                cur.execute(_ACK_LOG_INSERT, (now, logged))
+            if keys:
+                cur.execute(_ACK_LOG_INSERT, (now, encode_acks(keys)))
             cur.close()
             crashpoint("settle.before_commit")
         return dead
@@ -220,7 +220,7 @@ class Delivery:
             acked = 0
             for _id, acked_at, keys in logged:
                 if keys.startswith("["):  # written by a send from before 0009, still running
-                    keys = encode_acks(decode_acks(keys)) or '{"keys": []}'  # across the upgrade
+                    keys = encode_acks(decode_acks(keys))  # across the upgrade
                 done = max(cur.execute(_ACK_RANGE, (keys,)).rowcount, 0)
                 if done:
                     cur.execute(_ACK_MINUTE, (acked_at, done, keys))
@@ -331,17 +331,16 @@ class Delivery:
             )
 
 
-def encode_acks(keys: Iterable[Sequence[str]]) -> str | None:
+def encode_acks(keys: Sequence[Sequence[str]]) -> str:
     """The ``ack_log.keys`` of a batch's acknowledged ``(series_id, ts, revision)`` keys:
-    ``{"from": ts, "to": ts, "keys": ["ts\\x1fseries_id\\x1frevision", ...]}`` (None for
-    no keys). No field of a key holds the unit separator (``batch_id_of`` relies on it too).
+    ``{"from": ts, "to": ts, "keys": ["ts\\x1fseries_id\\x1frevision", ...]}`` (``from`` and
+    ``to`` null for no keys, which acknowledges nothing). No field of a key holds the unit
+    separator (``batch_id_of`` relies on it too).
     """
-    keys = keys if isinstance(keys, list) else list(keys)
-    if not keys:
-        return None
     hours = list(map(itemgetter(1), keys))  # the span; the keys' order is not relied on
     joined = [f"{ts}\x1f{series_id}\x1f{revision}" for series_id, ts, revision in keys]
-    return orjson.dumps({"from": min(hours), "to": max(hours), "keys": joined}).decode()
+    span = (min(hours), max(hours)) if hours else (None, None)
+    return orjson.dumps({"from": span[0], "to": span[1], "keys": joined}).decode()
 
 
 def decode_acks(text: str) -> list[Key]:
