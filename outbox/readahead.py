@@ -25,6 +25,8 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from queue import Full, Queue
 from typing import Any, TypeVar, overload
 
+from outbox.preload import settle
+
 _T = TypeVar("_T")
 _U = TypeVar("_U")
 
@@ -94,9 +96,16 @@ class WorkerDied(RuntimeError):
 
 
 def forked_read_ahead(
-    source: Iterator[_T], prepare: Callable[[_T], _U], depth: int
+    source: Iterator[_T],
+    prepare: Callable[[_T], _U],
+    depth: int,
+    *,
+    meanwhile: Callable[[], object] | None = None,
 ) -> Generator[_U, None, None]:
     """:func:`read_ahead` with the worker in a forked child process.
+
+    ``meanwhile`` runs here once the child has started, before the first item is awaited:
+    work the caller needs later started while it would only wait (:func:`outbox.preload`).
 
     The child iterates ``source`` and calls ``prepare`` on its copy of this process
     (nothing is imported or pickled to start it), and sends each result back pickled
@@ -116,6 +125,7 @@ def forked_read_ahead(
         name="outbox-read-ahead",
         daemon=True,
     )
+    settle()  # no import half done on another thread: the child could never finish it
     child.start()
     sender.close()
 
@@ -130,6 +140,8 @@ def forked_read_ahead(
             ) from None
 
     try:
+        if meanwhile is not None:
+            meanwhile()
         yield from _handed_over(receive)
     finally:
         receiver.close()

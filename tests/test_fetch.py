@@ -177,6 +177,29 @@ def test_replay_read_ahead_in_a_process_or_a_thread_stages_the_same(
     assert got["process"][1:] == got["thread"][1:]
 
 
+@pytest.mark.skipif(not can_fork(), reason="the forked read-ahead is Linux only")
+@pytest.mark.parametrize("checks", [True, False], ids=["checks", "no-checks"])
+def test_a_replay_preloads_pandas_after_the_fork_only_for_the_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checks: bool
+) -> None:
+    """The run's own process needs pandas only for the checks' end-of-run pass: it is
+    preloaded once the read-ahead process is running (outbox.preload), not before."""
+    import multiprocessing
+
+    import outbox.stages.fetcher
+
+    children: list[int] = []
+    monkeypatch.setattr(
+        outbox.stages.fetcher,
+        "preload",
+        lambda: children.append(len(multiprocessing.active_children())),
+    )
+    config = Config.model_validate({"quality": {"enabled": checks}})
+    with Store.open(tmp_path / "o.db") as store:
+        assert run_fetch(config, store, ReplaySource(sample_dir())).written > 0
+    assert children == ([1] if checks else [])
+
+
 def test_watermarks_never_ahead_of_staged_rows(store: Store, db_path: Path) -> None:
     run_fetch(Config(), store, ReplaySource(sample_dir()))
     assert watermark_violations(db_path) == []

@@ -297,3 +297,17 @@ def test_sigterm_with_requests_in_flight_exits_at_once_and_quietly(tmp_path: Pat
     assert "Traceback" not in said and "eia retry" not in said, said
     plain = [line for line in said.splitlines() if not line.startswith("ts=")]
     assert plain == ["interrupted by SIGTERM: stopped; every row keeps its last state"], said
+
+
+def test_pandas_is_preloaded_while_the_first_answers_are_awaited(
+    fake: FakeEIA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """outbox.preload starts before any request is made (the import runs while EIA answers)."""
+    import outbox.stages.fetcher
+
+    asked_before: list[int] = []
+    monkeypatch.setattr(
+        outbox.stages.fetcher, "preload", lambda: asked_before.append(len(fake.requests))
+    )
+    fetch_into(tmp_path / "o.db", fake, 4, backfill=False)
+    assert asked_before and asked_before[0] == 0 and len(fake.requests) > 0

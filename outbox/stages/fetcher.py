@@ -25,6 +25,7 @@ from outbox.crash import crashpoint
 from outbox.errors import SourceFatalError
 from outbox.normalize import SKIP_REASONS, Normalized, normalize_page
 from outbox.ports import Page, Source, iter_requests
+from outbox.preload import preload
 from outbox.readahead import SharedFlag, can_fork, forked_read_ahead, read_ahead
 from outbox.stages.plan import Window, asked_cutoffs, known_through, latest_hours
 from outbox.stages.prepared import (
@@ -179,6 +180,7 @@ class Fetcher:
         watermark either: its last page moves its streams' history markers instead.
         """
         seen: dict[int, dict[str, str]] = {}
+        preload()  # normalize's pandas, imported while the first answers are awaited
         requests = [window.request() for window in windows]
         pages = iter_requests(source, requests)
         with closing(pages):
@@ -247,7 +249,12 @@ class Fetcher:
         self._known = self.store.staging.known_digests()
         pages = source.iter_pages(None)
         if self.config.eia.replay_read_ahead == "process" and can_fork():
-            prepared_pages = forked_read_ahead(pages, self._prepare_detached, READ_AHEAD)
+            # Only the checks' end-of-run pass needs pandas here: it is imported once the
+            # child has started (never before a fork), while this process would wait.
+            checks = self.store.staging.checker is not None
+            prepared_pages = forked_read_ahead(
+                pages, self._prepare_detached, READ_AHEAD, meanwhile=preload if checks else None
+            )
         else:
             prepared_pages = read_ahead(pages, self._prepare_replay, READ_AHEAD)
         with self.store.write_group() as group, closing(prepared_pages):
