@@ -108,3 +108,44 @@ def test_since_is_taken_by_every_command_that_has_it(
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == 0, result.output
     assert expected in result.output
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_an_internal_error_is_one_line_and_exit_1(tmp_path: Path, verbose: bool) -> None:
+    """A bug (an exception no error type maps) still ends in one line; -v logs where."""
+    import os
+    import sys
+
+    from outbox.sample import sample_dir
+
+    code = (
+        "import outbox.cli.stages as stages\n"
+        "def boom(*a, **k):\n"
+        "    raise TypeError('an unexpected None\\nin two lines')\n"
+        "stages.run_fetch_command = boom\n"
+        "from outbox.cli import main\n"
+        "main()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX", "EIA_"))}
+    env["OUTBOX_DB"] = str(tmp_path / "outbox.db")
+    args = [*(["-v"] if verbose else []), "fetch", "--replay", str(sample_dir())]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (
+        "error: internal error: TypeError: an unexpected None in two lines (a bug; -v logs where)"
+    )
+    assert "Traceback" not in done.stderr
+    if verbose:  # one log line naming the frame that raised, then the way to it
+        (where,) = [line for line in done.stderr.splitlines() if 'msg="internal error"' in line]
+        assert 'where="<string>:3 boom < stages.py:' in where, where
+    else:
+        assert done.stderr.strip().splitlines() == [last]

@@ -1,6 +1,7 @@
 """The ``outbox`` command line: parse, call one library function, print, map errors to exits.
 
-Exit codes: 0 ok; 1 the run failed (EIA or GridPulse unreachable, rows deferred);
+Exit codes: 0 ok; 1 the run failed (EIA or GridPulse unreachable, rows deferred; also an
+internal error, a bug: one line, and with ``-v`` a log line saying where it was raised);
 2 usage or configuration error; 4 the outbox is full (fetch refuses to grow it);
 143 stopped by SIGTERM (130: SIGINT), the run recorded as failed.
 ``status --check`` uses the monitoring convention instead: 0 OK, 1 WARNING,
@@ -15,7 +16,11 @@ is in the library; :mod:`outbox.wiring` builds what a command needs from the con
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
+import traceback
+from pathlib import Path
 from typing import Any
 
 from outbox.cli.app import app
@@ -57,6 +62,13 @@ def _main() -> None:
         sys.exit(exc.exit_code)
     except Abort:
         print_error("aborted")
+        sys.exit(1)
+    except Exception as exc:  # a bug: still one line; -v logs where it was raised
+        frames = traceback.extract_tb(exc.__traceback__)[-4:]
+        where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[::-1])
+        logging.getLogger("outbox.cli").debug("internal error where=%s", json.dumps(where))
+        said = " ".join(str(exc).split())
+        print_error(f"internal error: {type(exc).__name__}: {said} (a bug; -v logs where)")
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
