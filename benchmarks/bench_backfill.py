@@ -5,7 +5,8 @@
 ratio to the limit, with requests in flight (``eia.max_in_flight``, default 4) and one
 after another (``max_in_flight=1``, or ``--old-tree`` for the tree before concurrency).
 (b) The hourly run (an incremental ``outbox fetch`` of an outbox fetched an hour before:
-one request per route), wall time of the whole process.
+one request per route), wall time of the whole process, with the quality checks on (the
+default; the backfill runs them off).
 
 The stand-in runs in its own process (``python -m outbox.testing.fake_eia --synth``),
 making each asked window's synthetic rows on demand. Full size: a year (2023), delay
@@ -132,6 +133,7 @@ def hourly(base_url: str, work: Path, size: dict[str, Any], in_flight: int, tree
             "OUTBOX__EIA__HISTORY_START": start,
             "OUTBOX__EIA__PAGE_LENGTH": "5000",
             "OUTBOX__EIA__BACKFILL_CHUNK_HOURS": "744",
+            "OUTBOX__QUALITY__ENABLED": "true",  # as an hourly timer runs it: the default
         }
         fetch(base_url, db, size, in_flight, tree, **env)
         seconds, run, requests = fetch(base_url, db, size, in_flight, tree, **env)
