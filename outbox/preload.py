@@ -16,8 +16,11 @@ thread, and :func:`outbox.readahead.forked_read_ahead` calls it before forking.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 import threading
+
+log = logging.getLogger(__name__)
 
 MODULES = ("numpy", "pandas")
 _thread: threading.Thread | None = None
@@ -46,4 +49,5 @@ def _import() -> None:
         try:
             importlib.import_module(name)
         except Exception:  # the first real use imports again and raises it there
+            log.debug("preload of %s failed", name, exc_info=True)
             return

@@ -110,6 +110,45 @@ def test_since_is_taken_by_every_command_that_has_it(
     assert expected in result.output
 
 
+def _internal_error(tmp_path: Path, raised: str, *args: str) -> subprocess.CompletedProcess:
+    """``outbox fetch --replay`` with the command's body raising ``raised`` (a bug)."""
+    import os
+    import sys
+
+    from outbox.sample import sample_dir
+
+    code = (
+        "import outbox.cli.stages as stages\n"
+        "def boom(*a, **k):\n"
+        f"    raise {raised}\n"
+        "stages.run_fetch_command = boom\n"
+        "from outbox.cli import main\n"
+        "main()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX", "EIA_"))}
+    env["OUTBOX_DB"] = str(tmp_path / "outbox.db")
+    return subprocess.run(
+        [sys.executable, "-c", code, *args, "fetch", "--replay", str(sample_dir())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+        cwd=tmp_path,
+    )
+
+
+@pytest.mark.parametrize(
+    ("raised", "said"),
+    [("TypeError()", "TypeError"), ("ValueError('x' * 1000)", "ValueError: " + "x" * 300 + "...")],
+    ids=["no-message", "long-message"],
+)
+def test_an_internal_error_line_stays_short(tmp_path: Path, raised: str, said: str) -> None:
+    done = _internal_error(tmp_path, raised)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"error: internal error: {said} (a bug; -v logs where)"]
+
+
 @pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
 def test_an_internal_error_is_one_line_and_exit_1(tmp_path: Path, verbose: bool) -> None:
     """A bug (an exception no error type maps) still ends in one line; -v logs where."""

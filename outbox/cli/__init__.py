@@ -68,7 +68,8 @@ def _main() -> None:
         where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[::-1])
         logging.getLogger("outbox.cli").debug("internal error where=%s", json.dumps(where))
         said = " ".join(str(exc).split())
-        print_error(f"internal error: {type(exc).__name__}: {said} (a bug; -v logs where)")
+        said = f": {said[:300]}{'...' if len(said) > 300 else ''}" if said else ""
+        print_error(f"internal error: {type(exc).__name__}{said} (a bug; -v logs where)")
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -180,7 +180,8 @@ class Fetcher:
         watermark either: its last page moves its streams' history markers instead.
         """
         seen: dict[int, dict[str, str]] = {}
-        preload()  # normalize's pandas, imported while the first answers are awaited
+        if windows:
+            preload()  # normalize's pandas, imported while the first answers are awaited
         requests = [window.request() for window in windows]
         pages = iter_requests(source, requests)
         with closing(pages):
