@@ -99,12 +99,18 @@ def outbox_env(
 
 
 def outbox(
-    *args: str, env: Mapping[str, str], timeout: float = 180, **kw: Any
+    *args: str, env: Mapping[str, str], timeout: float = 180, prelude: str = "", **kw: Any
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m outbox ARGS`` to completion, its output captured as text; ``env`` is
-    the child's whole environment; ``kw`` go to :func:`subprocess.run` (``cwd``, ...)."""
+    the child's whole environment; ``kw`` go to :func:`subprocess.run` (``cwd``, ...).
+
+    ``prelude``: Python the child runs first (a module hidden, a function replaced), then
+    the command line's ``main`` as ``python -m outbox`` would."""
+    start = (
+        ["-c", f"{prelude}\nfrom outbox.cli import main\nmain()"] if prelude else ["-m", "outbox"]
+    )
     return subprocess.run(
-        [sys.executable, "-m", "outbox", *args],
+        [sys.executable, *start, *args],
         env=env,
         capture_output=True,
         text=True,

@@ -110,32 +110,24 @@ def test_since_is_taken_by_every_command_that_has_it(
     assert expected in result.output
 
 
-def _internal_error(tmp_path: Path, raised: str, *args: str) -> subprocess.CompletedProcess:
-    """``outbox fetch --replay`` with the command's body raising ``raised`` (a bug)."""
+def _internal_error(tmp_path: Path, raised: str, *options: str) -> subprocess.CompletedProcess:
+    """``outbox [OPTIONS] fetch --replay`` with the command's body raising ``raised`` (a bug)."""
     import os
-    import sys
+
+    from durability import outbox
 
     from outbox.sample import sample_dir
 
-    code = (
+    replaced = (
         "import outbox.cli.stages as stages\n"
         "def boom(*a, **k):\n"
         f"    raise {raised}\n"
-        "stages.run_fetch_command = boom\n"
-        "from outbox.cli import main\n"
-        "main()\n"
+        "stages.run_fetch_command = boom"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX", "EIA_"))}
     env["OUTBOX_DB"] = str(tmp_path / "outbox.db")
-    return subprocess.run(
-        [sys.executable, "-c", code, *args, "fetch", "--replay", str(sample_dir())],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-        cwd=tmp_path,
-    )
+    args = [*options, "fetch", "--replay", str(sample_dir())]
+    return outbox(*args, env=env, timeout=60, prelude=replaced, cwd=tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -152,31 +144,8 @@ def test_an_internal_error_line_stays_short(tmp_path: Path, raised: str, said: s
 @pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
 def test_an_internal_error_is_one_line_and_exit_1(tmp_path: Path, verbose: bool) -> None:
     """A bug (an exception no error type maps) still ends in one line; -v logs where."""
-    import os
-    import sys
-
-    from outbox.sample import sample_dir
-
-    code = (
-        "import outbox.cli.stages as stages\n"
-        "def boom(*a, **k):\n"
-        "    raise TypeError('an unexpected None\\nin two lines')\n"
-        "stages.run_fetch_command = boom\n"
-        "from outbox.cli import main\n"
-        "main()\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX", "EIA_"))}
-    env["OUTBOX_DB"] = str(tmp_path / "outbox.db")
-    args = [*(["-v"] if verbose else []), "fetch", "--replay", str(sample_dir())]
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-        cwd=tmp_path,
-    )
+    raised = r"TypeError('an unexpected None\nin two lines')"
+    done = _internal_error(tmp_path, raised, *(["-v"] if verbose else []))
     assert done.returncode == 1, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last == (
@@ -188,3 +157,16 @@ def test_an_internal_error_is_one_line_and_exit_1(tmp_path: Path, verbose: bool)
         assert 'where="<string>:3 boom < stages.py:' in where, where
     else:
         assert done.stderr.strip().splitlines() == [last]
+
+
+def test_an_internal_error_line_keeps_secrets_out(tmp_path: Path) -> None:
+    """A bug's message may hold a URL with EIA's key or a GridPulse token: redacted."""
+    raised = (
+        "RuntimeError('GET https://api.eia.gov/v2/electricity?api_key=eia-s3cret&x=1"
+        " with Authorization: Bearer gp-t0ken failed')"
+    )
+    done = _internal_error(tmp_path, raised, "-v")
+    assert done.returncode == 1
+    assert "eia-s3cret" not in done.stderr + done.stdout
+    assert "gp-t0ken" not in done.stderr + done.stdout
+    assert "api_key=***" in done.stderr.splitlines()[-1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import subprocess
 import sys
 import warnings
@@ -18,6 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from durability import outbox
 from factories import wire_observation
 from sqlalchemy import event
 from starlette.exceptions import StarletteDeprecationWarning
@@ -239,12 +241,9 @@ def test_postgres_urls_map_to_psycopg_3() -> None:
 
 def receiver_cli(*args: str, block_driver: bool = False) -> subprocess.CompletedProcess[str]:
     """``outbox receiver ...`` in a subprocess; ``block_driver`` hides psycopg from it."""
-    code = "import sys\n"
-    if block_driver:
-        code += "sys.modules['psycopg'] = None\n"
-    code += "from outbox.cli import main\nsys.exit(main())"
-    argv = [sys.executable, "-c", code, "receiver", "--port", "0", "--api-key", "k", *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    hidden = "import sys\nsys.modules['psycopg'] = None" if block_driver else ""
+    argv = ["receiver", "--port", "0", "--api-key", "k", *args]
+    return outbox(*argv, env=dict(os.environ), timeout=60, prelude=hidden)
 
 
 def test_missing_driver_is_one_line_naming_the_extra() -> None:

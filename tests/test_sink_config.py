@@ -162,9 +162,8 @@ def test_send_without_the_driver_is_a_config_error_naming_the_extra(tmp_path: Pa
     """``outbox send`` to ``sink: {kind: postgres}`` where psycopg cannot be imported:
     one line naming the extra, exit 2 (it was the run failing, exit 1)."""
     import os
-    import subprocess
-    import sys
 
+    from durability import outbox
     from factories import obs, series_row
 
     from outbox.store import Store
@@ -173,24 +172,14 @@ def test_send_without_the_driver_is_a_config_error_naming_the_extra(tmp_path: Pa
         store.staging.stage(
             [obs("EIA.PJM.demand", 0, 1.0)], series_rows=[series_row("EIA.PJM.demand")]
         )
-    code = (
-        "import sys\nsys.modules['psycopg'] = None\nfrom outbox.cli import main\nsys.exit(main())"
-    )
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX", "GRIDPULSE"))},
         "OUTBOX_DB": str(tmp_path / "outbox.db"),
         "OUTBOX__SINK__KIND": "postgres",
         "OUTBOX_SINK_URL": URL,
     }
-    done = subprocess.run(
-        [sys.executable, "-c", code, "send"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-        cwd=tmp_path,
-    )
+    hidden = "import sys\nsys.modules['psycopg'] = None"  # as if it were not installed
+    done = outbox("send", env=env, timeout=60, prelude=hidden, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr

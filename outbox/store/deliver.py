@@ -184,7 +184,7 @@ class Delivery:
 
     def record_outcome(
         self,
-        acked: Iterable[Sequence[str]],
+        acked: Sequence[Sequence[str]],
         rejected: Iterable[tuple[Sequence[str], str, str]] = (),
         now: str | None = None,
     ) -> int:
@@ -197,12 +197,11 @@ class Delivery:
         every claim of a new pass comes after :meth:`apply_acks`.
         """
         now = now or now_ts()
-        keys = list(acked)
         with self._store.write() as conn:
             cur = cursor(conn)
             dead = _dead_letter(cur, rejected)
-            if keys:
-                cur.execute(_ACK_LOG_INSERT, (now, encode_acks(keys)))
+            if acked:
+                cur.execute(_ACK_LOG_INSERT, (now, encode_acks(acked)))
             cur.close()
             crashpoint("settle.before_commit")
         return dead
