@@ -170,3 +170,80 @@ def test_an_internal_error_line_keeps_secrets_out(tmp_path: Path) -> None:
     assert "eia-s3cret" not in done.stderr + done.stdout
     assert "gp-t0ken" not in done.stderr + done.stdout
     assert "api_key=***" in done.stderr.splitlines()[-1]
+
+
+# -- leaving the process ------------------------------------------------------------------
+# The command line exits without the interpreter's teardown (0.4-0.5 s after a stage of a
+# million rows): exit handlers still run, output is flushed, a worker thread is waited for.
+
+_EXIT_PRELUDE = """
+import atexit, os, pathlib, sys, threading, time
+marks = pathlib.Path({marks!r})
+real_exit = os._exit
+def fast_exit(code):  # told when the process leaves without the teardown
+    (marks / "fast-exit").write_text(str(code))
+    real_exit(code)
+os._exit = fast_exit
+def handler():
+    (marks / "exit-handler").write_text("ran")
+    sys.stdout.write("bye")  # a last write, buffered: lost if the exit did not flush
+atexit.register(handler)
+if {worker!r}:  # a thread still working when the command is done
+    import outbox.cli
+    def work():
+        time.sleep(0.5)
+        (marks / "worker").write_text("done")
+    command = outbox.cli._main
+    def with_worker():
+        threading.Thread(target=work).start()
+        command()
+    outbox.cli._main = with_worker
+"""
+
+
+def _exiting(tmp_path: Path, *args: str, worker: bool = False) -> subprocess.CompletedProcess:
+    import os
+
+    from durability import outbox
+
+    # (PYTHONUNBUFFERED would write through: the flush would go untested)
+    skip = ("OUTBOX", "EIA_", "PYTHONUNBUFFERED")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
+    env["OUTBOX_DB"] = str(tmp_path / "outbox.db")
+    prelude = _EXIT_PRELUDE.format(marks=str(tmp_path), worker=worker)
+    return outbox(*args, env=env, timeout=60, prelude=prelude, cwd=tmp_path)
+
+
+def test_the_exit_runs_handlers_and_flushes_without_the_teardown(tmp_path: Path) -> None:
+    from outbox.sample import sample_dir
+
+    done = _exiting(tmp_path, "fetch", "--replay", str(sample_dir()))
+    assert done.returncode == 0, done.stderr
+    # The command's last line, and what an exit handler wrote after it:
+    assert done.stdout.splitlines()[-2:] == [done.stdout.splitlines()[-2], "bye"]
+    assert done.stdout.splitlines()[-2].startswith("quality:")
+    assert (tmp_path / "exit-handler").read_text() == "ran"
+    assert (tmp_path / "fast-exit").read_text() == "0"  # no teardown
+    # The outbox was closed before: every row is in the file itself, no WAL left behind.
+    assert not (tmp_path / "outbox.db-wal").exists()
+    con = sqlite3.connect(tmp_path / "outbox.db")
+    assert con.execute("SELECT count(*) FROM observations").fetchone()[0] > 0
+    con.close()
+
+
+def test_the_exit_keeps_its_code(tmp_path: Path) -> None:
+    done = _exiting(tmp_path, "fetch", "--start", "not-a-date")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert (tmp_path / "exit-handler").read_text() == "ran"
+    assert (tmp_path / "fast-exit").read_text() == "2"
+
+
+def test_the_exit_waits_for_a_thread_that_is_not_a_daemon(tmp_path: Path) -> None:
+    """Someone's work still running: the normal exit, which waits for it, tears down."""
+    done = _exiting(tmp_path, "--version", worker=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "worker").read_text() == "done"
+    assert (tmp_path / "exit-handler").read_text() == "ran"
+    assert done.stdout.endswith("bye")
+    assert not (tmp_path / "fast-exit").exists()

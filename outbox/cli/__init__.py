@@ -16,12 +16,16 @@ is in the library; :mod:`outbox.wiring` builds what a command needs from the con
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
+import os
 import sys
+import threading
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from outbox.cli.app import app
 from outbox.logsetup import print_error
@@ -43,7 +47,35 @@ def main() -> None:
     # an exception naming it, so the stage rolls back its open transaction, records the run
     # as failed and the last line says why (exit 143 / 130).
     with interrupt_on_signals():
-        _main()
+        try:
+            _main()
+            code: int | str | None = 0
+        except SystemExit as done:
+            code = done.code
+    _exit(code)
+
+
+def _exit(code: int | str | None) -> NoReturn:
+    """Leave the process with ``code`` as ``sys.exit`` would, without the interpreter's
+    teardown when nothing needs it.
+
+    By now the command has closed the outbox (and checkpointed it) and printed its last
+    line; what a normal exit still does is tear the interpreter down object by object:
+    0.4-0.5 s after a stage of a million rows, for nothing. So: the exit handlers run
+    (logging's flush, multiprocessing's joins, whatever a library registered), the
+    standard streams are flushed, and the process ends. A thread that is not a daemon is
+    still someone's work: then, and for a code that is not a number (``sys.exit("...")``
+    prints it), the normal exit does it all.
+    """
+    others = (t for t in threading.enumerate() if t is not threading.main_thread())
+    if not (code is None or isinstance(code, int)) or any(not t.daemon for t in others):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        # a closed pipe (`outbox status | head`) or stream: as a normal exit, nothing more
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            stream.flush()
+    os._exit(code or 0)
 
 
 def _main() -> None:
