@@ -179,13 +179,16 @@ def test_an_internal_error_line_keeps_secrets_out(tmp_path: Path) -> None:
 _EXIT_PRELUDE = """
 import atexit, os, pathlib, sys, threading, time
 marks = pathlib.Path({marks!r})
-real_exit = os._exit
-def fast_exit(code):  # told when the process leaves without the teardown
-    (marks / "fast-exit").write_text(str(code))
+real_exit, command_pid = os._exit, os.getpid()
+def fast_exit(code):  # told when the command's process leaves without the teardown
+    if os.getpid() == command_pid:  # (a forked read-ahead process leaves this way too)
+        (marks / "fast-exit").write_text(str(code))
     real_exit(code)
 os._exit = fast_exit
 def handler():
     (marks / "exit-handler").write_text("ran")
+    if {full!r}:  # output redirected to a full disk
+        sys.stdout = open("/dev/full", "w")
     sys.stdout.write("bye")  # a last write, buffered: lost if the exit did not flush
 atexit.register(handler)
 if {worker!r}:  # a thread still working when the command is done
@@ -201,7 +204,9 @@ if {worker!r}:  # a thread still working when the command is done
 """
 
 
-def _exiting(tmp_path: Path, *args: str, worker: bool = False) -> subprocess.CompletedProcess:
+def _exiting(
+    tmp_path: Path, *args: str, worker: bool = False, full: bool = False
+) -> subprocess.CompletedProcess:
     import os
 
     from durability import outbox
@@ -210,7 +215,7 @@ def _exiting(tmp_path: Path, *args: str, worker: bool = False) -> subprocess.Com
     skip = ("OUTBOX", "EIA_", "PYTHONUNBUFFERED")
     env = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
     env["OUTBOX_DB"] = str(tmp_path / "outbox.db")
-    prelude = _EXIT_PRELUDE.format(marks=str(tmp_path), worker=worker)
+    prelude = _EXIT_PRELUDE.format(marks=str(tmp_path), worker=worker, full=full)
     return outbox(*args, env=env, timeout=60, prelude=prelude, cwd=tmp_path)
 
 
@@ -219,9 +224,9 @@ def test_the_exit_runs_handlers_and_flushes_without_the_teardown(tmp_path: Path)
 
     done = _exiting(tmp_path, "fetch", "--replay", str(sample_dir()))
     assert done.returncode == 0, done.stderr
-    # The command's last line, and what an exit handler wrote after it:
-    assert done.stdout.splitlines()[-2:] == [done.stdout.splitlines()[-2], "bye"]
-    assert done.stdout.splitlines()[-2].startswith("quality:")
+    *_, last, after = done.stdout.splitlines()
+    assert last.startswith("quality:")  # the command's last line...
+    assert after == "bye"  # ...and what an exit handler wrote after it, unflushed
     assert (tmp_path / "exit-handler").read_text() == "ran"
     assert (tmp_path / "fast-exit").read_text() == "0"  # no teardown
     # The outbox was closed before: every row is in the file itself, no WAL left behind.
@@ -247,3 +252,31 @@ def test_the_exit_waits_for_a_thread_that_is_not_a_daemon(tmp_path: Path) -> Non
     assert (tmp_path / "exit-handler").read_text() == "ran"
     assert done.stdout.endswith("bye")
     assert not (tmp_path / "fast-exit").exists()
+
+
+def test_the_exit_says_when_the_last_output_could_not_be_written(tmp_path: Path) -> None:
+    """A flush that fails (a full disk) turns a 0 into 120, as CPython's own exit does."""
+    done = _exiting(tmp_path, "db", "upgrade", full=True)
+    assert done.returncode == 120, done.stderr
+    assert (tmp_path / "fast-exit").read_text() == "120"
+
+
+def test_the_exit_leaves_a_profiler_its_output(tmp_path: Path) -> None:
+    """``python -m cProfile -o FILE -m outbox ...`` writes FILE after ``main`` returns:
+    under a profiler (or coverage, a tracer) the exit is the normal one."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX", "EIA_"))}
+    env["OUTBOX_DB"] = str(tmp_path / "outbox.db")
+    profile = tmp_path / "run.prof"
+    done = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "outbox", "db", "upgrade"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "schema at" in done.stdout
+    assert profile.stat().st_size > 0

@@ -17,7 +17,6 @@ is in the library; :mod:`outbox.wiring` builds what a command needs from the con
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import logging
 import os
@@ -63,19 +62,30 @@ def _exit(code: int | str | None) -> NoReturn:
     line; what a normal exit still does is tear the interpreter down object by object:
     0.4-0.5 s after a stage of a million rows, for nothing. So: the exit handlers run
     (logging's flush, multiprocessing's joins, whatever a library registered), the
-    standard streams are flushed, and the process ends. A thread that is not a daemon is
-    still someone's work: then, and for a code that is not a number (``sys.exit("...")``
-    prints it), the normal exit does it all.
+    standard streams are flushed, and the process ends. The normal exit does it all
+    instead when someone still needs the interpreter: a thread that is not a daemon (its
+    work still running), a profiler or tracer (``python -m cProfile``, coverage: they
+    write their output after ``main`` returns), or a code that is not a number
+    (``sys.exit("...")`` prints it).
     """
     others = (t for t in threading.enumerate() if t is not threading.main_thread())
-    if not (code is None or isinstance(code, int)) or any(not t.daemon for t in others):
+    if (
+        not (code is None or isinstance(code, int))
+        or sys.getprofile() is not None
+        or sys.gettrace() is not None
+        or any(not t.daemon for t in others)
+    ):
         sys.exit(code)
     atexit._run_exitfuncs()
+    unwritten = False
     for stream in (sys.stdout, sys.stderr):
-        # a closed pipe (`outbox status | head`) or stream: as a normal exit, nothing more
-        with contextlib.suppress(OSError, ValueError, AttributeError):
+        try:
             stream.flush()
-    os._exit(code or 0)
+        except (BrokenPipeError, ValueError, AttributeError):
+            pass  # a closed pipe (`outbox status | head`) or stream: nothing more to say
+        except OSError:  # e.g. a full disk under `> file`: as CPython, exit 120 for a 0
+            unwritten = True
+    os._exit(120 if unwritten and not code else code or 0)
 
 
 def _main() -> None:
