@@ -6,12 +6,15 @@ import json
 import shutil
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from durability import outbox, outbox_env
 from typer.testing import CliRunner
 
 from outbox.cli import app
+from outbox.sample import sample_dir
 from outbox.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,21 +115,14 @@ def test_since_is_taken_by_every_command_that_has_it(
 
 def _internal_error(tmp_path: Path, raised: str, *options: str) -> subprocess.CompletedProcess:
     """``outbox [OPTIONS] fetch --replay`` with the command's body raising ``raised`` (a bug)."""
-    import os
-
-    from durability import outbox
-
-    from outbox.sample import sample_dir
-
     replaced = (
         "import outbox.cli.stages as stages\n"
         "def boom(*a, **k):\n"
         f"    raise {raised}\n"
         "stages.run_fetch_command = boom"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX", "EIA_"))}
-    env["OUTBOX_DB"] = str(tmp_path / "outbox.db")
     args = [*options, "fetch", "--replay", str(sample_dir())]
+    env = outbox_env(tmp_path / "outbox.db")
     return outbox(*args, env=env, timeout=60, prelude=replaced, cwd=tmp_path)
 
 
@@ -207,21 +203,13 @@ if {worker!r}:  # a thread still working when the command is done
 def _exiting(
     tmp_path: Path, *args: str, worker: bool = False, full: bool = False
 ) -> subprocess.CompletedProcess:
-    import os
-
-    from durability import outbox
-
-    # (PYTHONUNBUFFERED would write through: the flush would go untested)
-    skip = ("OUTBOX", "EIA_", "PYTHONUNBUFFERED")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
-    env["OUTBOX_DB"] = str(tmp_path / "outbox.db")
+    env = outbox_env(tmp_path / "outbox.db")
+    env.pop("PYTHONUNBUFFERED", None)  # it would write through: the flush would go untested
     prelude = _EXIT_PRELUDE.format(marks=str(tmp_path), worker=worker, full=full)
     return outbox(*args, env=env, timeout=60, prelude=prelude, cwd=tmp_path)
 
 
 def test_the_exit_runs_handlers_and_flushes_without_the_teardown(tmp_path: Path) -> None:
-    from outbox.sample import sample_dir
-
     done = _exiting(tmp_path, "fetch", "--replay", str(sample_dir()))
     assert done.returncode == 0, done.stderr
     *_, last, after = done.stdout.splitlines()
@@ -264,11 +252,7 @@ def test_the_exit_says_when_the_last_output_could_not_be_written(tmp_path: Path)
 def test_the_exit_leaves_a_profiler_its_output(tmp_path: Path) -> None:
     """``python -m cProfile -o FILE -m outbox ...`` writes FILE after ``main`` returns:
     under a profiler (or coverage, a tracer) the exit is the normal one."""
-    import os
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX", "EIA_"))}
-    env["OUTBOX_DB"] = str(tmp_path / "outbox.db")
+    env = outbox_env(tmp_path / "outbox.db")
     profile = tmp_path / "run.prof"
     done = subprocess.run(
         [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "outbox", "db", "upgrade"],
