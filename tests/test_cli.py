@@ -249,6 +249,27 @@ def test_the_exit_says_when_the_last_output_could_not_be_written(tmp_path: Path)
     assert (tmp_path / "fast-exit").read_text() == "120"
 
 
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["status", "--json"]])
+def test_output_to_a_full_disk_is_one_line_naming_it_not_a_bug(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """``outbox ... > file`` on a full file system: the line says the output could not be
+    written and why, exit 1 (a failed run), not "internal error ... (a bug)"."""
+    db = tmp_path / "outbox.db"
+    Store.open(db).close()
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "outbox", *command],
+            env=outbox_env(db),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == "error: cannot write the output: No space left on device\n"
+
+
 def test_the_exit_leaves_a_profiler_its_output(tmp_path: Path) -> None:
     """``python -m cProfile -o FILE -m outbox ...`` writes FILE after ``main`` returns:
     under a profiler (or coverage, a tracer) the exit is the normal one."""

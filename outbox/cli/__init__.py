@@ -1,7 +1,8 @@
 """The ``outbox`` command line: parse, call one library function, print, map errors to exits.
 
-Exit codes: 0 ok; 1 the run failed (EIA or GridPulse unreachable, rows deferred; also an
-internal error, a bug: one line, and with ``-v`` a log line saying where it was raised);
+Exit codes: 0 ok; 1 the run failed (EIA or GridPulse unreachable, rows deferred, the
+output's file system full; also an internal error, a bug: one line, and with ``-v`` a log
+line saying where it was raised);
 2 usage or configuration error; 4 the outbox is full (fetch refuses to grow it);
 143 stopped by SIGTERM (130: SIGINT), the run recorded as failed.
 ``status --check`` uses the monitoring convention instead: 0 OK, 1 WARNING,
@@ -17,6 +18,7 @@ is in the library; :mod:`outbox.wiring` builds what a command needs from the con
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import logging
 import os
@@ -106,6 +108,9 @@ def _main() -> None:
         print_error("aborted")
         sys.exit(1)
     except Exception as exc:  # a bug: still one line; -v logs where it was raised
+        if (unwritable := _unwritable(exc)) is not None:  # not a bug: a full file system
+            print_error(unwritable)
+            sys.exit(1)
         frames = traceback.extract_tb(exc.__traceback__)[-4:]
         where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[::-1])
         logging.getLogger("outbox.cli").debug("internal error where=%s", json.dumps(where))
@@ -114,6 +119,19 @@ def _main() -> None:
         print_error(f"internal error: {type(exc).__name__}{said} (a bug; -v logs where)")
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _unwritable(exc: BaseException) -> str | None:
+    """The one line for an output that found its file system full (``outbox status >
+    file`` on a full disk, ``> /dev/full``), or None for any other error. The outbox's own
+    writes say so themselves (a disk-full error naming the file, exit 1, as this)."""
+    if not isinstance(exc, OSError) or exc.errno not in _FULL:
+        return None
+    what = exc.filename if exc.filename is not None else "the output"
+    return f"cannot write {what}: {exc.strerror or os.strerror(exc.errno or 0)}"
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _usage_line(exc: Any) -> str:
