@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from factories import obs, series_row
 
+import outbox.store.migrate as migrate_mod
 from outbox.store import ProgressUpdate, Store
 from outbox.store.migrate import (
+    HEAD_SCHEMA,
     alembic_head,
     downgrade,
     head_revision,
+    head_schema_sql,
     migrations_dir,
     scanned_head,
     upgrade,
@@ -321,3 +328,87 @@ def test_0009_rewrites_recorded_acks_both_ways(store: Store, db_path: Path) -> N
     with store.read() as conn:
         minutes = [tuple(m) for m in conn.exec_driver_sql("SELECT * FROM ack_minutes")]
     assert minutes == [("2026-11-22T00:00", 2, rows[3][1]), ("2026-11-22T00:01", 1, rows[0][1])]
+
+
+def _migrated(path: Path) -> Path:
+    """A new outbox at ``path`` built by the migrations one by one (not the head script)."""
+    store = Store.open(path, migrate=False)
+    try:
+        upgrade(store)
+    finally:
+        store.close()
+    return path
+
+
+def _everything(path: Path) -> dict[str, Any]:
+    con = sqlite3.connect(path)
+    try:
+        found: dict[str, Any] = {
+            "objects": set(con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")),
+            "pragmas": [
+                con.execute(f"PRAGMA {p}").fetchone()[0]
+                for p in ("auto_vacuum", "journal_mode", "page_size", "user_version")
+            ],
+        }
+        for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
+            found[name] = sorted(con.execute(f'SELECT * FROM "{name}"').fetchall(), key=repr)
+    finally:
+        con.close()
+    return found
+
+
+def test_a_new_file_gets_in_one_script_what_the_migrations_build(tmp_path: Path) -> None:
+    """Store.open of a new path runs head_schema.sql, not the migrations: the same tables,
+    indexes, views, triggers (their SQL as SQLite keeps it), pragmas and stamp."""
+    migrated = _migrated(tmp_path / "migrated.db")
+    with Store.open(tmp_path / "scripted.db") as store:
+        assert store.schema_version() == head_revision()
+        assert _drift(store) == []
+    assert _everything(tmp_path / "scripted.db") == _everything(migrated)
+    assert _everything(migrated)["alembic_version"] == [(head_revision(),)]
+
+
+def test_head_schema_sql_is_the_migrations_head(tmp_path: Path) -> None:
+    """A migration added without the script rewritten fails here (and a new outbox would
+    be migrated one by one, correct but slow: see the test after)."""
+    written = head_schema_sql(_migrated(tmp_path / "outbox.db"))
+    assert HEAD_SCHEMA.read_text(encoding="utf-8") == written, (
+        "outbox/store/head_schema.sql is stale: run `python -m outbox.store.headschema`"
+    )
+
+
+def test_a_new_outbox_is_made_without_importing_alembic(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    probe = (
+        "import sys\nfrom outbox.store import Store\n"
+        f"store = Store.open({str(db)!r})\n"
+        "print(store.schema_version(), 'alembic' in sys.modules)\nstore.close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == [head_revision(), "False"], done.stderr
+
+
+def test_a_stale_head_script_or_a_file_not_empty_is_migrated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stale = tmp_path / "head_schema.sql"
+    stale.write_text(
+        "CREATE TABLE t (x);\nINSERT INTO alembic_version (version_num) VALUES ('0001');\n"
+    )
+    monkeypatch.setattr(migrate_mod, "HEAD_SCHEMA", stale)
+    migrate_mod._head_script.cache_clear()
+    try:
+        with Store.open(tmp_path / "new.db") as store:
+            assert store.schema_version() == head_revision() and _drift(store) == []
+    finally:
+        migrate_mod._head_script.cache_clear()
+    assert "t" not in _objects(tmp_path / "new.db")["table"]
+    other = tmp_path / "other.db"  # someone's table in the file: migrated beside it
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE notes (x)")
+    con.close()
+    with Store.open(other) as store:
+        assert store.schema_version() == head_revision()
+    assert _objects(other)["table"] >= TABLES | {"notes"}
