@@ -270,6 +270,21 @@ def test_output_to_a_full_disk_is_one_line_naming_it_not_a_bug(
     assert done.stderr == "error: cannot write the output: No space left on device\n"
 
 
+def test_a_full_disk_under_a_file_the_command_writes_is_not_called_the_output() -> None:
+    """A buffered write names no file (``Path.write_text`` on a full disk): while the
+    output itself still flushes, the line says a file, not the output."""
+    import errno
+
+    from outbox.cli import _unwritable
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert _unwritable(full) == "cannot write a file: No space left on device"
+    named = OSError(errno.EDQUOT, "Disk quota exceeded", "/srv/units/outbox-fetch.timer")
+    assert _unwritable(named) == ("cannot write /srv/units/outbox-fetch.timer: Disk quota exceeded")
+    assert _unwritable(OSError(errno.EACCES, "Permission denied")) is None
+    assert _unwritable(ValueError("no")) is None
+
+
 def test_the_exit_leaves_a_profiler_its_output(tmp_path: Path) -> None:
     """``python -m cProfile -o FILE -m outbox ...`` writes FILE after ``main`` returns:
     under a profiler (or coverage, a tracer) the exit is the normal one."""

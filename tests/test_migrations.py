@@ -357,10 +357,17 @@ def _everything(path: Path) -> dict[str, Any]:
     return found
 
 
-def test_a_new_file_gets_in_one_script_what_the_migrations_build(tmp_path: Path) -> None:
+def test_a_new_file_gets_in_one_script_what_the_migrations_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Store.open of a new path runs head_schema.sql, not the migrations: the same tables,
     indexes, views, triggers (their SQL as SQLite keeps it), pragmas and stamp."""
     migrated = _migrated(tmp_path / "migrated.db")
+
+    def no_migrations(*_args: object, **_kw: object) -> None:
+        raise AssertionError("a new file was migrated, not given the head script")
+
+    monkeypatch.setattr(migrate_mod, "upgrade", no_migrations)
     with Store.open(tmp_path / "scripted.db") as store:
         assert store.schema_version() == head_revision()
         assert _drift(store) == []
@@ -390,7 +397,7 @@ def test_a_new_outbox_is_made_without_importing_alembic(tmp_path: Path) -> None:
     assert done.stdout.split() == [head_revision(), "False"], done.stderr
 
 
-def test_a_stale_head_script_or_a_file_not_empty_is_migrated(
+def test_a_stale_head_script_is_not_run_a_new_file_is_migrated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stale = tmp_path / "head_schema.sql"
@@ -402,13 +409,22 @@ def test_a_stale_head_script_or_a_file_not_empty_is_migrated(
     try:
         with Store.open(tmp_path / "new.db") as store:
             assert store.schema_version() == head_revision() and _drift(store) == []
-    finally:
+    finally:  # the real script again, for every later test in this process
+        monkeypatch.undo()
         migrate_mod._head_script.cache_clear()
     assert "t" not in _objects(tmp_path / "new.db")["table"]
-    other = tmp_path / "other.db"  # someone's table in the file: migrated beside it
+    assert migrate_mod._head_script() is not None
+
+
+def test_a_file_with_tables_in_it_is_migrated_not_scripted(tmp_path: Path) -> None:
+    """The head script is for an empty file only: someone's table in it stays, and the
+    outbox's tables are migrated in beside it."""
+    assert migrate_mod._head_script() is not None  # the script would run, were it empty
+    other = tmp_path / "other.db"
     con = sqlite3.connect(other)
     con.execute("CREATE TABLE notes (x)")
     con.close()
     with Store.open(other) as store:
+        assert not migrate_mod.create_fresh(store)  # refused: the file is not empty
         assert store.schema_version() == head_revision()
     assert _objects(other)["table"] >= TABLES | {"notes"}

@@ -122,13 +122,26 @@ def _main() -> None:
 
 
 def _unwritable(exc: BaseException) -> str | None:
-    """The one line for an output that found its file system full (``outbox status >
-    file`` on a full disk, ``> /dev/full``), or None for any other error. The outbox's own
-    writes say so themselves (a disk-full error naming the file, exit 1, as this)."""
+    """The one line for a write that found its file system full (``outbox status > file``
+    on a full disk, ``> /dev/full``, a unit file of ``timers print --out``), or None for
+    any other error. The outbox's own writes say so themselves (a disk-full error naming
+    the file, exit 1, as this)."""
     if not isinstance(exc, OSError) or exc.errno not in _FULL:
         return None
-    what = exc.filename if exc.filename is not None else "the output"
-    return f"cannot write {what}: {exc.strerror or os.strerror(exc.errno or 0)}"
+    why = exc.strerror or os.strerror(exc.errno or 0)
+    if exc.filename is not None:
+        return f"cannot write {exc.filename}: {why}"
+    # A buffered write names no file: it was the output when it was raised writing to a
+    # standard stream (a frame holding one, or the printers of Click and rich, which write
+    # only there for us), else it was a file the command wrote.
+    streams = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
+    for frame, _line in traceback.walk_tb(exc.__traceback__):
+        module = str(frame.f_globals.get("__name__", ""))
+        if module.endswith("click.utils") or module == "rich.console":
+            return f"cannot write the output: {why}"
+        if any(id(v) in streams for v in frame.f_locals.values()):
+            return f"cannot write the output: {why}"
+    return f"cannot write a file: {why}"
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

@@ -1,6 +1,7 @@
 -- The outbox's schema at its head revision, as the migrations build it: what a new
 -- file gets in one transaction (outbox/store/migrate.py). Written by
--- `python -m outbox.store.headschema`; tests/test_migrations.py checks it. Do not edit.
+-- `python -m outbox.store.headschema`; tests/test_migrations.py checks it. Do not edit:
+-- every character counts, trailing spaces too (SQLite keeps each statement as written).
 
 CREATE TABLE alembic_version (
 	version_num VARCHAR(32) NOT NULL, 

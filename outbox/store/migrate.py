@@ -183,9 +183,15 @@ def head_schema_sql(path: str | Path) -> str:
     head = [
         "-- The outbox's schema at its head revision, as the migrations build it: what a new",
         "-- file gets in one transaction (outbox/store/migrate.py). Written by",
-        "-- `python -m outbox.store.headschema`; tests/test_migrations.py checks it. Do not edit.",
+        "-- `python -m outbox.store.headschema`; tests/test_migrations.py checks it. Do not edit:",
+        "-- every character counts, trailing spaces too (SQLite keeps each statement as written).",
         "",
     ]
+    ending_in_a_comment = [sql for _type, sql in objects if "--" in sql.rsplit("\n", 1)[-1]]
+    if ending_in_a_comment:  # its `;` would be inside the comment: the script would break
+        raise StoreError(
+            f"cannot script a statement that ends in a comment: {ending_in_a_comment[0]}"
+        )
     body = [f"{sql};" for _type, sql in objects]
     stamp = f"INSERT INTO alembic_version (version_num) VALUES ('{version}');"
     return "\n".join([*head, *body, stamp, ""])
