@@ -15,7 +15,9 @@ from alembic.migration import MigrationContext
 from factories import obs, series_row
 
 import outbox.store.migrate as migrate_mod
+from outbox.errors import StoreError
 from outbox.store import ProgressUpdate, Store
+from outbox.store.headschema import migrated
 from outbox.store.migrate import (
     HEAD_SCHEMA,
     alembic_head,
@@ -330,16 +332,6 @@ def test_0009_rewrites_recorded_acks_both_ways(store: Store, db_path: Path) -> N
     assert minutes == [("2026-11-22T00:00", 2, rows[3][1]), ("2026-11-22T00:01", 1, rows[0][1])]
 
 
-def _migrated(path: Path) -> Path:
-    """A new outbox at ``path`` built by the migrations one by one (not the head script)."""
-    store = Store.open(path, migrate=False)
-    try:
-        upgrade(store)
-    finally:
-        store.close()
-    return path
-
-
 def _everything(path: Path) -> dict[str, Any]:
     con = sqlite3.connect(path)
     try:
@@ -362,7 +354,7 @@ def test_a_new_file_gets_in_one_script_what_the_migrations_build(
 ) -> None:
     """Store.open of a new path runs head_schema.sql, not the migrations: the same tables,
     indexes, views, triggers (their SQL as SQLite keeps it), pragmas and stamp."""
-    migrated = _migrated(tmp_path / "migrated.db")
+    built = migrated(tmp_path / "migrated.db")
 
     def no_migrations(*_args: object, **_kw: object) -> None:
         raise AssertionError("a new file was migrated, not given the head script")
@@ -371,14 +363,14 @@ def test_a_new_file_gets_in_one_script_what_the_migrations_build(
     with Store.open(tmp_path / "scripted.db") as store:
         assert store.schema_version() == head_revision()
         assert _drift(store) == []
-    assert _everything(tmp_path / "scripted.db") == _everything(migrated)
-    assert _everything(migrated)["alembic_version"] == [(head_revision(),)]
+    assert _everything(tmp_path / "scripted.db") == _everything(built)
+    assert _everything(built)["alembic_version"] == [(head_revision(),)]
 
 
 def test_head_schema_sql_is_the_migrations_head(tmp_path: Path) -> None:
     """A migration added without the script rewritten fails here (and a new outbox would
     be migrated one by one, correct but slow: see the test after)."""
-    written = head_schema_sql(_migrated(tmp_path / "outbox.db"))
+    written = head_schema_sql(migrated(tmp_path / "outbox.db"))
     assert HEAD_SCHEMA.read_text(encoding="utf-8") == written, (
         "outbox/store/head_schema.sql is stale: run `python -m outbox.store.headschema`"
     )
@@ -397,7 +389,7 @@ def test_a_new_outbox_is_made_without_importing_alembic(tmp_path: Path) -> None:
     assert done.stdout.split() == [head_revision(), "False"], done.stderr
 
 
-def test_a_stale_head_script_is_not_run_a_new_file_is_migrated(
+def test_a_stale_head_script_is_not_run_a_new_file_ismigrated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stale = tmp_path / "head_schema.sql"
@@ -428,3 +420,24 @@ def test_a_file_with_tables_in_it_is_migrated_not_scripted(tmp_path: Path) -> No
         assert not migrate_mod.create_fresh(store)  # refused: the file is not empty
         assert store.schema_version() == head_revision()
     assert _objects(other)["table"] >= TABLES | {"notes"}
+
+
+def test_a_head_script_that_fails_halfway_leaves_the_file_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The script runs in one transaction: a statement failing after a dozen tables were
+    made rolls them all back (as a kill would), and the next open makes the file whole."""
+    real = migrate_mod._head_script()
+    assert real is not None
+    broken = (*real[:12], "INSERT INTO no_such_table VALUES (1)", *real[12:])
+    monkeypatch.setattr(migrate_mod, "_head_script", lambda: broken)
+    db = tmp_path / "outbox.db"
+    with pytest.raises(StoreError, match="no such table: no_such_table"):
+        Store.open(db)
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
+    con.close()
+    monkeypatch.undo()
+    with Store.open(db) as store:
+        assert store.schema_version() == head_revision() and _drift(store) == []
+    assert _everything(db) == _everything(migrated(tmp_path / "migrated.db"))

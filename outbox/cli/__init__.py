@@ -18,7 +18,6 @@ is in the library; :mod:`outbox.wiring` builds what a command needs from the con
 from __future__ import annotations
 
 import atexit
-import errno
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from typing import Any, NoReturn
 from outbox.cli.app import app
 from outbox.logsetup import print_error
 from outbox.stages.runs import interrupt_on_signals
+from outbox.store.engine import is_disk_full
 
 # The commands register on the app as their modules load: this order is `outbox --help`'s.
 # isort: off
@@ -126,7 +126,7 @@ def _unwritable(exc: BaseException) -> str | None:
     on a full disk, ``> /dev/full``, a unit file of ``timers print --out``), or None for
     any other error. The outbox's own writes say so themselves (a disk-full error naming
     the file, exit 1, as this)."""
-    if not isinstance(exc, OSError) or exc.errno not in _FULL:
+    if not isinstance(exc, OSError) or not is_disk_full(exc):
         return None
     why = exc.strerror or os.strerror(exc.errno or 0)
     if exc.filename is not None:
@@ -136,15 +136,10 @@ def _unwritable(exc: BaseException) -> str | None:
     # only there for us), else it was a file the command wrote.
     streams = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
     for frame, _line in traceback.walk_tb(exc.__traceback__):
-        module = str(frame.f_globals.get("__name__", ""))
-        if module.endswith("click.utils") or module == "rich.console":
-            return f"cannot write the output: {why}"
-        if any(id(v) in streams for v in frame.f_locals.values()):
+        printer = str(frame.f_globals.get("__name__", "")).endswith(("click.utils", "rich.console"))
+        if printer or any(id(v) in streams for v in frame.f_locals.values()):
             return f"cannot write the output: {why}"
     return f"cannot write a file: {why}"
-
-
-_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _usage_line(exc: Any) -> str:

@@ -12,16 +12,22 @@ from outbox.store.handle import Store
 from outbox.store.migrate import HEAD_SCHEMA, head_schema_sql, upgrade
 
 
+def migrated(path: Path) -> Path:
+    """A new outbox at ``path`` built by the migrations one at a time (never by the head
+    script): what the script is written from and compared with."""
+    store = Store.open(path, migrate=False)
+    try:
+        upgrade(store)
+    finally:
+        store.close()
+    return path
+
+
 def write_head_schema() -> Path:
-    """Migrate a scratch outbox to head, one migration at a time, and write
-    :data:`~outbox.store.migrate.HEAD_SCHEMA` from it."""
+    """Write :data:`~outbox.store.migrate.HEAD_SCHEMA` from a scratch outbox migrated to
+    head."""
     with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "outbox.db"
-        store = Store.open(path, migrate=False)
-        try:
-            upgrade(store)
-        finally:
-            store.close()
+        path = migrated(Path(scratch) / "outbox.db")
         HEAD_SCHEMA.write_text(head_schema_sql(path), encoding="utf-8")
     return HEAD_SCHEMA
 

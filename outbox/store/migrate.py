@@ -1,8 +1,8 @@
 """Apply the Alembic migrations to an outbox: on every open, and by ``outbox db``.
 
 Only :meth:`Store.open <outbox.store.handle.Store.open>` calls in here at run time (and
-``outbox db``); this module imports nothing of the store but its lock files, so the two
-form no import cycle.
+``outbox db``); this module imports nothing of the store but its lock files and engine
+helpers (neither imports the handle), so the two form no import cycle.
 
 Alembic is imported only when it has work to do: an outbox already at head is recognised
 with one SELECT and a read of the scripts' revision lines (:func:`head_revision`), so
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from outbox.errors import StoreError
+from outbox.store.engine import cursor
 from outbox.store.locks import file_lock
 
 if TYPE_CHECKING:
@@ -125,9 +126,7 @@ def create_fresh(store: Store) -> bool:
     if script is None:
         return False
     with store.write() as conn:
-        raw = conn.connection.driver_connection
-        assert isinstance(raw, sqlite3.Connection)
-        cur = raw.cursor()
+        cur = cursor(conn)
         if cur.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
             cur.close()
             return False
